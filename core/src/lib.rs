@@ -1,0 +1,16 @@
+//! peerchat's core: what the registry and the peer share.
+//!
+//! - [`wire`]: the length-prefixed frame format (sans-IO).
+//! - [`codec`]: CBOR encoding behind one small interface.
+//! - [`protocol`]: the message types and their version.
+//! - [`timer`]: a hashed timer wheel driven by a `now` passed in.
+//! - [`event_loop`]: the single-threaded mio loop that moves bytes and time.
+
+pub mod codec;
+mod conn;
+pub mod event_loop;
+pub mod protocol;
+pub mod timer;
+pub mod wire;
+
+pub use event_loop::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig, LoopStats};

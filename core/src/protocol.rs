@@ -1,0 +1,385 @@
+//! The messages peerchat speaks, version [`PROTOCOL_VERSION`].
+//!
+//! Three conversations share the framing of [`crate::wire`]:
+//! peer → registry ([`ToRegistry`]), registry → peer ([`FromRegistry`]), and
+//! peer ↔ peer over a direct link ([`LinkMsg`]). Every message is a CBOR map
+//! with exactly one key, the message type, whose value is a map of fields:
+//! `{"register": {"version": 1, "name": "alice", "port": 4000}}`.
+//! Receivers ignore fields they do not know, so later versions can add some.
+//! `PROTOCOL.md` is the normative description; this module must match it.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+
+/// The version this build speaks. A connection's first frame carries it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest peer name, in Unicode scalar values after trimming.
+pub const MAX_NAME_CHARS: usize = 32;
+
+/// Peer → registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToRegistry {
+    /// First frame on a registry connection.
+    Register {
+        version: u32,
+        name: String,
+        /// The TCP port the peer listens on for links. Signed and wide on
+        /// the wire so that a bad value earns `bad_port`, not a decode error.
+        port: i64,
+        /// The secret from a previous welcome: lets the peer reclaim its name
+        /// from a session the registry still holds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
+    },
+    Heartbeat {},
+    /// Leaving for good (reason `quit` for the others).
+    Leave {},
+}
+
+/// One online peer as the registry lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEntry {
+    pub name: String,
+    /// `IP:PORT`, IPv6 as `[IP]:PORT`.
+    pub addr: String,
+}
+
+/// One change to the directory, pushed after the welcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    Joined {
+        name: String,
+        addr: String,
+    },
+    Left {
+        name: String,
+        reason: String,
+    },
+    /// The peer reclaimed its name from a new address.
+    Moved {
+        name: String,
+        addr: String,
+    },
+}
+
+/// Registry → peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FromRegistry {
+    Welcome {
+        version: u32,
+        /// The name as registered (trimmed).
+        name: String,
+        /// The address others will dial: observed IP, declared port.
+        addr: String,
+        heartbeat_ms: u64,
+        timeout_ms: u64,
+        /// Proof of ownership for reclaiming the name after a reconnect.
+        secret: String,
+        /// Everyone else online, in registration order.
+        peers: Vec<PeerEntry>,
+    },
+    /// Every change of one registry loop turn, in the order they happened.
+    Update {
+        changes: Vec<Change>,
+    },
+    /// Answer to a heartbeat: lets the peer notice a silent registry.
+    Heartbeat {},
+    Error {
+        code: String,
+        reason: String,
+    },
+    /// The registry is going away; the connection closes next.
+    Shutdown {
+        reason: String,
+    },
+}
+
+/// Peer ↔ peer, over a direct link. The dialer sends `Hello` first, then
+/// `Chat`s; the accepting side answers each `Chat` with an `Ack`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkMsg {
+    Hello {
+        version: u32,
+        name: String,
+        /// Random per process: lets the receiver tell a restarted sender
+        /// (whose ids start again) from a resend.
+        instance: u64,
+    },
+    Chat {
+        id: u64,
+        text: String,
+        direct: bool,
+    },
+    Ack {
+        id: u64,
+    },
+    Error {
+        code: String,
+        reason: String,
+    },
+}
+
+/// Error codes carried by `error` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    NameTaken,
+    BadName,
+    BadPort,
+    RegistryFull,
+    UnsupportedVersion,
+    Protocol,
+    FrameTooLarge,
+    HandshakeTimeout,
+    UnknownPeer,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::BadName => "bad_name",
+            ErrorCode::BadPort => "bad_port",
+            ErrorCode::RegistryFull => "registry_full",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Protocol => "protocol",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::HandshakeTimeout => "handshake_timeout",
+            ErrorCode::UnknownPeer => "unknown_peer",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromRegistry {
+    pub fn error(code: ErrorCode, reason: impl Into<String>) -> Self {
+        FromRegistry::Error {
+            code: code.as_str().into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl LinkMsg {
+    pub fn error(code: ErrorCode, reason: impl Into<String>) -> Self {
+        LinkMsg::Error {
+            code: code.as_str().into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Encodes a message as a shareable frame. Our own messages always encode;
+/// a failure here is a bug, so it panics with the message that caused it.
+pub fn frame<T: Serialize + fmt::Debug>(msg: &T) -> Bytes {
+    match codec::encode_frame(msg) {
+        Ok(bytes) => bytes,
+        Err(e) => panic!("cannot encode {msg:?}: {e}"),
+    }
+}
+
+/// Why a first frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstFrameError {
+    /// It carried a version we do not speak.
+    Version(u32),
+    /// It was not a message of the expected kind at all.
+    Malformed(CodecError),
+}
+
+/// Decodes the first frame of a connection. When it does not decode as the
+/// expected type, looks for a `version` field in the single-key map anyway,
+/// so that a client of another version is told `unsupported_version` rather
+/// than `protocol`.
+pub fn decode_first<'a, T: Deserialize<'a>>(
+    body: &'a [u8],
+    version_of: impl Fn(&T) -> u32,
+) -> Result<T, FirstFrameError> {
+    match codec::decode::<T>(body) {
+        Ok(msg) if version_of(&msg) == PROTOCOL_VERSION => Ok(msg),
+        Ok(msg) => Err(FirstFrameError::Version(version_of(&msg))),
+        Err(err) => match codec::decode::<std::collections::BTreeMap<String, VersionOnly>>(body) {
+            Ok(map) => match map.values().next() {
+                Some(v) if map.len() == 1 && v.version != PROTOCOL_VERSION => {
+                    Err(FirstFrameError::Version(v.version))
+                }
+                _ => Err(FirstFrameError::Malformed(err)),
+            },
+            Err(_) => Err(FirstFrameError::Malformed(err)),
+        },
+    }
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    version: u32,
+}
+
+/// Normalises a requested name: trims surrounding whitespace and checks the
+/// rules (1–32 scalar values, no whitespace or control characters inside).
+pub fn normalize_name(raw: &str) -> Result<String, String> {
+    let name = raw.trim();
+    let chars = name.chars().count();
+    if chars == 0 {
+        return Err("the name is empty".into());
+    }
+    if chars > MAX_NAME_CHARS {
+        return Err(format!(
+            "the name has {chars} characters; at most {MAX_NAME_CHARS} are allowed"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "the name contains {c:?}; whitespace and control characters are not allowed"
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// The form two names are compared in: `Alice` and `alice` are one name.
+/// Lower-casing by Unicode's rules covers every script that has case.
+pub fn fold_name(name: &str) -> String {
+    name.chars().flat_map(char::to_lowercase).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let msgs = vec![
+            LinkMsg::Hello {
+                version: 1,
+                name: "张伟".into(),
+                instance: 42,
+            },
+            LinkMsg::Chat {
+                id: 7,
+                text: "hi \"there\" \\ 🎉".into(),
+                direct: true,
+            },
+            LinkMsg::Ack { id: 7 },
+            LinkMsg::error(ErrorCode::UnknownPeer, "who?"),
+        ];
+        for msg in msgs {
+            let body = codec::encode(&msg).unwrap();
+            assert_eq!(codec::decode::<LinkMsg>(&body).unwrap(), msg);
+        }
+        let welcome = FromRegistry::Welcome {
+            version: 1,
+            name: "a".into(),
+            addr: "[::1]:5".into(),
+            heartbeat_ms: 5000,
+            timeout_ms: 15000,
+            secret: "00ff".into(),
+            peers: vec![PeerEntry {
+                name: "b".into(),
+                addr: "127.0.0.1:9".into(),
+            }],
+        };
+        let body = codec::encode(&welcome).unwrap();
+        assert_eq!(codec::decode::<FromRegistry>(&body).unwrap(), welcome);
+    }
+
+    #[test]
+    fn wire_shape_is_a_single_key_map() {
+        let body = codec::encode(&ToRegistry::Heartbeat {}).unwrap();
+        // {"heartbeat": {}}
+        assert_eq!(
+            body,
+            [0xa1, 0x69, b'h', b'e', b'a', b'r', b't', b'b', b'e', b'a', b't', 0xa0]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_unknown_types_rejected() {
+        #[derive(Serialize)]
+        struct Future {
+            heartbeat: std::collections::BTreeMap<&'static str, u8>,
+        }
+        let body = codec::encode(&Future {
+            heartbeat: [("extra", 1)].into(),
+        })
+        .unwrap();
+        assert_eq!(
+            codec::decode::<ToRegistry>(&body).unwrap(),
+            ToRegistry::Heartbeat {}
+        );
+        #[derive(Serialize)]
+        struct Unknown {
+            teleport: std::collections::BTreeMap<&'static str, u8>,
+        }
+        let body = codec::encode(&Unknown {
+            teleport: Default::default(),
+        })
+        .unwrap();
+        assert!(codec::decode::<ToRegistry>(&body).is_err());
+    }
+
+    #[test]
+    fn first_frame_reports_foreign_versions() {
+        let version_of = |m: &ToRegistry| match m {
+            ToRegistry::Register { version, .. } => *version,
+            _ => PROTOCOL_VERSION,
+        };
+        let reg = |version| ToRegistry::Register {
+            version,
+            name: "a".into(),
+            port: 1,
+            secret: None,
+        };
+        let body = codec::encode(&reg(1)).unwrap();
+        assert!(decode_first(&body, version_of).is_ok());
+        let body = codec::encode(&reg(9)).unwrap();
+        assert_eq!(
+            decode_first(&body, version_of),
+            Err(FirstFrameError::Version(9))
+        );
+        #[derive(Serialize)]
+        struct V2 {
+            register: std::collections::BTreeMap<&'static str, u32>,
+        }
+        let body = codec::encode(&V2 {
+            register: [("version", 2)].into(),
+        })
+        .unwrap();
+        assert_eq!(
+            decode_first(&body, version_of),
+            Err(FirstFrameError::Version(2))
+        );
+        assert!(matches!(
+            decode_first(&[0x01], version_of),
+            Err(FirstFrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn names_follow_the_rules() {
+        assert_eq!(normalize_name("  alice \n").unwrap(), "alice");
+        assert_eq!(normalize_name("张伟").unwrap(), "张伟");
+        assert!(normalize_name("   ").is_err());
+        assert!(normalize_name("a b").is_err());
+        assert!(normalize_name("a\u{7}b").is_err());
+        assert!(normalize_name(&"x".repeat(32)).is_ok());
+        assert!(normalize_name(&"x".repeat(33)).is_err());
+        assert!(
+            normalize_name(&"é".repeat(32)).is_ok(),
+            "counts characters, not bytes"
+        );
+        assert_eq!(fold_name("ALICE"), fold_name("alice"));
+    }
+}

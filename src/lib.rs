@@ -1,0 +1,1 @@
+//! The root package only owns the end-to-end tests and benches.
