@@ -144,7 +144,10 @@ pub trait App {
     fn on_connected(&mut self, _ctx: &mut Ctx<Self::Timer>, _conn: ConnId) {}
     fn on_frame(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, body: Bytes);
     /// Called exactly once for every connection the application was given,
-    /// however it ended, including closes it asked for.
+    /// however it ended, including closes it asked for. For a graceful close
+    /// ([`CloseReason::Local`], [`CloseReason::Frame`]) the connection still
+    /// takes frames during this call, and they are flushed before it closes:
+    /// the place to tell the other side why.
     fn on_closed(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, reason: &CloseReason);
     fn on_timer(&mut self, _ctx: &mut Ctx<Self::Timer>, _timer: Self::Timer) {}
     fn on_signal(&mut self, ctx: &mut Ctx<Self::Timer>, _signal: i32) {
@@ -634,19 +637,26 @@ fn process_closes<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A) {
         let Some(conn) = ctx.conn_mut(id) else {
             continue;
         };
-        let visible = matches!(conn.state, ConnState::Open | ConnState::Connecting);
-        let graceful = matches!(mode, CloseMode::Graceful) && conn.state == ConnState::Open;
-        if graceful {
-            conn.state = ConnState::Closing;
-            let linger = ctx.now + ctx.config.close_linger;
-            ctx.timers.arm(linger, LoopTimer::Linger(id));
-            ctx.mark_dirty(id.key);
-        } else {
-            ctx.kill(id.key);
-        }
-        if visible {
-            tracing::debug!(%id, %reason, "connection closed");
-            app.on_closed(ctx, id, &reason);
+        match (conn.state, mode) {
+            (ConnState::Open, CloseMode::Graceful) => {
+                tracing::debug!(%id, %reason, "connection closing");
+                // Still open while the app hears of it, so that a last frame
+                // (an error telling the other side why) goes out first.
+                app.on_closed(ctx, id, &reason);
+                if let Some(conn) = ctx.conn_mut(id) {
+                    conn.state = ConnState::Closing;
+                    let linger = ctx.now + ctx.config.close_linger;
+                    ctx.timers.arm(linger, LoopTimer::Linger(id));
+                    ctx.mark_dirty(id.key);
+                }
+            }
+            (ConnState::Open | ConnState::Connecting, _) => {
+                tracing::debug!(%id, %reason, "connection closed");
+                ctx.kill(id.key);
+                app.on_closed(ctx, id, &reason);
+            }
+            (ConnState::Closing | ConnState::Draining, CloseMode::Abort) => ctx.kill(id.key),
+            (ConnState::Closing | ConnState::Draining, CloseMode::Graceful) => {}
         }
     }
 }
@@ -820,7 +830,8 @@ fn deliver_frames<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) -> b
             }
             Ok(None) => return true,
             Err(e) => {
-                ctx.abort(id, CloseReason::Frame(e));
+                ctx.closes
+                    .push_back((id, CloseReason::Frame(e), CloseMode::Graceful));
                 return false;
             }
         }

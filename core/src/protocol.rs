@@ -83,8 +83,18 @@ pub enum FromRegistry {
         timeout_ms: u64,
         /// Proof of ownership for reclaiming the name after a reconnect.
         secret: String,
-        /// Everyone else online, in registration order.
+        /// Everyone else online, in registration order: the first part
+        /// of the snapshot.
         peers: Vec<PeerEntry>,
+        /// More of the snapshot follows in `snapshot` messages.
+        #[serde(default)]
+        more: bool,
+    },
+    /// The rest of a snapshot too large for one frame, after the welcome.
+    Snapshot {
+        peers: Vec<PeerEntry>,
+        #[serde(default)]
+        more: bool,
     },
     /// Every change of one registry loop turn, in the order they happened.
     Update {
@@ -290,6 +300,7 @@ mod tests {
                 name: "b".into(),
                 addr: "127.0.0.1:9".into(),
             }],
+            more: false,
         };
         let body = codec::encode(&welcome).unwrap();
         assert_eq!(codec::decode::<FromRegistry>(&body).unwrap(), welcome);

@@ -1,1 +1,268 @@
-fn main() {}
+//! The `registry` binary: command line, logging, and the adapter that runs
+//! the sans-IO [`Registry`] on the core event loop.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{CommandFactory, Parser};
+use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
+use peerchat_registry::{Action, Config, Disconnect, Registry, Timer};
+
+/// The peerchat registry: knows who is online and where, and tells everyone
+/// of every join and leave. Chat never passes through it.
+#[derive(Debug, Parser)]
+#[command(name = "registry", version, about)]
+struct Args {
+    /// Address to listen on, e.g. 0.0.0.0:7000, 127.0.0.1:0, [::]:7000.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// How often peers send a heartbeat (e.g. 200ms, 5s, 1m).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// Silence after which a peer is evicted; must exceed --heartbeat.
+    #[arg(long, value_name = "DUR", default_value = "15s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Most peers registered at once; more get `registry_full`.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    max_peers: usize,
+    /// Largest frame body a registered peer may send, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..))]
+    max_frame: u32,
+    /// Most open connections, registered or not; extra ones are closed at
+    /// once. Default: twice --max-peers plus 1024.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Time a new connection has to register.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// Bytes that may wait to be sent to one peer before it is dropped as
+    /// too slow.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_queue: usize,
+    /// How often to log a stats line.
+    #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
+    stats_interval: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (write durations like 200ms, 5s or 1m)")),
+    }
+}
+
+enum AppTimer {
+    Registry(Timer<ConnId>),
+    Stats,
+}
+
+struct RegistryApp {
+    registry: Registry<ConnId>,
+    stats_interval: Duration,
+}
+
+impl RegistryApp {
+    fn apply(&mut self, ctx: &mut Ctx<AppTimer>) {
+        for action in self.registry.drain_actions() {
+            match action {
+                Action::Send(conn, frame) => {
+                    ctx.send(conn, frame);
+                }
+                Action::Close(conn, reason) => ctx.close(conn, reason),
+                Action::SetMaxFrame(conn, max) => ctx.set_max_frame(conn, max),
+                Action::Arm(at, timer) => {
+                    ctx.arm(at, AppTimer::Registry(timer));
+                }
+            }
+        }
+    }
+}
+
+impl App for RegistryApp {
+    type Timer = AppTimer;
+
+    fn on_accept(&mut self, ctx: &mut Ctx<AppTimer>, conn: ConnId, peer: SocketAddr) {
+        self.registry.on_accept(conn, peer, ctx.now());
+        self.apply(ctx);
+    }
+
+    fn on_frame(&mut self, ctx: &mut Ctx<AppTimer>, conn: ConnId, body: Bytes) {
+        self.registry.on_frame(conn, &body, ctx.now());
+        self.apply(ctx);
+    }
+
+    fn on_closed(&mut self, ctx: &mut Ctx<AppTimer>, conn: ConnId, reason: &CloseReason) {
+        let how = match reason {
+            CloseReason::Slow { queued } => {
+                tracing::warn!(%conn, queued, "dropping a slow consumer");
+                Disconnect::Slow
+            }
+            CloseReason::Frame(err) => Disconnect::BadFrame(err.clone()),
+            _ => Disconnect::Lost,
+        };
+        self.registry.on_closed(conn, how);
+        self.apply(ctx);
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<AppTimer>, timer: AppTimer) {
+        match timer {
+            AppTimer::Registry(timer) => {
+                self.registry.on_timer(timer, ctx.now());
+                self.apply(ctx);
+            }
+            AppTimer::Stats => {
+                let loop_stats = ctx.stats();
+                let stats = self.registry.stats();
+                tracing::info!(
+                    peers = self.registry.peer_count(),
+                    connections = ctx.connections(),
+                    frames_in = loop_stats.frames_in,
+                    frames_out = loop_stats.frames_out,
+                    joins = stats.joins,
+                    leaves = stats.leaves,
+                    evictions = stats.evictions,
+                    rejections = stats.rejections,
+                    slow = loop_stats.slow_closed,
+                    "stats"
+                );
+                let next = ctx.now() + self.stats_interval;
+                ctx.arm(next, AppTimer::Stats);
+            }
+        }
+    }
+
+    fn on_signal(&mut self, ctx: &mut Ctx<AppTimer>, signal: i32) {
+        tracing::info!(signal, peers = self.registry.peer_count(), "shutting down");
+        self.registry.shutdown("the registry is shutting down");
+        self.apply(ctx);
+        ctx.stop(Duration::from_secs(1));
+    }
+
+    fn on_turn_end(&mut self, ctx: &mut Ctx<AppTimer>) {
+        self.registry.flush();
+        self.apply(ctx);
+    }
+}
+
+/// A registry holds one descriptor per peer: use all the process may have.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!("could not raise the open-file limit");
+            }
+        }
+    }
+}
+
+fn random_secret() -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    if let Err(e) = getrandom::fill(&mut bytes) {
+        // Without OS randomness, secrets would be guessable: stop rather
+        // than hand out names that anyone could steal.
+        panic!("the OS random source failed: {e}");
+    }
+    bytes
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.timeout <= args.heartbeat {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "--timeout ({:?}) must be longer than --heartbeat ({:?})",
+                    args.timeout, args.heartbeat
+                ),
+            )
+            .exit();
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    raise_fd_limit();
+
+    let config = Config {
+        heartbeat: args.heartbeat,
+        timeout: args.timeout,
+        max_peers: args.max_peers,
+        max_frame: args.max_frame as usize,
+        handshake_timeout: args.handshake_timeout,
+        handshake_max_frame: 4096.min(args.max_frame as usize),
+    };
+    let loop_config = LoopConfig {
+        max_frame: config.handshake_max_frame,
+        max_queued: args.max_queue,
+        max_connections: args
+            .max_connections
+            .unwrap_or(args.max_peers.saturating_mul(2).saturating_add(1024)),
+        handle_signals: true,
+        ..LoopConfig::default()
+    };
+    let mut event_loop = match EventLoop::new(loop_config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("registry: cannot start the event loop: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = match event_loop.listen(args.listen) {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("registry: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = event_loop.ctx().now();
+    event_loop
+        .ctx()
+        .arm(now + args.stats_interval, AppTimer::Stats);
+    let mut app = RegistryApp {
+        registry: Registry::new(config, random_secret),
+        stats_interval: args.stats_interval,
+    };
+    eprintln!("listening on {local}");
+    match event_loop.run(&mut app) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("registry: the event loop failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse_as_documented() {
+        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,520 @@
+//! The registry's logic as a sans-IO state machine: who is online, under
+//! which name and address, who must hear of which change, and who has been
+//! silent too long.
+//!
+//! Inputs are connection events with the current time; outputs are
+//! [`Action`]s (send these bytes to that connection, close it, arm a timer).
+//! It never touches a socket or the clock, so tests drive it with simulated
+//! time. Connections are named by any small key type `C`; the binary uses
+//! the event loop's `ConnId`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use peerchat_core::codec;
+use peerchat_core::protocol::{
+    self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
+    FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+};
+use peerchat_core::wire::FrameError;
+
+/// Peers listed per snapshot frame, and changes per update frame: keeps
+/// every frame under the 64 KiB a peer must accept even with 32-character
+/// names in four-byte scripts and IPv6 addresses.
+pub const CHUNK: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub heartbeat: Duration,
+    pub timeout: Duration,
+    pub max_peers: usize,
+    /// Largest frame a registered peer may send.
+    pub max_frame: usize,
+    /// Time a new connection has to register.
+    pub handshake_timeout: Duration,
+    /// Largest frame before registration: a register message is small.
+    pub handshake_max_frame: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            heartbeat: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+            max_peers: 100_000,
+            max_frame: peerchat_core::wire::DEFAULT_MAX_FRAME,
+            handshake_timeout: Duration::from_secs(5),
+            handshake_max_frame: 4096,
+        }
+    }
+}
+
+/// What the registry wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<C> {
+    /// Queue this frame (length prefix included) on the connection.
+    Send(C, Bytes),
+    /// Close the connection once what is queued for it is flushed.
+    Close(C, String),
+    /// Accept frames up to this size from the connection from now on.
+    SetMaxFrame(C, usize),
+    /// Call [`Registry::on_timer`] with this timer at (or after) this time.
+    Arm(Instant, Timer<C>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer<C> {
+    /// The connection must have registered by now.
+    Handshake(C),
+    /// Check whether the peer on this connection has been silent too long.
+    Liveness(C),
+}
+
+/// How a connection ended, as far as the registry cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disconnect {
+    /// Closed, reset or broken by the network or the other side.
+    Lost,
+    /// Its outbound queue overflowed.
+    Slow,
+    /// It broke the framing rules; the connection still takes one last
+    /// frame, so it is told why.
+    BadFrame(FrameError),
+}
+
+/// Counters for the periodic stats line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub joins: u64,
+    pub leaves: u64,
+    pub evictions: u64,
+    pub rejections: u64,
+}
+
+struct Session {
+    name: String,
+    folded: String,
+    addr: SocketAddr,
+    secret: String,
+    last_seen: Instant,
+    /// Position in registration order (snapshots list peers in it).
+    order: u64,
+    /// This turn's changes before this index are already in the session's
+    /// welcome snapshot (it registered during the turn).
+    batch_start: usize,
+}
+
+enum ConnState {
+    Handshake { ip: IpAddr },
+    Registered(Session),
+}
+
+pub struct Registry<C> {
+    config: Config,
+    conns: HashMap<C, ConnState>,
+    /// Folded name → the connection holding it.
+    names: HashMap<String, C>,
+    /// Registration order → connection, for snapshots.
+    order: BTreeMap<u64, C>,
+    next_order: u64,
+    /// Changes of this turn, not yet pushed.
+    pending: Vec<Change>,
+    actions: Vec<Action<C>>,
+    new_secret: Box<dyn FnMut() -> [u8; 16]>,
+    heartbeat_reply: Bytes,
+    stats: Stats,
+}
+
+impl<C: Copy + Eq + Hash + Debug> Registry<C> {
+    /// `new_secret` supplies the random bytes of each session secret.
+    pub fn new(config: Config, new_secret: impl FnMut() -> [u8; 16] + 'static) -> Self {
+        Registry {
+            config,
+            conns: HashMap::new(),
+            names: HashMap::new(),
+            order: BTreeMap::new(),
+            next_order: 0,
+            pending: Vec::new(),
+            actions: Vec::new(),
+            new_secret: Box::new(new_secret),
+            heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Registered peers.
+    pub fn peer_count(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The directory as the registry holds it, in registration order.
+    pub fn directory(&self) -> Vec<PeerEntry> {
+        self.order
+            .values()
+            .filter_map(|c| self.session(*c))
+            .map(entry_of)
+            .collect()
+    }
+
+    /// Takes the actions produced so far.
+    pub fn drain_actions(&mut self) -> std::vec::Drain<'_, Action<C>> {
+        self.actions.drain(..)
+    }
+
+    fn session(&self, conn: C) -> Option<&Session> {
+        match self.conns.get(&conn) {
+            Some(ConnState::Registered(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn on_accept(&mut self, conn: C, peer: SocketAddr, now: Instant) {
+        self.conns
+            .insert(conn, ConnState::Handshake { ip: peer.ip() });
+        self.actions
+            .push(Action::SetMaxFrame(conn, self.config.handshake_max_frame));
+        self.actions.push(Action::Arm(
+            now + self.config.handshake_timeout,
+            Timer::Handshake(conn),
+        ));
+    }
+
+    pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
+        match self.conns.get_mut(&conn) {
+            None => {}
+            Some(ConnState::Handshake { ip }) => {
+                let ip = *ip;
+                self.on_handshake_frame(conn, ip, body, now);
+            }
+            Some(ConnState::Registered(session)) => {
+                session.last_seen = now;
+                match codec::decode::<ToRegistry>(body) {
+                    Ok(ToRegistry::Heartbeat {}) => {
+                        self.actions
+                            .push(Action::Send(conn, self.heartbeat_reply.clone()));
+                    }
+                    Ok(ToRegistry::Leave {}) => {
+                        self.remove(conn, "quit");
+                        self.actions.push(Action::Close(conn, "left".into()));
+                    }
+                    Ok(ToRegistry::Register { .. }) => {
+                        self.fail(conn, "already registered on this connection".into());
+                    }
+                    Err(e) => self.fail(conn, format!("undecodable message: {e}")),
+                }
+            }
+        }
+    }
+
+    /// A registered peer broke the protocol: tell it why, drop it.
+    fn fail(&mut self, conn: C, reason: String) {
+        tracing::warn!(?conn, %reason, "closing a peer that broke the protocol");
+        self.remove(conn, "protocol");
+        self.send_error(conn, ErrorCode::Protocol, reason);
+    }
+
+    fn on_handshake_frame(&mut self, conn: C, ip: IpAddr, body: &[u8], now: Instant) {
+        let version_of = |m: &ToRegistry| match m {
+            ToRegistry::Register { version, .. } => *version,
+            _ => PROTOCOL_VERSION,
+        };
+        let (name, port, secret) = match decode_first(body, version_of) {
+            Ok(ToRegistry::Register {
+                name, port, secret, ..
+            }) => (name, port, secret),
+            Ok(_) => {
+                return self.reject(conn, ErrorCode::Protocol, "the first message must be register".into())
+            }
+            Err(FirstFrameError::Version(v)) => {
+                return self.reject(
+                    conn,
+                    ErrorCode::UnsupportedVersion,
+                    format!("protocol version {v} is not supported; this registry speaks version {PROTOCOL_VERSION}"),
+                )
+            }
+            Err(FirstFrameError::Malformed(e)) => {
+                return self.reject(conn, ErrorCode::Protocol, format!("undecodable register message: {e}"))
+            }
+        };
+        let name = match normalize_name(&name) {
+            Ok(name) => name,
+            Err(why) => return self.reject(conn, ErrorCode::BadName, why),
+        };
+        let port = match u16::try_from(port) {
+            Ok(p) if p != 0 => p,
+            _ => {
+                return self.reject(
+                    conn,
+                    ErrorCode::BadPort,
+                    format!("port {port} is not a TCP port (1-65535)"),
+                )
+            }
+        };
+        let addr = SocketAddr::new(ip.to_canonical(), port);
+        let folded = fold_name(&name);
+        if let Some(&holder) = self.names.get(&folded) {
+            let held_secret = self.session(holder).map(|s| s.secret.as_str());
+            if secret.is_some() && secret.as_deref() == held_secret {
+                return self.reclaim(conn, holder, name, addr, now);
+            }
+            return self.reject(
+                conn,
+                ErrorCode::NameTaken,
+                format!("the name {name:?} is taken by a peer that is online"),
+            );
+        }
+        if self.names.len() >= self.config.max_peers {
+            return self.reject(
+                conn,
+                ErrorCode::RegistryFull,
+                format!(
+                    "the registry holds its maximum of {} peers",
+                    self.config.max_peers
+                ),
+            );
+        }
+        self.pending.push(Change::Joined {
+            name: name.clone(),
+            addr: addr.to_string(),
+        });
+        self.stats.joins += 1;
+        tracing::info!(%name, %addr, "joined");
+        self.admit(conn, name, folded, addr, now);
+    }
+
+    /// The holder of a name came back on a new connection (its old one is
+    /// half-open or about to be noticed dead): move the name over without a
+    /// leave, and tell the others only if the address changed.
+    fn reclaim(&mut self, conn: C, old: C, name: String, addr: SocketAddr, now: Instant) {
+        let Some(ConnState::Registered(previous)) = self.conns.remove(&old) else {
+            return;
+        };
+        self.order.remove(&previous.order);
+        self.names.remove(&previous.folded);
+        self.actions
+            .push(Action::Close(old, "replaced by a new session".into()));
+        if previous.addr != addr {
+            self.pending.push(Change::Moved {
+                name: name.clone(),
+                addr: addr.to_string(),
+            });
+        }
+        tracing::info!(%name, %addr, old_addr = %previous.addr, "reclaimed its name");
+        self.admit(conn, name, previous.folded, addr, now);
+    }
+
+    fn admit(&mut self, conn: C, name: String, folded: String, addr: SocketAddr, now: Instant) {
+        let secret = hex(&(self.new_secret)());
+        let peers = self.directory();
+        let mut chunks = peers.chunks(CHUNK);
+        let first = chunks.next().unwrap_or(&[]).to_vec();
+        let more = peers.len() > CHUNK;
+        let welcome = FromRegistry::Welcome {
+            version: PROTOCOL_VERSION,
+            name: name.clone(),
+            addr: addr.to_string(),
+            heartbeat_ms: millis(self.config.heartbeat),
+            timeout_ms: millis(self.config.timeout),
+            secret: secret.clone(),
+            peers: first,
+            more,
+        };
+        self.actions
+            .push(Action::SetMaxFrame(conn, self.config.max_frame));
+        self.actions
+            .push(Action::Send(conn, protocol::frame(&welcome)));
+        let rest: Vec<&[PeerEntry]> = chunks.collect();
+        let last = rest.len();
+        for (i, chunk) in rest.into_iter().enumerate() {
+            let snapshot = FromRegistry::Snapshot {
+                peers: chunk.to_vec(),
+                more: i + 1 < last,
+            };
+            self.actions
+                .push(Action::Send(conn, protocol::frame(&snapshot)));
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        self.order.insert(order, conn);
+        self.names.insert(folded.clone(), conn);
+        self.conns.insert(
+            conn,
+            ConnState::Registered(Session {
+                name,
+                folded,
+                addr,
+                secret,
+                last_seen: now,
+                order,
+                batch_start: self.pending.len(),
+            }),
+        );
+        self.actions.push(Action::Arm(
+            now + self.config.timeout,
+            Timer::Liveness(conn),
+        ));
+    }
+
+    fn reject(&mut self, conn: C, code: ErrorCode, reason: String) {
+        self.stats.rejections += 1;
+        tracing::info!(?conn, %code, %reason, "rejected");
+        self.conns.remove(&conn);
+        self.send_error(conn, code, reason);
+    }
+
+    fn send_error(&mut self, conn: C, code: ErrorCode, reason: String) {
+        let frame = protocol::frame(&FromRegistry::error(code, reason.clone()));
+        self.actions.push(Action::Send(conn, frame));
+        self.actions
+            .push(Action::Close(conn, format!("{code}: {reason}")));
+    }
+
+    /// Forgets a connection; if it held a name, everyone hears `left`.
+    fn remove(&mut self, conn: C, reason: &str) {
+        if let Some(ConnState::Registered(s)) = self.conns.remove(&conn) {
+            self.names.remove(&s.folded);
+            self.order.remove(&s.order);
+            self.stats.leaves += 1;
+            tracing::info!(name = %s.name, addr = %s.addr, reason, "left");
+            self.pending.push(Change::Left {
+                name: s.name,
+                reason: reason.into(),
+            });
+        }
+    }
+
+    /// The connection is gone (the loop says so). A close the registry asked
+    /// for itself finds nothing left to do.
+    pub fn on_closed(&mut self, conn: C, how: Disconnect) {
+        let reason = match how {
+            Disconnect::Lost => "disconnected",
+            Disconnect::Slow => "slow",
+            Disconnect::BadFrame(err) => {
+                let code = match err {
+                    FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                    FrameError::Empty => ErrorCode::Protocol,
+                };
+                tracing::info!(?conn, %err, "closing a connection that broke the framing");
+                if matches!(self.conns.get(&conn), Some(ConnState::Handshake { .. })) {
+                    self.stats.rejections += 1;
+                }
+                let frame = protocol::frame(&FromRegistry::error(code, err.to_string()));
+                self.actions.push(Action::Send(conn, frame));
+                "protocol"
+            }
+        };
+        self.remove(conn, reason);
+        self.conns.remove(&conn);
+    }
+
+    pub fn on_timer(&mut self, timer: Timer<C>, now: Instant) {
+        match timer {
+            Timer::Handshake(conn) => {
+                if let Some(ConnState::Handshake { .. }) = self.conns.get(&conn) {
+                    let secs = self.config.handshake_timeout.as_secs_f64();
+                    self.reject(
+                        conn,
+                        ErrorCode::HandshakeTimeout,
+                        format!("no register message within {secs}s"),
+                    );
+                }
+            }
+            Timer::Liveness(conn) => {
+                let Some(session) = self.session(conn) else {
+                    return;
+                };
+                let deadline = session.last_seen + self.config.timeout;
+                if now >= deadline {
+                    self.stats.evictions += 1;
+                    self.remove(conn, "timeout");
+                    self.actions.push(Action::Close(
+                        conn,
+                        "evicted: silent past the timeout".into(),
+                    ));
+                } else {
+                    // Heartbeats only move `last_seen`; the check re-arms
+                    // itself here instead of on every heartbeat.
+                    self.actions
+                        .push(Action::Arm(deadline, Timer::Liveness(conn)));
+                }
+            }
+        }
+    }
+
+    /// End of a loop turn: push this turn's changes, encoded once per
+    /// distinct starting point (one for everyone who was already online).
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mut encoded: HashMap<usize, Vec<Bytes>> = HashMap::new();
+        for conn in self.order.values() {
+            let Some(ConnState::Registered(session)) = self.conns.get_mut(conn) else {
+                continue;
+            };
+            let start = std::mem::take(&mut session.batch_start);
+            let frames = encoded.entry(start).or_insert_with(|| {
+                pending[start..]
+                    .chunks(CHUNK)
+                    .map(|changes| {
+                        protocol::frame(&FromRegistry::Update {
+                            changes: changes.to_vec(),
+                        })
+                    })
+                    .collect()
+            });
+            for frame in frames.iter() {
+                self.actions.push(Action::Send(*conn, frame.clone()));
+            }
+        }
+    }
+
+    /// Tells every registered peer the registry is going away and closes
+    /// every connection.
+    pub fn shutdown(&mut self, reason: &str) {
+        let notice = protocol::frame(&FromRegistry::Shutdown {
+            reason: reason.into(),
+        });
+        for (conn, state) in self.conns.drain() {
+            if let ConnState::Registered(_) = state {
+                self.actions.push(Action::Send(conn, notice.clone()));
+            }
+            self.actions
+                .push(Action::Close(conn, "registry shutting down".into()));
+        }
+        self.names.clear();
+        self.order.clear();
+        self.pending.clear();
+    }
+}
+
+fn entry_of(s: &Session) -> PeerEntry {
+    PeerEntry {
+        name: s.name.clone(),
+        addr: s.addr.to_string(),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,751 @@
+//! The registry's rules, driven with simulated time and no sockets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use peerchat_core::codec;
+use peerchat_core::protocol::{Change, FromRegistry, PeerEntry, ToRegistry};
+use peerchat_core::wire::{FrameDecoder, FrameError};
+use proptest::prelude::*;
+
+use super::*;
+
+type Conn = u32;
+
+/// A registry plus everything its actions did: the frames each connection
+/// received (decoded), the closes, and the armed timers.
+struct Sim {
+    reg: Registry<Conn>,
+    now: Instant,
+    inbox: HashMap<Conn, Vec<FromRegistry>>,
+    closed: HashMap<Conn, String>,
+    timers: BTreeMap<(Instant, u64), Timer<Conn>>,
+    timer_seq: u64,
+    max_frame: HashMap<Conn, usize>,
+}
+
+fn config() -> Config {
+    Config {
+        heartbeat: Duration::from_millis(200),
+        timeout: Duration::from_secs(1),
+        max_peers: 100,
+        ..Config::default()
+    }
+}
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([10, 0, 0, last])
+}
+
+impl Sim {
+    fn new(config: Config) -> Self {
+        let mut counter = 0u8;
+        Sim {
+            reg: Registry::new(config, move || {
+                counter = counter.wrapping_add(1);
+                [counter; 16]
+            }),
+            now: Instant::now(),
+            inbox: HashMap::new(),
+            closed: HashMap::new(),
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            max_frame: HashMap::new(),
+        }
+    }
+
+    fn apply(&mut self) {
+        let actions: Vec<_> = self.reg.drain_actions().collect();
+        for action in actions {
+            match action {
+                Action::Send(c, frame) => {
+                    assert!(!self.closed.contains_key(&c), "send to closed {c}");
+                    let mut dec = FrameDecoder::new(1 << 20);
+                    dec.push(&frame);
+                    let body = dec.next_frame().unwrap().unwrap();
+                    assert_eq!(dec.buffered(), 0, "one frame per send");
+                    let msg = codec::decode::<FromRegistry>(&body).unwrap();
+                    self.inbox.entry(c).or_default().push(msg);
+                }
+                Action::Close(c, reason) => {
+                    self.closed.entry(c).or_insert(reason);
+                }
+                Action::SetMaxFrame(c, n) => {
+                    self.max_frame.insert(c, n);
+                }
+                Action::Arm(at, t) => {
+                    self.timer_seq += 1;
+                    self.timers.insert((at, self.timer_seq), t);
+                }
+            }
+        }
+    }
+
+    /// One loop turn's end.
+    fn flush(&mut self) {
+        self.reg.flush();
+        self.apply();
+    }
+
+    fn accept(&mut self, c: Conn, ip: IpAddr) {
+        self.reg.on_accept(c, SocketAddr::new(ip, 50_000), self.now);
+        self.apply();
+    }
+
+    fn send(&mut self, c: Conn, msg: &ToRegistry) {
+        let body = codec::encode(msg).unwrap();
+        self.send_raw(c, &body);
+    }
+
+    fn send_raw(&mut self, c: Conn, body: &[u8]) {
+        self.reg.on_frame(c, body, self.now);
+        self.apply();
+    }
+
+    fn register(&mut self, c: Conn, name: &str, port: i64, secret: Option<&str>) {
+        self.accept(c, ip(c as u8));
+        self.send(
+            c,
+            &ToRegistry::Register {
+                version: 1,
+                name: name.into(),
+                port,
+                secret: secret.map(String::from),
+            },
+        );
+        self.flush();
+    }
+
+    /// Advances simulated time, firing timers in order.
+    fn advance(&mut self, by: Duration) {
+        let until = self.now + by;
+        while let Some((&(at, seq), _)) = self.timers.iter().next() {
+            if at > until {
+                break;
+            }
+            let timer = self.timers.remove(&(at, seq)).unwrap();
+            self.now = self.now.max(at);
+            self.reg.on_timer(timer, self.now);
+            self.apply();
+            self.flush();
+        }
+        self.now = until;
+    }
+
+    fn take(&mut self, c: Conn) -> Vec<FromRegistry> {
+        self.inbox.remove(&c).unwrap_or_default()
+    }
+
+    fn error_code(&mut self, c: Conn) -> String {
+        let msgs = self.take(c);
+        match msgs.as_slice() {
+            [FromRegistry::Error { code, .. }] => {
+                assert!(
+                    self.closed.contains_key(&c),
+                    "an error is followed by a close"
+                );
+                code.clone()
+            }
+            other => panic!("expected one error, got {other:?}"),
+        }
+    }
+}
+
+fn welcome_peers(msg: &FromRegistry) -> Vec<PeerEntry> {
+    match msg {
+        FromRegistry::Welcome { peers, .. } => peers.clone(),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+}
+
+fn entry(name: &str, addr: &str) -> PeerEntry {
+    PeerEntry {
+        name: name.into(),
+        addr: addr.into(),
+    }
+}
+
+#[test]
+fn welcome_carries_observed_address_settings_secret_and_snapshot() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001, None);
+    sim.register(2, "bob", 4002, None);
+    let msgs = sim.take(2);
+    let [FromRegistry::Welcome {
+        version,
+        name,
+        addr,
+        heartbeat_ms,
+        timeout_ms,
+        secret,
+        peers,
+        more,
+    }] = msgs.as_slice()
+    else {
+        panic!("{msgs:?}")
+    };
+    assert_eq!(*version, 1);
+    assert_eq!(name, "bob");
+    assert_eq!(addr, "10.0.0.2:4002", "observed IP, declared port");
+    assert_eq!((*heartbeat_ms, *timeout_ms), (200, 1000));
+    assert_eq!(secret.len(), 32);
+    assert_eq!(peers, &vec![entry("alice", "10.0.0.1:4001")]);
+    assert!(!more);
+    assert_eq!(
+        sim.max_frame.get(&2),
+        Some(&65_536),
+        "full frames once registered"
+    );
+}
+
+#[test]
+fn ipv6_and_mapped_addresses() {
+    let mut sim = Sim::new(config());
+    sim.reg
+        .on_accept(1, "[2001:db8::7]:9".parse().unwrap(), sim.now);
+    sim.send(
+        1,
+        &ToRegistry::Register {
+            version: 1,
+            name: "v6".into(),
+            port: 4000,
+            secret: None,
+        },
+    );
+    sim.reg
+        .on_accept(2, "[::ffff:192.0.2.1]:9".parse().unwrap(), sim.now);
+    sim.send(
+        2,
+        &ToRegistry::Register {
+            version: 1,
+            name: "mapped".into(),
+            port: 4000,
+            secret: None,
+        },
+    );
+    assert_eq!(
+        sim.reg.directory(),
+        vec![
+            entry("v6", "[2001:db8::7]:4000"),
+            entry("mapped", "192.0.2.1:4000")
+        ]
+    );
+}
+
+#[test]
+fn changes_of_one_turn_go_out_as_one_frame_in_one_order() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001, None);
+    sim.register(2, "bob", 4002, None);
+    sim.take(1);
+    sim.take(2);
+    // Within one turn: carol joins, bob leaves, dave joins.
+    for (c, name) in [(3, "carol"), (4, "dave")] {
+        sim.accept(c, ip(c as u8));
+        sim.send(
+            c,
+            &ToRegistry::Register {
+                version: 1,
+                name: name.into(),
+                port: 4000,
+                secret: None,
+            },
+        );
+        if c == 3 {
+            sim.send(2, &ToRegistry::Leave {});
+        }
+    }
+    sim.flush();
+    let expected = vec![
+        Change::Joined {
+            name: "carol".into(),
+            addr: "10.0.0.3:4000".into(),
+        },
+        Change::Left {
+            name: "bob".into(),
+            reason: "quit".into(),
+        },
+        Change::Joined {
+            name: "dave".into(),
+            addr: "10.0.0.4:4000".into(),
+        },
+    ];
+    assert_eq!(
+        sim.take(1),
+        vec![FromRegistry::Update {
+            changes: expected.clone()
+        }]
+    );
+    // Carol's welcome listed alice and bob; she hears only what came after.
+    let carol = sim.take(3);
+    assert_eq!(
+        welcome_peers(&carol[0]),
+        vec![
+            entry("alice", "10.0.0.1:4001"),
+            entry("bob", "10.0.0.2:4002")
+        ]
+    );
+    assert_eq!(
+        carol[1..],
+        [FromRegistry::Update {
+            changes: expected[1..].to_vec()
+        }]
+    );
+    // Dave's snapshot is already current; no update about himself.
+    let dave = sim.take(4);
+    assert_eq!(dave.len(), 1);
+    assert_eq!(
+        welcome_peers(&dave[0]),
+        vec![
+            entry("alice", "10.0.0.1:4001"),
+            entry("carol", "10.0.0.3:4000")
+        ]
+    );
+    // Bob left: he gets nothing more, and his connection is closed.
+    assert!(sim.take(2).is_empty());
+    assert!(sim.closed.contains_key(&2));
+}
+
+#[test]
+fn names_are_trimmed_case_folded_and_any_script() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "  Alice ", 4001, None);
+    assert_eq!(sim.reg.directory(), vec![entry("Alice", "10.0.0.1:4001")]);
+    sim.register(2, "alice", 4002, None);
+    assert_eq!(sim.error_code(2), "name_taken");
+    sim.register(3, "张伟", 4003, None);
+    sim.register(4, "ÉLODIE", 4004, None);
+    sim.register(5, "élodie", 4005, None);
+    assert_eq!(sim.error_code(5), "name_taken");
+    assert_eq!(sim.reg.peer_count(), 3);
+}
+
+#[test]
+fn bad_names_ports_versions_and_first_messages_get_their_codes() {
+    let mut sim = Sim::new(config());
+    let cases: Vec<(Conn, String, i64, &str)> = vec![
+        (1, "".into(), 4000, "bad_name"),
+        (2, "   ".into(), 4000, "bad_name"),
+        (3, "x".repeat(33), 4000, "bad_name"),
+        (4, "a\u{1}b".into(), 4000, "bad_name"),
+        (5, "a b".into(), 4000, "bad_name"),
+        (6, "ok".into(), 0, "bad_port"),
+        (7, "ok".into(), 70_000, "bad_port"),
+        (8, "ok".into(), -1, "bad_port"),
+    ];
+    for (c, name, port, code) in cases {
+        sim.register(c, &name, port, None);
+        assert_eq!(sim.error_code(c), code, "{name:?} {port}");
+    }
+    sim.accept(20, ip(20));
+    sim.send(
+        20,
+        &ToRegistry::Register {
+            version: 2,
+            name: "future".into(),
+            port: 1,
+            secret: None,
+        },
+    );
+    assert_eq!(sim.error_code(20), "unsupported_version");
+    sim.accept(21, ip(21));
+    sim.send(21, &ToRegistry::Heartbeat {});
+    assert_eq!(sim.error_code(21), "protocol");
+    sim.accept(22, ip(22));
+    sim.send_raw(22, &[0xff, 0x00]);
+    assert_eq!(sim.error_code(22), "protocol");
+    assert_eq!(sim.reg.peer_count(), 0);
+    assert_eq!(sim.reg.stats().rejections, 11);
+}
+
+#[test]
+fn a_second_register_is_a_protocol_error_and_a_leave() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001, None);
+    sim.register(2, "bob", 4002, None);
+    sim.take(1);
+    sim.take(2);
+    sim.send(
+        2,
+        &ToRegistry::Register {
+            version: 1,
+            name: "bob2".into(),
+            port: 1,
+            secret: None,
+        },
+    );
+    sim.flush();
+    assert_eq!(sim.error_code(2), "protocol");
+    assert_eq!(
+        sim.take(1),
+        vec![FromRegistry::Update {
+            changes: vec![Change::Left {
+                name: "bob".into(),
+                reason: "protocol".into()
+            }]
+        }]
+    );
+}
+
+#[test]
+fn heartbeats_keep_a_peer_and_silence_evicts_it() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001, None);
+    sim.register(2, "bob", 4002, None);
+    sim.take(1);
+    sim.take(2);
+    // Bob heartbeats every 200ms for 3s; alice stays silent.
+    for _ in 0..15 {
+        sim.advance(Duration::from_millis(200));
+        sim.send(2, &ToRegistry::Heartbeat {});
+        sim.flush();
+    }
+    assert!(sim.closed.contains_key(&1));
+    assert!(!sim.closed.contains_key(&2));
+    let bob: Vec<_> = sim
+        .take(2)
+        .into_iter()
+        .filter(|m| !matches!(m, FromRegistry::Heartbeat {}))
+        .collect();
+    assert_eq!(
+        bob,
+        vec![FromRegistry::Update {
+            changes: vec![Change::Left {
+                name: "alice".into(),
+                reason: "timeout".into()
+            }]
+        }]
+    );
+    assert_eq!(sim.reg.stats().evictions, 1);
+}
+
+#[test]
+fn eviction_happens_exactly_at_the_timeout() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001, None);
+    sim.advance(Duration::from_millis(600));
+    sim.send(1, &ToRegistry::Heartbeat {});
+    sim.advance(Duration::from_millis(999));
+    assert_eq!(
+        sim.reg.peer_count(),
+        1,
+        "1599ms: 999ms since the last frame"
+    );
+    sim.advance(Duration::from_millis(1));
+    assert_eq!(
+        sim.reg.peer_count(),
+        0,
+        "1600ms: silent for the whole timeout"
+    );
+}
+
+#[test]
+fn disconnects_and_slow_consumers_are_leaves_with_reasons() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001, None);
+    sim.register(2, "bob", 4002, None);
+    sim.register(3, "carol", 4003, None);
+    sim.take(1);
+    sim.reg.on_closed(2, Disconnect::Lost);
+    sim.reg.on_closed(3, Disconnect::Slow);
+    sim.flush();
+    assert_eq!(
+        sim.take(1),
+        vec![FromRegistry::Update {
+            changes: vec![
+                Change::Left {
+                    name: "bob".into(),
+                    reason: "disconnected".into()
+                },
+                Change::Left {
+                    name: "carol".into(),
+                    reason: "slow".into()
+                },
+            ]
+        }]
+    );
+}
+
+#[test]
+fn oversized_frames_are_told_and_closed() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001, None);
+    sim.register(2, "bob", 4002, None);
+    sim.take(1);
+    sim.take(2);
+    sim.reg.on_closed(
+        2,
+        Disconnect::BadFrame(FrameError::TooLarge {
+            len: 1 << 20,
+            max: 65_536,
+        }),
+    );
+    sim.apply();
+    assert!(
+        matches!(&sim.take(2)[..], [FromRegistry::Error { code, .. }] if code == "frame_too_large")
+    );
+    sim.flush();
+    assert_eq!(
+        sim.take(1),
+        vec![FromRegistry::Update {
+            changes: vec![Change::Left {
+                name: "bob".into(),
+                reason: "protocol".into()
+            }]
+        }]
+    );
+}
+
+fn secret_of(msgs: &[FromRegistry]) -> String {
+    match &msgs[0] {
+        FromRegistry::Welcome { secret, .. } => secret.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn reclaim_with_the_secret_replaces_the_session_without_a_leave() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001, None);
+    sim.register(2, "bob", 4002, None);
+    let secret = secret_of(&sim.take(2));
+    sim.take(1);
+    // Same IP and port, new connection (the old one is half-open).
+    sim.accept(3, ip(2));
+    sim.send(
+        3,
+        &ToRegistry::Register {
+            version: 1,
+            name: "bob".into(),
+            port: 4002,
+            secret: Some(secret.clone()),
+        },
+    );
+    sim.flush();
+    assert!(sim.closed.contains_key(&2), "the stale session is closed");
+    assert!(
+        sim.take(1).is_empty(),
+        "same address: the others see nothing"
+    );
+    let welcome = sim.take(3);
+    assert_eq!(
+        welcome_peers(&welcome[0]),
+        vec![entry("alice", "10.0.0.1:4001")]
+    );
+    // The stale connection's close later is not a leave either.
+    sim.reg.on_closed(2, Disconnect::Lost);
+    sim.flush();
+    assert!(sim.take(1).is_empty());
+    // From a new address (new secret from the new welcome): one move.
+    let secret = secret_of(&welcome);
+    sim.accept(4, ip(44));
+    sim.send(
+        4,
+        &ToRegistry::Register {
+            version: 1,
+            name: "BOB".into(),
+            port: 4002,
+            secret: Some(secret),
+        },
+    );
+    sim.flush();
+    assert_eq!(
+        sim.take(1),
+        vec![FromRegistry::Update {
+            changes: vec![Change::Moved {
+                name: "BOB".into(),
+                addr: "10.0.0.44:4002".into()
+            }]
+        }]
+    );
+    // A wrong secret is just a taken name.
+    sim.register(5, "bob", 4002, Some("00"));
+    assert_eq!(sim.error_code(5), "name_taken");
+    // The old secret no longer works once replaced.
+    sim.register(6, "bob", 4002, Some(&secret_of(&welcome)));
+    assert_eq!(sim.error_code(6), "name_taken");
+}
+
+#[test]
+fn a_full_registry_says_so() {
+    let mut sim = Sim::new(Config {
+        max_peers: 2,
+        ..config()
+    });
+    sim.register(1, "a", 1, None);
+    sim.register(2, "b", 1, None);
+    sim.register(3, "c", 1, None);
+    assert_eq!(sim.error_code(3), "registry_full");
+}
+
+#[test]
+fn unregistered_connections_get_a_deadline_and_a_small_frame_limit() {
+    let mut sim = Sim::new(config());
+    sim.accept(1, ip(1));
+    assert_eq!(sim.max_frame.get(&1), Some(&4096));
+    sim.advance(Duration::from_millis(4999));
+    assert!(!sim.closed.contains_key(&1));
+    sim.advance(Duration::from_millis(1));
+    assert_eq!(sim.error_code(1), "handshake_timeout");
+    // A registered one is not touched by its handshake timer.
+    sim.register(2, "alice", 1, None);
+    sim.advance(Duration::from_millis(900));
+    sim.send(2, &ToRegistry::Heartbeat {});
+    sim.advance(Duration::from_secs(5));
+    assert_eq!(
+        sim.reg.peer_count(),
+        0,
+        "evicted for silence, not the handshake"
+    );
+    assert!(sim
+        .take(2)
+        .iter()
+        .all(|m| !matches!(m, FromRegistry::Error { .. })));
+}
+
+#[test]
+fn large_snapshots_are_split_into_frames() {
+    let mut sim = Sim::new(Config {
+        max_peers: 1000,
+        ..config()
+    });
+    let n = CHUNK * 2 + 10;
+    for c in 0..n as Conn {
+        sim.register(c, &format!("peer-{c}"), 4000, None);
+    }
+    sim.register(9999, "last", 4000, None);
+    let msgs = sim.take(9999);
+    assert_eq!(msgs.len(), 3);
+    let mut all = Vec::new();
+    let mut flags = Vec::new();
+    for m in msgs {
+        match m {
+            FromRegistry::Welcome { peers, more, .. } | FromRegistry::Snapshot { peers, more } => {
+                all.extend(peers);
+                flags.push(more);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(flags, vec![true, true, false]);
+    assert_eq!(all.len(), n);
+    assert_eq!(all[0].name, "peer-0");
+    assert_eq!(all[n - 1].name, format!("peer-{}", n - 1));
+}
+
+#[test]
+fn shutdown_notifies_every_peer_and_closes_everything() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001, None);
+    sim.register(2, "bob", 4002, None);
+    sim.accept(3, ip(3));
+    sim.take(1);
+    sim.take(2);
+    sim.reg.shutdown("bye");
+    sim.apply();
+    for c in [1, 2] {
+        assert_eq!(
+            sim.take(c),
+            vec![FromRegistry::Shutdown {
+                reason: "bye".into()
+            }]
+        );
+    }
+    assert!(sim.take(3).is_empty());
+    assert!([1, 2, 3].iter().all(|c| sim.closed.contains_key(c)));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Register(u8),
+    Heartbeat(u8),
+    Silence(u16),
+    Disconnect(u8),
+    Leave(u8),
+    Reclaim(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..6).prop_map(Op::Register),
+        (0u8..6).prop_map(Op::Heartbeat),
+        (1u16..1500).prop_map(Op::Silence),
+        (0u8..6).prop_map(Op::Disconnect),
+        (0u8..6).prop_map(Op::Leave),
+        (0u8..6).prop_map(Op::Reclaim),
+    ]
+}
+
+/// What one peer believes the directory is, built only from what it was sent.
+fn apply_view(view: &mut Vec<PeerEntry>, msg: &FromRegistry) {
+    match msg {
+        FromRegistry::Welcome { peers, .. } => *view = peers.clone(),
+        FromRegistry::Snapshot { peers, .. } => view.extend(peers.iter().cloned()),
+        FromRegistry::Update { changes } => {
+            for change in changes {
+                match change {
+                    Change::Joined { name, addr } => view.push(entry(name, addr)),
+                    Change::Left { name, .. } => view.retain(|e| &e.name != name),
+                    Change::Moved { name, addr } => {
+                        for e in view.iter_mut().filter(|e| &e.name == name) {
+                            e.addr = addr.clone();
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+proptest! {
+    /// After every flush, every registered peer's view (its welcome plus
+    /// the updates it got) equals the registry's table without itself.
+    #[test]
+    fn every_view_matches_the_table(ops in prop::collection::vec(op(), 1..60)) {
+        let mut sim = Sim::new(config());
+        let mut next_conn: Conn = 100;
+        // Player i's current connection and last secret.
+        let mut conn_of: HashMap<u8, Conn> = HashMap::new();
+        let mut secret_of_player: HashMap<u8, String> = HashMap::new();
+        let mut views: HashMap<Conn, Vec<PeerEntry>> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Register(p) | Op::Reclaim(p) => {
+                    let secret = matches!(op, Op::Reclaim(_)).then(|| secret_of_player.get(&p).cloned()).flatten();
+                    next_conn += 1;
+                    let c = next_conn;
+                    sim.accept(c, ip(p));
+                    sim.send(c, &ToRegistry::Register { version: 1, name: format!("p{p}"), port: 4000 + i64::from(next_conn % 3), secret });
+                    conn_of.insert(p, c);
+                }
+                Op::Heartbeat(p) => if let Some(&c) = conn_of.get(&p) { sim.send(c, &ToRegistry::Heartbeat {}) },
+                Op::Silence(ms) => sim.advance(Duration::from_millis(u64::from(ms))),
+                Op::Disconnect(p) => if let Some(c) = conn_of.remove(&p) { sim.reg.on_closed(c, Disconnect::Lost); sim.apply(); },
+                Op::Leave(p) => if let Some(&c) = conn_of.get(&p) { sim.send(c, &ToRegistry::Leave {}) },
+            }
+            sim.flush();
+            for (c, msgs) in sim.inbox.drain() {
+                let view = views.entry(c).or_default();
+                for m in &msgs {
+                    if let FromRegistry::Welcome { secret, name, .. } = m {
+                        let p: u8 = name[1..].parse().unwrap();
+                        secret_of_player.insert(p, secret.clone());
+                    }
+                    apply_view(view, m);
+                }
+            }
+            let table = sim.reg.directory();
+            for c in sim.reg.order.values() {
+                let me = sim.reg.session(*c).unwrap().name.clone();
+                let expected: Vec<PeerEntry> = table.iter().filter(|e| e.name != me).cloned().collect();
+                let mut got = views.get(c).cloned().unwrap_or_default();
+                let mut want = expected.clone();
+                got.sort_by(|a, b| a.name.cmp(&b.name));
+                want.sort_by(|a, b| a.name.cmp(&b.name));
+                prop_assert_eq!(got, want, "view of {}", me);
+            }
+        }
+    }
+}
