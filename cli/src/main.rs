@@ -1,1 +1,328 @@
-fn main() {}
+//! The `peer` binary: command line, the front ends (human or `--json`), and
+//! the adapter that runs the sans-IO [`Peer`] on the core event loop.
+
+mod terminal;
+
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{CommandFactory, Parser};
+use peerchat_core::protocol::normalize_name;
+use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
+use peerchat_peer::command::{self, Command};
+use peerchat_peer::peer::{Action, Config, Event, Peer, Timer};
+use terminal::{Input, Output};
+
+/// A peerchat peer: registers with a registry, then chats directly with the
+/// other peers. Type text to send it to everyone, `/msg NAME TEXT` for one
+/// peer, `/peers` to list who is online, `/quit` to leave.
+#[derive(Debug, Parser)]
+#[command(name = "peer", version, about)]
+struct Args {
+    /// Your name: 1-32 characters, no spaces; unique (ignoring case) among
+    /// the peers online.
+    #[arg(long)]
+    name: String,
+    /// The registry's address, e.g. 127.0.0.1:7000 or chat.example:7000.
+    #[arg(long, value_name = "ADDR")]
+    registry: String,
+    /// Where to accept links from other peers; its port is what the
+    /// registry hands out.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    listen: SocketAddr,
+    /// Print one JSON object per line on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+struct PeerApp {
+    peer: Peer<ConnId>,
+    out: Output,
+    json: bool,
+    input: mpsc::Receiver<Input>,
+    /// What the user just typed, echoed once the peer accepts it.
+    echo: Option<(String, Option<String>)>,
+    exit: Option<i32>,
+}
+
+impl PeerApp {
+    fn show(&mut self, event: &Event) {
+        if self.json {
+            match serde_json::to_string(event) {
+                Ok(line) => self.out.line(&line),
+                Err(e) => tracing::error!(error = %e, "cannot encode an event"),
+            }
+            return;
+        }
+        if let Event::Sent { to, .. } = event {
+            if let Some((text, direct_to)) = self.echo.take() {
+                if !to.is_empty() {
+                    let me = self.peer.name().to_string();
+                    self.out
+                        .line(&terminal::echo(&text, &me, direct_to.as_deref()));
+                }
+            }
+        }
+        if let Some(line) = terminal::human(event) {
+            self.out.line(&line);
+        }
+    }
+
+    fn apply(&mut self, ctx: &mut Ctx<Timer<ConnId>>) {
+        loop {
+            let actions: Vec<_> = self.peer.drain_actions().collect();
+            if actions.is_empty() {
+                return;
+            }
+            let now = ctx.now();
+            for action in actions {
+                match action {
+                    Action::Dial(addr, dial) => match ctx.connect(addr) {
+                        Ok(conn) => self.peer.dial_started(dial, conn, now),
+                        Err(e) => self.peer.dial_failed(dial, e.to_string(), now),
+                    },
+                    Action::Send(conn, frame) => {
+                        ctx.send(conn, frame);
+                    }
+                    Action::Close(conn, reason) => ctx.close(conn, reason),
+                    Action::Arm(at, timer) => {
+                        ctx.arm(at, timer);
+                    }
+                    Action::Emit(event) => self.show(&event),
+                    Action::Exit(code) => {
+                        self.exit.get_or_insert(code);
+                        // Long enough to flush a leave message, no longer.
+                        ctx.stop(Duration::from_millis(500));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_line(&mut self, line: &str, now: std::time::Instant) {
+        match command::parse(line) {
+            Ok(None) => {}
+            Ok(Some(cmd)) => {
+                self.echo = match &cmd {
+                    Command::Broadcast(text) => Some((text.clone(), None)),
+                    Command::Direct { to, text } => Some((text.clone(), Some(to.clone()))),
+                    _ => None,
+                };
+                self.peer.command(cmd, now);
+            }
+            Err(err) => self.show(&Event::Error {
+                code: err.code.into(),
+                message: err.message,
+            }),
+        }
+    }
+}
+
+impl App for PeerApp {
+    type Timer = Timer<ConnId>;
+
+    fn on_accept(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, _peer: SocketAddr) {
+        self.peer.on_accept(conn, ctx.now());
+        self.apply(ctx);
+    }
+
+    fn on_frame(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, body: Bytes) {
+        self.peer.on_frame(conn, &body, ctx.now());
+        self.apply(ctx);
+    }
+
+    fn on_closed(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, reason: &CloseReason) {
+        if let CloseReason::Frame(err) = reason {
+            tracing::warn!(%conn, error = %err, "closing a connection that broke the framing");
+        }
+        self.peer.on_closed(conn, reason.to_string(), ctx.now());
+        self.apply(ctx);
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<Self::Timer>, timer: Self::Timer) {
+        self.peer.on_timer(timer, ctx.now());
+        self.apply(ctx);
+    }
+
+    fn on_signal(&mut self, ctx: &mut Ctx<Self::Timer>, _signal: i32) {
+        self.peer.quit(ctx.now());
+        self.apply(ctx);
+    }
+
+    fn on_wake(&mut self, ctx: &mut Ctx<Self::Timer>) {
+        while let Ok(input) = self.input.try_recv() {
+            let now = ctx.now();
+            match input {
+                Input::Line(line) => self.on_line(&line, now),
+                Input::Garbled => self.show(&Event::Error {
+                    code: "bad_input".into(),
+                    message: "that line was not UTF-8 text; it was ignored".into(),
+                }),
+                Input::Eof => self.peer.quit(now),
+            }
+            self.apply(ctx);
+        }
+    }
+}
+
+/// Restores the terminal's mode at exit, even though the line editor's
+/// thread is still inside `readline` when the process ends.
+struct TerminalGuard(Option<libc::termios>);
+
+impl TerminalGuard {
+    fn save() -> Self {
+        if !std::io::stdin().is_terminal() {
+            return TerminalGuard(None);
+        }
+        // SAFETY: tcgetattr fills the struct we own; fd 0 is stdin.
+        let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+        let ok = unsafe { libc::tcgetattr(0, &mut termios) } == 0;
+        TerminalGuard(ok.then_some(termios))
+    }
+
+    fn restore(&self) {
+        if let Some(termios) = &self.0 {
+            // SAFETY: hands back the settings read at start.
+            unsafe {
+                libc::tcsetattr(0, libc::TCSANOW, termios);
+            }
+        }
+    }
+}
+
+fn usage_error(message: String) -> ! {
+    Args::command()
+        .error(clap::error::ErrorKind::InvalidValue, message)
+        .exit()
+}
+
+fn resolve(registry: &str) -> SocketAddr {
+    match registry.to_socket_addrs() {
+        Ok(mut addrs) => match addrs.next() {
+            Some(addr) => addr,
+            None => usage_error(format!("--registry {registry}: no address found")),
+        },
+        Err(e) => usage_error(format!(
+            "--registry {registry}: {e} (write it as HOST:PORT, e.g. 127.0.0.1:7000)"
+        )),
+    }
+}
+
+fn init_logs() {
+    // On a terminal, log lines would tear through what the user is reading
+    // and typing: stay quiet unless RUST_LOG asks (then redirect stderr).
+    let default = if std::io::stderr().is_terminal() {
+        "off"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .init();
+}
+
+fn seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Jitter and instance ids only need to differ between processes.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        return u64::from(std::process::id()) << 32 | u64::from(nanos);
+    }
+    u64::from_le_bytes(bytes)
+}
+
+fn fail(json: bool, code: &str, message: String) -> ExitCode {
+    if json {
+        let event = Event::Error {
+            code: code.into(),
+            message: message.clone(),
+        };
+        if let Ok(line) = serde_json::to_string(&event) {
+            println!("{line}");
+        }
+    }
+    eprintln!("peer: {message}");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logs();
+    if let Err(why) = normalize_name(&args.name) {
+        return fail(
+            args.json,
+            "bad_name",
+            format!("--name {:?}: {why}", args.name),
+        );
+    }
+    let registry = resolve(&args.registry);
+
+    let loop_config = LoopConfig {
+        handle_signals: true,
+        ..LoopConfig::default()
+    };
+    let mut event_loop = match EventLoop::new(loop_config) {
+        Ok(l) => l,
+        Err(e) => return fail(args.json, "io", format!("cannot start the event loop: {e}")),
+    };
+    let local = match event_loop.listen(args.listen) {
+        Ok(addr) => addr,
+        Err(e) => {
+            return fail(
+                args.json,
+                "io",
+                format!("cannot listen on {}: {e}", args.listen),
+            )
+        }
+    };
+    tracing::info!(%local, "accepting links");
+
+    let (tx, rx) = mpsc::channel();
+    let terminal = TerminalGuard::save();
+    let out = match terminal::spawn_input(tx, event_loop.waker(), args.json) {
+        Ok(out) => out,
+        Err(e) => return fail(args.json, "io", format!("cannot read input: {e}")),
+    };
+    let config = Config::new(args.name.trim().to_string(), registry, local.port());
+    let mut app = PeerApp {
+        peer: Peer::new(config, seed()),
+        out,
+        json: args.json,
+        input: rx,
+        echo: None,
+        exit: None,
+    };
+    app.peer.start();
+    {
+        let ctx = event_loop.ctx();
+        app.apply(ctx);
+    }
+    let result = event_loop.run(&mut app);
+    terminal.restore();
+    if let Err(e) = result {
+        return fail(args.json, "io", format!("the event loop failed: {e}"));
+    }
+    // The input thread may still be blocked reading; leave without it.
+    std::process::exit(app.exit.unwrap_or(0));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,97 @@
+//! What a line typed by the user (or written by a script) means.
+
+/// A user command, ready for the peer logic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Plain text: to every peer online.
+    Broadcast(String),
+    /// `/msg NAME TEXT`.
+    Direct { to: String, text: String },
+    /// `/peers`.
+    Peers,
+    /// `/quit`, or the end of input.
+    Quit,
+}
+
+/// A line that is not a command, with the code `--json` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /peers, /quit; start a line with // to send one beginning with /";
+
+/// Parses one input line. Blank lines mean nothing (`Ok(None)`).
+pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    if let Some(escaped) = line.strip_prefix("//") {
+        return Ok(Some(Command::Broadcast(format!("/{escaped}"))));
+    }
+    let Some(rest) = line.strip_prefix('/') else {
+        return Ok(Some(Command::Broadcast(line.to_string())));
+    };
+    let (word, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    match word {
+        "msg" => {
+            let args = args.trim_start();
+            let (to, text) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
+            let text = text.trim_start();
+            if to.is_empty() || text.is_empty() {
+                return Err(CommandError {
+                    code: "bad_command",
+                    message: "usage: /msg NAME TEXT".into(),
+                });
+            }
+            Ok(Some(Command::Direct {
+                to: to.to_string(),
+                text: text.to_string(),
+            }))
+        }
+        "peers" => Ok(Some(Command::Peers)),
+        "quit" | "exit" => Ok(Some(Command::Quit)),
+        _ => Err(CommandError {
+            code: "unknown_command",
+            message: format!("unknown command /{word}; {HELP}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_mean_what_the_readme_says() {
+        assert_eq!(
+            parse("hello all"),
+            Ok(Some(Command::Broadcast("hello all".into())))
+        );
+        assert_eq!(parse("  "), Ok(None));
+        assert_eq!(
+            parse("/msg bob  hi there "),
+            Ok(Some(Command::Direct {
+                to: "bob".into(),
+                text: "hi there ".into()
+            }))
+        );
+        assert_eq!(
+            parse("/msg 张伟 你好"),
+            Ok(Some(Command::Direct {
+                to: "张伟".into(),
+                text: "你好".into()
+            }))
+        );
+        assert_eq!(parse("/peers"), Ok(Some(Command::Peers)));
+        assert_eq!(parse("/quit\r"), Ok(Some(Command::Quit)));
+        assert_eq!(
+            parse("//shrug"),
+            Ok(Some(Command::Broadcast("/shrug".into())))
+        );
+        assert_eq!(parse("/msg bob").unwrap_err().code, "bad_command");
+        assert_eq!(parse("/dance").unwrap_err().code, "unknown_command");
+    }
+}

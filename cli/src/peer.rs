@@ -1,0 +1,1133 @@
+//! The peer's logic as a sans-IO state machine: the registry session (with
+//! reconnects), the directory of who is online, the direct links, and the
+//! outbox that turns every sent message into exactly one `delivered` or
+//! `undelivered` per target.
+//!
+//! Inputs are commands, connection events and timers, each with `now`;
+//! outputs are [`Action`]s. Nothing here touches a socket, a terminal or the
+//! clock, so tests run it with simulated time.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use peerchat_core::codec;
+use peerchat_core::protocol::{
+    self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
+    FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+};
+use peerchat_core::wire::DEFAULT_MAX_FRAME;
+use serde::Serialize;
+
+use crate::command::Command;
+
+/// Chats held from a link whose sender the directory does not list yet.
+const MAX_HELD: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub registry: SocketAddr,
+    /// The port this peer accepts links on, declared to the registry.
+    pub listen_port: u16,
+    /// Reconnect delays start here and double up to `backoff_max`.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long `/quit` waits for outstanding acks.
+    pub quit_grace: Duration,
+    /// Time a registry connection has to produce a welcome.
+    pub register_timeout: Duration,
+    /// Time an accepted link has to say hello and be found in the directory.
+    pub hello_timeout: Duration,
+    /// After re-registering, how long a peer the new snapshot lacks is kept
+    /// (it is probably re-registering too) before it counts as gone.
+    pub stale_grace: Duration,
+    /// A message not acknowledged by then is reported undelivered.
+    pub send_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(name: String, registry: SocketAddr, listen_port: u16) -> Self {
+        Config {
+            name,
+            registry,
+            listen_port,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            quit_grace: Duration::from_secs(2),
+            register_timeout: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(5),
+            stale_grace: Duration::from_secs(15),
+            send_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the user sees. The `--json` front end prints these as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Registered {
+        name: String,
+        addr: String,
+        peers: Vec<PeerEntry>,
+    },
+    Joined {
+        name: String,
+        addr: String,
+    },
+    Left {
+        name: String,
+        reason: String,
+    },
+    /// A peer re-registered from another address.
+    Moved {
+        name: String,
+        addr: String,
+    },
+    Peers {
+        peers: Vec<PeerEntry>,
+    },
+    Sent {
+        id: u64,
+        to: Vec<String>,
+    },
+    Message {
+        from: String,
+        text: String,
+        direct: bool,
+        id: u64,
+    },
+    Delivered {
+        id: u64,
+        to: String,
+    },
+    Undelivered {
+        id: u64,
+        to: String,
+        reason: String,
+    },
+    RegistryLost {
+        error: String,
+        retry_in_ms: u64,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+/// Who a dial is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dial {
+    Registry,
+    /// A link to this peer (folded name).
+    Link(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Timer<C> {
+    RegistryRetry(u64),
+    RegisterDeadline(u64),
+    Heartbeat(u64),
+    LinkRetry(String),
+    HelloDeadline(C),
+    SendDeadline { target: String, id: u64 },
+    StaleCheck,
+    QuitDeadline,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<C> {
+    /// Start a connection; answer with [`Peer::dial_started`] or
+    /// [`Peer::dial_failed`].
+    Dial(SocketAddr, Dial),
+    Send(C, Bytes),
+    Close(C, String),
+    Arm(Instant, Timer<C>),
+    Emit(Event),
+    /// Flush and end the process with this status.
+    Exit(i32),
+}
+
+enum Session<C> {
+    /// Waiting for the retry timer.
+    Idle,
+    /// Connecting or registered-and-waiting for the (whole) welcome.
+    Registering {
+        conn: C,
+        snapshot: Vec<PeerEntry>,
+    },
+    Online {
+        conn: C,
+        last_heard: Instant,
+    },
+    /// Quitting: never reconnect.
+    Closed,
+}
+
+struct Known {
+    name: String,
+    addr: SocketAddr,
+    /// Missing from the snapshot of our latest registration.
+    stale_since: Option<Instant>,
+}
+
+struct Outgoing {
+    id: u64,
+    frame: Bytes,
+}
+
+struct OutLink<C> {
+    conn: Option<C>,
+    backoff: Duration,
+    retry_armed: bool,
+    queue: VecDeque<Outgoing>,
+}
+
+impl<C> Default for OutLink<C> {
+    fn default() -> Self {
+        OutLink {
+            conn: None,
+            backoff: Duration::ZERO,
+            retry_armed: false,
+            queue: VecDeque::new(),
+        }
+    }
+}
+
+enum Role {
+    Registry,
+    /// Our link to this peer (folded name).
+    Out(String),
+    In(InLink),
+}
+
+enum InLink {
+    AwaitHello,
+    /// Said hello as a peer the directory does not list (yet).
+    Pending {
+        folded: String,
+        instance: u64,
+        held: Vec<(u64, String, bool)>,
+    },
+    Verified {
+        folded: String,
+        instance: u64,
+    },
+}
+
+pub struct Peer<C> {
+    config: Config,
+    my_folded: String,
+    rng: u64,
+    instance: u64,
+    actions: Vec<Action<C>>,
+    session: Session<C>,
+    /// Bumped per registry connection, so timers of an old one do nothing.
+    epoch: u64,
+    secret: Option<String>,
+    /// Our address as the registry observed it.
+    my_addr: String,
+    backoff: Duration,
+    heartbeat: Duration,
+    timeout: Duration,
+    dir: BTreeMap<String, Known>,
+    links: HashMap<String, OutLink<C>>,
+    conns: HashMap<C, Role>,
+    next_id: u64,
+    /// Per sender (folded): its instance and the highest id delivered.
+    seen: HashMap<String, (u64, u64)>,
+    quitting: bool,
+    exited: bool,
+}
+
+impl<C: Copy + Eq + Hash + Debug> Peer<C> {
+    /// `seed` drives the reconnect jitter and the instance id.
+    pub fn new(config: Config, seed: u64) -> Self {
+        let my_folded = fold_name(config.name.trim());
+        let mut rng = seed | 1;
+        let instance = xorshift(&mut rng);
+        Peer {
+            backoff: config.backoff_min,
+            config,
+            my_folded,
+            rng,
+            instance,
+            actions: Vec::new(),
+            session: Session::Idle,
+            epoch: 0,
+            secret: None,
+            my_addr: String::new(),
+            heartbeat: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+            dir: BTreeMap::new(),
+            links: HashMap::new(),
+            conns: HashMap::new(),
+            next_id: 1,
+            seen: HashMap::new(),
+            quitting: false,
+            exited: false,
+        }
+    }
+
+    pub fn drain_actions(&mut self) -> std::vec::Drain<'_, Action<C>> {
+        self.actions.drain(..)
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.actions.push(Action::Emit(event));
+    }
+
+    fn error(&mut self, code: &str, message: String) {
+        self.emit(Event::Error {
+            code: code.into(),
+            message,
+        });
+    }
+
+    /// The directory, sorted by name.
+    pub fn peers(&self) -> Vec<PeerEntry> {
+        self.dir
+            .values()
+            .map(|k| PeerEntry {
+                name: k.name.clone(),
+                addr: k.addr.to_string(),
+            })
+            .collect()
+    }
+
+    /// Our name as the registry accepted it (trimmed).
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn is_online(&self) -> bool {
+        matches!(self.session, Session::Online { .. })
+    }
+
+    /// Begins: connect to the registry.
+    pub fn start(&mut self) {
+        self.dial_registry();
+    }
+
+    fn dial_registry(&mut self) {
+        self.actions
+            .push(Action::Dial(self.config.registry, Dial::Registry));
+    }
+
+    pub fn dial_started(&mut self, dial: Dial, conn: C, now: Instant) {
+        match dial {
+            Dial::Registry => {
+                if self.quitting {
+                    self.actions.push(Action::Close(conn, "quitting".into()));
+                    return;
+                }
+                self.epoch += 1;
+                self.conns.insert(conn, Role::Registry);
+                self.session = Session::Registering {
+                    conn,
+                    snapshot: Vec::new(),
+                };
+                let register = ToRegistry::Register {
+                    version: PROTOCOL_VERSION,
+                    name: self.config.name.clone(),
+                    port: i64::from(self.config.listen_port),
+                    secret: self.secret.clone(),
+                };
+                self.actions
+                    .push(Action::Send(conn, protocol::frame(&register)));
+                self.actions.push(Action::Arm(
+                    now + self.config.register_timeout,
+                    Timer::RegisterDeadline(self.epoch),
+                ));
+            }
+            Dial::Link(target) => {
+                let hello = protocol::frame(&LinkMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                    name: self.config.name.trim().to_string(),
+                    instance: self.instance,
+                });
+                let Some(link) = self.links.get_mut(&target) else {
+                    self.actions
+                        .push(Action::Close(conn, "no longer needed".into()));
+                    return;
+                };
+                link.conn = Some(conn);
+                self.actions.push(Action::Send(conn, hello));
+                for out in &link.queue {
+                    self.actions.push(Action::Send(conn, out.frame.clone()));
+                }
+                self.conns.insert(conn, Role::Out(target));
+            }
+        }
+    }
+
+    pub fn dial_failed(&mut self, dial: Dial, error: String, now: Instant) {
+        match dial {
+            Dial::Registry => self.registry_lost(format!("cannot connect: {error}"), now),
+            Dial::Link(target) => {
+                tracing::debug!(%target, %error, "link dial failed");
+                self.schedule_redial(&target, now);
+            }
+        }
+    }
+
+    pub fn on_accept(&mut self, conn: C, now: Instant) {
+        self.conns.insert(conn, Role::In(InLink::AwaitHello));
+        self.actions.push(Action::Arm(
+            now + self.config.hello_timeout,
+            Timer::HelloDeadline(conn),
+        ));
+    }
+
+    pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
+        match self.conns.get(&conn) {
+            None => {}
+            Some(Role::Registry) => self.on_registry_frame(conn, body, now),
+            Some(Role::Out(target)) => {
+                let target = target.clone();
+                self.on_out_frame(conn, target, body, now);
+            }
+            Some(Role::In(_)) => self.on_in_frame(conn, body, now),
+        }
+    }
+
+    /// The connection is gone, whoever closed it.
+    pub fn on_closed(&mut self, conn: C, reason: String, now: Instant) {
+        match self.conns.remove(&conn) {
+            Some(Role::Registry) => {
+                if self.session_conn() == Some(conn) {
+                    self.registry_lost(reason, now);
+                }
+            }
+            Some(Role::Out(target)) => {
+                tracing::debug!(%target, %reason, "link closed");
+                if let Some(link) = self.links.get_mut(&target) {
+                    if link.conn == Some(conn) {
+                        link.conn = None;
+                        if !link.queue.is_empty() {
+                            self.schedule_redial(&target, now);
+                        }
+                    }
+                }
+            }
+            Some(Role::In(_)) | None => {}
+        }
+    }
+
+    fn session_conn(&self) -> Option<C> {
+        match &self.session {
+            Session::Registering { conn, .. } | Session::Online { conn, .. } => Some(*conn),
+            Session::Idle | Session::Closed => None,
+        }
+    }
+
+    // ---- registry session ----
+
+    fn on_registry_frame(&mut self, conn: C, body: &[u8], now: Instant) {
+        let msg = match codec::decode::<FromRegistry>(body) {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.drop_registry(
+                    conn,
+                    format!("undecodable message from the registry: {e}"),
+                    now,
+                );
+                return;
+            }
+        };
+        if let Session::Online { last_heard, .. } = &mut self.session {
+            *last_heard = now;
+        }
+        match msg {
+            FromRegistry::Welcome {
+                version,
+                name,
+                addr,
+                heartbeat_ms,
+                timeout_ms,
+                secret,
+                peers,
+                more,
+            } => {
+                let Session::Registering { snapshot, .. } = &mut self.session else {
+                    return self.drop_registry(conn, "unexpected welcome".into(), now);
+                };
+                if version != PROTOCOL_VERSION {
+                    return self.drop_registry(
+                        conn,
+                        format!("registry speaks version {version}"),
+                        now,
+                    );
+                }
+                snapshot.extend(peers);
+                self.secret = Some(secret);
+                self.heartbeat = Duration::from_millis(heartbeat_ms.max(10));
+                self.timeout = Duration::from_millis(timeout_ms.max(heartbeat_ms + 10));
+                self.config.name = name;
+                self.my_addr = addr;
+                if !more {
+                    self.finish_registration(conn, now);
+                }
+            }
+            FromRegistry::Snapshot { peers, more } => {
+                let Session::Registering { snapshot, .. } = &mut self.session else {
+                    return self.drop_registry(conn, "unexpected snapshot".into(), now);
+                };
+                snapshot.extend(peers);
+                if !more {
+                    self.finish_registration(conn, now);
+                }
+            }
+            FromRegistry::Update { changes } => {
+                for change in changes {
+                    self.apply_change(change, now);
+                }
+            }
+            FromRegistry::Heartbeat {} => {}
+            FromRegistry::Error { code, reason } => {
+                let fatal = matches!(
+                    code.as_str(),
+                    "name_taken" | "bad_name" | "bad_port" | "unsupported_version"
+                );
+                if fatal && matches!(self.session, Session::Registering { .. }) {
+                    self.error(&code, format!("the registry refused us: {reason}"));
+                    self.session = Session::Closed;
+                    self.actions.push(Action::Close(conn, "refused".into()));
+                    self.actions.push(Action::Exit(2));
+                } else {
+                    self.drop_registry(conn, format!("registry error {code}: {reason}"), now);
+                }
+            }
+            FromRegistry::Shutdown { reason } => {
+                self.drop_registry(conn, format!("the registry shut down: {reason}"), now)
+            }
+        }
+    }
+
+    fn finish_registration(&mut self, conn: C, now: Instant) {
+        let snapshot = match std::mem::replace(
+            &mut self.session,
+            Session::Online {
+                conn,
+                last_heard: now,
+            },
+        ) {
+            Session::Registering { snapshot, .. } => snapshot,
+            _ => Vec::new(),
+        };
+        self.backoff = self.config.backoff_min;
+        let mut listed = std::collections::HashSet::new();
+        for entry in &snapshot {
+            let folded = fold_name(&entry.name);
+            if folded == self.my_folded {
+                continue;
+            }
+            if let Ok(addr) = entry.addr.parse() {
+                self.learn(folded.clone(), entry.name.clone(), addr);
+                listed.insert(folded);
+            }
+        }
+        let mut any_stale = false;
+        for (folded, known) in self.dir.iter_mut() {
+            if !listed.contains(folded) && known.stale_since.is_none() {
+                known.stale_since = Some(now);
+                any_stale = true;
+            }
+        }
+        if any_stale {
+            self.actions.push(Action::Arm(
+                now + self.config.stale_grace,
+                Timer::StaleCheck,
+            ));
+        }
+        tracing::info!(name = %self.config.name, addr = %self.my_addr, peers = snapshot.len(), "registered");
+        self.emit(Event::Registered {
+            name: self.config.name.clone(),
+            addr: self.my_addr.clone(),
+            peers: snapshot,
+        });
+        self.actions.push(Action::Arm(
+            now + self.heartbeat,
+            Timer::Heartbeat(self.epoch),
+        ));
+    }
+
+    /// Adds or refreshes a directory entry; a new address drops the old link.
+    fn learn(&mut self, folded: String, name: String, addr: SocketAddr) -> bool {
+        let moved = match self.dir.get_mut(&folded) {
+            Some(known) => {
+                known.stale_since = None;
+                known.name = name;
+                let moved = known.addr != addr;
+                known.addr = addr;
+                moved
+            }
+            None => {
+                self.dir.insert(
+                    folded.clone(),
+                    Known {
+                        name,
+                        addr,
+                        stale_since: None,
+                    },
+                );
+                false
+            }
+        };
+        if moved {
+            if let Some(conn) = self.links.get_mut(&folded).and_then(|l| l.conn.take()) {
+                self.conns.remove(&conn);
+                self.actions
+                    .push(Action::Close(conn, "the peer moved".into()));
+            }
+            self.ensure_link(&folded);
+        }
+        self.admit_pending(&folded);
+        moved
+    }
+
+    fn apply_change(&mut self, change: Change, now: Instant) {
+        match change {
+            Change::Joined { name, addr } | Change::Moved { name, addr } => {
+                let folded = fold_name(&name);
+                if folded == self.my_folded {
+                    return;
+                }
+                let Ok(parsed) = addr.parse() else {
+                    tracing::warn!(%name, %addr, "the registry sent an unusable address");
+                    return;
+                };
+                let known = self.dir.contains_key(&folded);
+                let moved = self.learn(folded, name.clone(), parsed);
+                if moved && known {
+                    self.emit(Event::Moved { name, addr });
+                } else {
+                    self.emit(Event::Joined { name, addr });
+                }
+            }
+            Change::Left { name, reason } => {
+                let folded = fold_name(&name);
+                if self.dir.contains_key(&folded) {
+                    self.forget(&folded, &reason, now);
+                    self.emit(Event::Left { name, reason });
+                }
+            }
+        }
+    }
+
+    /// A peer is gone: everything still queued for it is undelivered, and
+    /// its links close.
+    fn forget(&mut self, folded: &str, reason: &str, _now: Instant) {
+        let Some(known) = self.dir.remove(folded) else {
+            return;
+        };
+        if let Some(link) = self.links.remove(folded) {
+            for out in link.queue {
+                self.emit(Event::Undelivered {
+                    id: out.id,
+                    to: known.name.clone(),
+                    reason: reason.into(),
+                });
+            }
+            if let Some(conn) = link.conn {
+                self.conns.remove(&conn);
+                self.actions
+                    .push(Action::Close(conn, format!("{} left", known.name)));
+            }
+        }
+        let inbound: Vec<C> = self
+            .conns
+            .iter()
+            .filter(|(_, role)| match role {
+                Role::In(
+                    InLink::Verified { folded: f, .. } | InLink::Pending { folded: f, .. },
+                ) => f == folded,
+                _ => false,
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in inbound {
+            self.conns.remove(&conn);
+            self.actions
+                .push(Action::Close(conn, format!("{} left", known.name)));
+        }
+        self.maybe_finish_quit();
+    }
+
+    fn drop_registry(&mut self, conn: C, reason: String, now: Instant) {
+        self.conns.remove(&conn);
+        self.actions.push(Action::Close(conn, reason.clone()));
+        self.registry_lost(reason, now);
+    }
+
+    /// The registry connection failed or went quiet: say so and retry after
+    /// a capped, jittered, doubling delay. Links and the directory stay.
+    fn registry_lost(&mut self, error: String, now: Instant) {
+        if self.quitting {
+            self.session = Session::Closed;
+            return;
+        }
+        if let Some(conn) = self.session_conn() {
+            if self.conns.remove(&conn).is_some() {
+                self.actions.push(Action::Close(conn, error.clone()));
+            }
+        }
+        self.session = Session::Idle;
+        self.epoch += 1;
+        let delay = self.jitter(self.backoff);
+        self.backoff = (self.backoff * 2).min(self.config.backoff_max);
+        tracing::info!(%error, retry_in = ?delay, "registry lost");
+        self.emit(Event::RegistryLost {
+            error,
+            retry_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        });
+        self.actions
+            .push(Action::Arm(now + delay, Timer::RegistryRetry(self.epoch)));
+    }
+
+    /// Half to all of `base`, so that peers that lost the registry together
+    /// do not come back together.
+    fn jitter(&mut self, base: Duration) -> Duration {
+        let fraction = (xorshift(&mut self.rng) % 1001) as f64 / 1000.0;
+        base.mul_f64(0.5 + fraction / 2.0)
+    }
+
+    // ---- links ----
+
+    fn ensure_link(&mut self, folded: &str) {
+        let Some(addr) = self.dir.get(folded).map(|k| k.addr) else {
+            return;
+        };
+        let link = self.links.entry(folded.to_string()).or_default();
+        if link.conn.is_none() && !link.retry_armed && !link.queue.is_empty() {
+            self.actions
+                .push(Action::Dial(addr, Dial::Link(folded.to_string())));
+        }
+    }
+
+    fn schedule_redial(&mut self, folded: &str, now: Instant) {
+        let backoff_min = self.config.backoff_min;
+        let backoff_max = self.config.backoff_max;
+        let Some(link) = self.links.get_mut(folded) else {
+            return;
+        };
+        if link.retry_armed || link.queue.is_empty() {
+            return;
+        }
+        link.retry_armed = true;
+        let base = link.backoff.max(backoff_min);
+        link.backoff = (base * 2).min(backoff_max);
+        let delay = self.jitter(base);
+        self.actions.push(Action::Arm(
+            now + delay,
+            Timer::LinkRetry(folded.to_string()),
+        ));
+    }
+
+    fn on_out_frame(&mut self, conn: C, target: String, body: &[u8], _now: Instant) {
+        match codec::decode::<LinkMsg>(body) {
+            Ok(LinkMsg::Ack { id }) => {
+                let backoff_min = self.config.backoff_min;
+                let Some(link) = self.links.get_mut(&target) else {
+                    return;
+                };
+                let Some(pos) = link.queue.iter().position(|o| o.id == id) else {
+                    return; // A second ack for a resent message.
+                };
+                link.queue.remove(pos);
+                link.backoff = backoff_min;
+                let name = self.display_name(&target);
+                self.emit(Event::Delivered { id, to: name });
+                self.maybe_finish_quit();
+            }
+            Ok(LinkMsg::Error { code, reason }) => {
+                tracing::warn!(peer = %target, %code, %reason, "the peer refused our link");
+            }
+            Ok(other) => {
+                tracing::warn!(peer = %target, ?other, "unexpected message on our link; closing it");
+                self.actions
+                    .push(Action::Close(conn, "unexpected message".into()));
+            }
+            Err(e) => {
+                tracing::warn!(peer = %target, error = %e, "undecodable frame on our link; closing it");
+                self.actions
+                    .push(Action::Close(conn, format!("undecodable frame: {e}")));
+            }
+        }
+    }
+
+    fn display_name(&self, folded: &str) -> String {
+        self.dir
+            .get(folded)
+            .map_or_else(|| folded.to_string(), |k| k.name.clone())
+    }
+
+    fn refuse_link(&mut self, conn: C, code: ErrorCode, reason: String) {
+        tracing::warn!(?conn, %code, %reason, "refusing a link");
+        self.conns.remove(&conn);
+        let frame = protocol::frame(&LinkMsg::error(code, reason.clone()));
+        self.actions.push(Action::Send(conn, frame));
+        self.actions.push(Action::Close(conn, reason));
+    }
+
+    fn on_in_frame(&mut self, conn: C, body: &[u8], _now: Instant) {
+        let Some(Role::In(link)) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let InLink::AwaitHello = link {
+            let version_of = |m: &LinkMsg| match m {
+                LinkMsg::Hello { version, .. } => *version,
+                _ => PROTOCOL_VERSION,
+            };
+            return match decode_first(body, version_of) {
+                Ok(LinkMsg::Hello { name, instance, .. }) => self.on_hello(conn, name, instance),
+                Ok(_) => self.refuse_link(conn, ErrorCode::Protocol, "a link starts with hello".into()),
+                Err(FirstFrameError::Version(v)) => self.refuse_link(
+                    conn,
+                    ErrorCode::UnsupportedVersion,
+                    format!("protocol version {v} is not supported; this peer speaks {PROTOCOL_VERSION}"),
+                ),
+                Err(FirstFrameError::Malformed(e)) => {
+                    self.refuse_link(conn, ErrorCode::Protocol, format!("undecodable hello: {e}"))
+                }
+            };
+        }
+        match codec::decode::<LinkMsg>(body) {
+            Ok(LinkMsg::Chat { id, text, direct }) => match link {
+                InLink::Pending { held, .. } => {
+                    if held.len() >= MAX_HELD {
+                        self.refuse_link(
+                            conn,
+                            ErrorCode::UnknownPeer,
+                            "too many messages from an unlisted peer".into(),
+                        );
+                    } else {
+                        held.push((id, text, direct));
+                    }
+                }
+                InLink::Verified { folded, instance } => {
+                    let (folded, instance) = (folded.clone(), *instance);
+                    self.deliver(conn, &folded, instance, id, text, direct);
+                }
+                InLink::AwaitHello => {}
+            },
+            Ok(LinkMsg::Error { code, reason }) => {
+                tracing::warn!(?conn, %code, %reason, "error from a linked peer");
+                self.conns.remove(&conn);
+                self.actions
+                    .push(Action::Close(conn, format!("{code}: {reason}")));
+            }
+            Ok(_) => self.refuse_link(
+                conn,
+                ErrorCode::Protocol,
+                "only chat is expected after hello".into(),
+            ),
+            Err(e) => self.refuse_link(
+                conn,
+                ErrorCode::Protocol,
+                format!("undecodable message: {e}"),
+            ),
+        }
+    }
+
+    fn on_hello(&mut self, conn: C, name: String, instance: u64) {
+        let name = match normalize_name(&name) {
+            Ok(name) => name,
+            Err(why) => return self.refuse_link(conn, ErrorCode::BadName, why),
+        };
+        let folded = fold_name(&name);
+        if folded == self.my_folded {
+            return self.refuse_link(
+                conn,
+                ErrorCode::Protocol,
+                format!("{name:?} is this peer's own name"),
+            );
+        }
+        self.conns.insert(
+            conn,
+            Role::In(InLink::Pending {
+                folded: folded.clone(),
+                instance,
+                held: Vec::new(),
+            }),
+        );
+        if self.dir.contains_key(&folded) {
+            self.admit_pending(&folded);
+        } else {
+            tracing::debug!(%name, "hello from a peer not in the directory yet; holding the link");
+        }
+    }
+
+    /// The directory now lists `folded`: links that said hello under that
+    /// name are verified, and what they sent meanwhile is delivered.
+    fn admit_pending(&mut self, folded: &str) {
+        let waiting: Vec<C> = self
+            .conns
+            .iter()
+            .filter(|(_, role)| matches!(role, Role::In(InLink::Pending { folded: f, .. }) if f == folded))
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in waiting {
+            let Some(Role::In(InLink::Pending { instance, held, .. })) = self.conns.remove(&conn)
+            else {
+                continue;
+            };
+            self.conns.insert(
+                conn,
+                Role::In(InLink::Verified {
+                    folded: folded.to_string(),
+                    instance,
+                }),
+            );
+            for (id, text, direct) in held {
+                self.deliver(conn, folded, instance, id, text, direct);
+            }
+        }
+    }
+
+    /// Shows a chat unless it is a resend, and acknowledges it either way.
+    fn deliver(
+        &mut self,
+        conn: C,
+        folded: &str,
+        instance: u64,
+        id: u64,
+        text: String,
+        direct: bool,
+    ) {
+        let seen = self.seen.entry(folded.to_string()).or_insert((instance, 0));
+        if seen.0 != instance {
+            // The sender restarted: its ids begin again.
+            *seen = (instance, 0);
+        }
+        if id > seen.1 {
+            seen.1 = id;
+            let from = self.display_name(folded);
+            self.emit(Event::Message {
+                from,
+                text,
+                direct,
+                id,
+            });
+        }
+        let ack = protocol::frame(&LinkMsg::Ack { id });
+        self.actions.push(Action::Send(conn, ack));
+    }
+
+    // ---- commands ----
+
+    pub fn command(&mut self, command: Command, now: Instant) {
+        if self.quitting {
+            return;
+        }
+        match command {
+            Command::Broadcast(text) => {
+                let targets: Vec<String> = self.dir.keys().cloned().collect();
+                self.send_chat(targets, text, false, now);
+            }
+            Command::Direct { to, text } => {
+                let folded = fold_name(&to);
+                if self.dir.contains_key(&folded) {
+                    self.send_chat(vec![folded], text, true, now);
+                } else {
+                    self.error(
+                        ErrorCode::UnknownPeer.as_str(),
+                        format!("no peer named {to:?} is online (see /peers)"),
+                    );
+                }
+            }
+            Command::Peers => {
+                let peers = self.peers();
+                self.emit(Event::Peers { peers });
+            }
+            Command::Quit => self.quit(now),
+        }
+    }
+
+    fn send_chat(&mut self, targets: Vec<String>, text: String, direct: bool, now: Instant) {
+        let id = self.next_id;
+        let frame = protocol::frame(&LinkMsg::Chat { id, text, direct });
+        if frame.len() > DEFAULT_MAX_FRAME {
+            self.error(
+                "too_long",
+                format!(
+                    "the message is {} bytes encoded; at most {DEFAULT_MAX_FRAME} fit in a frame",
+                    frame.len()
+                ),
+            );
+            return;
+        }
+        self.next_id += 1;
+        let to = targets.iter().map(|t| self.display_name(t)).collect();
+        self.emit(Event::Sent { id, to });
+        for target in targets {
+            let link = self.links.entry(target.clone()).or_default();
+            link.queue.push_back(Outgoing {
+                id,
+                frame: frame.clone(),
+            });
+            match link.conn {
+                Some(conn) => self.actions.push(Action::Send(conn, frame.clone())),
+                None => self.ensure_link(&target),
+            }
+            self.actions.push(Action::Arm(
+                now + self.config.send_timeout,
+                Timer::SendDeadline { target, id },
+            ));
+        }
+    }
+
+    /// Leaves the registry, waits (at most `quit_grace`) for outstanding
+    /// acks, reports the rest undelivered, and exits.
+    pub fn quit(&mut self, now: Instant) {
+        if self.quitting {
+            return;
+        }
+        self.quitting = true;
+        if let Session::Online { conn, .. } = self.session {
+            self.actions
+                .push(Action::Send(conn, protocol::frame(&ToRegistry::Leave {})));
+        }
+        if let Some(conn) = self.session_conn() {
+            self.conns.remove(&conn);
+            self.actions.push(Action::Close(conn, "quit".into()));
+        }
+        self.session = Session::Closed;
+        self.actions.push(Action::Arm(
+            now + self.config.quit_grace,
+            Timer::QuitDeadline,
+        ));
+        self.maybe_finish_quit();
+    }
+
+    fn maybe_finish_quit(&mut self) {
+        if self.quitting && self.links.values().all(|l| l.queue.is_empty()) {
+            self.finish_quit();
+        }
+    }
+
+    fn finish_quit(&mut self) {
+        if std::mem::replace(&mut self.exited, true) {
+            return;
+        }
+        let mut links: Vec<(String, OutLink<C>)> = self.links.drain().collect();
+        links.sort_by(|a, b| a.0.cmp(&b.0));
+        for (folded, link) in links {
+            let to = self.display_name(&folded);
+            for out in link.queue {
+                self.emit(Event::Undelivered {
+                    id: out.id,
+                    to: to.clone(),
+                    reason: "quit".into(),
+                });
+            }
+        }
+        self.actions.push(Action::Exit(0));
+    }
+
+    // ---- timers ----
+
+    pub fn on_timer(&mut self, timer: Timer<C>, now: Instant) {
+        match timer {
+            Timer::RegistryRetry(epoch) => {
+                if epoch == self.epoch && matches!(self.session, Session::Idle) && !self.quitting {
+                    self.dial_registry();
+                }
+            }
+            Timer::RegisterDeadline(epoch) => {
+                if epoch == self.epoch {
+                    if let Session::Registering { conn, .. } = self.session {
+                        let secs = self.config.register_timeout.as_secs_f64();
+                        self.drop_registry(conn, format!("no welcome within {secs}s"), now);
+                    }
+                }
+            }
+            Timer::Heartbeat(epoch) => {
+                let Session::Online { conn, last_heard } = self.session else {
+                    return;
+                };
+                if epoch != self.epoch {
+                    return;
+                }
+                let silent = now.saturating_duration_since(last_heard);
+                if silent >= self.timeout {
+                    let msg = format!("the registry was silent for {} ms", silent.as_millis());
+                    self.drop_registry(conn, msg, now);
+                    return;
+                }
+                self.actions.push(Action::Send(
+                    conn,
+                    protocol::frame(&ToRegistry::Heartbeat {}),
+                ));
+                self.actions
+                    .push(Action::Arm(now + self.heartbeat, Timer::Heartbeat(epoch)));
+            }
+            Timer::LinkRetry(target) => {
+                if let Some(link) = self.links.get_mut(&target) {
+                    link.retry_armed = false;
+                }
+                self.ensure_link(&target);
+            }
+            Timer::HelloDeadline(conn) => match self.conns.get(&conn) {
+                Some(Role::In(InLink::AwaitHello)) => {
+                    self.refuse_link(conn, ErrorCode::HandshakeTimeout, "no hello in time".into())
+                }
+                Some(Role::In(InLink::Pending { folded, .. })) => {
+                    let reason = format!("{folded:?} is not in the directory");
+                    self.refuse_link(conn, ErrorCode::UnknownPeer, reason);
+                }
+                _ => {}
+            },
+            Timer::SendDeadline { target, id } => {
+                let Some(link) = self.links.get_mut(&target) else {
+                    return;
+                };
+                let Some(pos) = link.queue.iter().position(|o| o.id == id) else {
+                    return;
+                };
+                link.queue.remove(pos);
+                let to = self.display_name(&target);
+                let secs = self.config.send_timeout.as_secs();
+                self.emit(Event::Undelivered {
+                    id,
+                    to,
+                    reason: format!("no acknowledgement within {secs}s"),
+                });
+                self.maybe_finish_quit();
+            }
+            Timer::StaleCheck => {
+                let grace = self.config.stale_grace;
+                let expired: Vec<String> = self
+                    .dir
+                    .iter()
+                    .filter(|(_, k)| {
+                        k.stale_since
+                            .is_some_and(|t| now.saturating_duration_since(t) >= grace)
+                    })
+                    .map(|(f, _)| f.clone())
+                    .collect();
+                for folded in expired {
+                    let name = self.display_name(&folded);
+                    let reason = "gone".to_string();
+                    self.forget(&folded, &reason, now);
+                    self.emit(Event::Left { name, reason });
+                }
+            }
+            Timer::QuitDeadline => self.finish_quit(),
+        }
+    }
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    x
+}
