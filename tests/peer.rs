@@ -1,0 +1,262 @@
+//! The real `peer --json` processes with a real registry on 127.0.0.1:
+//! delivery and acks, faults, and the exit contract.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use common::{bin, PeerProc, Registry, LONG};
+use serde_json::Value;
+
+fn is(event: &str, key: &str, value: &str) -> impl Fn(&Value) -> bool {
+    let (event, key, value) = (event.to_string(), key.to_string(), value.to_string());
+    move |v: &Value| v["event"] == event.as_str() && v[key.as_str()] == value.as_str()
+}
+
+/// Starts peers one after another, each registered before the next.
+fn start_peers(reg: &Registry, names: &[&str]) -> Vec<PeerProc> {
+    let mut peers: Vec<PeerProc> = Vec::new();
+    for name in names {
+        let mut p = PeerProc::start(name, reg.addr);
+        p.registered();
+        for earlier in peers.iter_mut() {
+            earlier.expect("joined", LONG, is("joined", "name", name));
+        }
+        peers.push(p);
+    }
+    peers
+}
+
+#[test]
+fn one_to_one_and_to_all_with_acks() {
+    let reg = Registry::start(&[]);
+    let mut peers = start_peers(&reg, &["alice", "bob", "carol"]);
+    let text = "héllo 世界 🎉 \"quoted\" back\\slash";
+    peers[0].say(text);
+    let sent = peers[0].expect_event("sent", LONG);
+    let id = sent["id"].clone();
+    let mut to: Vec<String> = sent["to"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    to.sort();
+    assert_eq!(to, vec!["bob", "carol"]);
+    for p in peers[1..].iter_mut() {
+        let msg = p.expect_event("message", LONG);
+        assert_eq!(msg["from"], "alice");
+        assert_eq!(msg["text"], text);
+        assert_eq!(msg["direct"], false);
+        assert_eq!(msg["id"], id);
+    }
+    for name in ["bob", "carol"] {
+        let d = peers[0].expect("delivered", LONG, is("delivered", "to", name));
+        assert_eq!(d["id"], id);
+    }
+
+    peers[1].say("/msg CAROL just you");
+    let sent = peers[1].expect_event("sent", LONG);
+    assert_eq!(sent["to"], serde_json::json!(["carol"]));
+    let msg = peers[2].expect_event("message", LONG);
+    assert_eq!(
+        (msg["from"].as_str(), msg["direct"].as_bool()),
+        (Some("bob"), Some(true))
+    );
+    peers[1].expect_event("delivered", LONG);
+
+    peers[2].say("/peers");
+    let list = peers[2].expect_event("peers", LONG);
+    let names: Vec<&str> = list["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["alice", "bob"]);
+    peers[2].say("/msg nobody hi");
+    assert_eq!(peers[2].expect_event("error", LONG)["code"], "unknown_peer");
+    peers[2].say("/frobnicate");
+    assert_eq!(
+        peers[2].expect_event("error", LONG)["code"],
+        "unknown_command"
+    );
+    // Nothing arrived twice.
+    assert_eq!(peers[1].count(|v| v["event"] == "message"), 1);
+}
+
+#[test]
+fn quit_leaves_and_exits_zero_and_end_of_input_too() {
+    let reg = Registry::start(&[]);
+    let mut peers = start_peers(&reg, &["alice", "bob"]);
+    peers[1].say("/quit");
+    peers[0].expect("left", LONG, is("left", "reason", "quit"));
+    assert_eq!(peers[1].proc.wait_exit(LONG).unwrap().code(), Some(0));
+    peers[0].close_input();
+    assert_eq!(peers[0].proc.wait_exit(LONG).unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_taken_or_bad_name_exits_with_status_2() {
+    let reg = Registry::start(&[]);
+    let _alice = start_peers(&reg, &["alice"]);
+    let mut dup = PeerProc::start("ALICE", reg.addr);
+    assert_eq!(dup.expect_event("error", LONG)["code"], "name_taken");
+    assert_eq!(dup.proc.wait_exit(LONG).unwrap().code(), Some(2));
+    let mut bad = PeerProc::start("has space", reg.addr);
+    assert_eq!(bad.expect_event("error", LONG)["code"], "bad_name");
+    assert_eq!(bad.proc.wait_exit(LONG).unwrap().code(), Some(2));
+    let out = Command::new(bin("peer"))
+        .args(["--name", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "missing --registry is a usage error"
+    );
+}
+
+#[test]
+fn a_frozen_peer_is_evicted_and_comes_back() {
+    let reg = Registry::start(&[]);
+    let mut peers = start_peers(&reg, &["alice", "bob"]);
+    peers[1].proc.signal(libc::SIGSTOP);
+    peers[0].expect("left", LONG, is("left", "reason", "timeout"));
+    peers[1].proc.signal(libc::SIGCONT);
+    peers[0].expect("joined", LONG, is("joined", "name", "bob"));
+    peers[1].expect_event("registry_lost", LONG);
+    peers[1].registered();
+    // And they still chat.
+    peers[0].say("/msg bob welcome back");
+    peers[1].expect("message", LONG, is("message", "text", "welcome back"));
+    assert_eq!(
+        peers[0].count(|v| v["event"] == "left"),
+        1,
+        "exactly one leave"
+    );
+}
+
+#[test]
+fn chat_survives_the_registry_and_peers_reregister() {
+    let reg = Registry::start(&[]);
+    let mut peers = start_peers(&reg, &["alice", "bob"]);
+    let addr = reg.addr;
+    drop(reg); // SIGKILL
+    for p in peers.iter_mut() {
+        p.expect_event("registry_lost", LONG);
+    }
+    peers[0].say("/msg bob still here");
+    peers[1].expect("message", LONG, is("message", "text", "still here"));
+    peers[0].expect_event("delivered", LONG);
+    let _reg = Registry::start_on(&addr.to_string(), &[]);
+    for p in peers.iter_mut() {
+        p.registered();
+    }
+    peers[1].say("back online");
+    peers[0].expect("message", LONG, is("message", "text", "back online"));
+    for p in &peers {
+        assert_eq!(
+            p.count(|v| v["event"] == "left"),
+            0,
+            "{}: nobody left",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn a_registry_that_is_not_there_yet_is_retried() {
+    // Find a free port, then start the peer before anything listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut alice = PeerProc::start_with("alice", &addr, &[]);
+    alice.expect_event("registry_lost", LONG);
+    let _reg = Registry::start_on(&addr, &[]);
+    alice.registered();
+}
+
+#[test]
+fn a_crashed_target_leaves_no_message_unaccounted() {
+    let reg = Registry::start(&[]);
+    let mut peers = start_peers(&reg, &["alice", "bob"]);
+    for i in 0..200 {
+        peers[0].say(&format!("/msg bob m{i}"));
+        if i == 100 {
+            peers[1].proc.signal(libc::SIGKILL);
+        }
+    }
+    peers[0].expect("left", LONG, is("left", "name", "bob"));
+    // Give in-flight sends their outcome, then leave.
+    peers[0].say("/quit");
+    peers[0].drain_until_exit(LONG);
+    let mut outcome: HashMap<u64, usize> = HashMap::new();
+    let mut sent = std::collections::HashSet::new();
+    for v in &peers[0].seen {
+        match v["event"].as_str() {
+            Some("sent") => {
+                sent.insert(v["id"].as_u64().unwrap());
+            }
+            Some("delivered") | Some("undelivered") => {
+                *outcome.entry(v["id"].as_u64().unwrap()).or_default() += 1
+            }
+            _ => {}
+        }
+    }
+    // Messages typed after bob's leave was known are refused (unknown_peer);
+    // every one that was accepted must end in exactly one outcome.
+    assert!(
+        sent.len() > 100,
+        "at least those before the crash were sent"
+    );
+    let refused = peers[0].count(|v| v["event"] == "error" && v["code"] == "unknown_peer");
+    assert_eq!(sent.len() + refused, 200);
+    let ended: std::collections::HashSet<u64> = outcome.keys().copied().collect();
+    assert_eq!(ended, sent, "every sent message has an outcome");
+    assert!(
+        outcome.values().all(|n| *n == 1),
+        "exactly one outcome each"
+    );
+}
+
+#[test]
+fn a_burst_of_5000_arrives_in_order_exactly_once() {
+    let reg = Registry::start(&[]);
+    let mut peers = start_peers(&reg, &["alice", "bob"]);
+    let mut script = String::new();
+    for i in 0..5000 {
+        script.push_str(&format!("/msg bob n{i}\n"));
+    }
+    peers[0].say(script.trim_end());
+    let mut got = Vec::with_capacity(5000);
+    while got.len() < 5000 {
+        let m = peers[1].expect_event("message", LONG);
+        got.push(m["text"].as_str().unwrap().to_string());
+    }
+    let expected: Vec<String> = (0..5000).map(|i| format!("n{i}")).collect();
+    assert_eq!(got, expected);
+    let mut delivered = 0;
+    while delivered < 5000 {
+        peers[0].expect_event("delivered", LONG);
+        delivered += 1;
+    }
+}
+
+#[test]
+fn quit_reports_what_is_still_unacknowledged() {
+    let reg = Registry::start(&["--timeout", "10s"]);
+    let mut peers = start_peers(&reg, &["alice", "bob"]);
+    peers[1].proc.signal(libc::SIGSTOP);
+    peers[0].say("/msg bob are you there");
+    let id = peers[0].expect_event("sent", LONG)["id"].clone();
+    peers[0].say("/quit");
+    let u = peers[0].expect_event("undelivered", LONG);
+    assert_eq!((u["id"].clone(), u["reason"].as_str()), (id, Some("quit")));
+    assert_eq!(peers[0].proc.wait_exit(LONG).unwrap().code(), Some(0));
+    peers[1].proc.signal(libc::SIGCONT);
+}
