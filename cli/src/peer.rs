@@ -183,6 +183,8 @@ struct Outgoing {
 
 struct OutLink<C> {
     conn: Option<C>,
+    /// A dial was asked for and not answered yet.
+    dialing: bool,
     backoff: Duration,
     retry_armed: bool,
     queue: VecDeque<Outgoing>,
@@ -192,6 +194,7 @@ impl<C> Default for OutLink<C> {
     fn default() -> Self {
         OutLink {
             conn: None,
+            dialing: false,
             backoff: Duration::ZERO,
             retry_armed: false,
             queue: VecDeque::new(),
@@ -351,11 +354,12 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     name: self.config.name.trim().to_string(),
                     instance: self.instance,
                 });
-                let Some(link) = self.links.get_mut(&target) else {
+                let Some(link) = self.links.get_mut(&target).filter(|l| l.conn.is_none()) else {
                     self.actions
                         .push(Action::Close(conn, "no longer needed".into()));
                     return;
                 };
+                link.dialing = false;
                 link.conn = Some(conn);
                 self.actions.push(Action::Send(conn, hello));
                 for out in &link.queue {
@@ -371,6 +375,9 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             Dial::Registry => self.registry_lost(format!("cannot connect: {error}"), now),
             Dial::Link(target) => {
                 tracing::debug!(%target, %error, "link dial failed");
+                if let Some(link) = self.links.get_mut(&target) {
+                    link.dialing = false;
+                }
                 self.schedule_redial(&target, now);
             }
         }
@@ -485,7 +492,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             }
             FromRegistry::Update { changes } => {
                 for change in changes {
-                    self.apply_change(change, now);
+                    self.apply_change(change);
                 }
             }
             FromRegistry::Heartbeat {} => {}
@@ -551,6 +558,9 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             addr: self.my_addr.clone(),
             peers: snapshot,
         });
+        for folded in &listed {
+            self.admit_pending(folded);
+        }
         self.actions.push(Action::Arm(
             now + self.heartbeat,
             Timer::Heartbeat(self.epoch),
@@ -587,11 +597,10 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             }
             self.ensure_link(&folded);
         }
-        self.admit_pending(&folded);
         moved
     }
 
-    fn apply_change(&mut self, change: Change, now: Instant) {
+    fn apply_change(&mut self, change: Change) {
         match change {
             Change::Joined { name, addr } | Change::Moved { name, addr } => {
                 let folded = fold_name(&name);
@@ -603,18 +612,23 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     return;
                 };
                 let known = self.dir.contains_key(&folded);
-                let moved = self.learn(folded, name.clone(), parsed);
+                let moved = self.learn(folded.clone(), name.clone(), parsed);
                 if moved && known {
                     self.emit(Event::Moved { name, addr });
                 } else {
                     self.emit(Event::Joined { name, addr });
                 }
+                // After the event: chats held from this peer follow its join.
+                self.admit_pending(&folded);
             }
             Change::Left { name, reason } => {
                 let folded = fold_name(&name);
                 if self.dir.contains_key(&folded) {
-                    self.forget(&folded, &reason, now);
-                    self.emit(Event::Left { name, reason });
+                    self.emit(Event::Left {
+                        name,
+                        reason: reason.clone(),
+                    });
+                    self.forget(&folded, &reason);
                 }
             }
         }
@@ -622,7 +636,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
 
     /// A peer is gone: everything still queued for it is undelivered, and
     /// its links close.
-    fn forget(&mut self, folded: &str, reason: &str, _now: Instant) {
+    fn forget(&mut self, folded: &str, reason: &str) {
         let Some(known) = self.dir.remove(folded) else {
             return;
         };
@@ -704,7 +718,8 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             return;
         };
         let link = self.links.entry(folded.to_string()).or_default();
-        if link.conn.is_none() && !link.retry_armed && !link.queue.is_empty() {
+        if link.conn.is_none() && !link.dialing && !link.retry_armed && !link.queue.is_empty() {
+            link.dialing = true;
             self.actions
                 .push(Action::Dial(addr, Dial::Link(folded.to_string())));
         }
@@ -1092,11 +1107,11 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 };
                 link.queue.remove(pos);
                 let to = self.display_name(&target);
-                let secs = self.config.send_timeout.as_secs();
+                tracing::info!(id, %to, "no acknowledgement in time");
                 self.emit(Event::Undelivered {
                     id,
                     to,
-                    reason: format!("no acknowledgement within {secs}s"),
+                    reason: "no_ack".into(),
                 });
                 self.maybe_finish_quit();
             }
@@ -1113,9 +1128,11 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     .collect();
                 for folded in expired {
                     let name = self.display_name(&folded);
-                    let reason = "gone".to_string();
-                    self.forget(&folded, &reason, now);
-                    self.emit(Event::Left { name, reason });
+                    self.emit(Event::Left {
+                        name,
+                        reason: "gone".into(),
+                    });
+                    self.forget(&folded, "gone");
                 }
             }
             Timer::QuitDeadline => self.finish_quit(),
@@ -1131,3 +1148,6 @@ fn xorshift(state: &mut u64) -> u64 {
     *state = x;
     x
 }
+
+#[cfg(test)]
+mod tests;
