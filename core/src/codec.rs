@@ -58,6 +58,40 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Bytes, CodecError> {
     Ok(Bytes::from(buf))
 }
 
+/// Encodes `msg` as a frame in which its last field, an empty array when
+/// `msg` is serialized, holds `items` instead: CBOR values encoded earlier
+/// with [`encode`]. A registry's snapshot lists thousands of peers; copying
+/// each peer's entry, encoded once when it registered, costs a fraction of
+/// encoding them all again for every newcomer.
+pub fn encode_frame_with_items<T: Serialize>(
+    msg: &T,
+    items: &[Bytes],
+) -> Result<Bytes, CodecError> {
+    let mut buf = Vec::with_capacity(128 + items.iter().map(Bytes::len).sum::<usize>());
+    buf.extend_from_slice(&[0; PREFIX_LEN]);
+    let mut ser = minicbor_serde::Serializer::new(&mut buf);
+    msg.serialize(&mut ser)
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    if buf.pop() != Some(EMPTY_ARRAY) {
+        return Err(CodecError::Encode(
+            "the message's last field is not an empty array".into(),
+        ));
+    }
+    minicbor::Encoder::new(&mut buf)
+        .array(items.len() as u64)
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    for item in items {
+        buf.extend_from_slice(item);
+    }
+    let body_len = u32::try_from(buf.len() - PREFIX_LEN)
+        .map_err(|_| CodecError::Encode("body longer than 4 GiB".into()))?;
+    buf[..PREFIX_LEN].copy_from_slice(&body_len.to_be_bytes());
+    Ok(Bytes::from(buf))
+}
+
+/// CBOR's encoding of `[]`.
+const EMPTY_ARRAY: u8 = 0x80;
+
 /// Checks that `body` is exactly one well-formed CBOR item of the subset the
 /// protocol uses. Runs in one pass with no recursion and no allocation
 /// beyond a stack of at most [`MAX_DEPTH`] counters.
@@ -191,6 +225,30 @@ mod tests {
         let body = encode(&sample()).unwrap();
         assert_eq!(&frame[..4], &(body.len() as u32).to_be_bytes());
         assert_eq!(&frame[4..], &body[..]);
+    }
+
+    #[test]
+    fn items_fill_the_trailing_array() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Listing {
+            more: bool,
+            items: Vec<String>,
+        }
+        let items: Vec<Bytes> = (0..30)
+            .map(|i| Bytes::from(encode(&format!("item {i}")).unwrap()))
+            .collect();
+        let head = Listing {
+            more: true,
+            items: Vec::new(),
+        };
+        let frame = encode_frame_with_items(&head, &items).unwrap();
+        let expected = Listing {
+            more: true,
+            items: (0..30).map(|i| format!("item {i}")).collect(),
+        };
+        assert_eq!(frame, encode_frame(&expected).unwrap());
+        let not_last = (Vec::<u8>::new(), 1u8);
+        assert!(encode_frame_with_items(&not_last, &items).is_err());
     }
 
     #[test]

@@ -105,8 +105,8 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        if self.out.capacity() > 64 {
-            // A burst is over; do not keep its bookkeeping for an idle peer.
+        if self.out.capacity() > 4 {
+            // A burst is over; an idle connection keeps no queue memory.
             self.out = VecDeque::new();
         }
         Ok(Flushed::All)

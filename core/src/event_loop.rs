@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -295,7 +295,29 @@ impl<T> Ctx<T> {
     /// Starts a non-blocking connect. [`App::on_connected`] or
     /// [`App::on_closed`] follows.
     pub fn connect(&mut self, addr: SocketAddr) -> io::Result<ConnId> {
-        let stream = TcpStream::connect(addr)?;
+        self.start_connect(TcpStream::connect(addr)?, addr)
+    }
+
+    /// Like [`Ctx::connect`], from a chosen local address. A load generator
+    /// spreads its connections over 127.0.0.2, 127.0.0.3, … this way, so
+    /// that one source address's ephemeral ports never run out.
+    pub fn connect_from(&mut self, local: IpAddr, addr: SocketAddr) -> io::Result<ConnId> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&SocketAddr::new(local, 0).into())?;
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        self.start_connect(TcpStream::from_std(socket.into()), addr)
+    }
+
+    fn start_connect(&mut self, stream: TcpStream, addr: SocketAddr) -> io::Result<ConnId> {
         let id = self.insert_conn(stream, addr, ConnState::Connecting)?;
         let deadline = self.now + self.config.connect_timeout;
         self.timers.arm(deadline, LoopTimer::ConnectTimeout(id));

@@ -5,10 +5,12 @@
 //! - [`protocol`]: the message types and their version.
 //! - [`timer`]: a hashed timer wheel driven by a `now` passed in.
 //! - [`event_loop`]: the single-threaded mio loop that moves bytes and time.
+//! - [`limits`]: raising the process limits that many connections need.
 
 pub mod codec;
 mod conn;
 pub mod event_loop;
+pub mod limits;
 pub mod protocol;
 pub mod timer;
 pub mod wire;

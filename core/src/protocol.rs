@@ -83,18 +83,19 @@ pub enum FromRegistry {
         timeout_ms: u64,
         /// Proof of ownership for reclaiming the name after a reconnect.
         secret: String,
-        /// Everyone else online, in registration order: the first part
-        /// of the snapshot.
-        peers: Vec<PeerEntry>,
         /// More of the snapshot follows in `snapshot` messages.
         #[serde(default)]
         more: bool,
+        /// Everyone else online, in registration order: the first part
+        /// of the snapshot. Last, so that the registry can fill it with
+        /// pre-encoded entries (`codec::encode_frame_with_items`).
+        peers: Vec<PeerEntry>,
     },
     /// The rest of a snapshot too large for one frame, after the welcome.
     Snapshot {
-        peers: Vec<PeerEntry>,
         #[serde(default)]
         more: bool,
+        peers: Vec<PeerEntry>,
     },
     /// Every change of one registry loop turn, in the order they happened.
     Update {
@@ -296,11 +297,11 @@ mod tests {
             heartbeat_ms: 5000,
             timeout_ms: 15000,
             secret: "00ff".into(),
+            more: false,
             peers: vec![PeerEntry {
                 name: "b".into(),
                 addr: "127.0.0.1:9".into(),
             }],
-            more: false,
         };
         let body = codec::encode(&welcome).unwrap();
         assert_eq!(codec::decode::<FromRegistry>(&body).unwrap(), welcome);

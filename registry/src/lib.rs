@@ -22,10 +22,14 @@ use peerchat_core::protocol::{
 };
 use peerchat_core::wire::FrameError;
 
-/// Peers listed per snapshot frame, and changes per update frame: keeps
-/// every frame under the 64 KiB a peer must accept even with 32-character
-/// names in four-byte scripts and IPv6 addresses.
+/// Changes per update frame: keeps every frame under the 64 KiB a peer must
+/// accept, even with 32-character names in four-byte scripts and IPv6
+/// addresses.
 pub const CHUNK: usize = 256;
+
+/// Bytes of peer entries per snapshot frame, leaving room for the welcome's
+/// other fields under 64 KiB.
+pub const SNAPSHOT_BYTES: usize = 60_000;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -106,6 +110,8 @@ struct Session {
     /// This turn's changes before this index are already in the session's
     /// welcome snapshot (it registered during the turn).
     batch_start: usize,
+    /// The session as a snapshot lists it, encoded once.
+    entry: Bytes,
 }
 
 enum ConnState {
@@ -317,34 +323,47 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     fn admit(&mut self, conn: C, name: String, folded: String, addr: SocketAddr, now: Instant) {
         let secret = hex(&(self.new_secret)());
-        let peers = self.directory();
-        let mut chunks = peers.chunks(CHUNK);
-        let first = chunks.next().unwrap_or(&[]).to_vec();
-        let more = peers.len() > CHUNK;
-        let welcome = FromRegistry::Welcome {
-            version: PROTOCOL_VERSION,
-            name: name.clone(),
-            addr: addr.to_string(),
-            heartbeat_ms: millis(self.config.heartbeat),
-            timeout_ms: millis(self.config.timeout),
-            secret: secret.clone(),
-            peers: first,
-            more,
-        };
+        let entries: Vec<Bytes> = self
+            .order
+            .values()
+            .filter_map(|c| self.session(*c))
+            .map(|s| s.entry.clone())
+            .collect();
+        let chunks = snapshot_chunks(&entries);
         self.actions
             .push(Action::SetMaxFrame(conn, self.config.max_frame));
-        self.actions
-            .push(Action::Send(conn, protocol::frame(&welcome)));
-        let rest: Vec<&[PeerEntry]> = chunks.collect();
-        let last = rest.len();
-        for (i, chunk) in rest.into_iter().enumerate() {
-            let snapshot = FromRegistry::Snapshot {
-                peers: chunk.to_vec(),
-                more: i + 1 < last,
+        for (i, chunk) in chunks.iter().enumerate() {
+            let more = i + 1 < chunks.len();
+            let frame = if i == 0 {
+                let welcome = FromRegistry::Welcome {
+                    version: PROTOCOL_VERSION,
+                    name: name.clone(),
+                    addr: addr.to_string(),
+                    heartbeat_ms: millis(self.config.heartbeat),
+                    timeout_ms: millis(self.config.timeout),
+                    secret: secret.clone(),
+                    more,
+                    peers: Vec::new(),
+                };
+                codec::encode_frame_with_items(&welcome, chunk)
+            } else {
+                let snapshot = FromRegistry::Snapshot {
+                    more,
+                    peers: Vec::new(),
+                };
+                codec::encode_frame_with_items(&snapshot, chunk)
             };
-            self.actions
-                .push(Action::Send(conn, protocol::frame(&snapshot)));
+            match frame {
+                Ok(frame) => self.actions.push(Action::Send(conn, frame)),
+                Err(e) => panic!("cannot encode a snapshot: {e}"),
+            }
         }
+        let entry = codec::encode(&PeerEntry {
+            name: name.clone(),
+            addr: addr.to_string(),
+        })
+        .map(Bytes::from)
+        .unwrap_or_else(|e| panic!("cannot encode a peer entry: {e}"));
         let order = self.next_order;
         self.next_order += 1;
         self.order.insert(order, conn);
@@ -359,6 +378,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 last_seen: now,
                 order,
                 batch_start: self.pending.len(),
+                entry,
             }),
         );
         self.actions.push(Action::Arm(
@@ -499,6 +519,24 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.order.clear();
         self.pending.clear();
     }
+}
+
+/// Splits pre-encoded entries into the parts of a snapshot, one frame
+/// each; always at least one part (a welcome with no peers).
+fn snapshot_chunks(entries: &[Bytes]) -> Vec<&[Bytes]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, entry) in entries.iter().enumerate() {
+        if bytes + entry.len() > SNAPSHOT_BYTES && i > start {
+            chunks.push(&entries[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += entry.len();
+    }
+    chunks.push(&entries[start..]);
+    chunks
 }
 
 fn entry_of(s: &Session) -> PeerEntry {

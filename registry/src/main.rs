@@ -148,24 +148,6 @@ impl App for RegistryApp {
     }
 }
 
-/// A registry holds one descriptor per peer: use all the process may have.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                tracing::debug!("could not raise the open-file limit");
-            }
-        }
-    }
-}
-
 fn random_secret() -> [u8; 16] {
     let mut bytes = [0u8; 16];
     if let Err(e) = getrandom::fill(&mut bytes) {
@@ -209,8 +191,18 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    raise_fd_limit();
-
+    let max_connections = args
+        .max_connections
+        .unwrap_or(args.max_peers.saturating_mul(2).saturating_add(1024));
+    // One descriptor per connection: make room for all of them if we may.
+    let fd_limit = peerchat_core::limits::raise_fd_limit(max_connections as u64 + 64);
+    if (fd_limit as usize) < max_connections && args.max_connections.is_some() {
+        tracing::warn!(
+            fd_limit,
+            max_connections,
+            "the open-file limit is below --max-connections; accepts will pause when it is reached"
+        );
+    }
     let config = Config {
         heartbeat: args.heartbeat,
         timeout: args.timeout,
@@ -222,9 +214,7 @@ fn main() -> ExitCode {
     let loop_config = LoopConfig {
         max_frame: config.handshake_max_frame,
         max_queued: args.max_queue,
-        max_connections: args
-            .max_connections
-            .unwrap_or(args.max_peers.saturating_mul(2).saturating_add(1024)),
+        max_connections,
         handle_signals: true,
         ..LoopConfig::default()
     };
