@@ -129,6 +129,7 @@ impl App for RegistryApp {
                     slow = loop_stats.slow_closed,
                     "stats"
                 );
+                release_free_memory();
                 let next = ctx.now() + self.stats_interval;
                 ctx.arm(next, AppTimer::Stats);
             }
@@ -145,6 +146,17 @@ impl App for RegistryApp {
     fn on_turn_end(&mut self, ctx: &mut Ctx<AppTimer>) {
         self.registry.flush();
         self.apply(ctx);
+    }
+}
+
+/// Hands memory freed after a burst (snapshots for a wave of joins) back to
+/// the system, so that the registry's size follows its peers, not its
+/// busiest minute.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -249,12 +249,16 @@ impl LoadGen {
 
     fn summarize(&mut self) {
         let idle = self.registered;
-        if let (Some(before), Some(ramped)) = (self.registry_before, self.registry_ramped) {
-            let per_peer =
-                (ramped.rss_kib.saturating_sub(before.rss_kib) * 1024) as f64 / idle.max(1) as f64;
+        // Memory is read at the end of the idle phase: by then the registry
+        // has handed back what the ramp's snapshots needed (given a
+        // --stats-interval shorter than --idle).
+        if let (Some(before), Some(idle_end)) = (self.registry_before, self.registry_idle_end) {
+            let per_peer = (idle_end.rss_kib.saturating_sub(before.rss_kib) * 1024) as f64
+                / idle.max(1) as f64;
+            let peak = self.registry_ramped.map_or(0, |s| s.rss_kib);
             self.report.push(format!(
-                "registry memory: {} KiB before, {} KiB with {idle} idle peers: {per_peer:.0} bytes per peer",
-                before.rss_kib, ramped.rss_kib
+                "registry memory: {} KiB before, {peak} KiB right after the ramp, {} KiB after the idle phase with {idle} idle peers: {per_peer:.0} bytes per peer",
+                before.rss_kib, idle_end.rss_kib
             ));
         }
         if let (Some(a), Some(b)) = (self.registry_ramped, self.registry_idle_end) {
