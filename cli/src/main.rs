@@ -4,7 +4,7 @@
 mod terminal;
 
 use std::io::IsTerminal;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -212,6 +212,17 @@ fn resolve(registry: &str) -> SocketAddr {
     }
 }
 
+/// Others dial us at the IP the registry sees plus our port. With an IPv6
+/// registry that IP is IPv6, which an IPv4 wildcard socket cannot accept:
+/// listen on the IPv6 wildcard instead (which takes IPv4 too on Linux).
+fn listen_addr(listen: SocketAddr, registry: SocketAddr) -> SocketAddr {
+    if listen.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) && registry.is_ipv6() {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), listen.port())
+    } else {
+        listen
+    }
+}
+
 fn init_logs() {
     // On a terminal, log lines would tear through what the user is reading
     // and typing: stay quiet unless RUST_LOG asks (then redirect stderr).
@@ -288,7 +299,7 @@ fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(args.json, "io", format!("cannot start the event loop: {e}")),
     };
-    let local = match event_loop.listen(args.listen) {
+    let local = match event_loop.listen(listen_addr(args.listen, registry)) {
         Ok(addr) => addr,
         Err(e) => {
             return fail(
@@ -336,5 +347,20 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn an_ipv6_registry_gets_an_ipv6_wildcard_listener() {
+        let any4: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let v6: SocketAddr = "[::1]:7000".parse().unwrap();
+        assert_eq!(listen_addr(any4, v4), any4);
+        assert_eq!(listen_addr(any4, v6), "[::]:0".parse().unwrap());
+        let chosen: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(
+            listen_addr(chosen, v6),
+            chosen,
+            "an explicit address is kept"
+        );
     }
 }
