@@ -136,10 +136,10 @@ impl App for PeerApp {
     }
 
     fn on_closed(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, reason: &CloseReason) {
-        if let CloseReason::Frame(err) = reason {
-            tracing::warn!(%conn, error = %err, "closing a connection that broke the framing");
+        match reason {
+            CloseReason::Frame(err) => self.peer.on_bad_frame(conn, err, ctx.now()),
+            _ => self.peer.on_closed(conn, reason.to_string(), ctx.now()),
         }
-        self.peer.on_closed(conn, reason.to_string(), ctx.now());
         self.apply(ctx);
     }
 

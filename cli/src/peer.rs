@@ -19,7 +19,7 @@ use peerchat_core::protocol::{
     self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
     FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
-use peerchat_core::wire::DEFAULT_MAX_FRAME;
+use peerchat_core::wire::{FrameError, DEFAULT_MAX_FRAME};
 use serde::Serialize;
 
 use crate::command::Command;
@@ -401,6 +401,21 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             }
             Some(Role::In(_)) => self.on_in_frame(conn, body, now),
         }
+    }
+
+    /// The connection broke the framing rules and is closing; it still
+    /// takes one frame, so a linked peer is told why (as the protocol asks).
+    pub fn on_bad_frame(&mut self, conn: C, error: &FrameError, now: Instant) {
+        tracing::warn!(?conn, %error, "closing a connection that broke the framing");
+        if let Some(Role::In(_)) = self.conns.get(&conn) {
+            let code = match error {
+                FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                FrameError::Empty => ErrorCode::Protocol,
+            };
+            let frame = protocol::frame(&LinkMsg::error(code, error.to_string()));
+            self.actions.push(Action::Send(conn, frame));
+        }
+        self.on_closed(conn, error.to_string(), now);
     }
 
     /// The connection is gone, whoever closed it.

@@ -195,8 +195,11 @@ fn main() -> ExitCode {
             )
             .exit();
     }
+    // Logs go through a writer thread: a stalled stderr (a full pipe nobody
+    // reads) drops log lines instead of freezing the loop.
+    let (log_writer, _log_flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -144,11 +144,24 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(extra: &[&str]) -> Registry {
-        Self::start_on("127.0.0.1:0", extra)
+        Self::launch(&[], "127.0.0.1:0", extra)
     }
 
     pub fn start_on(listen: &str, extra: &[&str]) -> Registry {
-        let mut cmd = Command::new(bin("registry"));
+        Self::launch(&[], listen, extra)
+    }
+
+    /// Like [`Registry::start`], but run under a wrapper that execs the
+    /// registry in its own process (for example `prlimit --nofile=64:64`),
+    /// so that the child's pid is the registry's.
+    pub fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Registry {
+        Self::launch(wrapper, "127.0.0.1:0", extra)
+    }
+
+    /// Runs the registry under `wrapper` (e.g. `ip netns exec NS`), which
+    /// may be empty. Returns once it has said where it listens.
+    pub fn launch(wrapper: &[&str], listen: &str, extra: &[&str]) -> Registry {
+        let mut cmd = wrapped(wrapper, "registry");
         cmd.args(["--listen", listen]);
         for (flag, value) in [("--heartbeat", HEARTBEAT), ("--timeout", TIMEOUT)] {
             if !extra.contains(&flag) {
@@ -182,6 +195,18 @@ impl Registry {
                 ),
             }
         }
+    }
+}
+
+/// A command that runs one of our binaries, under `wrapper` if not empty.
+fn wrapped(wrapper: &[&str], binary: &str) -> Command {
+    match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(bin(binary));
+            cmd
+        }
+        None => Command::new(bin(binary)),
     }
 }
 
@@ -294,16 +319,18 @@ impl PeerProc {
     }
 
     pub fn start_with(name: &str, registry: &str, extra: &[&str]) -> PeerProc {
-        let mut child = Command::new(bin("peer"))
-            .args([
-                "--name",
-                name,
-                "--registry",
-                registry,
-                "--json",
-                "--listen",
-                "127.0.0.1:0",
-            ])
+        Self::start_in(&[], name, registry, extra)
+    }
+
+    /// Runs the peer under `wrapper` (e.g. `ip netns exec NS`), which may be
+    /// empty. It listens on 127.0.0.1 unless `extra` says `--listen`.
+    pub fn start_in(wrapper: &[&str], name: &str, registry: &str, extra: &[&str]) -> PeerProc {
+        let mut cmd = wrapped(wrapper, "peer");
+        cmd.args(["--name", name, "--registry", registry, "--json"]);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::piped())
@@ -396,3 +423,11 @@ impl PeerProc {
 }
 
 pub const LONG: Duration = Duration::from_secs(15);
+
+impl Client {
+    /// The client's frame decoder: lets a test read the rest of the stream
+    /// by hand without losing bytes the client already buffered.
+    pub fn decoder(&mut self) -> &mut FrameDecoder {
+        &mut self.dec
+    }
+}
