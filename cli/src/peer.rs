@@ -135,7 +135,12 @@ pub enum Timer<C> {
     Heartbeat(u64),
     LinkRetry(String),
     HelloDeadline(C),
-    SendDeadline { target: String, id: u64 },
+    /// The oldest unacknowledged message to `target` may be overdue. One
+    /// such timer per link at a time, for the front of its queue.
+    SendDeadline {
+        target: String,
+        at: Instant,
+    },
     StaleCheck,
     QuitDeadline,
 }
@@ -179,6 +184,8 @@ struct Known {
 struct Outgoing {
     id: u64,
     frame: Bytes,
+    /// Undelivered (`no_ack`) if not acknowledged by then.
+    deadline: Instant,
 }
 
 struct OutLink<C> {
@@ -188,6 +195,8 @@ struct OutLink<C> {
     backoff: Duration,
     retry_armed: bool,
     queue: VecDeque<Outgoing>,
+    /// When the armed send-deadline timer fires, if one is armed.
+    deadline_armed: Option<Instant>,
 }
 
 impl<C> Default for OutLink<C> {
@@ -198,6 +207,7 @@ impl<C> Default for OutLink<C> {
             backoff: Duration::ZERO,
             retry_armed: false,
             queue: VecDeque::new(),
+            deadline_armed: None,
         }
     }
 }
@@ -996,19 +1006,30 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         let to = targets.iter().map(|t| self.display_name(t)).collect();
         self.emit(Event::Sent { id, to });
         for target in targets {
+            let deadline = now + self.config.send_timeout;
             let link = self.links.entry(target.clone()).or_default();
             link.queue.push_back(Outgoing {
                 id,
                 frame: frame.clone(),
+                deadline,
             });
+            let arm = link.deadline_armed.is_none();
+            if arm {
+                link.deadline_armed = Some(deadline);
+            }
             match link.conn {
                 Some(conn) => self.actions.push(Action::Send(conn, frame.clone())),
                 None => self.ensure_link(&target),
             }
-            self.actions.push(Action::Arm(
-                now + self.config.send_timeout,
-                Timer::SendDeadline { target, id },
-            ));
+            if arm {
+                self.actions.push(Action::Arm(
+                    deadline,
+                    Timer::SendDeadline {
+                        target,
+                        at: deadline,
+                    },
+                ));
+            }
         }
     }
 
@@ -1113,21 +1134,38 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 }
                 _ => {}
             },
-            Timer::SendDeadline { target, id } => {
+            Timer::SendDeadline { target, at } => {
                 let Some(link) = self.links.get_mut(&target) else {
                     return;
                 };
-                let Some(pos) = link.queue.iter().position(|o| o.id == id) else {
-                    return;
-                };
-                link.queue.remove(pos);
+                if link.deadline_armed != Some(at) {
+                    return; // A timer of an earlier link to the same peer.
+                }
+                link.deadline_armed = None;
+                let mut overdue = Vec::new();
+                while link.queue.front().is_some_and(|o| o.deadline <= now) {
+                    overdue.extend(link.queue.pop_front().map(|o| o.id));
+                }
+                let next = link.queue.front().map(|o| o.deadline);
+                if let Some(next) = next {
+                    link.deadline_armed = Some(next);
+                    self.actions.push(Action::Arm(
+                        next,
+                        Timer::SendDeadline {
+                            target: target.clone(),
+                            at: next,
+                        },
+                    ));
+                }
                 let to = self.display_name(&target);
-                tracing::info!(id, %to, "no acknowledgement in time");
-                self.emit(Event::Undelivered {
-                    id,
-                    to,
-                    reason: "no_ack".into(),
-                });
+                for id in overdue {
+                    tracing::info!(id, %to, "no acknowledgement in time");
+                    self.emit(Event::Undelivered {
+                        id,
+                        to: to.clone(),
+                        reason: "no_ack".into(),
+                    });
+                }
                 self.maybe_finish_quit();
             }
             Timer::StaleCheck => {

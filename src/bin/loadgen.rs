@@ -173,6 +173,10 @@ struct LoadGen {
     registry_ramped: Option<ProcSample>,
     registry_idle_end: Option<ProcSample>,
     registry_churn_end: Option<ProcSample>,
+    /// The load generator's own CPU under churn: when it nears a whole core,
+    /// the propagation it measures includes its own backlog.
+    own_churn_start: Option<ProcSample>,
+    own_churn_end: Option<ProcSample>,
     report: Vec<String>,
 }
 
@@ -236,12 +240,14 @@ impl LoadGen {
             }
             Phase::Churn => {
                 self.registry_idle_end = pid.and_then(sample);
+                self.own_churn_start = sample(std::process::id());
                 self.churn_started = Some(now);
                 ctx.arm(now, Timer::ChurnTick);
                 ctx.arm(now + self.args.duration, Timer::PhaseEnd(Phase::Churn));
             }
             Phase::Settle => {
                 self.registry_churn_end = pid.and_then(sample);
+                self.own_churn_end = sample(std::process::id());
                 ctx.arm(now + Duration::from_secs(5), Timer::PhaseEnd(Phase::Settle));
             }
         }
@@ -273,6 +279,12 @@ impl LoadGen {
                 "registry CPU under churn: {:.1}% of one core; RSS {} KiB",
                 cpu_share(a, b) * 100.0,
                 b.rss_kib
+            ));
+        }
+        if let (Some(a), Some(b)) = (self.own_churn_start, self.own_churn_end) {
+            self.report.push(format!(
+                "loadgen CPU under churn: {:.1}% of one core",
+                cpu_share(a, b) * 100.0
             ));
         }
         let probes = self.probes_registered;
@@ -516,6 +528,8 @@ fn main() -> ExitCode {
         registry_ramped: None,
         registry_idle_end: None,
         registry_churn_end: None,
+        own_churn_start: None,
+        own_churn_end: None,
         report: Vec::new(),
         args,
     };
