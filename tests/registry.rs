@@ -231,3 +231,18 @@ fn oversized_and_garbage_frames_close_only_that_connection() {
         Some(FromRegistry::Update { changes }) if changes.len() == 1
     ));
 }
+
+#[test]
+fn a_client_that_half_closes_still_gets_its_answer() {
+    let reg = Registry::start(&[]);
+    let mut c = Client::connect(reg.addr);
+    c.send(&ToRegistry::Register {
+        version: 1,
+        name: "brief".into(),
+        port: 4001,
+        secret: None,
+    });
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(c.recv(), Some(FromRegistry::Welcome { .. })));
+    assert!(c.closed());
+}

@@ -52,7 +52,7 @@ pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
             }))
         }
         "peers" => Ok(Some(Command::Peers)),
-        "quit" | "exit" => Ok(Some(Command::Quit)),
+        "quit" => Ok(Some(Command::Quit)),
         _ => Err(CommandError {
             code: "unknown_command",
             message: format!("unknown command /{word}; {HELP}"),

@@ -223,7 +223,9 @@ fn listen_addr(listen: SocketAddr, registry: SocketAddr) -> SocketAddr {
     }
 }
 
-fn init_logs() {
+/// Sets up logging to stderr through a writer thread (a stalled stderr
+/// drops log lines instead of stopping the loop). Keep the guard until exit.
+fn init_logs() -> tracing_appender::non_blocking::WorkerGuard {
     // On a terminal, log lines would tear through what the user is reading
     // and typing: stay quiet unless RUST_LOG asks (then redirect stderr).
     let default = if std::io::stderr().is_terminal() {
@@ -231,14 +233,16 @@ fn init_logs() {
     } else {
         "warn"
     };
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .init();
+    guard
 }
 
 fn seed() -> u64 {
@@ -281,7 +285,7 @@ fn parse_args() -> Args {
 
 fn main() -> ExitCode {
     let args = parse_args();
-    init_logs();
+    let logs = init_logs();
     if let Err(why) = normalize_name(&args.name) {
         return fail(
             args.json,
@@ -332,10 +336,12 @@ fn main() -> ExitCode {
         app.apply(ctx);
     }
     let result = event_loop.run(&mut app);
+    app.out.finish();
     terminal.restore();
     if let Err(e) = result {
         return fail(args.json, "io", format!("the event loop failed: {e}"));
     }
+    drop(logs);
     // The input thread may still be blocked reading; leave without it.
     std::process::exit(app.exit.unwrap_or(0));
 }

@@ -19,13 +19,22 @@ use peerchat_core::protocol::{
     self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
     FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
-use peerchat_core::wire::{FrameError, DEFAULT_MAX_FRAME};
+use peerchat_core::wire::{FrameError, DEFAULT_MAX_FRAME, PREFIX_LEN};
 use serde::Serialize;
 
 use crate::command::Command;
 
-/// Chats held from a link whose sender the directory does not list yet.
+/// Chats held from a link whose sender the directory does not list yet:
+/// per link, in messages and in bytes of text, and in bytes over all such
+/// links, so that unregistered senders cannot fill our memory.
 const MAX_HELD: usize = 1024;
+const MAX_HELD_BYTES: usize = 256 * 1024;
+const MAX_HELD_BYTES_TOTAL: usize = 4 * 1024 * 1024;
+
+/// The heartbeat and timeout a registry may set, in milliseconds; values
+/// outside are clamped.
+const HEARTBEAT_MS: (u64, u64) = (10, 3_600_000);
+const TIMEOUT_MS_MAX: u64 = 86_400_000;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -498,8 +507,10 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 }
                 snapshot.extend(peers);
                 self.secret = Some(secret);
-                self.heartbeat = Duration::from_millis(heartbeat_ms.max(10));
-                self.timeout = Duration::from_millis(timeout_ms.max(heartbeat_ms + 10));
+                let heartbeat_ms = heartbeat_ms.clamp(HEARTBEAT_MS.0, HEARTBEAT_MS.1);
+                self.heartbeat = Duration::from_millis(heartbeat_ms);
+                self.timeout =
+                    Duration::from_millis(timeout_ms.clamp(heartbeat_ms + 10, TIMEOUT_MS_MAX));
                 self.config.name = name;
                 self.my_addr = addr;
                 if !more {
@@ -529,8 +540,9 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 if fatal && matches!(self.session, Session::Registering { .. }) {
                     self.error(&code, format!("the registry refused us: {reason}"));
                     self.session = Session::Closed;
+                    self.quitting = true;
                     self.actions.push(Action::Close(conn, "refused".into()));
-                    self.actions.push(Action::Exit(2));
+                    self.exit(2, &code);
                 } else {
                     self.drop_registry(conn, format!("registry error {code}: {reason}"), now);
                 }
@@ -578,12 +590,23 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             ));
         }
         tracing::info!(name = %self.config.name, addr = %self.my_addr, peers = snapshot.len(), "registered");
+        // The directory, not just the snapshot: peers kept through a
+        // registry restart are still reachable and still listed by /peers.
+        let peers = self.peers();
         self.emit(Event::Registered {
             name: self.config.name.clone(),
             addr: self.my_addr.clone(),
-            peers: snapshot,
+            peers,
         });
-        for folded in &listed {
+        let waiting: std::collections::HashSet<String> = self
+            .conns
+            .values()
+            .filter_map(|role| match role {
+                Role::In(InLink::Pending { folded, .. }) => Some(folded.clone()),
+                _ => None,
+            })
+            .collect();
+        for folded in listed.intersection(&waiting) {
             self.admit_pending(folded);
         }
         self.actions.push(Action::Arm(
@@ -636,12 +659,15 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     tracing::warn!(%name, %addr, "the registry sent an unusable address");
                     return;
                 };
+                // A peer we still list (kept across a registry restart)
+                // never left as far as the user knows: say nothing unless
+                // its address changed.
                 let known = self.dir.contains_key(&folded);
                 let moved = self.learn(folded.clone(), name.clone(), parsed);
-                if moved && known {
-                    self.emit(Event::Moved { name, addr });
-                } else {
+                if !known {
                     self.emit(Event::Joined { name, addr });
+                } else if moved {
+                    self.emit(Event::Moved { name, addr });
                 }
                 // After the event: chats held from this peer follow its join.
                 self.admit_pending(&folded);
@@ -840,13 +866,20 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         match codec::decode::<LinkMsg>(body) {
             Ok(LinkMsg::Chat { id, text, direct }) => match link {
                 InLink::Pending { held, .. } => {
-                    if held.len() >= MAX_HELD {
+                    let link_bytes: usize =
+                        held.iter().map(|h| h.1.len()).sum::<usize>() + text.len();
+                    let over = held.len() >= MAX_HELD
+                        || link_bytes > MAX_HELD_BYTES
+                        || self.held_bytes() + text.len() > MAX_HELD_BYTES_TOTAL;
+                    if over {
                         self.refuse_link(
                             conn,
                             ErrorCode::UnknownPeer,
-                            "too many messages from an unlisted peer".into(),
+                            "too much held from a peer the directory does not list".into(),
                         );
-                    } else {
+                    } else if let Some(Role::In(InLink::Pending { held, .. })) =
+                        self.conns.get_mut(&conn)
+                    {
                         held.push((id, text, direct));
                     }
                 }
@@ -901,6 +934,17 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         } else {
             tracing::debug!(%name, "hello from a peer not in the directory yet; holding the link");
         }
+    }
+
+    /// Text held, over all links waiting for their sender to be listed.
+    fn held_bytes(&self) -> usize {
+        self.conns
+            .values()
+            .map(|role| match role {
+                Role::In(InLink::Pending { held, .. }) => held.iter().map(|h| h.1.len()).sum(),
+                _ => 0,
+            })
+            .sum()
     }
 
     /// The directory now lists `folded`: links that said hello under that
@@ -992,13 +1036,11 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     fn send_chat(&mut self, targets: Vec<String>, text: String, direct: bool, now: Instant) {
         let id = self.next_id;
         let frame = protocol::frame(&LinkMsg::Chat { id, text, direct });
-        if frame.len() > DEFAULT_MAX_FRAME {
+        let body_len = frame.len() - PREFIX_LEN;
+        if body_len > DEFAULT_MAX_FRAME {
             self.error(
                 "too_long",
-                format!(
-                    "the message is {} bytes encoded; at most {DEFAULT_MAX_FRAME} fit in a frame",
-                    frame.len()
-                ),
+                format!("the message is {body_len} bytes encoded; at most {DEFAULT_MAX_FRAME} fit in a frame"),
             );
             return;
         }
@@ -1063,6 +1105,12 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     }
 
     fn finish_quit(&mut self) {
+        self.exit(0, "quit");
+    }
+
+    /// Reports what is still unacknowledged as undelivered for `reason`,
+    /// then exits with `status`; only the first call does anything.
+    fn exit(&mut self, status: i32, reason: &str) {
         if std::mem::replace(&mut self.exited, true) {
             return;
         }
@@ -1074,11 +1122,11 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 self.emit(Event::Undelivered {
                     id: out.id,
                     to: to.clone(),
-                    reason: "quit".into(),
+                    reason: reason.into(),
                 });
             }
         }
-        self.actions.push(Action::Exit(0));
+        self.actions.push(Action::Exit(status));
     }
 
     // ---- timers ----

@@ -20,8 +20,15 @@ pub enum Input {
     Eof,
 }
 
-/// Where output goes.
-pub enum Output {
+/// Where output goes: a thread that writes it, so that a reader who stops
+/// reading (a stalled pipe) never stops the loop from heartbeating and
+/// acknowledging. Lines wait in memory meanwhile.
+pub struct Output {
+    lines: Option<Sender<String>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Sink {
     /// Plain stdout: a pipe, a file, or `--json`.
     Plain,
     /// Above rustyline's prompt.
@@ -29,16 +36,44 @@ pub enum Output {
 }
 
 impl Output {
+    fn start(mut sink: Sink) -> io::Result<Output> {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let writer = std::thread::Builder::new()
+            .name("output".into())
+            .spawn(move || {
+                for text in rx {
+                    let written = match &mut sink {
+                        Sink::Plain => {
+                            let mut out = io::stdout().lock();
+                            writeln!(out, "{text}").and_then(|()| out.flush())
+                        }
+                        Sink::Prompt(printer) => {
+                            printer.print(format!("{text}\n")).map_err(io::Error::other)
+                        }
+                    };
+                    // A reader that went away is no reason to stop chatting.
+                    if written.is_err() {
+                        tracing::debug!("output is gone; dropping what follows");
+                    }
+                }
+            })?;
+        Ok(Output {
+            lines: Some(tx),
+            writer: Some(writer),
+        })
+    }
+
     pub fn line(&mut self, text: &str) {
-        match self {
-            Output::Plain => {
-                let mut out = io::stdout().lock();
-                // A reader that went away is no reason to stop chatting.
-                let _ = writeln!(out, "{text}").and_then(|()| out.flush());
-            }
-            Output::Prompt(printer) => {
-                let _ = printer.print(format!("{text}\n"));
-            }
+        if let Some(lines) = &self.lines {
+            let _ = lines.send(text.to_string());
+        }
+    }
+
+    /// Writes out everything sent so far; the process is about to exit.
+    pub fn finish(&mut self) {
+        self.lines = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
     }
 }
@@ -71,7 +106,7 @@ pub fn spawn_input(tx: Sender<Input>, waker: Arc<Waker>, plain: bool) -> io::Res
                     return;
                 }
             })?;
-        return Ok(Output::Prompt(Box::new(printer)));
+        return Output::start(Sink::Prompt(Box::new(printer)));
     }
     std::thread::Builder::new()
         .name("input".into())
@@ -98,7 +133,7 @@ pub fn spawn_input(tx: Sender<Input>, waker: Arc<Waker>, plain: bool) -> io::Res
                 }
             }
         })?;
-    Ok(Output::Plain)
+    Output::start(Sink::Plain)
 }
 
 /// The local wall-clock time as `HH:MM:SS`.

@@ -171,12 +171,12 @@ pub fn validate(body: &[u8]) -> Result<(), CodecError> {
                 })
             }
             _ => {
-                // Simple values and floats: false, true, null, undefined,
-                // f16/f32/f64 (their bytes were consumed as the argument).
-                if info < 24 && !(20..=23).contains(&info) || info == 24 {
+                // false, true, null, and f16/f32/f64 floats (their bytes
+                // were consumed as the argument); no other simple value.
+                if info < 24 && !(20..=22).contains(&info) || info == 24 {
                     return Err(CodecError::Unsupported {
                         at: start,
-                        what: "unassigned simple value",
+                        what: "simple value other than false, true, null",
                     });
                 }
             }
@@ -291,6 +291,10 @@ mod tests {
         ));
         assert_eq!(validate(&[]), Err(CodecError::Truncated(0)));
         assert_eq!(validate(&[0xf6]), Ok(()), "null is allowed");
+        assert!(
+            matches!(validate(&[0xf7]), Err(CodecError::Unsupported { .. })),
+            "undefined is not"
+        );
     }
 
     #[test]

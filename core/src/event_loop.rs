@@ -199,6 +199,9 @@ pub struct Ctx<T> {
     closes: VecDeque<(ConnId, CloseReason, CloseMode)>,
     to_free: Vec<usize>,
     read_again: Vec<ConnId>,
+    /// Closes were handled after the turn's last flush: run a turn again
+    /// at once, so that what they cause goes out now.
+    turn_again: bool,
     stop_at: Option<Instant>,
     stats: LoopStats,
     scratch: Box<[u8]>,
@@ -506,6 +509,7 @@ impl<T> EventLoop<T> {
             closes: VecDeque::new(),
             to_free: Vec::new(),
             read_again: Vec::new(),
+            turn_again: false,
             stop_at: None,
             stats: LoopStats::default(),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
@@ -565,7 +569,8 @@ impl<T> EventLoop<T> {
                     return Ok(());
                 }
             }
-            let timeout = if ctx.read_again.is_empty() && ctx.dirty.is_empty() {
+            let again = std::mem::take(&mut ctx.turn_again);
+            let timeout = if ctx.read_again.is_empty() && ctx.dirty.is_empty() && !again {
                 let wake = [ctx.timers.next_wake(), ctx.stop_at]
                     .into_iter()
                     .flatten()
@@ -615,12 +620,19 @@ impl<T> EventLoop<T> {
                 process_closes(ctx, app);
             }
 
-            app.on_turn_end(ctx);
-            process_closes(ctx, app);
-            ctx.flush_dirty();
-            // Write errors found by the flush are closes too; what their
-            // handlers send makes the next poll return at once.
-            process_closes(ctx, app);
+            // Closes found by the flush (write errors, slow consumers) can
+            // batch more output (a registry's `left`): end the turn again
+            // for them, a bounded number of times.
+            for _ in 0..4 {
+                app.on_turn_end(ctx);
+                process_closes(ctx, app);
+                ctx.flush_dirty();
+                if ctx.closes.is_empty() {
+                    break;
+                }
+                process_closes(ctx, app);
+                ctx.turn_again = true;
+            }
             for key in ctx.to_free.drain(..) {
                 ctx.entries.remove(key);
             }
@@ -805,7 +817,10 @@ fn read_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) {
                 if draining {
                     ctx.kill(id.key);
                 } else {
-                    ctx.abort(id, CloseReason::Eof);
+                    // The other side may only have shut its writing half:
+                    // what we queued for it still goes out.
+                    ctx.closes
+                        .push_back((id, CloseReason::Eof, CloseMode::Graceful));
                 }
                 return;
             }

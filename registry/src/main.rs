@@ -122,6 +122,8 @@ impl App for RegistryApp {
                     connections = ctx.connections(),
                     frames_in = loop_stats.frames_in,
                     frames_out = loop_stats.frames_out,
+                    bytes_in = loop_stats.bytes_in,
+                    bytes_out = loop_stats.bytes_out,
                     joins = stats.joins,
                     leaves = stats.leaves,
                     evictions = stats.evictions,

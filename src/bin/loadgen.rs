@@ -37,7 +37,7 @@ struct Args {
     peers: usize,
     /// Loopback source addresses to spread connections over
     /// (127.0.0.2, 127.0.0.3, …); 0 lets the kernel choose.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(0..=200))]
     sources: u8,
     /// Idle peers connected per second while ramping up.
     #[arg(long, default_value_t = 2000)]
@@ -158,6 +158,8 @@ struct LoadGen {
     opened: usize,
     registered: usize,
     failed: usize,
+    /// Idle peers among `failed`.
+    idle_failed: usize,
     probes_registered: usize,
     next_churn: u64,
     joins: HashMap<String, Join>,
@@ -195,10 +197,7 @@ impl LoadGen {
         let conn = match result {
             Ok(conn) => conn,
             Err(e) => {
-                self.failed += 1;
-                if self.failed <= 5 {
-                    eprintln!("loadgen: connect failed: {e}");
-                }
+                self.failure(ctx, role, format!("{name}: connect failed: {e}"));
                 return;
             }
         };
@@ -217,6 +216,25 @@ impl LoadGen {
                 name,
             },
         );
+    }
+
+    /// Counts a peer that failed; the first few are shown.
+    fn failure(&mut self, ctx: &mut Ctx<Timer>, role: Role, what: String) {
+        self.failed += 1;
+        if self.failed <= 5 {
+            eprintln!("loadgen: {what}");
+        }
+        if let Role::Idle { .. } = role {
+            self.idle_failed += 1;
+            self.end_ramp_when_settled(ctx);
+        }
+    }
+
+    /// The ramp ends once every idle peer has registered or failed.
+    fn end_ramp_when_settled(&mut self, ctx: &mut Ctx<Timer>) {
+        if self.phase == Phase::Ramp && self.registered + self.idle_failed >= self.args.peers {
+            self.start_phase(ctx, Phase::Idle);
+        }
     }
 
     fn start_phase(&mut self, ctx: &mut Ctx<Timer>, phase: Phase) {
@@ -330,11 +348,11 @@ impl App for LoadGen {
             if !body.starts_with(&self.welcome_prefix) {
                 let why = codec::decode::<FromRegistry>(&body)
                     .map_or_else(|e| e.to_string(), |m| format!("{m:?}"));
-                self.failed += 1;
-                if self.failed <= 5 {
-                    eprintln!("loadgen: {} was refused: {why}", state.name);
-                }
+                let (role, name) = (state.role, state.name.clone());
+                // Forgotten first, so that its close is not counted again.
+                self.conns.remove(&conn);
                 ctx.close(conn, "refused");
+                self.failure(ctx, role, format!("{name} was refused: {why}"));
                 return;
             }
             state.registered = true;
@@ -354,9 +372,7 @@ impl App for LoadGen {
                     // Spread heartbeats over the interval.
                     let offset = heartbeat.mul_f64((self.registered % 997) as f64 / 997.0);
                     ctx.arm(now + offset, Timer::Heartbeat(conn));
-                    if self.registered == self.args.peers && self.phase == Phase::Ramp {
-                        self.start_phase(ctx, Phase::Idle);
-                    }
+                    self.end_ramp_when_settled(ctx);
                 }
                 Role::Churn => {
                     ctx.arm(now + self.args.churn_life, Timer::ChurnLeave(conn));
@@ -382,15 +398,13 @@ impl App for LoadGen {
         }
     }
 
-    fn on_closed(&mut self, _ctx: &mut Ctx<Timer>, conn: ConnId, reason: &CloseReason) {
+    fn on_closed(&mut self, ctx: &mut Ctx<Timer>, conn: ConnId, reason: &CloseReason) {
         if let Some(state) = self.conns.remove(&conn) {
             let expected = state.role == Role::Churn
                 && matches!(reason, CloseReason::Eof | CloseReason::Local(_));
             if !expected && self.phase != Phase::Settle {
-                self.failed += 1;
-                if self.failed <= 5 {
-                    eprintln!("loadgen: {} closed: {reason}", state.name);
-                }
+                let what = format!("{} closed: {reason}", state.name);
+                self.failure(ctx, state.role, what);
             }
         }
     }
@@ -519,6 +533,7 @@ fn main() -> ExitCode {
         opened: 0,
         registered: 0,
         failed: 0,
+        idle_failed: 0,
         probes_registered: 0,
         next_churn: 0,
         joins: HashMap::new(),
