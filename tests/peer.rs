@@ -150,10 +150,17 @@ fn chat_survives_the_registry_and_peers_reregister() {
     peers[0].say("/msg bob still here");
     peers[1].expect("message", LONG, is("message", "text", "still here"));
     peers[0].expect_event("delivered", LONG);
+    let back = std::time::Instant::now();
     let _reg = Registry::start_on(&addr.to_string(), &[]);
     for p in peers.iter_mut() {
         p.registered();
     }
+    // Reconnect delays are capped at 5 s (plus scheduling slack).
+    let took = back.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "re-registered after {took:?}"
+    );
     peers[1].say("back online");
     peers[0].expect("message", LONG, is("message", "text", "back online"));
     for p in &peers {
