@@ -63,11 +63,11 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Bytes, CodecError> {
 /// with [`encode`]. A registry's snapshot lists thousands of peers; copying
 /// each peer's entry, encoded once when it registered, costs a fraction of
 /// encoding them all again for every newcomer.
-pub fn encode_frame_with_items<T: Serialize>(
+pub fn encode_frame_with_items<T: Serialize, I: AsRef<[u8]>>(
     msg: &T,
-    items: &[Bytes],
+    items: &[I],
 ) -> Result<Bytes, CodecError> {
-    let mut buf = Vec::with_capacity(128 + items.iter().map(Bytes::len).sum::<usize>());
+    let mut buf = Vec::with_capacity(128 + items.iter().map(|i| i.as_ref().len()).sum::<usize>());
     buf.extend_from_slice(&[0; PREFIX_LEN]);
     let mut ser = minicbor_serde::Serializer::new(&mut buf);
     msg.serialize(&mut ser)
@@ -81,7 +81,7 @@ pub fn encode_frame_with_items<T: Serialize>(
         .array(items.len() as u64)
         .map_err(|e| CodecError::Encode(e.to_string()))?;
     for item in items {
-        buf.extend_from_slice(item);
+        buf.extend_from_slice(item.as_ref());
     }
     let body_len = u32::try_from(buf.len() - PREFIX_LEN)
         .map_err(|_| CodecError::Encode("body longer than 4 GiB".into()))?;

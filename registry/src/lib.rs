@@ -107,11 +107,6 @@ struct Session {
     last_seen: Instant,
     /// Position in registration order (snapshots list peers in it).
     order: u64,
-    /// This turn's changes before this index are already in the session's
-    /// welcome snapshot (it registered during the turn).
-    batch_start: usize,
-    /// The session as a snapshot lists it, encoded once.
-    entry: Bytes,
 }
 
 enum ConnState {
@@ -124,11 +119,15 @@ pub struct Registry<C> {
     conns: HashMap<C, ConnState>,
     /// Folded name → the connection holding it.
     names: HashMap<String, C>,
-    /// Registration order → connection, for snapshots.
-    order: BTreeMap<u64, C>,
+    /// Registration order → connection and its snapshot entry, encoded
+    /// once: a welcome copies these bytes instead of encoding every peer.
+    order: BTreeMap<u64, (C, Bytes)>,
     next_order: u64,
     /// Changes of this turn, not yet pushed.
     pending: Vec<Change>,
+    /// Sessions admitted this turn → how many of `pending` their welcome
+    /// snapshot already reflects. Everyone else gets all of `pending`.
+    fresh: HashMap<C, usize>,
     actions: Vec<Action<C>>,
     new_secret: Box<dyn FnMut() -> [u8; 16]>,
     heartbeat_reply: Bytes,
@@ -145,6 +144,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             order: BTreeMap::new(),
             next_order: 0,
             pending: Vec::new(),
+            fresh: HashMap::new(),
             actions: Vec::new(),
             new_secret: Box::new(new_secret),
             heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
@@ -169,7 +169,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     pub fn directory(&self) -> Vec<PeerEntry> {
         self.order
             .values()
-            .filter_map(|c| self.session(*c))
+            .filter_map(|(c, _)| self.session(*c))
             .map(entry_of)
             .collect()
     }
@@ -323,15 +323,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     fn admit(&mut self, conn: C, name: String, folded: String, addr: SocketAddr, now: Instant) {
         let secret = hex(&(self.new_secret)());
-        let entries: Vec<Bytes> = self
-            .order
-            .values()
-            .filter_map(|c| self.session(*c))
-            .map(|s| s.entry.clone())
-            .collect();
+        let entries: Vec<&[u8]> = self.order.values().map(|(_, e)| &e[..]).collect();
         let chunks = snapshot_chunks(&entries);
-        self.actions
-            .push(Action::SetMaxFrame(conn, self.config.max_frame));
+        let mut frames = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.iter().enumerate() {
             let more = i + 1 < chunks.len();
             let frame = if i == 0 {
@@ -354,10 +348,14 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 codec::encode_frame_with_items(&snapshot, chunk)
             };
             match frame {
-                Ok(frame) => self.actions.push(Action::Send(conn, frame)),
+                Ok(frame) => frames.push(frame),
                 Err(e) => panic!("cannot encode a snapshot: {e}"),
             }
         }
+        self.actions
+            .push(Action::SetMaxFrame(conn, self.config.max_frame));
+        self.actions
+            .extend(frames.into_iter().map(|frame| Action::Send(conn, frame)));
         let entry = codec::encode(&PeerEntry {
             name: name.clone(),
             addr: addr.to_string(),
@@ -366,7 +364,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         .unwrap_or_else(|e| panic!("cannot encode a peer entry: {e}"));
         let order = self.next_order;
         self.next_order += 1;
-        self.order.insert(order, conn);
+        self.order.insert(order, (conn, entry));
+        self.fresh.insert(conn, self.pending.len());
         self.names.insert(folded.clone(), conn);
         self.conns.insert(
             conn,
@@ -377,8 +376,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 secret,
                 last_seen: now,
                 order,
-                batch_start: self.pending.len(),
-                entry,
             }),
         );
         self.actions.push(Action::Arm(
@@ -476,16 +473,18 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// End of a loop turn: push this turn's changes, encoded once per
     /// distinct starting point (one for everyone who was already online).
     pub fn flush(&mut self) {
+        let fresh = std::mem::take(&mut self.fresh);
         if self.pending.is_empty() {
             return;
         }
         let pending = std::mem::take(&mut self.pending);
         let mut encoded: HashMap<usize, Vec<Bytes>> = HashMap::new();
-        for conn in self.order.values() {
-            let Some(ConnState::Registered(session)) = self.conns.get_mut(conn) else {
-                continue;
+        for (conn, _) in self.order.values() {
+            let start = if fresh.is_empty() {
+                0
+            } else {
+                fresh.get(conn).copied().unwrap_or(0)
             };
-            let start = std::mem::take(&mut session.batch_start);
             let frames = encoded.entry(start).or_insert_with(|| {
                 pending[start..]
                     .chunks(CHUNK)
@@ -518,12 +517,13 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.names.clear();
         self.order.clear();
         self.pending.clear();
+        self.fresh.clear();
     }
 }
 
 /// Splits pre-encoded entries into the parts of a snapshot, one frame
 /// each; always at least one part (a welcome with no peers).
-fn snapshot_chunks(entries: &[Bytes]) -> Vec<&[Bytes]> {
+fn snapshot_chunks<'a>(entries: &'a [&'a [u8]]) -> Vec<&'a [&'a [u8]]> {
     let mut chunks = Vec::new();
     let mut start = 0;
     let mut bytes = 0;

@@ -741,7 +741,7 @@ proptest! {
                 }
             }
             let table = sim.reg.directory();
-            for c in sim.reg.order.values() {
+            for (c, _) in sim.reg.order.values() {
                 let me = sim.reg.session(*c).unwrap().name.clone();
                 let expected: Vec<PeerEntry> = table.iter().filter(|e| e.name != me).cloned().collect();
                 let mut got = views.get(c).cloned().unwrap_or_default();
