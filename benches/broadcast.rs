@@ -33,6 +33,9 @@
 //! end. Servers start once, outside timing; every child process is killed on
 //! drop. Run with `cargo bench --bench broadcast` (about two minutes).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -89,59 +92,11 @@ const RATE_SAMPLES: usize = 10;
 // Processes
 // ---------------------------------------------------------------------------
 
-/// Raises the soft open-file limit to the hard one; returns the soft limit
-/// in force. Children (the registry, the peer) inherit it.
-fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return raised.rlim_cur;
-            }
-        }
-    }
-    limit.rlim_cur
-}
-
-/// Builds the release binaries (as tests/common does, with `--release`) and
-/// returns the directory that holds them.
+/// The release binaries, built the way the end-to-end tests build theirs
+/// (with `--release` here, since benches run from target/release).
 fn build_binaries() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench binary path");
-    // target/release/deps/broadcast-… → target/release
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "peerchat-registry",
-        "-p",
-        "peerchat-peer",
-        "--bins",
-    ]);
-    if let Some(target) = profile_dir.parent() {
-        cmd.env("CARGO_TARGET_DIR", target);
-    }
-    let status = cmd.status().expect("cargo runs");
-    assert!(status.success(), "building the release binaries failed");
-    profile_dir
+    let registry = common::bin("registry");
+    registry.parent().expect("target dir").to_path_buf()
 }
 
 /// A child process, killed when dropped; its stderr goes to a log file.
@@ -2248,7 +2203,7 @@ impl PeerSection {
 // ---------------------------------------------------------------------------
 
 fn broadcast(c: &mut Criterion) {
-    let fds = raise_fd_limit();
+    let fds = peerchat_core::limits::raise_fd_limit(u64::MAX);
     assert!(
         fds >= 4096,
         "the open-file limit is {fds}; these benches need about 4000 descriptors (raise `ulimit -Hn`)"
