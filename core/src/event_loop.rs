@@ -620,18 +620,19 @@ impl<T> EventLoop<T> {
                 process_closes(ctx, app);
             }
 
-            // Closes found by the flush (write errors, slow consumers) can
-            // batch more output (a registry's `left`): end the turn again
-            // for them, a bounded number of times.
-            for _ in 0..4 {
+            // Closes handled while ending the turn (a slow consumer found
+            // while a broadcast is queued, a write error found by the flush)
+            // can batch more output, such as a registry's `left`: end the
+            // turn again for them, a bounded number of times.
+            for round in 1..=4 {
                 app.on_turn_end(ctx);
-                process_closes(ctx, app);
+                let mut closed = process_closes(ctx, app);
                 ctx.flush_dirty();
-                if ctx.closes.is_empty() {
+                closed |= process_closes(ctx, app);
+                if !closed {
                     break;
                 }
-                process_closes(ctx, app);
-                ctx.turn_again = true;
+                ctx.turn_again = round == 4;
             }
             for key in ctx.to_free.drain(..) {
                 ctx.entries.remove(key);
@@ -666,7 +667,9 @@ fn fire<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, timer: LoopTimer<A::Timer>
 }
 
 /// Applies the closes requested so far, telling the application of each.
-fn process_closes<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A) {
+/// True if there were any.
+fn process_closes<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A) -> bool {
+    let any = !ctx.closes.is_empty();
     while let Some((id, reason, mode)) = ctx.closes.pop_front() {
         let Some(conn) = ctx.conn_mut(id) else {
             continue;
@@ -693,6 +696,7 @@ fn process_closes<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A) {
             (ConnState::Closing | ConnState::Draining, CloseMode::Graceful) => {}
         }
     }
+    any
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {

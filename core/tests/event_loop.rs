@@ -304,3 +304,118 @@ fn failed_connect_is_reported_as_closed() {
     }
     h.stop();
 }
+
+/// Broadcasts, at the end of each turn, a notice for every connection that
+/// closed: the shape of a registry pushing `left`.
+struct NoticeBoard {
+    conns: Vec<ConnId>,
+    notices: Vec<Bytes>,
+    floods: usize,
+    seen: mpsc::Sender<Seen>,
+}
+
+impl App for NoticeBoard {
+    type Timer = u32;
+
+    fn on_accept(&mut self, _ctx: &mut Ctx<u32>, conn: ConnId, _peer: SocketAddr) {
+        self.conns.push(conn);
+        let _ = self.seen.send(Seen::Accepted(conn));
+    }
+
+    fn on_frame(&mut self, ctx: &mut Ctx<u32>, _conn: ConnId, body: Bytes) {
+        if &body[..] == b"stop" {
+            ctx.stop(Duration::from_secs(1));
+        } else {
+            self.floods += 1;
+        }
+    }
+
+    fn on_closed(&mut self, _ctx: &mut Ctx<u32>, conn: ConnId, reason: &CloseReason) {
+        self.conns.retain(|c| *c != conn);
+        self.notices.push(encode_frame(b"gone"));
+        let _ = self.seen.send(Seen::Closed(conn, reason.clone()));
+    }
+
+    fn on_turn_end(&mut self, ctx: &mut Ctx<u32>) {
+        let chunk = encode_frame(&vec![b'x'; 60 * 1024]);
+        let mut out: Vec<Bytes> = std::mem::take(&mut self.notices);
+        for _ in 0..std::mem::take(&mut self.floods) {
+            out.extend(std::iter::repeat_n(chunk.clone(), 16));
+            out.push(encode_frame(b"end"));
+        }
+        for conn in self.conns.clone() {
+            for frame in &out {
+                ctx.send(conn, frame.clone());
+            }
+        }
+    }
+}
+
+#[test]
+fn what_a_late_close_makes_the_app_send_goes_out_in_the_same_turn() {
+    let (tx, rx) = mpsc::channel();
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let thread = thread::spawn(move || {
+        let config = LoopConfig {
+            max_queued: 2 * 1024 * 1024,
+            ..LoopConfig::default()
+        };
+        let mut event_loop = EventLoop::new(config).unwrap();
+        addr_tx
+            .send(event_loop.listen("127.0.0.1:0".parse().unwrap()).unwrap())
+            .unwrap();
+        let mut app = NoticeBoard {
+            conns: Vec::new(),
+            notices: Vec::new(),
+            floods: 0,
+            seen: tx,
+        };
+        event_loop.run(&mut app).unwrap();
+    });
+    let addr = addr_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let next = || rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let _sleeper = TcpStream::connect(addr).unwrap(); // never reads
+    let Seen::Accepted(sleeper) = next() else {
+        panic!()
+    };
+    let mut reader = TcpStream::connect(addr).unwrap();
+    reader
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let Seen::Accepted(_) = next() else { panic!() };
+    let mut dec = FrameDecoder::new(1 << 20);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut gone = false;
+    for _ in 0..100 {
+        assert!(
+            Instant::now() < deadline,
+            "the sleeper was never closed as slow"
+        );
+        // One flood a round (about 1 MiB, under the cap for a reader that
+        // keeps up); the sleeper's queue grows until it passes the cap,
+        // which is found while the turn's broadcast is queued.
+        reader.write_all(&encode_frame(b"flood")).unwrap();
+        loop {
+            let frame = read_frame(&mut reader, &mut dec).expect("the reader keeps getting data");
+            if &frame[..] == b"gone" {
+                gone = true;
+            }
+            if &frame[..] == b"end" {
+                break;
+            }
+        }
+        if let Ok(Seen::Closed(id, reason)) = rx.try_recv() {
+            assert_eq!(id, sleeper);
+            assert!(matches!(reason, CloseReason::Slow { .. }), "{reason:?}");
+            break;
+        }
+    }
+    // Nothing else happens now: no frames, no timers. The notice the close
+    // produced must still arrive.
+    while !gone {
+        let frame = read_frame(&mut reader, &mut dec).expect("the notice arrives by itself");
+        gone = &frame[..] == b"gone";
+    }
+    reader.write_all(&encode_frame(b"stop")).unwrap();
+    thread.join().unwrap();
+}
