@@ -41,11 +41,22 @@ impl Output {
         let writer = std::thread::Builder::new()
             .name("output".into())
             .spawn(move || {
-                for text in rx {
+                let mut batch = String::new();
+                while let Ok(text) = rx.recv() {
                     let written = match &mut sink {
                         Sink::Plain => {
+                            // Everything already waiting goes out in one
+                            // write: a burst of events costs one syscall.
+                            batch.clear();
+                            batch.push_str(&text);
+                            batch.push('\n');
+                            while batch.len() < 64 * 1024 {
+                                let Ok(more) = rx.try_recv() else { break };
+                                batch.push_str(&more);
+                                batch.push('\n');
+                            }
                             let mut out = io::stdout().lock();
-                            writeln!(out, "{text}").and_then(|()| out.flush())
+                            out.write_all(batch.as_bytes()).and_then(|()| out.flush())
                         }
                         Sink::Prompt(printer) => {
                             printer.print(format!("{text}\n")).map_err(io::Error::other)
