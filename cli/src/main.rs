@@ -271,20 +271,8 @@ fn fail(json: bool, code: &str, message: String) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Clap's errors, always followed by the usage line.
-fn parse_args() -> Args {
-    Args::try_parse().unwrap_or_else(|e| {
-        let text = e.render().to_string();
-        if !e.use_stderr() || text.contains("Usage:") {
-            e.exit();
-        }
-        eprintln!("{}\n{}", text.trim_end(), Args::command().render_usage());
-        std::process::exit(2);
-    })
-}
-
 fn main() -> ExitCode {
-    let args = parse_args();
+    let args: Args = peerchat_core::cli::parse_args();
     let logs = init_logs();
     if let Err(why) = normalize_name(&args.name) {
         return fail(

@@ -5,8 +5,11 @@
 //! - [`protocol`]: the message types and their version.
 //! - [`timer`]: a hashed timer wheel driven by a `now` passed in.
 //! - [`event_loop`]: the single-threaded mio loop that moves bytes and time.
+//! - `cli` (feature `cli`): command-line parsing shared by the binaries.
 //! - [`limits`]: raising the process limits that many connections need.
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod codec;
 mod conn;
 pub mod event_loop;

@@ -172,20 +172,8 @@ fn random_secret() -> [u8; 16] {
     bytes
 }
 
-/// Clap's errors, always followed by the usage line.
-fn parse_args() -> Args {
-    Args::try_parse().unwrap_or_else(|e| {
-        let text = e.render().to_string();
-        if !e.use_stderr() || text.contains("Usage:") {
-            e.exit();
-        }
-        eprintln!("{}\n{}", text.trim_end(), Args::command().render_usage());
-        std::process::exit(2);
-    })
-}
-
 fn main() -> ExitCode {
-    let args = parse_args();
+    let args: Args = peerchat_core::cli::parse_args();
     if args.timeout <= args.heartbeat {
         Args::command()
             .error(
