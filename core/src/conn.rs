@@ -5,6 +5,11 @@
 //! thousand connections is encoded once and referenced a thousand times.
 //! Writes are vectored and go until the kernel says `WouldBlock`; whatever is
 //! left waits for WRITABLE. Nothing here blocks or spins.
+//!
+//! On a secured connection frames first wait as plaintext; just before a
+//! flush they are sealed into Noise messages for this connection alone, as
+//! few as their size allows, so a broadcast is still encoded once and only
+//! the encryption is per connection.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -14,15 +19,22 @@ use bytes::{Buf, Bytes};
 use mio::net::TcpStream;
 
 use crate::event_loop::ConnId;
+use crate::secure::{SecureChannel, SecureError};
 use crate::wire::FrameDecoder;
 
 /// Most buffers handed to one `writev`.
 const MAX_IOVECS: usize = 64;
+/// What sealing adds to each Noise message: its length and its tag.
+const SEAL_OVERHEAD: usize = crate::secure::LEN_PREFIX + crate::secure::TAG_LEN;
+/// The gathering buffer shrinks back after a burst larger than this.
+const SEAL_BUF_KEEP: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ConnState {
     /// Outbound connect in progress.
     Connecting,
+    /// Connected; the Noise handshake is in progress.
+    Securing,
     Open,
     /// The app is done with it: flush what is queued, then close.
     Closing,
@@ -46,7 +58,16 @@ pub(crate) struct Conn {
     pub peer_addr: SocketAddr,
     pub state: ConnState,
     pub decoder: FrameDecoder,
+    /// The Noise session, on a secured loop.
+    pub secure: Option<SecureChannel>,
+    /// The application has been given this connection (an accepted one is
+    /// given once its handshake is done).
+    pub announced: bool,
+    /// Frames waiting to be sealed (secured connections only).
+    plain: VecDeque<Bytes>,
+    /// Bytes ready for the socket.
     out: VecDeque<Bytes>,
+    /// Bytes in `plain` and `out` together.
     queued: usize,
     /// WRITABLE is registered (only while something is queued).
     pub wants_write: bool,
@@ -61,6 +82,7 @@ impl Conn {
         peer_addr: SocketAddr,
         state: ConnState,
         max_frame: usize,
+        announced: bool,
     ) -> Self {
         Conn {
             id,
@@ -68,6 +90,9 @@ impl Conn {
             peer_addr,
             state,
             decoder: FrameDecoder::new(max_frame),
+            secure: None,
+            announced,
+            plain: VecDeque::new(),
             out: VecDeque::new(),
             queued: 0,
             wants_write: false,
@@ -80,12 +105,56 @@ impl Conn {
         self.queued
     }
 
-    pub fn enqueue(&mut self, bytes: Bytes) {
-        if bytes.is_empty() {
+    /// Queues a frame: as it is, or for sealing on a secured connection.
+    pub fn enqueue(&mut self, frame: Bytes) {
+        if frame.is_empty() {
             return;
         }
-        self.queued += bytes.len();
-        self.out.push_back(bytes);
+        self.queued += frame.len();
+        if self.secure.is_some() {
+            self.plain.push_back(frame);
+        } else {
+            self.out.push_back(frame);
+        }
+    }
+
+    /// Queues bytes for the socket as they are (handshake messages).
+    pub fn enqueue_wire(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.queued += bytes.len();
+            self.out.push_back(bytes);
+        }
+    }
+
+    /// Seals every waiting frame into Noise messages. `buf` is scratch
+    /// space for gathering several frames into one message.
+    pub fn seal_pending(&mut self, buf: &mut Vec<u8>) -> Result<(), SecureError> {
+        let Some(channel) = self.secure.as_mut().filter(|c| c.is_established()) else {
+            return Ok(());
+        };
+        if self.plain.is_empty() {
+            return Ok(());
+        }
+        let plain_len: usize = self.plain.iter().map(Bytes::len).sum();
+        let mut sealed = Vec::with_capacity(
+            plain_len + (plain_len / crate::secure::MAX_PLAINTEXT + 1) * SEAL_OVERHEAD,
+        );
+        if self.plain.len() == 1 {
+            channel.seal(&self.plain[0], &mut sealed)?;
+        } else {
+            buf.clear();
+            for frame in &self.plain {
+                buf.extend_from_slice(frame);
+            }
+            channel.seal(buf, &mut sealed)?;
+            if buf.capacity() > SEAL_BUF_KEEP {
+                *buf = Vec::new();
+            }
+        }
+        self.plain.clear();
+        self.queued = self.queued - plain_len + sealed.len();
+        self.out.push_back(Bytes::from(sealed));
+        Ok(())
     }
 
     /// Writes as much of the queue as the kernel takes.
@@ -108,6 +177,9 @@ impl Conn {
         if self.out.capacity() > 4 {
             // A burst is over; an idle connection keeps no queue memory.
             self.out = VecDeque::new();
+        }
+        if self.plain.capacity() > 4 {
+            self.plain = VecDeque::new();
         }
         Ok(Flushed::All)
     }

@@ -10,6 +10,13 @@
 //! Connection ids carry a generation, and slab slots are freed only at the
 //! end of a turn, so neither a late event nor a stale id can reach a
 //! connection that reused a slot.
+//!
+//! Given an [`Identity`], the loop secures every connection with a Noise
+//! session ([`crate::secure`]) before the application hears of it: an
+//! accepted connection reaches [`App::on_accept`], a dialed one
+//! [`App::on_connected`], only once the handshake is done, and
+//! [`Ctx::remote_key`] then names the key the other side proved. Frames are
+//! plaintext to the application and sealed per connection at flush time.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -24,6 +31,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::conn::{Conn, ConnState, Flushed};
+use crate::identity::{Identity, PublicKey};
+use crate::secure::{self, SecureChannel, SecureError};
 use crate::timer::{TimerId, TimerWheel};
 use crate::wire::{FrameError, DEFAULT_MAX_FRAME};
 
@@ -69,6 +78,10 @@ pub enum CloseReason {
     },
     ConnectFailed(String),
     ConnectTimeout,
+    /// The Noise session failed: handshake, authentication or its framing.
+    Secure(SecureError),
+    /// No Noise handshake completed in time.
+    HandshakeTimeout,
     /// The application closed it, for this reason.
     Local(String),
 }
@@ -84,6 +97,8 @@ impl fmt::Display for CloseReason {
             }
             CloseReason::ConnectFailed(e) => write!(f, "connect failed: {e}"),
             CloseReason::ConnectTimeout => f.write_str("connect timed out"),
+            CloseReason::Secure(e) => write!(f, "secure session: {e}"),
+            CloseReason::HandshakeTimeout => f.write_str("no Noise handshake in time"),
             CloseReason::Local(reason) => f.write_str(reason),
         }
     }
@@ -106,6 +121,10 @@ pub struct LoopConfig {
     pub close_linger: Duration,
     /// Deliver SIGINT and SIGTERM to [`App::on_signal`].
     pub handle_signals: bool,
+    /// Secure every connection with a Noise session under this static key.
+    pub identity: Option<Arc<Identity>>,
+    /// How long a connection may take to complete its Noise handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for LoopConfig {
@@ -119,6 +138,8 @@ impl Default for LoopConfig {
             connect_timeout: Duration::from_secs(5),
             close_linger: Duration::from_secs(1),
             handle_signals: false,
+            identity: None,
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -139,8 +160,11 @@ pub struct LoopStats {
 /// The application side of the loop.
 pub trait App {
     type Timer;
+    /// A new inbound connection (on a secured loop: with its handshake done).
     fn on_accept(&mut self, _ctx: &mut Ctx<Self::Timer>, _conn: ConnId, _peer: SocketAddr) {}
-    /// An outbound connection from [`Ctx::connect`] is established.
+    /// An outbound connection from [`Ctx::connect`] is established (on a
+    /// secured loop: with its handshake done). Check [`Ctx::remote_key`]
+    /// here before sending anything that only the right peer may read.
     fn on_connected(&mut self, _ctx: &mut Ctx<Self::Timer>, _conn: ConnId) {}
     fn on_frame(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, body: Bytes);
     /// Called exactly once for every connection the application was given,
@@ -163,6 +187,7 @@ pub trait App {
 enum LoopTimer<T> {
     App(T),
     ConnectTimeout(ConnId),
+    HandshakeTimeout(ConnId),
     Linger(ConnId),
     ResumeAccept(usize),
 }
@@ -205,6 +230,10 @@ pub struct Ctx<T> {
     stop_at: Option<Instant>,
     stats: LoopStats,
     scratch: Box<[u8]>,
+    /// Where Noise messages are decrypted (secured loops only).
+    open_scratch: Box<[u8]>,
+    /// Where frames are gathered to be sealed together.
+    seal_buf: Vec<u8>,
     waker: Arc<Waker>,
     last_refusal_log: Option<Instant>,
 }
@@ -244,19 +273,42 @@ impl<T> Ctx<T> {
 
     /// A connection the application may still use.
     fn live_conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.conn_mut(id)
-            .filter(|c| matches!(c.state, ConnState::Open | ConnState::Connecting))
+        self.conn_mut(id).filter(|c| {
+            matches!(
+                c.state,
+                ConnState::Open | ConnState::Connecting | ConnState::Securing
+            )
+        })
     }
 
     pub fn peer_addr(&self, id: ConnId) -> Option<SocketAddr> {
         self.conn(id).map(|c| c.peer_addr)
     }
 
+    /// The static key the other side proved in its Noise handshake.
+    pub fn remote_key(&self, id: ConnId) -> Option<PublicKey> {
+        self.conn(id)
+            .and_then(|c| c.secure.as_ref())
+            .and_then(SecureChannel::remote_key)
+    }
+
+    /// The key this loop secures its connections with.
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.config.identity.as_ref()
+    }
+
     /// Queues a frame (as made by `codec::encode_frame`). Returns false when
-    /// the connection is gone or was just closed as a slow consumer.
+    /// the connection is gone, was just closed as a slow consumer, or, on a
+    /// secured loop, is not up yet: a frame must never go to a key the
+    /// application has not seen.
     pub fn send(&mut self, id: ConnId, frame: Bytes) -> bool {
         let max_queued = self.config.max_queued;
-        let Some(conn) = self.live_conn_mut(id) else {
+        let early_ok = self.config.identity.is_none();
+        let Some(conn) = self.conn_mut(id).filter(|c| match c.state {
+            ConnState::Open => true,
+            ConnState::Connecting => early_ok,
+            _ => false,
+        }) else {
             return false;
         };
         conn.enqueue(frame);
@@ -321,7 +373,7 @@ impl<T> Ctx<T> {
     }
 
     fn start_connect(&mut self, stream: TcpStream, addr: SocketAddr) -> io::Result<ConnId> {
-        let id = self.insert_conn(stream, addr, ConnState::Connecting)?;
+        let id = self.insert_conn(stream, addr, ConnState::Connecting, true)?;
         let deadline = self.now + self.config.connect_timeout;
         self.timers.arm(deadline, LoopTimer::ConnectTimeout(id));
         Ok(id)
@@ -351,6 +403,7 @@ impl<T> Ctx<T> {
         stream: TcpStream,
         peer_addr: SocketAddr,
         state: ConnState,
+        announced: bool,
     ) -> io::Result<ConnId> {
         // Small frames must not wait for Nagle; failure here only costs latency.
         let _ = stream.set_nodelay(true);
@@ -367,12 +420,44 @@ impl<T> Ctx<T> {
         };
         self.registry
             .register(&mut stream, Token(key + FIRST_ENTRY), interest)?;
-        let mut conn = Conn::new(id, stream, peer_addr, state, self.config.max_frame);
+        let mut conn = Conn::new(
+            id,
+            stream,
+            peer_addr,
+            state,
+            self.config.max_frame,
+            announced,
+        );
         conn.wants_write = state == ConnState::Connecting;
         entry.insert(Entry::Conn(Box::new(conn)));
         self.next_generation += 1;
         self.conns += 1;
+        if state == ConnState::Securing {
+            self.start_securing(id);
+        }
         Ok(id)
+    }
+
+    /// The TCP connection is up: start its Noise handshake (the dialer
+    /// speaks first) under a deadline.
+    fn start_securing(&mut self, id: ConnId) {
+        let Some(identity) = self.config.identity.clone() else {
+            return;
+        };
+        let deadline = self.now + self.config.handshake_timeout;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        conn.state = ConnState::Securing;
+        if conn.announced {
+            let mut first = Vec::new();
+            conn.secure = Some(SecureChannel::initiator(&identity, &mut first));
+            conn.enqueue_wire(Bytes::from(first));
+            self.mark_dirty(id.key);
+        } else {
+            conn.secure = Some(SecureChannel::responder(&identity));
+        }
+        self.timers.arm(deadline, LoopTimer::HandshakeTimeout(id));
     }
 
     /// Drops the socket now; the slot is freed at the end of the turn.
@@ -432,6 +517,11 @@ impl<T> Ctx<T> {
             };
             conn.dirty = false;
             if conn.state == ConnState::Connecting {
+                continue;
+            }
+            if let Err(e) = conn.seal_pending(&mut self.seal_buf) {
+                let id = conn.id;
+                self.abort(id, CloseReason::Secure(e));
                 continue;
             }
             let before = conn.queued();
@@ -497,6 +587,7 @@ impl<T> EventLoop<T> {
             None
         };
         let now = Instant::now();
+        let config_secured = config.identity.is_some();
         let ctx = Ctx {
             registry: poll.registry().try_clone()?,
             entries: Slab::new(),
@@ -513,6 +604,12 @@ impl<T> EventLoop<T> {
             stop_at: None,
             stats: LoopStats::default(),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
+            open_scratch: if config_secured {
+                secure::scratch()
+            } else {
+                Box::default()
+            },
+            seal_buf: Vec::new(),
             waker,
             last_refusal_log: None,
         };
@@ -652,6 +749,11 @@ fn fire<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, timer: LoopTimer<A::Timer>
                 ctx.abort(id, CloseReason::ConnectTimeout);
             }
         }
+        LoopTimer::HandshakeTimeout(id) => {
+            if ctx.conn(id).is_some_and(|c| c.state == ConnState::Securing) {
+                ctx.abort(id, CloseReason::HandshakeTimeout);
+            }
+        }
         LoopTimer::Linger(id) => {
             if ctx.conn(id).is_some() {
                 ctx.kill(id.key);
@@ -687,10 +789,13 @@ fn process_closes<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A) -> bool {
                     ctx.mark_dirty(id.key);
                 }
             }
-            (ConnState::Open | ConnState::Connecting, _) => {
+            (ConnState::Open | ConnState::Connecting | ConnState::Securing, _) => {
                 tracing::debug!(%id, %reason, "connection closed");
+                let announced = conn.announced;
                 ctx.kill(id.key);
-                app.on_closed(ctx, id, &reason);
+                if announced {
+                    app.on_closed(ctx, id, &reason);
+                }
             }
             (ConnState::Closing | ConnState::Draining, CloseMode::Abort) => ctx.kill(id.key),
             (ConnState::Closing | ConnState::Draining, CloseMode::Graceful) => {}
@@ -737,7 +842,14 @@ fn accept_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, key: usize) {
                     }
                     continue;
                 }
-                match ctx.insert_conn(stream, addr, ConnState::Open) {
+                let secured = ctx.config.identity.is_some();
+                let state = if secured {
+                    ConnState::Securing
+                } else {
+                    ConnState::Open
+                };
+                match ctx.insert_conn(stream, addr, state, !secured) {
+                    Ok(id) if secured => tracing::trace!(%id, %addr, "accepted; securing"),
                     Ok(id) => {
                         app.on_accept(ctx, id, addr);
                         process_closes(ctx, app);
@@ -776,12 +888,14 @@ fn conn_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId, event: &
         if !(event.is_writable() || event.is_error() || event.is_write_closed()) {
             return;
         }
+        let secured = ctx.config.identity.is_some();
         let Some(conn) = ctx.conn_mut(id) else { return };
         let outcome = match conn.stream.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),
             Ok(None) => conn.stream.peer_addr().map(|_| ()),
         };
         match outcome {
+            Ok(()) if secured => ctx.start_securing(id),
             Ok(()) => {
                 conn.state = ConnState::Open;
                 ctx.mark_dirty(id.key);
@@ -811,15 +925,18 @@ fn read_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) {
             _ => return,
         };
         let draining = match conn.state {
-            ConnState::Open => false,
+            ConnState::Open | ConnState::Securing => false,
             ConnState::Draining | ConnState::Closing => true,
             ConnState::Connecting => return,
         };
         let read = conn.stream.read(&mut ctx.scratch);
         match read {
             Ok(0) => {
+                let partial = conn.secure.as_ref().map_or(0, SecureChannel::buffered);
                 if draining {
                     ctx.kill(id.key);
+                } else if partial > 0 {
+                    ctx.abort(id, CloseReason::Secure(SecureError::Truncated(partial)));
                 } else {
                     // The other side may only have shut its writing half:
                     // what we queued for it still goes out.
@@ -831,7 +948,40 @@ fn read_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) {
             Ok(n) => {
                 ctx.stats.bytes_in += n as u64;
                 if !draining {
-                    conn.decoder.push(&ctx.scratch[..n]);
+                    let input = &ctx.scratch[..n];
+                    let secured = match conn.secure.as_mut() {
+                        None => {
+                            conn.decoder.push(input);
+                            Ok(false)
+                        }
+                        Some(channel) => {
+                            let mut replies = Vec::new();
+                            let decoder = &mut conn.decoder;
+                            let result = channel.receive(
+                                input,
+                                &mut ctx.open_scratch,
+                                &mut replies,
+                                &mut |plain| decoder.push(plain),
+                            );
+                            if !replies.is_empty() {
+                                conn.enqueue_wire(Bytes::from(replies));
+                                ctx.mark_dirty(id.key);
+                            }
+                            result
+                        }
+                    };
+                    match secured {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            if !announce_secured(ctx, app, id) {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            ctx.abort(id, CloseReason::Secure(e));
+                            return;
+                        }
+                    }
                     if !deliver_frames(ctx, app, id) {
                         return;
                     }
@@ -854,6 +1004,27 @@ fn read_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) {
             }
         }
     }
+}
+
+/// The handshake is done: the connection is open, and the app hears of it.
+/// False if it closed it on the spot.
+fn announce_secured<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) -> bool {
+    let Some(conn) = ctx.conn_mut(id) else {
+        return false;
+    };
+    conn.state = ConnState::Open;
+    let (dialed, addr) = (conn.announced, conn.peer_addr);
+    conn.announced = true;
+    // Frames the app sent before the handshake was done were refused, but
+    // handshake replies may still wait.
+    ctx.mark_dirty(id.key);
+    if dialed {
+        app.on_connected(ctx, id);
+    } else {
+        app.on_accept(ctx, id, addr);
+    }
+    process_closes(ctx, app);
+    ctx.conn(id).is_some_and(|c| c.state == ConnState::Open)
 }
 
 /// Hands every complete frame to the app. False once the connection is no

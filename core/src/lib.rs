@@ -3,6 +3,8 @@
 //! - [`wire`]: the length-prefixed frame format (sans-IO).
 //! - [`codec`]: CBOR encoding behind one small interface.
 //! - [`protocol`]: the message types and their version.
+//! - [`identity`]: static key pairs and their key files.
+//! - [`secure`]: Noise sessions (sans-IO) that every connection runs in.
 //! - [`timer`]: a hashed timer wheel driven by a `now` passed in.
 //! - [`event_loop`]: the single-threaded mio loop that moves bytes and time.
 //! - `cli` (feature `cli`): command-line parsing shared by the binaries.
@@ -13,8 +15,10 @@ pub mod cli;
 pub mod codec;
 mod conn;
 pub mod event_loop;
+pub mod identity;
 pub mod limits;
 pub mod protocol;
+pub mod secure;
 pub mod timer;
 pub mod wire;
 

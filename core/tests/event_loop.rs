@@ -9,6 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use peerchat_core::identity::{Identity, PublicKey};
+use peerchat_core::secure::{SecureError, SecureStream};
 use peerchat_core::wire::{encode_frame, FrameDecoder};
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 
@@ -18,6 +20,8 @@ enum Seen {
     Connected,
     Closed(ConnId, CloseReason),
     Timer(u32),
+    /// The key a secured connection proved, before it is accepted or connected.
+    Key(PublicKey),
 }
 
 /// Echoes every frame; `flood N` makes it send N frames of 60 KiB to every
@@ -36,6 +40,9 @@ impl App for Echo {
     type Timer = u32;
 
     fn on_accept(&mut self, ctx: &mut Ctx<u32>, conn: ConnId, _peer: SocketAddr) {
+        if let Some(key) = ctx.remote_key(conn) {
+            let _ = self.seen.send(Seen::Key(key));
+        }
         self.conns.push(conn);
         let _ = self.seen.send(Seen::Accepted(conn));
         if let Some(addr) = self.dial.take() {
@@ -44,7 +51,11 @@ impl App for Echo {
         }
     }
 
-    fn on_connected(&mut self, _ctx: &mut Ctx<u32>, _conn: ConnId) {
+    fn on_connected(&mut self, ctx: &mut Ctx<u32>, conn: ConnId) {
+        if let Some(key) = ctx.remote_key(conn) {
+            let _ = self.seen.send(Seen::Key(key));
+            ctx.send(conn, encode_frame(b"secured hello"));
+        }
         let _ = self.seen.send(Seen::Connected);
     }
 
@@ -418,4 +429,98 @@ fn what_a_late_close_makes_the_app_send_goes_out_in_the_same_turn() {
     }
     reader.write_all(&encode_frame(b"stop")).unwrap();
     thread.join().unwrap();
+}
+
+#[test]
+fn secured_connections_prove_keys_echo_and_fail_alone() {
+    let server = Identity::generate();
+    let config = LoopConfig {
+        identity: Some(std::sync::Arc::new(server.clone())),
+        handshake_timeout: Duration::from_millis(300),
+        ..LoopConfig::default()
+    };
+    // A secured listener the loop dials out to.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let h = start(config, Some(target.local_addr().unwrap()));
+
+    let me = Identity::generate();
+    let mut c = SecureStream::connect(h.client(), &me).unwrap();
+    assert_eq!(c.remote_key(), server.public());
+    assert!(matches!(h.next(), Seen::Key(k) if k == me.public()));
+    let Seen::Accepted(_) = h.next() else {
+        panic!()
+    };
+
+    // The loop dials out once it accepted; frames sent before the handshake
+    // was done are refused, not leaked.
+    let (dialed, _) = target.accept().unwrap();
+    dialed
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let other = Identity::generate();
+    let mut dialed = SecureStream::accept(dialed, &other).unwrap();
+    assert_eq!(dialed.remote_key(), server.public());
+    assert!(matches!(h.next(), Seen::Key(k) if k == other.public()));
+    let Seen::Connected = h.next() else { panic!() };
+    assert_eq!(dialed.read_frame().unwrap().unwrap(), &b"secured hello"[..]);
+
+    // Two frames larger than half a Noise message each, in one write: the
+    // frame stream is split across Noise messages and put together again.
+    let big: Vec<u8> = (0..65_000u32).map(|i| i as u8).collect();
+    let mut two = encode_frame(&big).to_vec();
+    two.extend_from_slice(&encode_frame(b"small"));
+    two.extend_from_slice(&encode_frame(&big));
+    c.write_plain(&two).unwrap();
+    assert_eq!(c.read_frame().unwrap().unwrap(), &big[..]);
+    assert_eq!(c.read_frame().unwrap().unwrap(), &b"small"[..]);
+    assert_eq!(c.read_frame().unwrap().unwrap(), &big[..]);
+
+    // Plaintext is not a handshake; the loop never tells the app of it.
+    let mut plain = h.client();
+    plain.write_all(&encode_frame(b"hello")).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(matches!(plain.read(&mut buf), Ok(0) | Err(_)));
+
+    // A tampered message closes that connection alone.
+    let mut tamper = SecureStream::connect(h.client(), &Identity::generate()).unwrap();
+    let Seen::Key(_) = h.next() else { panic!() };
+    let Seen::Accepted(tampered_id) = h.next() else {
+        panic!()
+    };
+    let mut wire = tamper.seal(&encode_frame(b"x")).unwrap();
+    wire[3] ^= 0x40;
+    tamper.get_mut().write_all(&wire).unwrap();
+    match h.next() {
+        Seen::Closed(id, CloseReason::Secure(SecureError::Decrypt)) => {
+            assert_eq!(id, tampered_id)
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // So does a connection that ends inside a message.
+    let mut cut = SecureStream::connect(h.client(), &Identity::generate()).unwrap();
+    let Seen::Key(_) = h.next() else { panic!() };
+    let Seen::Accepted(cut_id) = h.next() else {
+        panic!()
+    };
+    let wire = cut.seal(&encode_frame(b"never whole")).unwrap();
+    cut.get_mut().write_all(&wire[..wire.len() - 5]).unwrap();
+    cut.get_mut().shutdown(std::net::Shutdown::Write).unwrap();
+    match h.next() {
+        Seen::Closed(id, CloseReason::Secure(SecureError::Truncated(n))) => {
+            assert_eq!((id, n), (cut_id, wire.len() - 5))
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A connection that never starts its handshake is dropped at the deadline.
+    let mut silent = h.client();
+    let started = Instant::now();
+    assert!(matches!(silent.read(&mut buf), Ok(0) | Err(_)));
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    c.write_plain(&encode_frame(b"still here")).unwrap();
+    assert_eq!(c.read_frame().unwrap().unwrap(), &b"still here"[..]);
+    c.write_plain(&encode_frame(b"stop")).unwrap();
+    h.thread.join().unwrap();
 }

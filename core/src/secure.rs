@@ -1,0 +1,524 @@
+//! Noise sessions, sans-IO: every peerchat connection is one.
+//!
+//! The pattern is `Noise_XX_25519_ChaChaPoly_BLAKE2s`: both sides prove a
+//! static X25519 key, the dialer learns the listener's key before it reveals
+//! its own, and neither needs to know the other's key in advance (a peer
+//! meets a registry for the first time, and a registry meets everyone for
+//! the first time). The prologue binds the protocol version, so two builds
+//! that speak different versions cannot complete a handshake.
+//!
+//! On the wire every Noise message is a `u16` big-endian length and that
+//! many bytes: three handshake messages, then transport messages. The
+//! transport messages carry the ordinary frame stream of [`crate::wire`] as
+//! a byte stream: a frame may span several Noise messages and one Noise
+//! message may hold many frames, so a frame larger than one Noise message
+//! is split by [`SecureChannel::seal`] and reassembled by the frame decoder
+//! under its usual limit.
+
+use std::io::{self, Read, Write};
+
+use bytes::Bytes;
+use snow::{HandshakeState, TransportState};
+
+use crate::identity::{Identity, PublicKey};
+use crate::protocol::PROTOCOL_VERSION;
+use crate::wire::{FrameDecoder, DEFAULT_MAX_FRAME};
+
+pub const NOISE_PATTERN: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+/// Bytes of the length before each Noise message.
+pub const LEN_PREFIX: usize = 2;
+/// Noise's own limit on one message, tag included.
+pub const MAX_MESSAGE: usize = 65535;
+pub const TAG_LEN: usize = 16;
+/// Most plaintext one transport message carries.
+pub const MAX_PLAINTEXT: usize = MAX_MESSAGE - TAG_LEN;
+/// The XX messages are 32, 96 and 64 bytes with the empty payloads we send;
+/// anything much larger before the session is up is not a peerchat peer.
+pub const MAX_HANDSHAKE_MESSAGE: usize = 256;
+
+/// The prologue both sides mix into the handshake.
+pub fn prologue() -> Vec<u8> {
+    format!("peerchat protocol {PROTOCOL_VERSION}").into_bytes()
+}
+
+/// Why a session ended. Any of these closes the connection it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecureError {
+    #[error("Noise handshake failed: {0}")]
+    Handshake(String),
+    #[error("handshake message of {0} bytes (at most {MAX_HANDSHAKE_MESSAGE} are expected)")]
+    HandshakeTooLarge(usize),
+    #[error("Noise message of {0} bytes is shorter than its authentication tag")]
+    TooShort(usize),
+    #[error("a Noise message failed authentication: tampered, replayed or reordered")]
+    Decrypt,
+    #[error("the session is not established")]
+    NotEstablished,
+    #[error("the connection ended inside a Noise message ({0} bytes of it had arrived)")]
+    Truncated(usize),
+}
+
+enum State {
+    Handshake(Box<HandshakeState>),
+    Transport(Box<TransportState>, PublicKey),
+    Failed,
+}
+
+/// One side of one Noise session.
+pub struct SecureChannel {
+    state: State,
+    /// A Noise message not yet complete. Empty (and unallocated) between
+    /// messages, which keeps idle connections small.
+    partial: Vec<u8>,
+}
+
+fn builder() -> snow::Builder<'static> {
+    snow::Builder::new(NOISE_PATTERN.parse().expect("the pattern is valid"))
+}
+
+impl SecureChannel {
+    /// The dialing side. Its first handshake message is appended to `out`.
+    pub fn initiator(identity: &Identity, out: &mut Vec<u8>) -> Self {
+        let prologue = prologue();
+        let mut hs = builder()
+            .local_private_key(identity.private())
+            .and_then(|b| b.prologue(&prologue))
+            .and_then(|b| b.build_initiator())
+            .expect("a 32-byte key and a prologue always build");
+        write_handshake(&mut hs, out).expect("the first XX message always writes");
+        SecureChannel {
+            state: State::Handshake(Box::new(hs)),
+            partial: Vec::new(),
+        }
+    }
+
+    /// The accepting side; it speaks once the dialer's first message is in.
+    pub fn responder(identity: &Identity) -> Self {
+        let prologue = prologue();
+        let hs = builder()
+            .local_private_key(identity.private())
+            .and_then(|b| b.prologue(&prologue))
+            .and_then(|b| b.build_responder())
+            .expect("a 32-byte key and a prologue always build");
+        SecureChannel {
+            state: State::Handshake(Box::new(hs)),
+            partial: Vec::new(),
+        }
+    }
+
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Transport(..))
+    }
+
+    /// The other side's static key, proven by the completed handshake.
+    pub fn remote_key(&self) -> Option<PublicKey> {
+        match &self.state {
+            State::Transport(_, key) => Some(*key),
+            _ => None,
+        }
+    }
+
+    /// Bytes held for a message not yet complete.
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Takes bytes as they came off the wire, split or coalesced anyhow.
+    /// Handshake replies are appended to `out`, ready to send; the plaintext
+    /// of transport messages goes to `plain`, in order. `scratch` must hold
+    /// [`MAX_MESSAGE`] bytes. Returns whether the handshake completed during
+    /// this call. After an error the session is dead for good.
+    pub fn receive(
+        &mut self,
+        mut input: &[u8],
+        scratch: &mut [u8],
+        out: &mut Vec<u8>,
+        plain: &mut dyn FnMut(&[u8]),
+    ) -> Result<bool, SecureError> {
+        let mut completed = false;
+        while !input.is_empty() {
+            if self.partial.is_empty() && input.len() >= LEN_PREFIX {
+                let len = u16::from_be_bytes([input[0], input[1]]) as usize;
+                self.check_len(len)?;
+                if input.len() >= LEN_PREFIX + len {
+                    let (message, rest) = input[LEN_PREFIX..].split_at(len);
+                    input = rest;
+                    completed |= self.process(message, scratch, out, plain)?;
+                    continue;
+                }
+            }
+            let wanted = if self.partial.len() < LEN_PREFIX {
+                LEN_PREFIX - self.partial.len()
+            } else {
+                LEN_PREFIX + self.declared_len() - self.partial.len()
+            };
+            let take = wanted.min(input.len());
+            self.partial.extend_from_slice(&input[..take]);
+            input = &input[take..];
+            if self.partial.len() < LEN_PREFIX {
+                continue;
+            }
+            let len = self.declared_len();
+            self.check_len(len)?;
+            if self.partial.len() == LEN_PREFIX + len {
+                let whole = std::mem::take(&mut self.partial);
+                completed |= self.process(&whole[LEN_PREFIX..], scratch, out, plain)?;
+            }
+        }
+        Ok(completed)
+    }
+
+    /// Encrypts `plain` (of any length) into as many transport messages as
+    /// it needs, appended to `out` with their length prefixes.
+    pub fn seal(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), SecureError> {
+        let State::Transport(transport, _) = &mut self.state else {
+            return Err(SecureError::NotEstablished);
+        };
+        for chunk in plain.chunks(MAX_PLAINTEXT) {
+            let start = out.len();
+            let len = chunk.len() + TAG_LEN;
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+            out.resize(start + LEN_PREFIX + len, 0);
+            let written = transport
+                .write_message(chunk, &mut out[start + LEN_PREFIX..])
+                .map_err(|e| SecureError::Handshake(e.to_string()))?;
+            debug_assert_eq!(written, len);
+        }
+        Ok(())
+    }
+
+    fn declared_len(&self) -> usize {
+        u16::from_be_bytes([self.partial[0], self.partial[1]]) as usize
+    }
+
+    fn check_len(&mut self, len: usize) -> Result<(), SecureError> {
+        let result = match self.state {
+            State::Handshake(_) if len > MAX_HANDSHAKE_MESSAGE => {
+                Err(SecureError::HandshakeTooLarge(len))
+            }
+            State::Transport(..) if len < TAG_LEN => Err(SecureError::TooShort(len)),
+            _ => Ok(()),
+        };
+        if result.is_err() {
+            self.state = State::Failed;
+        }
+        result
+    }
+
+    fn process(
+        &mut self,
+        message: &[u8],
+        scratch: &mut [u8],
+        out: &mut Vec<u8>,
+        plain: &mut dyn FnMut(&[u8]),
+    ) -> Result<bool, SecureError> {
+        match std::mem::replace(&mut self.state, State::Failed) {
+            State::Handshake(mut hs) => {
+                hs.read_message(message, scratch)
+                    .map_err(|e| SecureError::Handshake(e.to_string()))?;
+                if !hs.is_handshake_finished() {
+                    write_handshake(&mut hs, out)?;
+                }
+                if !hs.is_handshake_finished() {
+                    self.state = State::Handshake(hs);
+                    return Ok(false);
+                }
+                let remote = hs
+                    .get_remote_static()
+                    .and_then(PublicKey::from_slice)
+                    .ok_or_else(|| SecureError::Handshake("no remote static key".into()))?;
+                let transport = hs
+                    .into_transport_mode()
+                    .map_err(|e| SecureError::Handshake(e.to_string()))?;
+                self.state = State::Transport(Box::new(transport), remote);
+                Ok(true)
+            }
+            State::Transport(mut transport, remote) => {
+                let n = transport
+                    .read_message(message, scratch)
+                    .map_err(|_| SecureError::Decrypt)?;
+                self.state = State::Transport(transport, remote);
+                plain(&scratch[..n]);
+                Ok(false)
+            }
+            State::Failed => Err(SecureError::NotEstablished),
+        }
+    }
+}
+
+fn write_handshake(hs: &mut HandshakeState, out: &mut Vec<u8>) -> Result<(), SecureError> {
+    let mut message = [0u8; MAX_HANDSHAKE_MESSAGE];
+    let len = hs
+        .write_message(&[], &mut message)
+        .map_err(|e| SecureError::Handshake(e.to_string()))?;
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    out.extend_from_slice(&message[..len]);
+    Ok(())
+}
+
+/// A blocking Noise session over a stream: for tools and tests that talk to
+/// peerchat one exchange at a time, outside the event loop.
+pub struct SecureStream<S> {
+    stream: S,
+    channel: SecureChannel,
+    decoder: FrameDecoder,
+    scratch: Box<[u8]>,
+}
+
+impl<S: Read + Write> SecureStream<S> {
+    /// Runs the handshake as the dialer.
+    pub fn connect(mut stream: S, identity: &Identity) -> io::Result<Self> {
+        let mut first = Vec::new();
+        let channel = SecureChannel::initiator(identity, &mut first);
+        stream.write_all(&first)?;
+        SecureStream::finish(stream, channel)
+    }
+
+    /// Runs the handshake as the listener.
+    pub fn accept(stream: S, identity: &Identity) -> io::Result<Self> {
+        SecureStream::finish(stream, SecureChannel::responder(identity))
+    }
+
+    fn finish(stream: S, channel: SecureChannel) -> io::Result<Self> {
+        let mut this = SecureStream {
+            stream,
+            channel,
+            decoder: FrameDecoder::new(DEFAULT_MAX_FRAME),
+            scratch: scratch(),
+        };
+        while !this.channel.is_established() {
+            if !this.read_some()? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(this)
+    }
+
+    pub fn remote_key(&self) -> PublicKey {
+        self.channel
+            .remote_key()
+            .expect("a SecureStream exists only after its handshake")
+    }
+
+    /// Seals bytes of the frame stream (whole frames, or deliberately not)
+    /// and writes them.
+    pub fn write_plain(&mut self, plain: &[u8]) -> io::Result<()> {
+        let wire = self.seal(plain)?;
+        self.stream.write_all(&wire)
+    }
+
+    /// Seals without writing: what would go on the wire.
+    pub fn seal(&mut self, plain: &[u8]) -> io::Result<Vec<u8>> {
+        let mut wire = Vec::new();
+        self.channel
+            .seal(plain, &mut wire)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(wire)
+    }
+
+    /// The next frame body; `None` once the other side has closed.
+    pub fn read_frame(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(body)) => return Ok(Some(body)),
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            }
+            if !self.read_some()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Largest frame [`SecureStream::read_frame`] accepts.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.decoder.set_max_frame(max_frame);
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// The stream itself, for writing raw bytes past the session.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// Reads once; false at end of stream.
+    fn read_some(&mut self) -> io::Result<bool> {
+        let mut buf = [0u8; 16 * 1024];
+        let n = match self.stream.read(&mut buf) {
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        let mut replies = Vec::new();
+        let decoder = &mut self.decoder;
+        self.channel
+            .receive(&buf[..n], &mut self.scratch, &mut replies, &mut |plain| {
+                decoder.push(plain)
+            })
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if !replies.is_empty() {
+            self.stream.write_all(&replies)?;
+        }
+        Ok(true)
+    }
+}
+
+/// A scratch buffer of the size [`SecureChannel::receive`] needs.
+pub fn scratch() -> Box<[u8]> {
+    vec![0; MAX_MESSAGE].into_boxed_slice()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a handshake through memory; returns (dialer, listener).
+    fn pair(a: &Identity, b: &Identity) -> (SecureChannel, SecureChannel) {
+        let mut scratch = scratch();
+        let mut to_b = Vec::new();
+        let mut dialer = SecureChannel::initiator(a, &mut to_b);
+        let mut listener = SecureChannel::responder(b);
+        let mut nothing = |_: &[u8]| panic!("no plaintext during a handshake");
+        let mut to_a = Vec::new();
+        assert!(!listener
+            .receive(&to_b, &mut scratch, &mut to_a, &mut nothing)
+            .unwrap());
+        to_b.clear();
+        assert!(dialer
+            .receive(&to_a, &mut scratch, &mut to_b, &mut nothing)
+            .unwrap());
+        let mut none = Vec::new();
+        assert!(listener
+            .receive(&to_b, &mut scratch, &mut none, &mut nothing)
+            .unwrap());
+        assert!(none.is_empty());
+        (dialer, listener)
+    }
+
+    fn open(channel: &mut SecureChannel, wire: &[u8]) -> Result<Vec<u8>, SecureError> {
+        let mut scratch = scratch();
+        let mut plain = Vec::new();
+        let mut out = Vec::new();
+        channel.receive(wire, &mut scratch, &mut out, &mut |p| {
+            plain.extend_from_slice(p)
+        })?;
+        assert!(out.is_empty());
+        Ok(plain)
+    }
+
+    #[test]
+    fn handshake_proves_both_static_keys() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let (dialer, listener) = pair(&a, &b);
+        assert_eq!(dialer.remote_key(), Some(b.public()));
+        assert_eq!(listener.remote_key(), Some(a.public()));
+    }
+
+    #[test]
+    fn plaintext_round_trips_in_any_split_and_never_shows_on_the_wire() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let (mut dialer, mut listener) = pair(&a, &b);
+        let secret: Vec<u8> = b"attack at dawn "
+            .iter()
+            .copied()
+            .cycle()
+            .take(200_000)
+            .collect();
+        let mut wire = Vec::new();
+        dialer.seal(&secret, &mut wire).unwrap();
+        assert_eq!(wire.len(), secret.len() + 4 * (LEN_PREFIX + TAG_LEN));
+        assert!(!wire.windows(15).any(|w| w == b"attack at dawn "));
+        let mut got = Vec::new();
+        for piece in wire.chunks(7777) {
+            got.extend(open(&mut listener, piece).unwrap());
+        }
+        assert_eq!(got, secret);
+        assert_eq!(listener.buffered(), 0);
+        // One byte at a time, the other way.
+        let mut wire = Vec::new();
+        listener.seal(b"hello", &mut wire).unwrap();
+        let mut got = Vec::new();
+        for byte in &wire {
+            got.extend(open(&mut dialer, std::slice::from_ref(byte)).unwrap());
+        }
+        assert_eq!(got, b"hello");
+    }
+
+    #[test]
+    fn tampered_replayed_or_short_messages_kill_the_session() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let (mut dialer, mut listener) = pair(&a, &b);
+        let mut wire = Vec::new();
+        dialer.seal(b"one", &mut wire).unwrap();
+        let mut tampered = wire.clone();
+        tampered[LEN_PREFIX] ^= 1;
+        assert_eq!(open(&mut listener, &tampered), Err(SecureError::Decrypt));
+        assert_eq!(
+            open(&mut listener, &wire),
+            Err(SecureError::NotEstablished),
+            "dead for good"
+        );
+
+        let (mut dialer, mut listener) = pair(&a, &b);
+        let mut wire = Vec::new();
+        dialer.seal(b"one", &mut wire).unwrap();
+        assert_eq!(open(&mut listener, &wire).unwrap(), b"one");
+        assert_eq!(open(&mut listener, &wire), Err(SecureError::Decrypt));
+
+        let (_, mut listener) = pair(&a, &b);
+        assert_eq!(
+            open(&mut listener, &[0, 3, 1, 2, 3]),
+            Err(SecureError::TooShort(3))
+        );
+    }
+
+    #[test]
+    fn handshakes_fail_on_garbage_size_or_another_prologue() {
+        let a = Identity::generate();
+        let mut scratch = scratch();
+        let mut out = Vec::new();
+        let mut responder = SecureChannel::responder(&a);
+        assert_eq!(
+            responder.receive(&[0xff, 0xff], &mut scratch, &mut out, &mut |_| {}),
+            Err(SecureError::HandshakeTooLarge(0xffff))
+        );
+        let mut responder = SecureChannel::responder(&a);
+        assert!(matches!(
+            responder.receive(&[0, 3, 1, 2, 3], &mut scratch, &mut out, &mut |_| {}),
+            Err(SecureError::Handshake(_))
+        ));
+
+        // A dialer whose prologue names another version.
+        let mut first = Vec::new();
+        let mut hs = builder()
+            .local_private_key(a.private())
+            .and_then(|b| b.prologue(b"peerchat protocol 99"))
+            .and_then(|b| b.build_initiator())
+            .unwrap();
+        write_handshake(&mut hs, &mut first).unwrap();
+        let mut responder = SecureChannel::responder(&Identity::generate());
+        let mut reply = Vec::new();
+        responder
+            .receive(&first, &mut scratch, &mut reply, &mut |_| {})
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        assert!(
+            hs.read_message(&reply[LEN_PREFIX..], &mut buf).is_err(),
+            "the transcripts differ, so the responder's proof fails"
+        );
+    }
+
+    #[test]
+    fn sealing_before_the_handshake_is_refused() {
+        let mut out = Vec::new();
+        let mut dialer = SecureChannel::initiator(&Identity::generate(), &mut out);
+        assert_eq!(
+            dialer.seal(b"x", &mut Vec::new()),
+            Err(SecureError::NotEstablished)
+        );
+    }
+}
