@@ -1,10 +1,11 @@
 //! The messages peerchat speaks, version [`PROTOCOL_VERSION`].
 //!
-//! Three conversations share the framing of [`crate::wire`]:
+//! Every connection is a Noise session ([`crate::secure`]); inside it, three
+//! conversations share the framing of [`crate::wire`]:
 //! peer → registry ([`ToRegistry`]), registry → peer ([`FromRegistry`]), and
 //! peer ↔ peer over a direct link ([`LinkMsg`]). Every message is a CBOR map
 //! with exactly one key, the message type, whose value is a map of fields:
-//! `{"register": {"version": 1, "name": "alice", "port": 4000}}`.
+//! `{"register": {"version": 2, "name": "alice", "port": 4000}}`.
 //! Receivers ignore fields they do not know, so later versions can add some.
 //! `PROTOCOL.md` is the normative description; this module must match it.
 
@@ -14,9 +15,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
+use crate::identity::PublicKey;
 
-/// The version this build speaks. A connection's first frame carries it.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The version this build speaks. A connection's first frame carries it, and
+/// the Noise prologue binds it.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest peer name, in Unicode scalar values after trimming.
 pub const MAX_NAME_CHARS: usize = 32;
@@ -32,10 +35,6 @@ pub enum ToRegistry {
         /// The TCP port the peer listens on for links. Signed and wide on
         /// the wire so that a bad value earns `bad_port`, not a decode error.
         port: i64,
-        /// The secret from a previous welcome: lets the peer reclaim its name
-        /// from a session the registry still holds.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        secret: Option<String>,
     },
     Heartbeat {},
     /// Leaving for good (reason `quit` for the others).
@@ -48,6 +47,8 @@ pub struct PeerEntry {
     pub name: String,
     /// `IP:PORT`, IPv6 as `[IP]:PORT`.
     pub addr: String,
+    /// The static key that owns the name: a link to this peer must prove it.
+    pub key: PublicKey,
 }
 
 /// One change to the directory, pushed after the welcome.
@@ -57,12 +58,13 @@ pub enum Change {
     Joined {
         name: String,
         addr: String,
+        key: PublicKey,
     },
     Left {
         name: String,
         reason: String,
     },
-    /// The peer reclaimed its name from a new address.
+    /// The peer (the same key) reclaimed its name from a new address.
     Moved {
         name: String,
         addr: String,
@@ -81,8 +83,6 @@ pub enum FromRegistry {
         addr: String,
         heartbeat_ms: u64,
         timeout_ms: u64,
-        /// Proof of ownership for reclaiming the name after a reconnect.
-        secret: String,
         /// More of the snapshot follows in `snapshot` messages.
         #[serde(default)]
         more: bool,
@@ -151,6 +151,10 @@ pub enum ErrorCode {
     FrameTooLarge,
     HandshakeTimeout,
     UnknownPeer,
+    /// A newer session of the same key took the name over.
+    Replaced,
+    /// A link's key is not the one the directory (or a pin) has for its name.
+    KeyMismatch,
 }
 
 impl ErrorCode {
@@ -165,6 +169,8 @@ impl ErrorCode {
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::HandshakeTimeout => "handshake_timeout",
             ErrorCode::UnknownPeer => "unknown_peer",
+            ErrorCode::Replaced => "replaced",
+            ErrorCode::KeyMismatch => "key_mismatch",
         }
     }
 }
@@ -274,7 +280,7 @@ mod tests {
     fn messages_round_trip() {
         let msgs = vec![
             LinkMsg::Hello {
-                version: 1,
+                version: 2,
                 name: "张伟".into(),
                 instance: 42,
             },
@@ -291,16 +297,16 @@ mod tests {
             assert_eq!(codec::decode::<LinkMsg>(&body).unwrap(), msg);
         }
         let welcome = FromRegistry::Welcome {
-            version: 1,
+            version: 2,
             name: "a".into(),
             addr: "[::1]:5".into(),
             heartbeat_ms: 5000,
             timeout_ms: 15000,
-            secret: "00ff".into(),
             more: false,
             peers: vec![PeerEntry {
                 name: "b".into(),
                 addr: "127.0.0.1:9".into(),
+                key: crate::identity::Identity::generate().public(),
             }],
         };
         let body = codec::encode(&welcome).unwrap();
@@ -352,9 +358,8 @@ mod tests {
             version,
             name: "a".into(),
             port: 1,
-            secret: None,
         };
-        let body = codec::encode(&reg(1)).unwrap();
+        let body = codec::encode(&reg(2)).unwrap();
         assert!(decode_first(&body, version_of).is_ok());
         let body = codec::encode(&reg(9)).unwrap();
         assert_eq!(
@@ -362,16 +367,16 @@ mod tests {
             Err(FirstFrameError::Version(9))
         );
         #[derive(Serialize)]
-        struct V2 {
+        struct V3 {
             register: std::collections::BTreeMap<&'static str, u32>,
         }
-        let body = codec::encode(&V2 {
-            register: [("version", 2)].into(),
+        let body = codec::encode(&V3 {
+            register: [("version", 3)].into(),
         })
         .unwrap();
         assert_eq!(
             decode_first(&body, version_of),
-            Err(FirstFrameError::Version(2))
+            Err(FirstFrameError::Version(3))
         );
         assert!(matches!(
             decode_first(&[0x01], version_of),

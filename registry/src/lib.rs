@@ -2,13 +2,17 @@
 //! which name and address, who must hear of which change, and who has been
 //! silent too long.
 //!
+//! Names are owned by keys: a connection arrives with the static key its
+//! Noise handshake proved, and a name belongs to the first key that
+//! registers it, while it is online and for a grace period after it leaves.
+//!
 //! Inputs are connection events with the current time; outputs are
 //! [`Action`]s (send these bytes to that connection, close it, arm a timer).
 //! It never touches a socket or the clock, so tests drive it with simulated
 //! time. Connections are named by any small key type `C`; the binary uses
 //! the event loop's `ConnId`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use peerchat_core::codec;
+use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{
     self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
     FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
@@ -42,6 +47,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Largest frame before registration: a register message is small.
     pub handshake_max_frame: usize,
+    /// How long a name stays reserved for its key after its peer left.
+    pub name_grace: Duration,
 }
 
 impl Default for Config {
@@ -53,6 +60,7 @@ impl Default for Config {
             max_frame: peerchat_core::wire::DEFAULT_MAX_FRAME,
             handshake_timeout: Duration::from_secs(5),
             handshake_max_frame: 4096,
+            name_grace: Duration::from_secs(600),
         }
     }
 }
@@ -103,15 +111,21 @@ struct Session {
     name: String,
     folded: String,
     addr: SocketAddr,
-    secret: String,
+    key: PublicKey,
     last_seen: Instant,
     /// Position in registration order (snapshots list peers in it).
     order: u64,
 }
 
 enum ConnState {
-    Handshake { ip: IpAddr },
+    Handshake { ip: IpAddr, key: PublicKey },
     Registered(Session),
+}
+
+/// A name whose peer left, kept for its key until the grace ends.
+struct Reservation {
+    key: PublicKey,
+    until: Instant,
 }
 
 pub struct Registry<C> {
@@ -119,6 +133,11 @@ pub struct Registry<C> {
     conns: HashMap<C, ConnState>,
     /// Folded name → the connection holding it.
     names: HashMap<String, C>,
+    /// Folded name → the key it is kept for, after its peer left.
+    reserved: HashMap<String, Reservation>,
+    /// Reservations in the order they end (the grace is one length for
+    /// all), so that expired ones are found without a scan.
+    reserved_order: VecDeque<(Instant, String)>,
     /// Registration order → connection and its snapshot entry, encoded
     /// once: a welcome copies these bytes instead of encoding every peer.
     order: BTreeMap<u64, (C, Bytes)>,
@@ -129,24 +148,23 @@ pub struct Registry<C> {
     /// snapshot already reflects. Everyone else gets all of `pending`.
     fresh: HashMap<C, usize>,
     actions: Vec<Action<C>>,
-    new_secret: Box<dyn FnMut() -> [u8; 16]>,
     heartbeat_reply: Bytes,
     stats: Stats,
 }
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
-    /// `new_secret` supplies the random bytes of each session secret.
-    pub fn new(config: Config, new_secret: impl FnMut() -> [u8; 16] + 'static) -> Self {
+    pub fn new(config: Config) -> Self {
         Registry {
             config,
             conns: HashMap::new(),
             names: HashMap::new(),
+            reserved: HashMap::new(),
+            reserved_order: VecDeque::new(),
             order: BTreeMap::new(),
             next_order: 0,
             pending: Vec::new(),
             fresh: HashMap::new(),
             actions: Vec::new(),
-            new_secret: Box::new(new_secret),
             heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
             stats: Stats::default(),
         }
@@ -163,6 +181,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// Registered peers.
     pub fn peer_count(&self) -> usize {
         self.names.len()
+    }
+
+    /// Names kept for the key of a peer that left.
+    pub fn reserved_count(&self) -> usize {
+        self.reserved.len()
     }
 
     /// The directory as the registry holds it, in registration order.
@@ -186,9 +209,15 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
     }
 
-    pub fn on_accept(&mut self, conn: C, peer: SocketAddr, now: Instant) {
-        self.conns
-            .insert(conn, ConnState::Handshake { ip: peer.ip() });
+    /// A connection whose handshake proved `key`.
+    pub fn on_accept(&mut self, conn: C, peer: SocketAddr, key: PublicKey, now: Instant) {
+        self.conns.insert(
+            conn,
+            ConnState::Handshake {
+                ip: peer.ip(),
+                key,
+            },
+        );
         self.actions
             .push(Action::SetMaxFrame(conn, self.config.handshake_max_frame));
         self.actions.push(Action::Arm(
@@ -200,9 +229,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
         match self.conns.get_mut(&conn) {
             None => {}
-            Some(ConnState::Handshake { ip }) => {
-                let ip = *ip;
-                self.on_handshake_frame(conn, ip, body, now);
+            Some(ConnState::Handshake { ip, key }) => {
+                let (ip, key) = (*ip, *key);
+                self.on_handshake_frame(conn, ip, key, body, now);
             }
             Some(ConnState::Registered(session)) => {
                 session.last_seen = now;
@@ -212,34 +241,39 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                             .push(Action::Send(conn, self.heartbeat_reply.clone()));
                     }
                     Ok(ToRegistry::Leave {}) => {
-                        self.remove(conn, "quit");
+                        self.remove(conn, "quit", now);
                         self.actions.push(Action::Close(conn, "left".into()));
                     }
                     Ok(ToRegistry::Register { .. }) => {
-                        self.fail(conn, "already registered on this connection".into());
+                        self.fail(conn, "already registered on this connection".into(), now);
                     }
-                    Err(e) => self.fail(conn, format!("undecodable message: {e}")),
+                    Err(e) => self.fail(conn, format!("undecodable message: {e}"), now),
                 }
             }
         }
     }
 
     /// A registered peer broke the protocol: tell it why, drop it.
-    fn fail(&mut self, conn: C, reason: String) {
+    fn fail(&mut self, conn: C, reason: String, now: Instant) {
         tracing::warn!(?conn, %reason, "closing a peer that broke the protocol");
-        self.remove(conn, "protocol");
+        self.remove(conn, "protocol", now);
         self.send_error(conn, ErrorCode::Protocol, reason);
     }
 
-    fn on_handshake_frame(&mut self, conn: C, ip: IpAddr, body: &[u8], now: Instant) {
+    fn on_handshake_frame(
+        &mut self,
+        conn: C,
+        ip: IpAddr,
+        key: PublicKey,
+        body: &[u8],
+        now: Instant,
+    ) {
         let version_of = |m: &ToRegistry| match m {
             ToRegistry::Register { version, .. } => *version,
             _ => PROTOCOL_VERSION,
         };
-        let (name, port, secret) = match decode_first(body, version_of) {
-            Ok(ToRegistry::Register {
-                name, port, secret, ..
-            }) => (name, port, secret),
+        let (name, port) = match decode_first(body, version_of) {
+            Ok(ToRegistry::Register { name, port, .. }) => (name, port),
             Ok(_) => {
                 return self.reject(conn, ErrorCode::Protocol, "the first message must be register".into())
             }
@@ -271,8 +305,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let addr = SocketAddr::new(ip.to_canonical(), port);
         let folded = fold_name(&name);
         if let Some(&holder) = self.names.get(&folded) {
-            let held_secret = self.session(holder).map(|s| s.secret.as_str());
-            if secret.is_some() && secret.as_deref() == held_secret {
+            if self.session(holder).is_some_and(|s| s.key == key) {
                 return self.reclaim(conn, holder, name, addr, now);
             }
             return self.reject(
@@ -280,6 +313,23 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 ErrorCode::NameTaken,
                 format!("the name {name:?} is taken by a peer that is online"),
             );
+        }
+        self.expire_reservations(now);
+        match self.reserved.get(&folded) {
+            Some(r) if r.key != key => {
+                let secs = r.until.saturating_duration_since(now).as_secs() + 1;
+                return self.reject(
+                    conn,
+                    ErrorCode::NameTaken,
+                    format!(
+                        "the name {name:?} is kept for the key of the peer that had it, for another {secs}s"
+                    ),
+                );
+            }
+            Some(_) => {
+                self.reserved.remove(&folded);
+            }
+            None => {}
         }
         if self.names.len() >= self.config.max_peers {
             return self.reject(
@@ -294,21 +344,30 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.pending.push(Change::Joined {
             name: name.clone(),
             addr: addr.to_string(),
+            key,
         });
         self.stats.joins += 1;
-        tracing::info!(%name, %addr, "joined");
-        self.admit(conn, name, folded, addr, now);
+        tracing::info!(%name, %addr, %key, "joined");
+        self.admit(conn, name, folded, addr, key, now);
     }
 
-    /// The holder of a name came back on a new connection (its old one is
-    /// half-open or about to be noticed dead): move the name over without a
-    /// leave, and tell the others only if the address changed.
+    /// The key that holds a name registered it again on a new connection
+    /// (a restart, or a reconnect while the old connection is half-open):
+    /// the new session takes over at once, without a leave, and the others
+    /// hear of it only if the address changed. The old session is told it
+    /// was replaced, in case it is still alive.
     fn reclaim(&mut self, conn: C, old: C, name: String, addr: SocketAddr, now: Instant) {
         let Some(ConnState::Registered(previous)) = self.conns.remove(&old) else {
             return;
         };
         self.order.remove(&previous.order);
         self.names.remove(&previous.folded);
+        let notice = FromRegistry::error(
+            ErrorCode::Replaced,
+            format!("a newer session of this key registered {name:?} from {addr}"),
+        );
+        self.actions
+            .push(Action::Send(old, protocol::frame(&notice)));
         self.actions
             .push(Action::Close(old, "replaced by a new session".into()));
         if previous.addr != addr {
@@ -318,11 +377,18 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             });
         }
         tracing::info!(%name, %addr, old_addr = %previous.addr, "reclaimed its name");
-        self.admit(conn, name, previous.folded, addr, now);
+        self.admit(conn, name, previous.folded, addr, previous.key, now);
     }
 
-    fn admit(&mut self, conn: C, name: String, folded: String, addr: SocketAddr, now: Instant) {
-        let secret = hex(&(self.new_secret)());
+    fn admit(
+        &mut self,
+        conn: C,
+        name: String,
+        folded: String,
+        addr: SocketAddr,
+        key: PublicKey,
+        now: Instant,
+    ) {
         let entries: Vec<&[u8]> = self.order.values().map(|(_, e)| &e[..]).collect();
         let chunks = snapshot_chunks(&entries);
         let mut frames = Vec::with_capacity(chunks.len());
@@ -335,7 +401,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     addr: addr.to_string(),
                     heartbeat_ms: millis(self.config.heartbeat),
                     timeout_ms: millis(self.config.timeout),
-                    secret: secret.clone(),
                     more,
                     peers: Vec::new(),
                 };
@@ -359,6 +424,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let entry = codec::encode(&PeerEntry {
             name: name.clone(),
             addr: addr.to_string(),
+            key,
         })
         .map(Bytes::from)
         .unwrap_or_else(|e| panic!("cannot encode a peer entry: {e}"));
@@ -373,7 +439,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 name,
                 folded,
                 addr,
-                secret,
+                key,
                 last_seen: now,
                 order,
             }),
@@ -398,13 +464,18 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             .push(Action::Close(conn, format!("{code}: {reason}")));
     }
 
-    /// Forgets a connection; if it held a name, everyone hears `left`.
-    fn remove(&mut self, conn: C, reason: &str) {
+    /// Forgets a connection; if it held a name, everyone hears `left`, and
+    /// the name is kept for its key for the grace period.
+    fn remove(&mut self, conn: C, reason: &str, now: Instant) {
         if let Some(ConnState::Registered(s)) = self.conns.remove(&conn) {
             self.names.remove(&s.folded);
             self.order.remove(&s.order);
             self.stats.leaves += 1;
             tracing::info!(name = %s.name, addr = %s.addr, reason, "left");
+            let until = now + self.config.name_grace;
+            self.reserved_order.push_back((until, s.folded.clone()));
+            self.reserved
+                .insert(s.folded, Reservation { key: s.key, until });
             self.pending.push(Change::Left {
                 name: s.name,
                 reason: reason.into(),
@@ -412,9 +483,25 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
     }
 
+    /// Drops the reservations whose grace has ended.
+    fn expire_reservations(&mut self, now: Instant) {
+        while let Some((until, _)) = self.reserved_order.front() {
+            if *until > now {
+                break;
+            }
+            let Some((_, folded)) = self.reserved_order.pop_front() else {
+                break;
+            };
+            // A name reserved again later has a later end; keep that one.
+            if self.reserved.get(&folded).is_some_and(|r| r.until <= now) {
+                self.reserved.remove(&folded);
+            }
+        }
+    }
+
     /// The connection is gone (the loop says so). A close the registry asked
     /// for itself finds nothing left to do.
-    pub fn on_closed(&mut self, conn: C, how: Disconnect) {
+    pub fn on_closed(&mut self, conn: C, how: Disconnect, now: Instant) {
         let reason = match how {
             Disconnect::Lost => "disconnected",
             Disconnect::Slow => "slow",
@@ -432,7 +519,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 "protocol"
             }
         };
-        self.remove(conn, reason);
+        self.remove(conn, reason, now);
         self.conns.remove(&conn);
     }
 
@@ -455,7 +542,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 let deadline = session.last_seen + self.config.timeout;
                 if now >= deadline {
                     self.stats.evictions += 1;
-                    self.remove(conn, "timeout");
+                    self.remove(conn, "timeout", now);
                     self.actions.push(Action::Close(
                         conn,
                         "evicted: silent past the timeout".into(),
@@ -472,7 +559,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// End of a loop turn: push this turn's changes, encoded once per
     /// distinct starting point (one for everyone who was already online).
-    pub fn flush(&mut self) {
+    pub fn flush(&mut self, now: Instant) {
+        self.expire_reservations(now);
         let fresh = std::mem::take(&mut self.fresh);
         if self.pending.is_empty() {
             return;
@@ -543,15 +631,12 @@ fn entry_of(s: &Session) -> PeerEntry {
     PeerEntry {
         name: s.name.clone(),
         addr: s.addr.to_string(),
+        key: s.key,
     }
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

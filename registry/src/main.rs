@@ -3,11 +3,14 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{CommandFactory, Parser};
+use peerchat_core::identity::{self, Identity};
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 use peerchat_registry::{Action, Config, Disconnect, Registry, Timer};
 
@@ -35,9 +38,19 @@ struct Args {
     /// once. Default: twice --max-peers plus 1024.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
-    /// Time a new connection has to register.
+    /// Time a new connection has for its Noise handshake, and then again to
+    /// register.
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     handshake_timeout: Duration,
+    /// How long a name stays reserved for its owner's key after the peer
+    /// left (quit, timeout or disconnect).
+    #[arg(long, value_name = "DUR", default_value = "10m", value_parser = parse_duration)]
+    name_grace: Duration,
+    /// The registry's static key file, created (mode 0600) if missing.
+    /// Default: $XDG_DATA_HOME/peerchat-registry/registry.key, else
+    /// ~/.local/share/peerchat-registry/registry.key.
+    #[arg(long, value_name = "PATH")]
+    key: Option<PathBuf>,
     /// Bytes that may wait to be sent to one peer before it is dropped as
     /// too slow.
     #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
@@ -86,7 +99,12 @@ impl App for RegistryApp {
     type Timer = AppTimer;
 
     fn on_accept(&mut self, ctx: &mut Ctx<AppTimer>, conn: ConnId, peer: SocketAddr) {
-        self.registry.on_accept(conn, peer, ctx.now());
+        let Some(key) = ctx.remote_key(conn) else {
+            // The loop is secured, so every accepted connection has a key.
+            ctx.close(conn, "no proven key");
+            return;
+        };
+        self.registry.on_accept(conn, peer, key, ctx.now());
         self.apply(ctx);
     }
 
@@ -104,7 +122,7 @@ impl App for RegistryApp {
             CloseReason::Frame(err) => Disconnect::BadFrame(err.clone()),
             _ => Disconnect::Lost,
         };
-        self.registry.on_closed(conn, how);
+        self.registry.on_closed(conn, how, ctx.now());
         self.apply(ctx);
     }
 
@@ -128,6 +146,7 @@ impl App for RegistryApp {
                     leaves = stats.leaves,
                     evictions = stats.evictions,
                     rejections = stats.rejections,
+                    reserved = self.registry.reserved_count(),
                     slow = loop_stats.slow_closed,
                     "stats"
                 );
@@ -146,7 +165,7 @@ impl App for RegistryApp {
     }
 
     fn on_turn_end(&mut self, ctx: &mut Ctx<AppTimer>) {
-        self.registry.flush();
+        self.registry.flush(ctx.now());
         self.apply(ctx);
     }
 }
@@ -162,14 +181,20 @@ fn release_free_memory() {
     }
 }
 
-fn random_secret() -> [u8; 16] {
-    let mut bytes = [0u8; 16];
-    if let Err(e) = getrandom::fill(&mut bytes) {
-        // Without OS randomness, secrets would be guessable: stop rather
-        // than hand out names that anyone could steal.
-        panic!("the OS random source failed: {e}");
+/// The registry's identity: the same key across restarts, so that its peers
+/// (which pin it) still know it.
+fn load_identity(path: Option<PathBuf>) -> Result<Identity, String> {
+    let path = match path {
+        Some(path) => path,
+        None => identity::data_home()
+            .ok_or("neither XDG_DATA_HOME nor HOME is set; name a key file with --key")?
+            .join("peerchat-registry/registry.key"),
+    };
+    let (identity, created) = Identity::load_or_create(&path).map_err(|e| e.to_string())?;
+    if created {
+        eprintln!("created a new registry key in {}", path.display());
     }
-    bytes
+    Ok(identity)
 }
 
 fn main() -> ExitCode {
@@ -215,12 +240,22 @@ fn main() -> ExitCode {
         max_frame: args.max_frame as usize,
         handshake_timeout: args.handshake_timeout,
         handshake_max_frame: 4096.min(args.max_frame as usize),
+        name_grace: args.name_grace,
+    };
+    let identity = match load_identity(args.key) {
+        Ok(identity) => identity,
+        Err(e) => {
+            eprintln!("registry: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let loop_config = LoopConfig {
         max_frame: config.handshake_max_frame,
         max_queued: args.max_queue,
         max_connections,
         handle_signals: true,
+        identity: Some(Arc::new(identity.clone())),
+        handshake_timeout: args.handshake_timeout,
         ..LoopConfig::default()
     };
     let mut event_loop = match EventLoop::new(loop_config) {
@@ -242,9 +277,10 @@ fn main() -> ExitCode {
         .ctx()
         .arm(now + args.stats_interval, AppTimer::Stats);
     let mut app = RegistryApp {
-        registry: Registry::new(config, random_secret),
+        registry: Registry::new(config),
         stats_interval: args.stats_interval,
     };
+    eprintln!("registry key {}", identity.public());
     eprintln!("listening on {local}");
     match event_loop.run(&mut app) {
         Ok(()) => ExitCode::SUCCESS,

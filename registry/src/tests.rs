@@ -5,7 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use peerchat_core::codec;
-use peerchat_core::protocol::{Change, FromRegistry, PeerEntry, ToRegistry};
+use peerchat_core::identity::PublicKey;
+use peerchat_core::protocol::{Change, FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION};
 use peerchat_core::wire::{FrameDecoder, FrameError};
 use proptest::prelude::*;
 
@@ -40,12 +41,8 @@ fn ip(last: u8) -> IpAddr {
 
 impl Sim {
     fn new(config: Config) -> Self {
-        let mut counter = 0u8;
         Sim {
-            reg: Registry::new(config, move || {
-                counter = counter.wrapping_add(1);
-                [counter; 16]
-            }),
+            reg: Registry::new(config),
             now: Instant::now(),
             inbox: HashMap::new(),
             closed: HashMap::new(),
@@ -84,12 +81,18 @@ impl Sim {
 
     /// One loop turn's end.
     fn flush(&mut self) {
-        self.reg.flush();
+        self.reg.flush(self.now);
         self.apply();
     }
 
+    /// A connection whose handshake proved a key of its own.
     fn accept(&mut self, c: Conn, ip: IpAddr) {
-        self.reg.on_accept(c, SocketAddr::new(ip, 50_000), self.now);
+        self.accept_as(c, ip, key(&format!("conn {c}")));
+    }
+
+    fn accept_as(&mut self, c: Conn, ip: IpAddr, key: PublicKey) {
+        self.reg
+            .on_accept(c, SocketAddr::new(ip, 50_000), key, self.now);
         self.apply();
     }
 
@@ -103,17 +106,14 @@ impl Sim {
         self.apply();
     }
 
-    fn register(&mut self, c: Conn, name: &str, port: i64, secret: Option<&str>) {
-        self.accept(c, ip(c as u8));
-        self.send(
-            c,
-            &ToRegistry::Register {
-                version: 1,
-                name: name.into(),
-                port,
-                secret: secret.map(String::from),
-            },
-        );
+    /// Registers with the key of the name's owner ([`owner`]).
+    fn register(&mut self, c: Conn, name: &str, port: i64) {
+        self.register_as(c, name, port, owner(name));
+    }
+
+    fn register_as(&mut self, c: Conn, name: &str, port: i64, key: PublicKey) {
+        self.accept_as(c, ip(c as u8), key);
+        self.send(c, &register(name, port));
         self.flush();
     }
 
@@ -163,14 +163,39 @@ fn entry(name: &str, addr: &str) -> PeerEntry {
     PeerEntry {
         name: name.into(),
         addr: addr.into(),
+        key: owner(name),
     }
 }
 
+fn register(name: &str, port: i64) -> ToRegistry {
+    ToRegistry::Register {
+        version: PROTOCOL_VERSION,
+        name: name.into(),
+        port,
+    }
+}
+
+/// A key made from a label: the registry only compares keys, so any 32
+/// bytes will do.
+fn key(label: &str) -> PublicKey {
+    let mut bytes = [0u8; 32];
+    for (i, b) in label.bytes().enumerate() {
+        bytes[i % 32] ^= b.rotate_left(i as u32 / 32);
+    }
+    bytes[31] ^= label.len() as u8;
+    PublicKey::from_slice(&bytes).unwrap()
+}
+
+/// The key that owns a name (as registered, trimmed) in these tests.
+fn owner(name: &str) -> PublicKey {
+    key(&format!("owner of {}", name.trim()))
+}
+
 #[test]
-fn welcome_carries_observed_address_settings_secret_and_snapshot() {
+fn welcome_carries_observed_address_settings_and_snapshot_with_keys() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001, None);
-    sim.register(2, "bob", 4002, None);
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
     let msgs = sim.take(2);
     let [FromRegistry::Welcome {
         version,
@@ -178,18 +203,16 @@ fn welcome_carries_observed_address_settings_secret_and_snapshot() {
         addr,
         heartbeat_ms,
         timeout_ms,
-        secret,
         peers,
         more,
     }] = msgs.as_slice()
     else {
         panic!("{msgs:?}")
     };
-    assert_eq!(*version, 1);
+    assert_eq!(*version, PROTOCOL_VERSION);
     assert_eq!(name, "bob");
     assert_eq!(addr, "10.0.0.2:4002", "observed IP, declared port");
     assert_eq!((*heartbeat_ms, *timeout_ms), (200, 1000));
-    assert_eq!(secret.len(), 32);
     assert_eq!(peers, &vec![entry("alice", "10.0.0.1:4001")]);
     assert!(!more);
     assert_eq!(
@@ -202,28 +225,20 @@ fn welcome_carries_observed_address_settings_secret_and_snapshot() {
 #[test]
 fn ipv6_and_mapped_addresses() {
     let mut sim = Sim::new(config());
-    sim.reg
-        .on_accept(1, "[2001:db8::7]:9".parse().unwrap(), sim.now);
-    sim.send(
+    sim.reg.on_accept(
         1,
-        &ToRegistry::Register {
-            version: 1,
-            name: "v6".into(),
-            port: 4000,
-            secret: None,
-        },
+        "[2001:db8::7]:9".parse().unwrap(),
+        owner("v6"),
+        sim.now,
     );
-    sim.reg
-        .on_accept(2, "[::ffff:192.0.2.1]:9".parse().unwrap(), sim.now);
-    sim.send(
+    sim.send(1, &register("v6", 4000));
+    sim.reg.on_accept(
         2,
-        &ToRegistry::Register {
-            version: 1,
-            name: "mapped".into(),
-            port: 4000,
-            secret: None,
-        },
+        "[::ffff:192.0.2.1]:9".parse().unwrap(),
+        owner("mapped"),
+        sim.now,
     );
+    sim.send(2, &register("mapped", 4000));
     assert_eq!(
         sim.reg.directory(),
         vec![
@@ -236,22 +251,14 @@ fn ipv6_and_mapped_addresses() {
 #[test]
 fn changes_of_one_turn_go_out_as_one_frame_in_one_order() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001, None);
-    sim.register(2, "bob", 4002, None);
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
     sim.take(1);
     sim.take(2);
     // Within one turn: carol joins, bob leaves, dave joins.
     for (c, name) in [(3, "carol"), (4, "dave")] {
-        sim.accept(c, ip(c as u8));
-        sim.send(
-            c,
-            &ToRegistry::Register {
-                version: 1,
-                name: name.into(),
-                port: 4000,
-                secret: None,
-            },
-        );
+        sim.accept_as(c, ip(c as u8), owner(name));
+        sim.send(c, &register(name, 4000));
         if c == 3 {
             sim.send(2, &ToRegistry::Leave {});
         }
@@ -261,6 +268,7 @@ fn changes_of_one_turn_go_out_as_one_frame_in_one_order() {
         Change::Joined {
             name: "carol".into(),
             addr: "10.0.0.3:4000".into(),
+            key: owner("carol"),
         },
         Change::Left {
             name: "bob".into(),
@@ -269,6 +277,7 @@ fn changes_of_one_turn_go_out_as_one_frame_in_one_order() {
         Change::Joined {
             name: "dave".into(),
             addr: "10.0.0.4:4000".into(),
+            key: owner("dave"),
         },
     ];
     assert_eq!(
@@ -310,13 +319,13 @@ fn changes_of_one_turn_go_out_as_one_frame_in_one_order() {
 #[test]
 fn names_are_trimmed_case_folded_and_any_script() {
     let mut sim = Sim::new(config());
-    sim.register(1, "  Alice ", 4001, None);
+    sim.register(1, "  Alice ", 4001);
     assert_eq!(sim.reg.directory(), vec![entry("Alice", "10.0.0.1:4001")]);
-    sim.register(2, "alice", 4002, None);
+    sim.register(2, "alice", 4002);
     assert_eq!(sim.error_code(2), "name_taken");
-    sim.register(3, "张伟", 4003, None);
-    sim.register(4, "ÉLODIE", 4004, None);
-    sim.register(5, "élodie", 4005, None);
+    sim.register(3, "张伟", 4003);
+    sim.register(4, "ÉLODIE", 4004);
+    sim.register(5, "élodie", 4005);
     assert_eq!(sim.error_code(5), "name_taken");
     assert_eq!(sim.reg.peer_count(), 3);
 }
@@ -335,17 +344,16 @@ fn bad_names_ports_versions_and_first_messages_get_their_codes() {
         (8, "ok".into(), -1, "bad_port"),
     ];
     for (c, name, port, code) in cases {
-        sim.register(c, &name, port, None);
+        sim.register(c, &name, port);
         assert_eq!(sim.error_code(c), code, "{name:?} {port}");
     }
     sim.accept(20, ip(20));
     sim.send(
         20,
         &ToRegistry::Register {
-            version: 2,
+            version: PROTOCOL_VERSION + 1,
             name: "future".into(),
             port: 1,
-            secret: None,
         },
     );
     assert_eq!(sim.error_code(20), "unsupported_version");
@@ -362,19 +370,11 @@ fn bad_names_ports_versions_and_first_messages_get_their_codes() {
 #[test]
 fn a_second_register_is_a_protocol_error_and_a_leave() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001, None);
-    sim.register(2, "bob", 4002, None);
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
     sim.take(1);
     sim.take(2);
-    sim.send(
-        2,
-        &ToRegistry::Register {
-            version: 1,
-            name: "bob2".into(),
-            port: 1,
-            secret: None,
-        },
-    );
+    sim.send(2, &register("bob2", 1));
     sim.flush();
     assert_eq!(sim.error_code(2), "protocol");
     assert_eq!(
@@ -391,8 +391,8 @@ fn a_second_register_is_a_protocol_error_and_a_leave() {
 #[test]
 fn heartbeats_keep_a_peer_and_silence_evicts_it() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001, None);
-    sim.register(2, "bob", 4002, None);
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
     sim.take(1);
     sim.take(2);
     // Bob heartbeats every 200ms for 3s; alice stays silent.
@@ -423,7 +423,7 @@ fn heartbeats_keep_a_peer_and_silence_evicts_it() {
 #[test]
 fn eviction_happens_exactly_at_the_timeout() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001, None);
+    sim.register(1, "alice", 4001);
     sim.advance(Duration::from_millis(600));
     sim.send(1, &ToRegistry::Heartbeat {});
     sim.advance(Duration::from_millis(999));
@@ -443,12 +443,12 @@ fn eviction_happens_exactly_at_the_timeout() {
 #[test]
 fn disconnects_and_slow_consumers_are_leaves_with_reasons() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001, None);
-    sim.register(2, "bob", 4002, None);
-    sim.register(3, "carol", 4003, None);
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
+    sim.register(3, "carol", 4003);
     sim.take(1);
-    sim.reg.on_closed(2, Disconnect::Lost);
-    sim.reg.on_closed(3, Disconnect::Slow);
+    sim.reg.on_closed(2, Disconnect::Lost, sim.now);
+    sim.reg.on_closed(3, Disconnect::Slow, sim.now);
     sim.flush();
     assert_eq!(
         sim.take(1),
@@ -470,8 +470,8 @@ fn disconnects_and_slow_consumers_are_leaves_with_reasons() {
 #[test]
 fn oversized_frames_are_told_and_closed() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001, None);
-    sim.register(2, "bob", 4002, None);
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
     sim.take(1);
     sim.take(2);
     sim.reg.on_closed(
@@ -480,6 +480,7 @@ fn oversized_frames_are_told_and_closed() {
             len: 1 << 20,
             max: 65_536,
         }),
+        sim.now,
     );
     sim.apply();
     assert!(
@@ -497,33 +498,23 @@ fn oversized_frames_are_told_and_closed() {
     );
 }
 
-fn secret_of(msgs: &[FromRegistry]) -> String {
-    match &msgs[0] {
-        FromRegistry::Welcome { secret, .. } => secret.clone(),
-        other => panic!("{other:?}"),
-    }
-}
-
 #[test]
-fn reclaim_with_the_secret_replaces_the_session_without_a_leave() {
+fn the_key_that_owns_a_name_replaces_its_old_session_without_a_leave() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001, None);
-    sim.register(2, "bob", 4002, None);
-    let secret = secret_of(&sim.take(2));
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
+    sim.take(2);
     sim.take(1);
-    // Same IP and port, new connection (the old one is half-open).
-    sim.accept(3, ip(2));
-    sim.send(
-        3,
-        &ToRegistry::Register {
-            version: 1,
-            name: "bob".into(),
-            port: 4002,
-            secret: Some(secret.clone()),
-        },
-    );
+    // Same key, same IP and port, new connection (a restart while the old
+    // connection is half-open).
+    sim.accept_as(3, ip(2), owner("bob"));
+    sim.send(3, &register("bob", 4002));
     sim.flush();
-    assert!(sim.closed.contains_key(&2), "the stale session is closed");
+    assert!(sim.closed.contains_key(&2), "the old session is closed");
+    assert!(
+        matches!(&sim.take(2)[..], [FromRegistry::Error { code, .. }] if code == "replaced"),
+        "and told why, in case it is still alive"
+    );
     assert!(
         sim.take(1).is_empty(),
         "same address: the others see nothing"
@@ -533,38 +524,60 @@ fn reclaim_with_the_secret_replaces_the_session_without_a_leave() {
         welcome_peers(&welcome[0]),
         vec![entry("alice", "10.0.0.1:4001")]
     );
-    // The stale connection's close later is not a leave either.
-    sim.reg.on_closed(2, Disconnect::Lost);
+    // The old connection's close later is not a leave either.
+    sim.reg.on_closed(2, Disconnect::Lost, sim.now);
     sim.flush();
     assert!(sim.take(1).is_empty());
-    // From a new address (new secret from the new welcome): one move.
-    let secret = secret_of(&welcome);
-    sim.accept(4, ip(44));
-    sim.send(
-        4,
-        &ToRegistry::Register {
-            version: 1,
-            name: "BOB".into(),
-            port: 4002,
-            secret: Some(secret),
-        },
-    );
-    sim.flush();
+    // From a new address, in another case: one move, same key.
+    sim.register_as(4, "BOB", 4002, owner("bob"));
     assert_eq!(
         sim.take(1),
         vec![FromRegistry::Update {
             changes: vec![Change::Moved {
                 name: "BOB".into(),
-                addr: "10.0.0.44:4002".into()
+                addr: "10.0.0.4:4002".into()
             }]
         }]
     );
-    // A wrong secret is just a taken name.
-    sim.register(5, "bob", 4002, Some("00"));
+    assert_eq!(sim.error_code(3), "replaced");
+    // Another key is refused the name, and the holder keeps it.
+    sim.register_as(5, "bob", 4002, key("impostor"));
     assert_eq!(sim.error_code(5), "name_taken");
-    // The old secret no longer works once replaced.
-    sim.register(6, "bob", 4002, Some(&secret_of(&welcome)));
-    assert_eq!(sim.error_code(6), "name_taken");
+    assert_eq!(sim.reg.directory()[1].key, owner("bob"));
+    assert!(!sim.closed.contains_key(&4));
+}
+
+#[test]
+fn a_name_stays_reserved_for_its_key_through_the_grace_period() {
+    let grace = Duration::from_secs(600);
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
+    sim.register(3, "carol", 4003);
+    // Bob quits, carol falls silent, alice disconnects.
+    sim.send(2, &ToRegistry::Leave {});
+    sim.reg.on_closed(1, Disconnect::Lost, sim.now);
+    sim.advance(Duration::from_secs(2));
+    assert_eq!(sim.reg.peer_count(), 0);
+    assert_eq!(sim.reg.reserved_count(), 3);
+    for (c, name) in [(10, "alice"), (11, "Bob"), (12, "carol")] {
+        sim.register_as(c, name, 5000, key("impostor"));
+        assert_eq!(sim.error_code(c), "name_taken", "{name}");
+    }
+    // The owner gets its name back at once (and leaves again).
+    sim.register(20, "carol", 4003);
+    assert_eq!(sim.reg.peer_count(), 1);
+    sim.send(20, &ToRegistry::Leave {});
+    // Just before the end of the grace, still kept; just after, free.
+    sim.advance(grace - Duration::from_secs(3));
+    sim.register_as(21, "alice", 5000, key("impostor"));
+    assert_eq!(sim.error_code(21), "name_taken");
+    sim.advance(Duration::from_secs(2));
+    sim.register_as(22, "alice", 5000, key("newcomer"));
+    assert_eq!(sim.reg.directory()[0].key, key("newcomer"));
+    sim.register_as(23, "carol", 5000, key("impostor"));
+    assert_eq!(sim.error_code(23), "name_taken", "carol's grace began later");
+    assert_eq!(sim.reg.reserved_count(), 1, "expired ones are dropped");
 }
 
 #[test]
@@ -573,9 +586,9 @@ fn a_full_registry_says_so() {
         max_peers: 2,
         ..config()
     });
-    sim.register(1, "a", 1, None);
-    sim.register(2, "b", 1, None);
-    sim.register(3, "c", 1, None);
+    sim.register(1, "a", 1);
+    sim.register(2, "b", 1);
+    sim.register(3, "c", 1);
     assert_eq!(sim.error_code(3), "registry_full");
 }
 
@@ -589,7 +602,7 @@ fn unregistered_connections_get_a_deadline_and_a_small_frame_limit() {
     sim.advance(Duration::from_millis(1));
     assert_eq!(sim.error_code(1), "handshake_timeout");
     // A registered one is not touched by its handshake timer.
-    sim.register(2, "alice", 1, None);
+    sim.register(2, "alice", 1);
     sim.advance(Duration::from_millis(900));
     sim.send(2, &ToRegistry::Heartbeat {});
     sim.advance(Duration::from_secs(5));
@@ -614,9 +627,9 @@ fn large_snapshots_are_split_into_frames_under_64_kib() {
     let name = |c: Conn| format!("{c:04}{}", "𝔞".repeat(28));
     let n = 800;
     for c in 0..n as Conn {
-        sim.register(c, &name(c), 4000, None);
+        sim.register(c, &name(c), 4000);
     }
-    sim.register(9999, "last", 4000, None);
+    sim.register(9999, "last", 4000);
     let msgs = sim.take(9999);
     assert!(msgs.len() >= 2, "{} frames", msgs.len());
     let mut all = Vec::new();
@@ -641,8 +654,8 @@ fn large_snapshots_are_split_into_frames_under_64_kib() {
 #[test]
 fn shutdown_notifies_every_peer_and_closes_everything() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001, None);
-    sim.register(2, "bob", 4002, None);
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
     sim.accept(3, ip(3));
     sim.take(1);
     sim.take(2);
@@ -667,7 +680,8 @@ enum Op {
     Silence(u16),
     Disconnect(u8),
     Leave(u8),
-    Reclaim(u8),
+    /// Another key asks for player i's name.
+    Impostor(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -677,7 +691,7 @@ fn op() -> impl Strategy<Value = Op> {
         (1u16..1500).prop_map(Op::Silence),
         (0u8..6).prop_map(Op::Disconnect),
         (0u8..6).prop_map(Op::Leave),
-        (0u8..6).prop_map(Op::Reclaim),
+        (0u8..6).prop_map(Op::Impostor),
     ]
 }
 
@@ -689,7 +703,11 @@ fn apply_view(view: &mut Vec<PeerEntry>, msg: &FromRegistry) {
         FromRegistry::Update { changes } => {
             for change in changes {
                 match change {
-                    Change::Joined { name, addr } => view.push(entry(name, addr)),
+                    Change::Joined { name, addr, key } => view.push(PeerEntry {
+                        name: name.clone(),
+                        addr: addr.clone(),
+                        key: *key,
+                    }),
                     Change::Left { name, .. } => view.retain(|e| &e.name != name),
                     Change::Moved { name, addr } => {
                         for e in view.iter_mut().filter(|e| &e.name == name) {
@@ -705,42 +723,48 @@ fn apply_view(view: &mut Vec<PeerEntry>, msg: &FromRegistry) {
 
 proptest! {
     /// After every flush, every registered peer's view (its welcome plus
-    /// the updates it got) equals the registry's table without itself.
+    /// the updates it got) equals the registry's table without itself, and
+    /// no name ever passes to another key.
     #[test]
     fn every_view_matches_the_table(ops in prop::collection::vec(op(), 1..60)) {
         let mut sim = Sim::new(config());
         let mut next_conn: Conn = 100;
-        // Player i's current connection and last secret.
+        // Player i's current connection.
         let mut conn_of: HashMap<u8, Conn> = HashMap::new();
-        let mut secret_of_player: HashMap<u8, String> = HashMap::new();
         let mut views: HashMap<Conn, Vec<PeerEntry>> = HashMap::new();
+        let mut first_key: HashMap<String, PublicKey> = HashMap::new();
         for op in ops {
             match op {
-                Op::Register(p) | Op::Reclaim(p) => {
-                    let secret = matches!(op, Op::Reclaim(_)).then(|| secret_of_player.get(&p).cloned()).flatten();
+                Op::Register(p) | Op::Impostor(p) => {
                     next_conn += 1;
                     let c = next_conn;
-                    sim.accept(c, ip(p));
-                    sim.send(c, &ToRegistry::Register { version: 1, name: format!("p{p}"), port: 4000 + i64::from(next_conn % 3), secret });
-                    conn_of.insert(p, c);
+                    let name = format!("p{p}");
+                    let key = if matches!(op, Op::Register(_)) { owner(&name) } else { key("impostor") };
+                    sim.accept_as(c, ip(p), key);
+                    sim.send(c, &register(&name, 4000 + i64::from(next_conn % 3)));
+                    if matches!(op, Op::Register(_)) {
+                        conn_of.insert(p, c);
+                    }
                 }
                 Op::Heartbeat(p) => if let Some(&c) = conn_of.get(&p) { sim.send(c, &ToRegistry::Heartbeat {}) },
                 Op::Silence(ms) => sim.advance(Duration::from_millis(u64::from(ms))),
-                Op::Disconnect(p) => if let Some(c) = conn_of.remove(&p) { sim.reg.on_closed(c, Disconnect::Lost); sim.apply(); },
+                Op::Disconnect(p) => if let Some(c) = conn_of.remove(&p) { sim.reg.on_closed(c, Disconnect::Lost, sim.now); sim.apply(); },
                 Op::Leave(p) => if let Some(&c) = conn_of.get(&p) { sim.send(c, &ToRegistry::Leave {}) },
             }
             sim.flush();
             for (c, msgs) in sim.inbox.drain() {
                 let view = views.entry(c).or_default();
                 for m in &msgs {
-                    if let FromRegistry::Welcome { secret, name, .. } = m {
-                        let p: u8 = name[1..].parse().unwrap();
-                        secret_of_player.insert(p, secret.clone());
-                    }
                     apply_view(view, m);
                 }
             }
             let table = sim.reg.directory();
+            // The grace (10 minutes) outlasts the whole run: whichever key
+            // got a name first keeps it.
+            for entry in &table {
+                let first = *first_key.entry(entry.name.clone()).or_insert(entry.key);
+                prop_assert_eq!(entry.key, first, "{} changed hands", &entry.name);
+            }
             for (c, _) in sim.reg.order.values() {
                 let me = sim.reg.session(*c).unwrap().name.clone();
                 let expected: Vec<PeerEntry> = table.iter().filter(|e| e.name != me).cloned().collect();
