@@ -9,6 +9,8 @@ pub enum Command {
     Direct { to: String, text: String },
     /// `/peers`.
     Peers,
+    /// `/whois NAME`: a peer's key fingerprint.
+    Whois(String),
     /// `/quit`, or the end of input.
     Quit,
 }
@@ -20,7 +22,7 @@ pub struct CommandError {
     pub message: String,
 }
 
-pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /peers, /quit; start a line with // to send one beginning with /";
+pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /peers, /whois NAME, /quit; start a line with // to send one beginning with /";
 
 /// Parses one input line. Blank lines mean nothing (`Ok(None)`).
 pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
@@ -52,6 +54,13 @@ pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
             }))
         }
         "peers" => Ok(Some(Command::Peers)),
+        "whois" => match args.split_whitespace().collect::<Vec<_>>()[..] {
+            [name] => Ok(Some(Command::Whois(name.to_string()))),
+            _ => Err(CommandError {
+                code: "bad_command",
+                message: "usage: /whois NAME".into(),
+            }),
+        },
         "quit" => Ok(Some(Command::Quit)),
         _ => Err(CommandError {
             code: "unknown_command",
@@ -86,6 +95,12 @@ mod tests {
             }))
         );
         assert_eq!(parse("/peers"), Ok(Some(Command::Peers)));
+        assert_eq!(
+            parse("/whois  Bob "),
+            Ok(Some(Command::Whois("Bob".into())))
+        );
+        assert_eq!(parse("/whois").unwrap_err().code, "bad_command");
+        assert_eq!(parse("/whois a b").unwrap_err().code, "bad_command");
         assert_eq!(parse("/quit\r"), Ok(Some(Command::Quit)));
         assert_eq!(
             parse("//shrug"),

@@ -5,21 +5,25 @@ mod terminal;
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{CommandFactory, Parser};
+use peerchat_core::identity::{self, Identity, PublicKey};
 use peerchat_core::protocol::normalize_name;
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 use peerchat_peer::command::{self, Command};
-use peerchat_peer::peer::{Action, Config, Event, Peer, Timer};
+use peerchat_peer::peer::{Action, Config, Event, Peer, Pin, Timer};
+use peerchat_peer::trust::{self, KnownPeers};
 use terminal::{Input, Output};
 
 /// A peerchat peer: registers with a registry, then chats directly with the
-/// other peers. Type text to send it to everyone, `/msg NAME TEXT` for one
-/// peer, `/peers` to list who is online, `/quit` to leave.
+/// other peers over encrypted links. Type text to send it to everyone,
+/// `/msg NAME TEXT` for one peer, `/peers` to list who is online,
+/// `/whois NAME` for a peer's key fingerprint, `/quit` to leave.
 #[derive(Debug, Parser)]
 #[command(name = "peer", version, about)]
 struct Args {
@@ -37,6 +41,18 @@ struct Args {
     /// Print one JSON object per line on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Your key file, created (mode 0600) if missing. Default: NAME.key in
+    /// $XDG_DATA_HOME/peerchat/, else ~/.local/share/peerchat/.
+    #[arg(long, value_name = "PATH")]
+    identity: Option<PathBuf>,
+    /// The registry's key (base64, as the registry prints it at start).
+    /// Without it, the first key the registry proves is pinned.
+    #[arg(long, value_name = "KEY", value_parser = PublicKey::parse)]
+    registry_key: Option<PublicKey>,
+    /// The file of pinned keys. Default: known_peers next to the default
+    /// key files.
+    #[arg(long, value_name = "PATH")]
+    known_peers: Option<PathBuf>,
 }
 
 struct PeerApp {
@@ -47,6 +63,9 @@ struct PeerApp {
     /// What the user just typed, echoed once the peer accepts it.
     echo: Option<(String, Option<String>)>,
     exit: Option<i32>,
+    known_peers: PathBuf,
+    /// The registry as named on the command line: its pin's subject.
+    registry_name: String,
 }
 
 impl PeerApp {
@@ -93,6 +112,7 @@ impl PeerApp {
                         ctx.arm(at, timer);
                     }
                     Action::Emit(event) => self.show(&event),
+                    Action::Pin(pin) => self.save_pin(&pin),
                     Action::Exit(code) => {
                         self.exit.get_or_insert(code);
                         // Long enough to flush a leave message, no longer.
@@ -100,6 +120,22 @@ impl PeerApp {
                     }
                 }
             }
+        }
+    }
+
+    fn save_pin(&mut self, pin: &Pin) {
+        let line = match pin {
+            Pin::Peer { name, key } => trust::pin_line("peer", name, key),
+            Pin::Registry(key) => trust::pin_line("registry", &self.registry_name, key),
+        };
+        if let Err(e) = trust::append(&self.known_peers, &line) {
+            self.show(&Event::Error {
+                code: "io".into(),
+                message: format!(
+                    "cannot pin a key in {}: {e}; it is trusted for this run only",
+                    self.known_peers.display()
+                ),
+            });
         }
     }
 
@@ -126,7 +162,18 @@ impl App for PeerApp {
     type Timer = Timer<ConnId>;
 
     fn on_accept(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, _peer: SocketAddr) {
-        self.peer.on_accept(conn, ctx.now());
+        match ctx.remote_key(conn) {
+            Some(key) => self.peer.on_accept(conn, key, ctx.now()),
+            None => ctx.close(conn, "no proven key"),
+        }
+        self.apply(ctx);
+    }
+
+    fn on_connected(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId) {
+        match ctx.remote_key(conn) {
+            Some(key) => self.peer.on_connected(conn, key, ctx.now()),
+            None => ctx.close(conn, "no proven key"),
+        }
         self.apply(ctx);
     }
 
@@ -271,6 +318,25 @@ fn fail(json: bool, code: &str, message: String) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The key file and `known_peers` paths, defaults filled in.
+fn trust_paths(args: &Args) -> Result<(PathBuf, PathBuf), String> {
+    let data = || {
+        identity::data_home().map(|d| d.join("peerchat")).ok_or_else(|| {
+            "neither XDG_DATA_HOME nor HOME is set; name files with --identity and --known-peers"
+                .to_string()
+        })
+    };
+    let key_file = match &args.identity {
+        Some(path) => path.clone(),
+        None => trust::key_file(&data()?, &args.name),
+    };
+    let known_peers = match &args.known_peers {
+        Some(path) => path.clone(),
+        None => data()?.join("known_peers"),
+    };
+    Ok((key_file, known_peers))
+}
+
 fn main() -> ExitCode {
     let args: Args = peerchat_core::cli::parse_args();
     let logs = init_logs();
@@ -282,9 +348,42 @@ fn main() -> ExitCode {
         );
     }
     let registry = resolve(&args.registry);
+    let (key_file, known_peers_path) = match trust_paths(&args) {
+        Ok(paths) => paths,
+        Err(e) => return fail(args.json, "identity", e),
+    };
+    let identity = match Identity::load_or_create(&key_file) {
+        Ok((identity, created)) => {
+            if created {
+                eprintln!("peer: created a new key in {}", key_file.display());
+            }
+            identity
+        }
+        Err(e) => return fail(args.json, "identity", e.to_string()),
+    };
+    let known = match KnownPeers::load(&known_peers_path) {
+        Ok(known) => known,
+        Err(e) => return fail(args.json, "known_peers", e),
+    };
+    let registry_name = args.registry.trim().to_string();
+    let pinned_registry = known.registries.get(&registry_name).copied();
+    if let (Some(given), Some(pinned)) = (args.registry_key, pinned_registry) {
+        if given != pinned {
+            return fail(
+                args.json,
+                "key_mismatch",
+                format!(
+                    "--registry-key {given} differs from the key pinned for {registry_name} in {} ({pinned}); remove that line if the registry's key really changed",
+                    known_peers_path.display()
+                ),
+            );
+        }
+    }
+    eprintln!("peer: your key fingerprint is {}", identity.public());
 
     let loop_config = LoopConfig {
         handle_signals: true,
+        identity: Some(Arc::new(identity.clone())),
         ..LoopConfig::default()
     };
     let mut event_loop = match EventLoop::new(loop_config) {
@@ -309,7 +408,14 @@ fn main() -> ExitCode {
         Ok(out) => out,
         Err(e) => return fail(args.json, "io", format!("cannot read input: {e}")),
     };
-    let config = Config::new(args.name.trim().to_string(), registry, local.port());
+    let mut config = Config::new(
+        args.name.trim().to_string(),
+        registry,
+        local.port(),
+        identity.public(),
+    );
+    config.registry_key = args.registry_key.or(pinned_registry);
+    config.pins = known.peers;
     let mut app = PeerApp {
         peer: Peer::new(config, seed()),
         out,
@@ -317,7 +423,13 @@ fn main() -> ExitCode {
         input: rx,
         echo: None,
         exit: None,
+        known_peers: known_peers_path,
+        registry_name,
     };
+    if !args.json {
+        app.out
+            .line(&format!("your key fingerprint: {}", identity.public()));
+    }
     app.peer.start();
     {
         let ctx = event_loop.ctx();

@@ -3,6 +3,12 @@
 //! outbox that turns every sent message into exactly one `delivered` or
 //! `undelivered` per target.
 //!
+//! Every connection arrives with the static key its Noise handshake proved.
+//! The registry's key must match the one pinned for it; a link's key must
+//! match the key the directory lists for the peer's name, and the key
+//! pinned for that name in `known_peers` (trust on first use), or the link
+//! is refused.
+//!
 //! Inputs are commands, connection events and timers, each with `now`;
 //! outputs are [`Action`]s. Nothing here touches a socket, a terminal or the
 //! clock, so tests run it with simulated time.
@@ -15,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use peerchat_core::codec;
+use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{
     self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
     FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
@@ -56,11 +63,20 @@ pub struct Config {
     pub stale_grace: Duration,
     /// A message not acknowledged by then is reported undelivered.
     pub send_timeout: Duration,
+    /// Our own static key (the public half).
+    pub key: PublicKey,
+    /// The key the registry must prove; `None` pins the first one seen.
+    pub registry_key: Option<PublicKey>,
+    /// Keys pinned per peer (folded name), from `known_peers`.
+    pub pins: HashMap<String, PublicKey>,
 }
 
 impl Config {
-    pub fn new(name: String, registry: SocketAddr, listen_port: u16) -> Self {
+    pub fn new(name: String, registry: SocketAddr, listen_port: u16, key: PublicKey) -> Self {
         Config {
+            key,
+            registry_key: None,
+            pins: HashMap::new(),
             name,
             registry,
             listen_port,
@@ -82,11 +98,14 @@ pub enum Event {
     Registered {
         name: String,
         addr: String,
+        /// Our own key: its fingerprint.
+        key: PublicKey,
         peers: Vec<PeerEntry>,
     },
     Joined {
         name: String,
         addr: String,
+        key: PublicKey,
     },
     Left {
         name: String,
@@ -122,6 +141,13 @@ pub enum Event {
     RegistryLost {
         error: String,
         retry_in_ms: u64,
+    },
+    /// Answer to `/whois`: the key the directory lists for a peer, and
+    /// whether it is the one pinned in `known_peers`.
+    Whois {
+        name: String,
+        key: PublicKey,
+        pinned: bool,
     },
     Error {
         code: String,
@@ -163,8 +189,17 @@ pub enum Action<C> {
     Close(C, String),
     Arm(Instant, Timer<C>),
     Emit(Event),
+    /// Remember this key for good (append it to `known_peers`).
+    Pin(Pin),
     /// Flush and end the process with this status.
     Exit(i32),
+}
+
+/// A key seen for the first time, to be trusted from now on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    Peer { name: String, key: PublicKey },
+    Registry(PublicKey),
 }
 
 enum Session<C> {
@@ -186,6 +221,9 @@ enum Session<C> {
 struct Known {
     name: String,
     addr: SocketAddr,
+    key: PublicKey,
+    /// The key differs from the one pinned for this name: no links.
+    mismatch: bool,
     /// Missing from the snapshot of our latest registration.
     stale_since: Option<Instant>,
 }
@@ -229,10 +267,14 @@ enum Role {
 }
 
 enum InLink {
-    AwaitHello,
+    /// Proved `key`; its hello is due.
+    AwaitHello {
+        key: PublicKey,
+    },
     /// Said hello as a peer the directory does not list (yet).
     Pending {
         folded: String,
+        key: PublicKey,
         instance: u64,
         held: Vec<(u64, String, bool)>,
     },
@@ -251,7 +293,6 @@ pub struct Peer<C> {
     session: Session<C>,
     /// Bumped per registry connection, so timers of an old one do nothing.
     epoch: u64,
-    secret: Option<String>,
     /// Our address as the registry observed it.
     my_addr: String,
     backoff: Duration,
@@ -282,7 +323,6 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             actions: Vec::new(),
             session: Session::Idle,
             epoch: 0,
-            secret: None,
             my_addr: String::new(),
             heartbeat: Duration::from_secs(5),
             timeout: Duration::from_secs(15),
@@ -318,6 +358,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             .map(|k| PeerEntry {
                 name: k.name.clone(),
                 addr: k.addr.to_string(),
+                key: k.key,
             })
             .collect()
     }
@@ -354,25 +395,13 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     conn,
                     snapshot: Vec::new(),
                 };
-                let register = ToRegistry::Register {
-                    version: PROTOCOL_VERSION,
-                    name: self.config.name.clone(),
-                    port: i64::from(self.config.listen_port),
-                    secret: self.secret.clone(),
-                };
-                self.actions
-                    .push(Action::Send(conn, protocol::frame(&register)));
+                // The deadline covers the connect and the handshake too.
                 self.actions.push(Action::Arm(
                     now + self.config.register_timeout,
                     Timer::RegisterDeadline(self.epoch),
                 ));
             }
             Dial::Link(target) => {
-                let hello = protocol::frame(&LinkMsg::Hello {
-                    version: PROTOCOL_VERSION,
-                    name: self.config.name.trim().to_string(),
-                    instance: self.instance,
-                });
                 let Some(link) = self.links.get_mut(&target).filter(|l| l.conn.is_none()) else {
                     self.actions
                         .push(Action::Close(conn, "no longer needed".into()));
@@ -380,13 +409,93 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 };
                 link.dialing = false;
                 link.conn = Some(conn);
-                self.actions.push(Action::Send(conn, hello));
-                for out in &link.queue {
-                    self.actions.push(Action::Send(conn, out.frame.clone()));
-                }
                 self.conns.insert(conn, Role::Out(target));
             }
         }
+    }
+
+    /// A dialed connection is up and proved `key`: check it, then speak.
+    pub fn on_connected(&mut self, conn: C, key: PublicKey, now: Instant) {
+        match self.conns.get(&conn) {
+            Some(Role::Registry) => self.registry_connected(conn, key, now),
+            Some(Role::Out(target)) => {
+                let target = target.clone();
+                self.link_connected(conn, target, key, now);
+            }
+            Some(Role::In(_)) | None => {}
+        }
+    }
+
+    fn registry_connected(&mut self, conn: C, key: PublicKey, now: Instant) {
+        match self.config.registry_key {
+            Some(pinned) if pinned != key => {
+                let message = format!(
+                    "the registry at {} proved key {key}, but {pinned} is pinned for it; not registering",
+                    self.config.registry
+                );
+                self.error(ErrorCode::KeyMismatch.as_str(), message.clone());
+                return self.drop_registry(conn, message, now);
+            }
+            Some(_) => {}
+            None => {
+                self.config.registry_key = Some(key);
+                self.actions.push(Action::Pin(Pin::Registry(key)));
+            }
+        }
+        let register = ToRegistry::Register {
+            version: PROTOCOL_VERSION,
+            name: self.config.name.clone(),
+            port: i64::from(self.config.listen_port),
+        };
+        self.actions
+            .push(Action::Send(conn, protocol::frame(&register)));
+    }
+
+    fn link_connected(&mut self, conn: C, target: String, key: PublicKey, now: Instant) {
+        let Some(known) = self.dir.get(&target) else {
+            self.conns.remove(&conn);
+            self.actions
+                .push(Action::Close(conn, "no longer listed".into()));
+            return;
+        };
+        if known.key != key {
+            // Whoever is at that address now is not the peer the directory
+            // lists: never hand it the queued chats.
+            let message = format!(
+                "{} at {} proved key {key}, not the key {} the registry lists; link refused",
+                known.name, known.addr, known.key
+            );
+            tracing::warn!("{message}");
+            self.conns.remove(&conn);
+            if let Some(link) = self.links.get_mut(&target) {
+                link.conn = None;
+            }
+            self.actions.push(Action::Close(conn, message));
+            self.schedule_redial(&target, now);
+            return;
+        }
+        self.pin(&target, key);
+        let hello = protocol::frame(&LinkMsg::Hello {
+            version: PROTOCOL_VERSION,
+            name: self.config.name.trim().to_string(),
+            instance: self.instance,
+        });
+        self.actions.push(Action::Send(conn, hello));
+        if let Some(link) = self.links.get(&target) {
+            for out in &link.queue {
+                self.actions.push(Action::Send(conn, out.frame.clone()));
+            }
+        }
+    }
+
+    /// Trusts `key` for a peer from now on, if nothing was pinned for it.
+    fn pin(&mut self, folded: &str, key: PublicKey) {
+        if self.config.pins.contains_key(folded) {
+            return;
+        }
+        self.config.pins.insert(folded.to_string(), key);
+        let name = self.display_name(folded);
+        self.actions.push(Action::Pin(Pin::Peer { name, key }));
     }
 
     pub fn dial_failed(&mut self, dial: Dial, error: String, now: Instant) {
@@ -402,8 +511,10 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         }
     }
 
-    pub fn on_accept(&mut self, conn: C, now: Instant) {
-        self.conns.insert(conn, Role::In(InLink::AwaitHello));
+    /// An inbound link whose handshake proved `key`.
+    pub fn on_accept(&mut self, conn: C, key: PublicKey, now: Instant) {
+        self.conns
+            .insert(conn, Role::In(InLink::AwaitHello { key }));
         self.actions.push(Action::Arm(
             now + self.config.hello_timeout,
             Timer::HelloDeadline(conn),
@@ -491,7 +602,6 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 addr,
                 heartbeat_ms,
                 timeout_ms,
-                secret,
                 peers,
                 more,
             } => {
@@ -506,7 +616,6 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     );
                 }
                 snapshot.extend(peers);
-                self.secret = Some(secret);
                 let heartbeat_ms = heartbeat_ms.clamp(HEARTBEAT_MS.0, HEARTBEAT_MS.1);
                 self.heartbeat = Duration::from_millis(heartbeat_ms);
                 self.timeout =
@@ -532,6 +641,16 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 }
             }
             FromRegistry::Heartbeat {} => {}
+            FromRegistry::Error { code, reason } if code == ErrorCode::Replaced.as_str() => {
+                // Another process holding our key took our name over; two
+                // of us would only keep replacing each other.
+                self.error(&code, format!("this session was replaced: {reason}"));
+                self.session = Session::Closed;
+                self.quitting = true;
+                self.conns.remove(&conn);
+                self.actions.push(Action::Close(conn, "replaced".into()));
+                self.exit(2, &code);
+            }
             FromRegistry::Error { code, reason } => {
                 let fatal = matches!(
                     code.as_str(),
@@ -572,7 +691,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 continue;
             }
             if let Ok(addr) = entry.addr.parse() {
-                self.learn(folded.clone(), entry.name.clone(), addr);
+                self.learn(folded.clone(), entry.name.clone(), addr, entry.key);
                 listed.insert(folded);
             }
         }
@@ -596,6 +715,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         self.emit(Event::Registered {
             name: self.config.name.clone(),
             addr: self.my_addr.clone(),
+            key: self.config.key,
             peers,
         });
         let waiting: std::collections::HashSet<String> = self
@@ -615,29 +735,52 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         ));
     }
 
-    /// Adds or refreshes a directory entry; a new address drops the old link.
-    fn learn(&mut self, folded: String, name: String, addr: SocketAddr) -> bool {
-        let moved = match self.dir.get_mut(&folded) {
+    /// Adds or refreshes a directory entry; a new address or key drops the
+    /// old link. A key other than the pinned one is reported, once.
+    fn learn(&mut self, folded: String, name: String, addr: SocketAddr, key: PublicKey) -> bool {
+        let mismatch = self.config.pins.get(&folded).is_some_and(|k| *k != key);
+        let (moved, rekeyed, newly_mismatched) = match self.dir.get_mut(&folded) {
             Some(known) => {
                 known.stale_since = None;
-                known.name = name;
+                known.name = name.clone();
                 let moved = known.addr != addr;
+                let rekeyed = known.key != key;
+                let newly = mismatch && (rekeyed || !known.mismatch);
                 known.addr = addr;
-                moved
+                known.key = key;
+                known.mismatch = mismatch;
+                (moved, rekeyed, newly)
             }
             None => {
                 self.dir.insert(
                     folded.clone(),
                     Known {
-                        name,
+                        name: name.clone(),
                         addr,
+                        key,
+                        mismatch,
                         stale_since: None,
                     },
                 );
-                false
+                (false, false, mismatch)
             }
         };
-        if moved {
+        if newly_mismatched {
+            let pinned = self.config.pins[&folded];
+            self.error(
+                ErrorCode::KeyMismatch.as_str(),
+                format!(
+                    "the registry lists {name} with key {key}, but {pinned} is pinned for that name in known_peers; links to and from {name} are refused (if {name} really has a new key, remove its line from known_peers)"
+                ),
+            );
+        }
+        if rekeyed {
+            // Another key now holds the name: nothing of the old one's
+            // links or message ids carries over.
+            self.seen.remove(&folded);
+            self.close_inbound(&folded, "the peer's key changed");
+        }
+        if moved || rekeyed {
             if let Some(conn) = self.links.get_mut(&folded).and_then(|l| l.conn.take()) {
                 self.conns.remove(&conn);
                 self.actions
@@ -650,7 +793,12 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
 
     fn apply_change(&mut self, change: Change) {
         match change {
-            Change::Joined { name, addr } | Change::Moved { name, addr } => {
+            Change::Joined { .. } | Change::Moved { .. } => {
+                let (name, addr, key) = match change {
+                    Change::Joined { name, addr, key } => (name, addr, Some(key)),
+                    Change::Moved { name, addr } => (name, addr, None),
+                    Change::Left { .. } => unreachable!("matched above"),
+                };
                 let folded = fold_name(&name);
                 if folded == self.my_folded {
                     return;
@@ -659,13 +807,19 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     tracing::warn!(%name, %addr, "the registry sent an unusable address");
                     return;
                 };
+                // A move keeps the key; a move of a peer we do not list
+                // tells us nothing we could check a link against.
+                let Some(key) = key.or_else(|| self.dir.get(&folded).map(|k| k.key)) else {
+                    tracing::warn!(%name, "the registry moved a peer it never listed");
+                    return;
+                };
                 // A peer we still list (kept across a registry restart)
                 // never left as far as the user knows: say nothing unless
                 // its address changed.
                 let known = self.dir.contains_key(&folded);
-                let moved = self.learn(folded.clone(), name.clone(), parsed);
+                let moved = self.learn(folded.clone(), name.clone(), parsed, key);
                 if !known {
-                    self.emit(Event::Joined { name, addr });
+                    self.emit(Event::Joined { name, addr, key });
                 } else if moved {
                     self.emit(Event::Moved { name, addr });
                 }
@@ -705,6 +859,12 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     .push(Action::Close(conn, format!("{} left", known.name)));
             }
         }
+        self.close_inbound(folded, &format!("{} left", known.name));
+        self.maybe_finish_quit();
+    }
+
+    /// Closes every link that said hello as `folded`.
+    fn close_inbound(&mut self, folded: &str, reason: &str) {
         let inbound: Vec<C> = self
             .conns
             .iter()
@@ -718,10 +878,8 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             .collect();
         for conn in inbound {
             self.conns.remove(&conn);
-            self.actions
-                .push(Action::Close(conn, format!("{} left", known.name)));
+            self.actions.push(Action::Close(conn, reason.into()));
         }
-        self.maybe_finish_quit();
     }
 
     fn drop_registry(&mut self, conn: C, reason: String, now: Instant) {
@@ -765,7 +923,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     // ---- links ----
 
     fn ensure_link(&mut self, folded: &str) {
-        let Some(addr) = self.dir.get(folded).map(|k| k.addr) else {
+        let Some(addr) = self.dir.get(folded).filter(|k| !k.mismatch).map(|k| k.addr) else {
             return;
         };
         let link = self.links.entry(folded.to_string()).or_default();
@@ -845,13 +1003,15 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         let Some(Role::In(link)) = self.conns.get_mut(&conn) else {
             return;
         };
-        if let InLink::AwaitHello = link {
+        if let InLink::AwaitHello { key } = *link {
             let version_of = |m: &LinkMsg| match m {
                 LinkMsg::Hello { version, .. } => *version,
                 _ => PROTOCOL_VERSION,
             };
             return match decode_first(body, version_of) {
-                Ok(LinkMsg::Hello { name, instance, .. }) => self.on_hello(conn, name, instance),
+                Ok(LinkMsg::Hello { name, instance, .. }) => {
+                    self.on_hello(conn, key, name, instance)
+                }
                 Ok(_) => self.refuse_link(conn, ErrorCode::Protocol, "a link starts with hello".into()),
                 Err(FirstFrameError::Version(v)) => self.refuse_link(
                     conn,
@@ -887,7 +1047,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     let (folded, instance) = (folded.clone(), *instance);
                     self.deliver(conn, &folded, instance, id, text, direct);
                 }
-                InLink::AwaitHello => {}
+                InLink::AwaitHello { .. } => {}
             },
             Ok(LinkMsg::Error { code, reason }) => {
                 tracing::warn!(?conn, %code, %reason, "error from a linked peer");
@@ -908,7 +1068,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         }
     }
 
-    fn on_hello(&mut self, conn: C, name: String, instance: u64) {
+    fn on_hello(&mut self, conn: C, key: PublicKey, name: String, instance: u64) {
         let name = match normalize_name(&name) {
             Ok(name) => name,
             Err(why) => return self.refuse_link(conn, ErrorCode::BadName, why),
@@ -921,10 +1081,17 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 format!("{name:?} is this peer's own name"),
             );
         }
+        if let Some(pinned) = self.config.pins.get(&folded).filter(|k| **k != key) {
+            let reason =
+                format!("{name} is pinned to key {pinned} in known_peers; this link proved {key}");
+            self.error(ErrorCode::KeyMismatch.as_str(), reason.clone());
+            return self.refuse_link(conn, ErrorCode::KeyMismatch, reason);
+        }
         self.conns.insert(
             conn,
             Role::In(InLink::Pending {
                 folded: folded.clone(),
+                key,
                 instance,
                 held: Vec::new(),
             }),
@@ -948,8 +1115,13 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     }
 
     /// The directory now lists `folded`: links that said hello under that
-    /// name are verified, and what they sent meanwhile is delivered.
+    /// name and proved its key are verified, and what they sent meanwhile is
+    /// delivered. Links with another key are refused, unread.
     fn admit_pending(&mut self, folded: &str) {
+        let Some(known) = self.dir.get(folded) else {
+            return;
+        };
+        let (listed_key, mismatch, name) = (known.key, known.mismatch, known.name.clone());
         let waiting: Vec<C> = self
             .conns
             .iter()
@@ -957,10 +1129,25 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             .map(|(c, _)| *c)
             .collect();
         for conn in waiting {
-            let Some(Role::In(InLink::Pending { instance, held, .. })) = self.conns.remove(&conn)
+            let Some(Role::In(InLink::Pending {
+                instance,
+                held,
+                key,
+                ..
+            })) = self.conns.remove(&conn)
             else {
                 continue;
             };
+            if key != listed_key || mismatch {
+                let reason = if mismatch {
+                    format!("{name}'s listed key is not the one pinned in known_peers")
+                } else {
+                    format!("the registry lists {name} with key {listed_key}, not {key}")
+                };
+                self.refuse_link(conn, ErrorCode::KeyMismatch, reason);
+                continue;
+            }
+            self.pin(folded, key);
             self.conns.insert(
                 conn,
                 Role::In(InLink::Verified {
@@ -1029,7 +1216,27 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 let peers = self.peers();
                 self.emit(Event::Peers { peers });
             }
+            Command::Whois(name) => self.whois(&name),
             Command::Quit => self.quit(now),
+        }
+    }
+
+    fn whois(&mut self, name: &str) {
+        let folded = fold_name(name.trim());
+        let found = if folded == self.my_folded {
+            Some((self.config.name.clone(), self.config.key, true))
+        } else {
+            self.dir.get(&folded).map(|known| {
+                let pinned = self.config.pins.get(&folded) == Some(&known.key);
+                (known.name.clone(), known.key, pinned)
+            })
+        };
+        match found {
+            Some((name, key, pinned)) => self.emit(Event::Whois { name, key, pinned }),
+            None => self.error(
+                ErrorCode::UnknownPeer.as_str(),
+                format!("no peer named {name:?} is online (see /peers)"),
+            ),
         }
     }
 
@@ -1048,6 +1255,15 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         let to = targets.iter().map(|t| self.display_name(t)).collect();
         self.emit(Event::Sent { id, to });
         for target in targets {
+            if self.dir.get(&target).is_some_and(|k| k.mismatch) {
+                let to = self.display_name(&target);
+                self.emit(Event::Undelivered {
+                    id,
+                    to,
+                    reason: ErrorCode::KeyMismatch.as_str().into(),
+                });
+                continue;
+            }
             let deadline = now + self.config.send_timeout;
             let link = self.links.entry(target.clone()).or_default();
             link.queue.push_back(Outgoing {
@@ -1173,7 +1389,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 self.ensure_link(&target);
             }
             Timer::HelloDeadline(conn) => match self.conns.get(&conn) {
-                Some(Role::In(InLink::AwaitHello)) => {
+                Some(Role::In(InLink::AwaitHello { .. })) => {
                     self.refuse_link(conn, ErrorCode::HandshakeTimeout, "no hello in time".into())
                 }
                 Some(Role::In(InLink::Pending { folded, .. })) => {

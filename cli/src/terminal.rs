@@ -178,10 +178,12 @@ fn names(peers: &[peerchat_core::protocol::PeerEntry]) -> String {
 /// The line a person reads for an event; `None` for the ones left quiet.
 pub fn human(event: &Event) -> Option<String> {
     Some(match event {
-        Event::Registered { name, addr, peers } => {
+        Event::Registered {
+            name, addr, peers, ..
+        } => {
             format!("* registered as {name} at {addr}; {}", names(peers))
         }
-        Event::Joined { name, addr } => format!("* {name} joined ({addr})"),
+        Event::Joined { name, addr, .. } => format!("* {name} joined ({addr})"),
         Event::Left { name, reason } => format!("* {name} left ({reason})"),
         Event::Moved { name, addr } => format!("* {name} moved to {addr}"),
         Event::Peers { peers } => format!("* {}", names(peers)),
@@ -202,6 +204,14 @@ pub fn human(event: &Event) -> Option<String> {
             format!("! registry lost ({error}), retrying in {retry_in_ms} ms; chat goes on")
         }
         Event::Error { code, message } => format!("! {code}: {message}"),
+        Event::Whois { name, key, pinned } => {
+            let trust = if *pinned {
+                "pinned in known_peers"
+            } else {
+                "not pinned yet"
+            };
+            format!("* {name}: key {key} ({trust})")
+        }
     })
 }
 

@@ -64,9 +64,14 @@ impl fmt::Debug for PublicKey {
     }
 }
 
+/// A byte string on the wire (CBOR), base64 text where people read it (JSON).
 impl Serialize for PublicKey {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.0)
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            serializer.serialize_bytes(&self.0)
+        }
     }
 }
 
@@ -81,8 +86,15 @@ impl<'de> Deserialize<'de> for PublicKey {
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<PublicKey, E> {
                 PublicKey::from_slice(v).ok_or_else(|| E::invalid_length(v.len(), &self))
             }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PublicKey, E> {
+                PublicKey::parse(v).map_err(E::custom)
+            }
         }
-        deserializer.deserialize_bytes(KeyVisitor)
+        if deserializer.is_human_readable() {
+            deserializer.deserialize_str(KeyVisitor)
+        } else {
+            deserializer.deserialize_bytes(KeyVisitor)
+        }
     }
 }
 

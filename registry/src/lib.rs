@@ -211,13 +211,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// A connection whose handshake proved `key`.
     pub fn on_accept(&mut self, conn: C, peer: SocketAddr, key: PublicKey, now: Instant) {
-        self.conns.insert(
-            conn,
-            ConnState::Handshake {
-                ip: peer.ip(),
-                key,
-            },
-        );
+        self.conns
+            .insert(conn, ConnState::Handshake { ip: peer.ip(), key });
         self.actions
             .push(Action::SetMaxFrame(conn, self.config.handshake_max_frame));
         self.actions.push(Action::Arm(

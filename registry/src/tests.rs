@@ -225,12 +225,8 @@ fn welcome_carries_observed_address_settings_and_snapshot_with_keys() {
 #[test]
 fn ipv6_and_mapped_addresses() {
     let mut sim = Sim::new(config());
-    sim.reg.on_accept(
-        1,
-        "[2001:db8::7]:9".parse().unwrap(),
-        owner("v6"),
-        sim.now,
-    );
+    sim.reg
+        .on_accept(1, "[2001:db8::7]:9".parse().unwrap(), owner("v6"), sim.now);
     sim.send(1, &register("v6", 4000));
     sim.reg.on_accept(
         2,
@@ -576,7 +572,11 @@ fn a_name_stays_reserved_for_its_key_through_the_grace_period() {
     sim.register_as(22, "alice", 5000, key("newcomer"));
     assert_eq!(sim.reg.directory()[0].key, key("newcomer"));
     sim.register_as(23, "carol", 5000, key("impostor"));
-    assert_eq!(sim.error_code(23), "name_taken", "carol's grace began later");
+    assert_eq!(
+        sim.error_code(23),
+        "name_taken",
+        "carol's grace began later"
+    );
     assert_eq!(sim.reg.reserved_count(), 1, "expired ones are dropped");
 }
 

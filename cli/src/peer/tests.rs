@@ -35,7 +35,22 @@ fn registry_addr() -> SocketAddr {
 }
 
 fn config() -> Config {
-    Config::new("alice".into(), registry_addr(), 4000)
+    Config::new("alice".into(), registry_addr(), 4000, key_of("alice"))
+}
+
+/// The key each test peer (and the registry) proves: the peer only compares
+/// keys, so any 32 bytes will do.
+fn key_of(name: &str) -> PublicKey {
+    let mut bytes = [0u8; 32];
+    for (i, b) in name.bytes().enumerate() {
+        bytes[i % 32] ^= b;
+    }
+    bytes[31] = name.len() as u8;
+    PublicKey::from_slice(&bytes).unwrap()
+}
+
+fn registry_key() -> PublicKey {
+    key_of("the registry")
 }
 
 /// Each test peer's listening address.
@@ -57,29 +72,28 @@ fn entries(names: &[&str]) -> Vec<PeerEntry> {
         .map(|n| PeerEntry {
             name: (*n).into(),
             addr: addr(n),
+            key: key_of(n),
         })
         .collect()
 }
 
-fn welcome(secret: &str, peers: &[&str], more: bool) -> FromRegistry {
+fn welcome(peers: &[&str], more: bool) -> FromRegistry {
     FromRegistry::Welcome {
-        version: 1,
+        version: PROTOCOL_VERSION,
         name: "alice".into(),
         addr: MY_ADDR.into(),
         heartbeat_ms: HEARTBEAT.as_millis() as u64,
         timeout_ms: TIMEOUT.as_millis() as u64,
-        secret: secret.into(),
         peers: entries(peers),
         more,
     }
 }
 
-fn register(secret: Option<&str>) -> ToRegistry {
+fn register() -> ToRegistry {
     ToRegistry::Register {
-        version: 1,
+        version: PROTOCOL_VERSION,
         name: "alice".into(),
         port: 4000,
-        secret: secret.map(String::from),
     }
 }
 
@@ -87,6 +101,7 @@ fn joined(name: &str) -> Change {
     Change::Joined {
         name: name.into(),
         addr: addr(name),
+        key: key_of(name),
     }
 }
 
@@ -107,7 +122,7 @@ fn chat(id: u64, text: &str, direct: bool) -> LinkMsg {
 
 fn hello(name: &str, instance: u64) -> LinkMsg {
     LinkMsg::Hello {
-        version: 1,
+        version: PROTOCOL_VERSION,
         name: name.into(),
         instance,
     }
@@ -190,6 +205,10 @@ struct Sim {
     exits: Vec<i32>,
     timers: BTreeMap<(Instant, u64), Timer<Conn>>,
     timer_seq: u64,
+    /// Keys proved instead of the right ones, per dialed peer (folded
+    /// name; "" for the registry).
+    imposters: HashMap<String, PublicKey>,
+    pins: Vec<Pin>,
 }
 
 impl Sim {
@@ -213,6 +232,8 @@ impl Sim {
             exits: Vec::new(),
             timers: BTreeMap::new(),
             timer_seq: 0,
+            imposters: HashMap::new(),
+            pins: Vec::new(),
         }
     }
 
@@ -224,7 +245,7 @@ impl Sim {
     fn online(peers: &[&str]) -> Self {
         let mut sim = Sim::new();
         sim.start();
-        sim.registry_says(&welcome("s1", peers, false));
+        sim.registry_says(&welcome(peers, false));
         assert!(sim.peer.is_online());
         sim.take_all();
         sim
@@ -235,10 +256,21 @@ impl Sim {
         self.next_conn
     }
 
+    /// Connects, and completes the handshake with the key the other side
+    /// proves: the right one unless `imposters` names another.
     fn answer(&mut self, dial: Dial) {
         let c = self.fresh_conn();
         self.dialed.push((c, dial.clone()));
+        let key = match &dial {
+            Dial::Registry => self.imposters.get("").copied().unwrap_or_else(registry_key),
+            Dial::Link(folded) => self
+                .imposters
+                .get(folded)
+                .copied()
+                .unwrap_or_else(|| key_of(folded)),
+        };
         self.peer.dial_started(dial, c, self.now);
+        self.peer.on_connected(c, key, self.now);
     }
 
     /// Moves the peer's actions into the record until it has none left.
@@ -289,6 +321,7 @@ impl Sim {
                         self.timers.insert((at, self.timer_seq), timer);
                     }
                     Action::Emit(event) => self.events.push(event),
+                    Action::Pin(pin) => self.pins.push(pin),
                     Action::Exit(code) => self.exits.push(code),
                 }
             }
@@ -379,9 +412,14 @@ impl Sim {
         });
     }
 
+    /// An accepted link from someone whose key no test peer has.
     fn accept(&mut self) -> Conn {
+        self.accept_as(key_of("a stranger"))
+    }
+
+    fn accept_as(&mut self, key: PublicKey) -> Conn {
         let c = self.fresh_conn();
-        self.peer.on_accept(c, self.now);
+        self.peer.on_accept(c, key, self.now);
         self.apply();
         c
     }
@@ -491,7 +529,7 @@ impl Sim {
 
     /// An accepted link that said hello as `name`.
     fn inbound(&mut self, name: &str, instance: u64) -> Conn {
-        let c = self.accept();
+        let c = self.accept_as(key_of(name));
         self.link_in(c, &hello(name, instance));
         c
     }
@@ -525,7 +563,7 @@ fn start_dials_the_registry_and_registers_with_version_name_and_port() {
     assert_eq!(sim.dials[0].1, registry_addr());
     assert_eq!(sim.dials[0].2, Dial::Registry);
     let reg = sim.reg_conn();
-    assert_eq!(sim.take_reg(reg), vec![register(None)]);
+    assert_eq!(sim.take_reg(reg), vec![register()]);
     assert!(sim.take_events().is_empty());
     assert!(!sim.peer.is_online());
 }
@@ -534,12 +572,13 @@ fn start_dials_the_registry_and_registers_with_version_name_and_port() {
 fn welcome_emits_one_registered_event_with_all_peers() {
     let mut sim = Sim::new();
     sim.start();
-    sim.registry_says(&welcome("s1", &["bob", "carol"], false));
+    sim.registry_says(&welcome(&["bob", "carol"], false));
     assert_eq!(
         sim.take_events(),
         vec![Event::Registered {
             name: "alice".into(),
             addr: MY_ADDR.into(),
+            key: key_of("alice"),
             peers: entries(&["bob", "carol"]),
         }]
     );
@@ -551,7 +590,7 @@ fn welcome_emits_one_registered_event_with_all_peers() {
 fn welcome_with_more_waits_for_the_last_snapshot_frame() {
     let mut sim = Sim::new();
     sim.start();
-    sim.registry_says(&welcome("s1", &["bob"], true));
+    sim.registry_says(&welcome(&["bob"], true));
     assert!(sim.take_events().is_empty(), "the snapshot is not complete");
     assert!(!sim.peer.is_online());
     sim.registry_says(&FromRegistry::Snapshot {
@@ -568,6 +607,7 @@ fn welcome_with_more_waits_for_the_last_snapshot_frame() {
         vec![Event::Registered {
             name: "alice".into(),
             addr: MY_ADDR.into(),
+            key: key_of("alice"),
             peers: entries(&["bob", "carol", "dave"]),
         }]
     );
@@ -591,7 +631,7 @@ fn heartbeats_go_out_every_interval_from_the_welcome() {
     sim.take_reg(reg);
     sim.advance(ms(70)); // the welcome does not come at the dial's instant
     let t0 = sim.now;
-    sim.registry_says(&welcome("s1", &["bob"], false));
+    sim.registry_says(&welcome(&["bob"], false));
     sim.take_events();
     sim.advance(HEARTBEAT - ms(1));
     assert!(
@@ -619,7 +659,7 @@ fn silent_registry_is_dropped_at_the_timeout_and_reported_lost() {
     let mut sim = Sim::new();
     sim.registry_answers = false;
     let reg = sim.start();
-    sim.registry_says(&welcome("s1", &["bob"], false));
+    sim.registry_says(&welcome(&["bob"], false));
     sim.take_all();
     sim.advance(TIMEOUT - ms(1));
     assert_eq!(
@@ -696,7 +736,7 @@ fn backoff_resets_after_a_successful_registration() {
     assert!(at - sim.now > ms(800), "the fifth base is 1600 ms");
     sim.registry_dials = DialMode::Answer;
     sim.advance_to(at);
-    sim.registry_says(&welcome("s1", &[], false));
+    sim.registry_says(&welcome(&[], false));
     assert!(sim.peer.is_online());
     sim.take_events();
     sim.remote_close(sim.reg_conn(), "reset by peer");
@@ -713,24 +753,24 @@ fn backoff_resets_after_a_successful_registration() {
 }
 
 #[test]
-fn reregistration_carries_the_secret_from_the_last_welcome() {
+fn reregistration_asks_for_the_same_name_and_port_again() {
     let mut sim = Sim::new();
     let reg1 = sim.start();
-    assert_eq!(sim.take_reg(reg1), vec![register(None)]);
-    sim.registry_says(&welcome("s1", &[], false));
+    assert_eq!(sim.take_reg(reg1), vec![register()]);
+    sim.registry_says(&welcome(&[], false));
     sim.remote_close(reg1, "reset");
     sim.advance(ms(100));
     let reg2 = sim.reg_conn();
     assert_ne!(reg1, reg2);
-    assert_eq!(sim.take_reg(reg2), vec![register(Some("s1"))]);
-    sim.registry_says(&welcome("s2", &[], false));
+    assert_eq!(sim.take_reg(reg2), vec![register()]);
+    sim.registry_says(&welcome(&[], false));
     sim.registry_says(&FromRegistry::Shutdown {
         reason: "restart".into(),
     });
     sim.advance(ms(100));
     let reg3 = sim.reg_conn();
     assert_ne!(reg2, reg3);
-    assert_eq!(sim.take_reg(reg3), vec![register(Some("s2"))]);
+    assert_eq!(sim.take_reg(reg3), vec![register()]);
 }
 
 #[test]
@@ -751,7 +791,7 @@ fn registry_shutdown_is_registry_lost_and_retried() {
     sim.advance(ms(100));
     assert_eq!(sim.registry_dial_count(), 2);
     let reg2 = sim.reg_conn();
-    assert_eq!(sim.take_reg(reg2), vec![register(Some("s1"))]);
+    assert_eq!(sim.take_reg(reg2), vec![register()]);
     assert!(sim.take_events().is_empty(), "one registry_lost only");
 }
 
@@ -770,7 +810,7 @@ fn closed_registry_connection_is_registry_lost_and_retried() {
     assert_eq!(sim.peer.peers(), entries(&["bob"]), "the directory stays");
     sim.advance(ms(100));
     assert_eq!(sim.registry_dial_count(), 2);
-    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register(Some("s1"))]);
+    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
 }
 
 #[test]
@@ -835,12 +875,11 @@ fn absurd_heartbeat_settings_are_clamped() {
     let mut sim = Sim::new();
     sim.start();
     sim.registry_says(&FromRegistry::Welcome {
-        version: 1,
+        version: PROTOCOL_VERSION,
         name: "alice".into(),
         addr: MY_ADDR.into(),
         heartbeat_ms: u64::MAX,
         timeout_ms: 0,
-        secret: "s".into(),
         more: false,
         peers: Vec::new(),
     });
@@ -903,7 +942,7 @@ fn registry_full_just_retries() {
     assert!(sim.closes.contains_key(&reg));
     sim.advance(ms(100));
     assert_eq!(sim.registry_dial_count(), 2);
-    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register(None)]);
+    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
 }
 
 #[test]
@@ -915,6 +954,7 @@ fn directory_follows_joined_left_and_moved() {
         vec![Event::Joined {
             name: "carol".into(),
             addr: addr("carol"),
+            key: key_of("carol"),
         }],
         "our own name is not a peer"
     );
@@ -935,7 +975,8 @@ fn directory_follows_joined_left_and_moved() {
         vec![
             PeerEntry {
                 name: "bob".into(),
-                addr: "10.0.0.9:4009".into()
+                addr: "10.0.0.9:4009".into(),
+                key: key_of("bob"),
             },
             entries(&["carol"])[0].clone()
         ]
@@ -955,7 +996,8 @@ fn directory_follows_joined_left_and_moved() {
         vec![Event::Peers {
             peers: vec![PeerEntry {
                 name: "bob".into(),
-                addr: "10.0.0.9:4009".into()
+                addr: "10.0.0.9:4009".into(),
+                key: key_of("bob"),
             }]
         }]
     );
@@ -967,7 +1009,7 @@ fn reregistered_without_carol() -> Sim {
     let mut sim = Sim::online(&["bob", "carol"]);
     sim.remote_close(sim.reg_conn(), "reset");
     sim.advance(ms(100));
-    sim.registry_says(&welcome("s2", &["bob"], false));
+    sim.registry_says(&welcome(&["bob"], false));
     let events = sim.take_events();
     assert!(
         matches!(events.as_slice(), [Event::RegistryLost { .. }, Event::Registered { peers, .. }] if *peers == entries(&["bob", "carol"])),
@@ -1426,7 +1468,8 @@ fn chats_from_an_unlisted_sender_are_held_until_it_joins() {
     );
     assert!(events.contains(&Event::Joined {
         name: "dave".into(),
-        addr: addr("dave")
+        addr: addr("dave"),
+        key: key_of("dave"),
     }));
     assert_eq!(
         sim.take_link(c),
@@ -1508,7 +1551,7 @@ fn a_hello_of_another_version_is_unsupported_version() {
     sim.link_in(
         c,
         &LinkMsg::Hello {
-            version: 2,
+            version: PROTOCOL_VERSION + 1,
             name: "bob".into(),
             instance: 1,
         },
@@ -1633,6 +1676,169 @@ fn quit_while_waiting_to_reconnect_cancels_the_retry() {
 
 const NAMES: [&str; 4] = ["bob", "carol", "dave", "erin"];
 
+// ---------------------------------------------------------------- keys
+
+fn errors_with_code(events: &[Event], wanted: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Error { code, .. } if code == wanted))
+        .count()
+}
+
+#[test]
+fn the_first_registry_key_is_pinned_and_a_pinned_one_is_enforced() {
+    let sim = Sim::online(&[]);
+    assert_eq!(sim.pins, vec![Pin::Registry(registry_key())]);
+
+    let mut config = config();
+    config.registry_key = Some(key_of("the real registry"));
+    let mut sim = Sim::with(config, 7);
+    let reg = sim.start();
+    assert!(sim.take_reg(reg).is_empty(), "no register to an impostor");
+    assert!(sim.gone.contains(&reg));
+    let events = sim.take_events();
+    assert_eq!(errors_with_code(&events, "key_mismatch"), 1, "{events:?}");
+    assert!(
+        events.iter().any(is_registry_lost),
+        "and it tries again later"
+    );
+    assert!(sim.pins.is_empty());
+    // The real one, when it answers, is accepted.
+    sim.imposters
+        .insert(String::new(), key_of("the real registry"));
+    sim.advance(ms(100));
+    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
+}
+
+#[test]
+fn a_link_that_proves_another_key_gets_nothing_and_is_redialed() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.imposters.insert("bob".into(), key_of("mallory"));
+    sim.msg("bob", "for bob only");
+    let first = sim.link_conn("bob");
+    assert!(sim.take_link(first).is_empty(), "not even a hello");
+    assert!(sim.gone.contains(&first));
+    assert!(sim.pins.iter().all(|p| !matches!(p, Pin::Peer { .. })));
+    // Once bob himself answers, the message goes out, and his key is pinned.
+    sim.imposters.clear();
+    sim.advance(ms(200));
+    let second = sim.link_conn("bob");
+    assert_ne!(first, second);
+    assert_eq!(
+        sim.take_link(second),
+        vec![sim.my_hello(), chat(1, "for bob only", true)]
+    );
+    assert!(sim.pins.contains(&Pin::Peer {
+        name: "bob".into(),
+        key: key_of("bob")
+    }));
+}
+
+#[test]
+fn an_inbound_link_must_prove_the_listed_key() {
+    let mut sim = Sim::online(&["bob"]);
+    let c = sim.accept_as(key_of("mallory"));
+    sim.link_in(c, &hello("bob", 1));
+    assert_eq!(sim.error_code_on(c), "key_mismatch");
+    // Held for a name not listed yet, then refused when its key is not the
+    // one the directory brings: nothing it sent is shown.
+    let c = sim.accept_as(key_of("mallory"));
+    sim.link_in(c, &hello("carol", 1));
+    sim.link_in(c, &chat(1, "I am carol", false));
+    sim.update(vec![joined("carol")]);
+    assert_eq!(sim.error_code_on(c), "key_mismatch");
+    assert!(sim
+        .take_events()
+        .iter()
+        .all(|e| !matches!(e, Event::Message { .. })));
+    // The real bob is fine, and pinned.
+    let c = sim.inbound("bob", 2);
+    sim.link_in(c, &chat(1, "hi", false));
+    assert_eq!(sim.take_link(c), vec![LinkMsg::Ack { id: 1 }]);
+    assert!(sim.pins.contains(&Pin::Peer {
+        name: "bob".into(),
+        key: key_of("bob")
+    }));
+}
+
+#[test]
+fn a_directory_key_unlike_the_pin_is_reported_and_refused_both_ways() {
+    let mut config = config();
+    config.pins.insert("bob".into(), key_of("the bob we met"));
+    let mut sim = Sim::with(config, 7);
+    sim.start();
+    sim.registry_says(&welcome(&["bob", "carol"], false));
+    let events = sim.take_events();
+    assert_eq!(errors_with_code(&events, "key_mismatch"), 1, "{events:?}");
+    // Sending to bob fails at once, without a dial; carol is unaffected.
+    sim.say("hello all");
+    assert!(sim.link_dials_to("bob").is_empty());
+    assert_eq!(sim.link_dials_to("carol").len(), 1);
+    let events = sim.take_events();
+    assert!(
+        events.contains(&undelivered(1, "bob", "key_mismatch")),
+        "{events:?}"
+    );
+    // Links from the listed key are refused too.
+    let c = sim.inbound("bob", 1);
+    assert_eq!(sim.error_code_on(c), "key_mismatch");
+    assert_eq!(errors_with_code(&sim.take_events(), "key_mismatch"), 1);
+    // Said once per key, not per update.
+    sim.update(vec![Change::Moved {
+        name: "bob".into(),
+        addr: "10.0.0.9:4009".into(),
+    }]);
+    assert_eq!(errors_with_code(&sim.take_events(), "key_mismatch"), 0);
+}
+
+#[test]
+fn replaced_by_a_newer_session_of_our_key_is_exit_2() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.registry_says(&FromRegistry::Error {
+        code: "replaced".into(),
+        reason: "a newer session".into(),
+    });
+    assert_eq!(errors_with_code(&sim.take_events(), "replaced"), 1);
+    assert_eq!(sim.exits, vec![2]);
+    let retries = sim.registry_dial_count();
+    sim.advance(Duration::from_secs(10));
+    assert_eq!(sim.registry_dial_count(), retries, "never fights back");
+}
+
+#[test]
+fn whois_shows_the_listed_key_and_whether_it_is_pinned() {
+    let mut sim = Sim::online(&["bob", "carol"]);
+    let c = sim.inbound("bob", 1);
+    sim.link_in(c, &chat(1, "hi", false));
+    sim.take_events();
+    sim.command(Command::Whois("BOB".into()));
+    sim.command(Command::Whois("carol".into()));
+    sim.command(Command::Whois("alice".into()));
+    sim.command(Command::Whois("zed".into()));
+    let events = sim.take_events();
+    assert_eq!(
+        events[..3],
+        [
+            Event::Whois {
+                name: "bob".into(),
+                key: key_of("bob"),
+                pinned: true
+            },
+            Event::Whois {
+                name: "carol".into(),
+                key: key_of("carol"),
+                pinned: false
+            },
+            Event::Whois {
+                name: "alice".into(),
+                key: key_of("alice"),
+                pinned: true
+            },
+        ]
+    );
+    assert_eq!(errors_with_code(&events[3..], "unknown_peer"), 1);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     SendAll,
@@ -1741,7 +1947,7 @@ fn run_op(sim: &mut Sim, op: Op) {
                     .filter(|(i, _)| mask & (1 << i) != 0)
                     .map(|(_, n)| *n)
                     .collect();
-                sim.registry_says(&welcome("s", &names, false));
+                sim.registry_says(&welcome(&names, false));
             }
         }
         Op::Quit => sim.command(Command::Quit),
