@@ -8,10 +8,17 @@
 //! update in order, and the registry's descriptors and resident memory come
 //! back near their baseline once the connections are gone.
 //!
+//! Every connection is a Noise session: hostile frames travel inside one
+//! (so they still reach the frame and CBOR checks and earn the same codes),
+//! and hostile bytes where the Noise messages belong close the connection
+//! without a word, since there is no session to carry one.
+//!
 //! Limits are small (heartbeat 200 ms, timeout 1 s, handshake 1 s where a
 //! test waits for it) and every loop is bounded in count and in time. Tests
 //! that open hundreds of sockets take the `HEAVY` lock, so that they do not
-//! disturb each other's timings on a two-core machine.
+//! disturb each other's timings on a two-core machine. A Noise handshake
+//! costs the test process tens of milliseconds in a debug build, so tests
+//! that need thousands of them run fewer in debug builds (see [`scaled`]).
 
 mod common;
 
@@ -25,10 +32,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Client, PeerProc, Registry, LONG};
+use common::{is_reset, is_timeout, register_msg, Client, Next, PeerProc, Registry, LONG};
 use peerchat_core::codec;
-use peerchat_core::protocol::{Change, FromRegistry, LinkMsg, ToRegistry};
-use peerchat_core::wire::FrameDecoder;
+use peerchat_core::identity::{Identity, PublicKey};
+use peerchat_core::protocol::{Change, FromRegistry, LinkMsg, ToRegistry, PROTOCOL_VERSION};
+use peerchat_core::secure::{SecureChannel, SecureStream, MAX_HANDSHAKE_MESSAGE, MAX_PLAINTEXT};
 use serde_json::Value;
 
 /// What "closed at once" means for a connection that broke the rules.
@@ -37,6 +45,29 @@ const AT_ONCE: Duration = Duration::from_secs(1);
 const FD_SLACK: usize = 5;
 /// Resident memory the registry may hold above its baseline (KiB).
 const RSS_SLACK_KIB: u64 = 8 * 1024;
+
+/// A Noise session over TCP, as the tests open them by hand.
+type Secure = SecureStream<TcpStream>;
+
+/// Something done to a Noise session by a test.
+type SessionAct<'a> = Box<dyn Fn(&mut Secure) + 'a>;
+
+/// Runs the dialer's Noise handshake on `stream` under a new key.
+fn secure(stream: TcpStream) -> Secure {
+    secure_as(stream, &Identity::generate())
+}
+
+/// Runs the dialer's Noise handshake on `stream` under `identity`.
+fn secure_as(stream: TcpStream, identity: &Identity) -> Secure {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    SecureStream::connect(stream, identity).expect("a Noise handshake")
+}
 
 // ---------------------------------------------------------------------------
 // Process and system helpers
@@ -208,7 +239,8 @@ fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: i32) -> TcpStream {
 }
 
 /// Closes with a reset instead of a FIN: SO_LINGER {on, 0 s}, then close.
-fn close_with_reset(stream: TcpStream) {
+fn close_with_reset(s: Secure) {
+    let stream = s.get_ref();
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -224,7 +256,7 @@ fn close_with_reset(stream: TcpStream) {
         )
     };
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-    drop(stream);
+    drop(s);
 }
 
 // ---------------------------------------------------------------------------
@@ -297,14 +329,9 @@ fn claimed(len: u32, body: &[u8]) -> Vec<u8> {
 }
 
 fn register_frame(name: &str, port: i64) -> Vec<u8> {
-    codec::encode_frame(&ToRegistry::Register {
-        version: 1,
-        name: name.into(),
-        port,
-        secret: None,
-    })
-    .unwrap()
-    .to_vec()
+    codec::encode_frame(&register_msg(name, port))
+        .unwrap()
+        .to_vec()
 }
 
 fn heartbeat_frame() -> Vec<u8> {
@@ -322,7 +349,7 @@ fn register_raw_name(name: &[u8], port: u64) -> Vec<u8> {
     frame(&cbor_msg(
         "register",
         &[
-            ("version", cbor_uint(1)),
+            ("version", cbor_uint(PROTOCOL_VERSION.into())),
             ("name", cbor_text_bytes(name)),
             ("port", cbor_uint(port)),
         ],
@@ -350,22 +377,28 @@ fn nested_arrays(n: usize) -> Vec<u8> {
     vec![0x81; n]
 }
 
-/// Writes one byte at a time, each flushed on its own (TCP_NODELAY).
-fn dribble(stream: &mut TcpStream, bytes: &[u8]) {
-    stream.set_nodelay(true).unwrap();
-    stream
+/// Sends frame-stream bytes one per Noise message, and those messages one
+/// wire byte per write, each flushed on its own (TCP_NODELAY): both the
+/// frame decoder and the Noise reassembly get the smallest pieces there are.
+fn dribble(s: &mut Secure, bytes: &[u8]) {
+    s.get_ref().set_nodelay(true).unwrap();
+    s.get_ref()
         .set_write_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     for b in bytes {
-        stream.write_all(std::slice::from_ref(b)).unwrap();
+        let wire = s.seal(std::slice::from_ref(b)).unwrap();
+        for w in &wire {
+            s.get_mut().write_all(std::slice::from_ref(w)).unwrap();
+        }
         thread::sleep(Duration::from_millis(1));
     }
 }
 
-fn joined(name: &str, port: i64) -> Change {
+fn joined(name: &str, port: i64, key: PublicKey) -> Change {
     Change::Joined {
         name: name.into(),
         addr: format!("127.0.0.1:{port}"),
+        key,
     }
 }
 
@@ -403,19 +436,50 @@ struct Finish {
     elapsed: Duration,
 }
 
-/// Reads until EOF, reset or `timeout`, collecting whole frames.
-fn read_to_close(stream: &mut TcpStream, dec: &mut FrameDecoder, timeout: Duration) -> Finish {
+/// Reads a Noise session until EOF, reset or `timeout`, collecting whole
+/// frames (those it had buffered already included).
+fn read_to_close(s: &mut Secure, timeout: Duration) -> Finish {
     let start = Instant::now();
     let deadline = start + timeout;
     let mut frames = Vec::new();
+    let mut end = End::Open;
+    for _ in 0..1_000_000 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        s.get_ref()
+            .set_read_timeout(Some(left.min(Duration::from_millis(100))))
+            .unwrap();
+        match s.read_frame() {
+            Ok(Some(f)) => frames.push(f),
+            Ok(None) => {
+                end = End::Eof;
+                break;
+            }
+            Err(e) if is_reset(&e) => {
+                end = End::Reset;
+                break;
+            }
+            Err(e) if is_timeout(&e) || e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading to the close: {e}"),
+        }
+    }
+    Finish {
+        frames,
+        end,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Reads a plain TCP stream until EOF, reset or `timeout`: what a
+/// connection that never got a Noise session is told (nothing, it should be).
+fn read_raw_to_close(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>, End, Duration) {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut got = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut end = End::Open;
-    let take = |dec: &mut FrameDecoder, frames: &mut Vec<Bytes>| {
-        while let Ok(Some(f)) = dec.next_frame() {
-            frames.push(f);
-        }
-    };
-    take(dec, &mut frames);
     for _ in 0..1_000_000 {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -429,39 +493,21 @@ fn read_to_close(stream: &mut TcpStream, dec: &mut FrameDecoder, timeout: Durati
                 end = End::Eof;
                 break;
             }
-            Ok(n) => dec.push(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionReset
-                        | ErrorKind::ConnectionAborted
-                        | ErrorKind::BrokenPipe
-                ) =>
-            {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if is_reset(&e) => {
                 end = End::Reset;
                 break;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
+            Err(e) if is_timeout(&e) || e.kind() == ErrorKind::Interrupted => {}
             Err(e) => panic!("reading to the close: {e}"),
         }
-        take(dec, &mut frames);
     }
-    take(dec, &mut frames);
-    Finish {
-        frames,
-        end,
-        elapsed: start.elapsed(),
-    }
+    (got, end, start.elapsed())
 }
 
-/// [`read_to_close`] for a [`Client`], keeping what it had buffered.
+/// [`read_to_close`] for a [`Client`].
 fn finish_client(c: &mut Client, timeout: Duration) -> Finish {
-    let mut dec = std::mem::replace(c.decoder(), FrameDecoder::new(1 << 20));
-    read_to_close(&mut c.stream, &mut dec, timeout)
+    read_to_close(&mut c.conn, timeout)
 }
 
 /// Registry messages of a finished connection, heartbeat replies left out.
@@ -598,42 +644,40 @@ fn watch(mut c: Client, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
     let end = |seen: &Mutex<Seen>, why: String| {
         seen.lock().unwrap().ended.get_or_insert(why);
     };
-    c.stream
+    c.stream()
         .set_read_timeout(Some(Duration::from_millis(20)))
         .unwrap();
     let hb = heartbeat_frame();
     let mut last_hb = Instant::now();
     let cap = Instant::now() + Duration::from_secs(300);
-    let mut buf = vec![0u8; 64 * 1024];
     for _ in 0..10_000_000 {
         if stop.load(Ordering::Relaxed) || Instant::now() >= cap {
             return;
         }
         if last_hb.elapsed() >= Duration::from_millis(100) {
-            if let Err(e) = c.stream.write_all(&hb) {
+            if let Err(e) = c.send_raw(&hb) {
                 return end(&seen, format!("heartbeat failed: {e}"));
             }
             last_hb = Instant::now();
         }
-        match c.stream.read(&mut buf) {
-            Ok(0) => return end(&seen, "closed by the registry".into()),
-            Ok(n) => c.push(&buf[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        let msg = match c.conn.read_frame() {
+            Ok(None) => return end(&seen, "closed by the registry".into()),
+            Ok(Some(body)) => codec::decode::<FromRegistry>(&body),
+            Err(e) if is_timeout(&e) => continue,
             Err(e) => return end(&seen, format!("read failed: {e}")),
-        }
-        while let Some(msg) = c.try_decoded() {
-            match msg {
-                FromRegistry::Update { changes } => seen.lock().unwrap().changes.extend(changes),
-                FromRegistry::Heartbeat {} | FromRegistry::Snapshot { .. } => {}
-                other => return end(&seen, format!("unexpected {other:?}")),
-            }
+        };
+        match msg {
+            Ok(FromRegistry::Update { changes }) => seen.lock().unwrap().changes.extend(changes),
+            Ok(FromRegistry::Heartbeat {} | FromRegistry::Snapshot { .. }) => {}
+            other => return end(&seen, format!("unexpected {other:?}")),
         }
     }
 }
 
 /// Registers a client after an attack: it must find the control client in
-/// its welcome, and the control client must see it join and leave.
-fn late_joiner(label: &str, reg: &Registry, w: &Watcher, name: &str, port: i64) {
+/// its welcome, and the control client must see it join and leave. Returns
+/// the key it joined with.
+fn late_joiner(label: &str, reg: &Registry, w: &Watcher, name: &str, port: i64) -> PublicKey {
     let (mut c, welcome) = Client::register(reg.addr, name, port);
     let FromRegistry::Welcome { peers, .. } = welcome else {
         panic!("{label}: a late joiner was refused: {welcome:?}")
@@ -643,7 +687,7 @@ fn late_joiner(label: &str, reg: &Registry, w: &Watcher, name: &str, port: i64) 
         "{label}: the control client is no longer listed: {peers:?}"
     );
     assert!(
-        w.wait_for(&joined(name, port), Duration::from_secs(3)),
+        w.wait_for(&joined(name, port, c.key()), Duration::from_secs(3)),
         "{label}: the control client never heard of the late joiner; saw {:?}",
         w.changes().iter().rev().take(5).collect::<Vec<_>>()
     );
@@ -654,6 +698,7 @@ fn late_joiner(label: &str, reg: &Registry, w: &Watcher, name: &str, port: i64) 
         w.wait_for(&left(name, "quit"), Duration::from_secs(3)),
         "{label}: the control client never heard the late joiner leave"
     );
+    c.key()
 }
 
 // ---------------------------------------------------------------------------
@@ -700,9 +745,30 @@ impl Case {
         self.reg.proc.pid()
     }
 
-    /// Sends `bytes` on a fresh connection (registered first when
-    /// `registered`), and checks the refusal.
-    fn attack(&mut self, label: &str, registered: bool, bytes: &[u8], code: &str) {
+    /// Sends `bytes` of the frame stream, inside the Noise session, on a
+    /// fresh connection (registered first when `registered`), and checks
+    /// the refusal. Returns the key the victim used.
+    fn attack(&mut self, label: &str, registered: bool, bytes: &[u8], code: &str) -> Identity {
+        self.attack_with(label, registered, Some(code), |c| {
+            // The registry may close before it has read everything; what it
+            // sent before the close is what counts.
+            let _ = c.send_raw(bytes);
+        })
+    }
+
+    /// Breaks the Noise session itself on a fresh connection (registered
+    /// first when `registered`): the registry must close it without a word.
+    fn attack_session(&mut self, label: &str, registered: bool, act: impl FnOnce(&mut Client)) {
+        self.attack_with(label, registered, None, act);
+    }
+
+    fn attack_with(
+        &mut self,
+        label: &str,
+        registered: bool,
+        code: Option<&str>,
+        act: impl FnOnce(&mut Client),
+    ) -> Identity {
         let label = format!("{}/{label}", self.name);
         self.victims += 1;
         let victim = format!("victim{}", self.victims);
@@ -713,28 +779,64 @@ impl Case {
                 matches!(welcome, FromRegistry::Welcome { .. }),
                 "{label}: {welcome:?}"
             );
-            self.expected.push(joined(&victim, port));
+            self.expected.push(joined(&victim, port, c.key()));
             c
         } else {
             Client::connect(self.reg.addr)
         };
-        c.stream
+        c.stream()
             .set_write_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        // The registry may close before it has read everything; what it
-        // sent before the close is what counts.
-        let _ = c.stream.write_all(bytes);
+        act(&mut c);
         let f = finish_client(&mut c, Duration::from_secs(3));
-        assert_refused(&label, &f, code);
+        match code {
+            Some(code) => assert_refused(&label, &f, code),
+            None => {
+                let msgs = registry_msgs(&label, &f);
+                assert!(
+                    f.end != End::Open && msgs.is_empty(),
+                    "{label}: expected a close without a word, got {msgs:?} then {:?}",
+                    f.end
+                );
+            }
+        }
         assert!(
             f.elapsed < AT_ONCE,
             "{label}: closed only after {:?}",
             f.elapsed
         );
         if registered {
-            self.expected.push(left(&victim, "protocol"));
+            let reason = if code.is_some() {
+                "protocol"
+            } else {
+                "disconnected"
+            };
+            self.expected.push(left(&victim, reason));
         }
+        let identity = c.identity.clone();
         drop(c);
+        assert_alive(&label, &mut self.reg);
+        identity
+    }
+
+    /// Bytes where the Noise handshake belongs, on a fresh connection: the
+    /// registry must close it at once without a word, and the app never
+    /// hears of it.
+    fn attack_plain(&mut self, label: &str, bytes: &[u8]) {
+        let label = format!("{}/{label}", self.name);
+        let mut s = TcpStream::connect(self.reg.addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(bytes);
+        let (got, end, elapsed) = read_raw_to_close(&mut s, Duration::from_secs(3));
+        // At most the registry's own handshake message: no session, so
+        // nothing of the registry's protocol.
+        assert!(
+            end != End::Open && got.len() <= 2 + MAX_HANDSHAKE_MESSAGE,
+            "{label}: expected a close without a word, got {} bytes then {end:?}",
+            got.len()
+        );
+        assert!(elapsed < AT_ONCE, "{label}: closed only after {elapsed:?}");
         assert_alive(&label, &mut self.reg);
     }
 
@@ -743,8 +845,8 @@ impl Case {
         let label = self.name.clone();
         assert_alive(&label, &mut self.reg);
         let late = format!("late-{}", self.name);
-        late_joiner(&label, &self.reg, &self.watcher, &late, 4999);
-        self.expected.push(joined(&late, 4999));
+        let key = late_joiner(&label, &self.reg, &self.watcher, &late, 4999);
+        self.expected.push(joined(&late, 4999, key));
         self.expected.push(left(&late, "quit"));
         let prefix = self.unordered_prefix.clone();
         let keep = |c: &Change| {
@@ -773,10 +875,24 @@ impl Case {
 // Many connections at once, driven from one thread
 // ---------------------------------------------------------------------------
 
+enum HerdStream {
+    /// Plain TCP: whatever it sends goes where the Noise handshake belongs.
+    Raw(TcpStream),
+    /// A Noise session, handshake done: it sends frame-stream bytes.
+    Secure(Box<Secure>),
+}
+
 struct HerdConn {
-    stream: Option<TcpStream>,
+    stream: Option<HerdStream>,
+    /// When the registry's clock for it started: the TCP connect for a raw
+    /// connection, the end of the handshake for a secured one.
     opened: Instant,
+    /// Raw bytes received (raw connections).
     got: Vec<u8>,
+    /// Frames received (secured connections).
+    frames: Vec<Bytes>,
+    /// Opened with a Noise session (known after the stream is gone).
+    secured: bool,
     sent: usize,
     closed: Option<(Instant, End)>,
 }
@@ -787,8 +903,20 @@ struct Herd {
 }
 
 impl Herd {
+    fn new() -> Herd {
+        Herd { conns: Vec::new() }
+    }
+
+    /// `n` plain TCP connections.
     fn open(addr: SocketAddr, n: usize, deadline: Instant) -> Herd {
-        let mut conns = Vec::with_capacity(n);
+        let mut herd = Herd::new();
+        herd.add(addr, n, deadline, false);
+        herd
+    }
+
+    /// Adds `n` connections, each with its Noise handshake done first when
+    /// `secured`.
+    fn add(&mut self, addr: SocketAddr, n: usize, deadline: Instant, secured: bool) {
         for i in 0..n {
             assert!(
                 Instant::now() < deadline,
@@ -796,16 +924,24 @@ impl Herd {
             );
             let stream = TcpStream::connect(addr).expect("connect");
             stream.set_nodelay(true).unwrap();
-            stream.set_nonblocking(true).unwrap();
-            conns.push(HerdConn {
+            let stream = if secured {
+                let s = secure(stream);
+                s.get_ref().set_nonblocking(true).unwrap();
+                HerdStream::Secure(Box::new(s))
+            } else {
+                stream.set_nonblocking(true).unwrap();
+                HerdStream::Raw(stream)
+            };
+            self.conns.push(HerdConn {
                 stream: Some(stream),
                 opened: Instant::now(),
                 got: Vec::new(),
+                frames: Vec::new(),
+                secured,
                 sent: 0,
                 closed: None,
             });
         }
-        Herd { conns }
     }
 
     /// Reads whatever has arrived; notes closes and drops those sockets.
@@ -816,12 +952,30 @@ impl Herd {
                 continue;
             };
             for _ in 0..16 {
-                match stream.read(&mut buf) {
-                    Ok(0) => {
+                let read = match stream {
+                    HerdStream::Raw(s) => match s.read(&mut buf) {
+                        Ok(0) => Ok(false),
+                        Ok(n) => {
+                            c.got.extend_from_slice(&buf[..n]);
+                            Ok(true)
+                        }
+                        Err(e) => Err(e),
+                    },
+                    HerdStream::Secure(s) => match s.read_frame() {
+                        Ok(None) => Ok(false),
+                        Ok(Some(f)) => {
+                            c.frames.push(f);
+                            Ok(true)
+                        }
+                        Err(e) => Err(e),
+                    },
+                };
+                match read {
+                    Ok(true) => {}
+                    Ok(false) => {
                         c.closed = Some((Instant::now(), End::Eof));
                         break;
                     }
-                    Ok(n) => c.got.extend_from_slice(&buf[..n]),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(_) => {
@@ -837,16 +991,24 @@ impl Herd {
     }
 
     /// Sends the next byte of each connection's script, while the registry
-    /// has said nothing to it.
+    /// has said nothing to it: on the wire for a raw connection, as one
+    /// Noise message for a secured one.
     fn write_next(&mut self, scripts: &[Vec<u8>]) {
         for (c, script) in self.conns.iter_mut().zip(scripts) {
             let Some(stream) = c.stream.as_mut() else {
                 continue;
             };
-            if !c.got.is_empty() || c.sent >= script.len() {
+            if !c.got.is_empty() || !c.frames.is_empty() || c.sent >= script.len() {
                 continue;
             }
-            if let Ok(1) = stream.write(&script[c.sent..c.sent + 1]) {
+            let byte = &script[c.sent..c.sent + 1];
+            let sent = match stream {
+                HerdStream::Raw(s) => matches!(s.write(byte), Ok(1)),
+                // Nineteen bytes on the wire: a socket with room for a
+                // handful of bytes takes them whole.
+                HerdStream::Secure(s) => s.write_plain(byte).is_ok(),
+            };
+            if sent {
                 c.sent += 1;
             }
         }
@@ -874,18 +1036,22 @@ impl Herd {
         }
     }
 
-    /// Every connection got exactly one `error` `code` and was closed
-    /// `min..=max` after it was opened. Returns the range of close times.
+    /// Every connection in `range` was closed `min..=max` after it was
+    /// opened, secured ones after exactly one `error` `code`, raw ones
+    /// without a byte (they never had a session to carry one). Returns the
+    /// range of close times.
     fn assert_all_refused(
         &self,
         label: &str,
+        range: std::ops::Range<usize>,
         code: &str,
         min: Duration,
         max: Duration,
     ) -> (Duration, Duration) {
         let mut problems: Vec<String> = Vec::new();
         let (mut first, mut last) = (Duration::MAX, Duration::ZERO);
-        for (i, c) in self.conns.iter().enumerate() {
+        let conns = &self.conns[range.clone()];
+        for (i, c) in range.clone().zip(conns) {
             let Some((at, _end)) = c.closed else {
                 problems.push(format!("#{i}: still open"));
                 continue;
@@ -896,26 +1062,31 @@ impl Herd {
             if after < min || after > max {
                 problems.push(format!("#{i}: closed after {after:?}"));
             }
-            let mut dec = FrameDecoder::new(1 << 20);
-            dec.push(&c.got);
-            let mut msgs = Vec::new();
-            while let Ok(Some(body)) = dec.next_frame() {
-                msgs.push(codec::decode::<FromRegistry>(&body));
+            if !c.got.is_empty() {
+                problems.push(format!("#{i}: got {} bytes outside a session", c.got.len()));
+                continue;
             }
+            let msgs: Vec<_> = c
+                .frames
+                .iter()
+                .map(|body| codec::decode::<FromRegistry>(body))
+                .collect();
+            let secured = c.secured;
             match msgs.as_slice() {
-                [Ok(FromRegistry::Error { code: got, .. })] if got == code => {}
+                [Ok(FromRegistry::Error { code: got, .. })] if secured && got == code => {}
+                [] if !secured => {}
                 other => problems.push(format!("#{i}: got {other:?}")),
             }
         }
         eprintln!(
             "[{label}] {} connections closed between {first:?} and {last:?} after opening",
-            self.conns.len()
+            conns.len()
         );
         assert!(
             problems.is_empty(),
-            "{label}: {} of {} connections were not refused with {code:?} in {min:?}..{max:?}; first: {:?}",
+            "{label}: {} of {} connections were not refused ({code:?} if secured) in {min:?}..{max:?}; first: {:?}",
             problems.len(),
-            self.conns.len(),
+            conns.len(),
             &problems[..problems.len().min(5)]
         );
         (first, last)
@@ -939,37 +1110,36 @@ impl Crowd {
         let flag = stop.clone();
         let thread = thread::spawn(move || {
             let hb = heartbeat_frame();
-            let mut conns: Vec<TcpStream> = Vec::new();
-            let mut buf = vec![0u8; 64 * 1024];
+            let mut conns: Vec<Secure> = Vec::new();
             let mut last_hb = Instant::now();
             let cap = Instant::now() + Duration::from_secs(120);
             for _ in 0..1_000_000 {
                 if flag.load(Ordering::Relaxed) || Instant::now() >= cap {
                     break;
                 }
-                for _ in 0..25 {
+                // A Noise handshake takes a while in a debug build: a few
+                // per turn, so that the others still heartbeat in time.
+                for _ in 0..2 {
                     let i = conns.len();
                     if i == names.len() {
                         break;
                     }
-                    let mut s = TcpStream::connect(addr).expect("crowd connect");
-                    s.set_nodelay(true).unwrap();
-                    s.write_all(&register_frame(&names[i], first_port + i as i64))
+                    let mut s = secure(TcpStream::connect(addr).expect("crowd connect"));
+                    s.write_plain(&register_frame(&names[i], first_port + i as i64))
                         .unwrap();
-                    s.set_nonblocking(true).unwrap();
+                    s.get_ref().set_nonblocking(true).unwrap();
                     conns.push(s);
                 }
                 if last_hb.elapsed() >= Duration::from_millis(100) {
                     for s in &mut conns {
-                        let _ = s.write(&hb);
+                        let _ = s.write_plain(&hb);
                     }
                     last_hb = Instant::now();
                 }
                 for s in &mut conns {
                     for _ in 0..64 {
-                        match s.read(&mut buf) {
-                            Ok(n) if n > 0 => {}
-                            _ => break,
+                        if !matches!(s.read_frame(), Ok(Some(_))) {
+                            break;
                         }
                     }
                 }
@@ -1009,13 +1179,7 @@ fn cbor_helpers_match_the_protocol_example() {
         cbor_msg("heartbeat", &[]),
         [0xa1, 0x69, 0x68, 0x65, 0x61, 0x72, 0x74, 0x62, 0x65, 0x61, 0x74, 0xa0]
     );
-    let ours = codec::encode(&ToRegistry::Register {
-        version: 1,
-        name: "alice".into(),
-        port: 40123,
-        secret: None,
-    })
-    .unwrap();
+    let ours = codec::encode(&register_msg("alice", 40123)).unwrap();
     let decoded: ToRegistry = codec::decode(&frame(&ours)[4..]).unwrap();
     let hand: ToRegistry = codec::decode(&register_raw_name(b"alice", 40123)[4..]).unwrap();
     assert_eq!(decoded, hand);
@@ -1044,6 +1208,88 @@ fn registry_a_length_prefix_of_4_gib_is_frame_too_large_at_once() {
     case.finish();
 }
 
+/// Case 1b: bytes that are not a Noise session where one belongs. There is
+/// no session to carry an error, so each is closed without a word, at once;
+/// a registered victim leaves as `disconnected`.
+#[test]
+fn registry_broken_noise_sessions_close_only_that_connection_without_a_word() {
+    let mut case = Case::start("noise", &[]);
+    // Before any handshake.
+    case.attack_plain("a plaintext register", &register_frame("plain", 4001));
+    case.attack_plain("ASCII text", b"GET / HTTP/1.1\r\nHost: registry\r\n\r\n");
+    case.attack_plain("a handshake message of 65535 bytes", &[0xff, 0xff]);
+    case.attack_plain("an empty handshake message", &[0, 0]);
+    // The dialer's first message twice: the registry answers the first
+    // with its own handshake message, and the copy fails as the third.
+    let mut first = Vec::new();
+    SecureChannel::initiator(&Identity::generate(), &mut first);
+    case.attack_plain(
+        "the first message sent twice",
+        &[&first[..], &first[..]].concat(),
+    );
+
+    for registered in [false, true] {
+        let when = if registered { "after" } else { "before" };
+        case.attack_session(&format!("a flipped bit {when} register"), registered, |c| {
+            let mut wire = c.conn.seal(&heartbeat_frame()).unwrap();
+            let last = wire.len() - 1;
+            wire[last] ^= 0x80;
+            let _ = c.send_wire(&wire);
+        });
+        case.attack_session(
+            &format!("a length one short {when} register"),
+            registered,
+            |c| {
+                let mut wire = c.conn.seal(&heartbeat_frame()).unwrap();
+                wire[1] -= 1;
+                let _ = c.send_wire(&wire);
+            },
+        );
+        case.attack_session(
+            &format!("a message shorter than its tag {when} register"),
+            registered,
+            |c| {
+                let _ = c.send_wire(&[0, 3, 1, 2, 3]);
+            },
+        );
+        case.attack_session(
+            &format!("a replayed message {when} register"),
+            registered,
+            |c| {
+                // Two bytes of a frame: harmless the first time, in any state.
+                let wire = c.conn.seal(&[0, 0]).unwrap();
+                let _ = c.send_wire(&[&wire[..], &wire[..]].concat());
+            },
+        );
+        case.attack_session(
+            &format!("messages out of order {when} register"),
+            registered,
+            |c| {
+                let one = c.conn.seal(&heartbeat_frame()).unwrap();
+                let two = c.conn.seal(&heartbeat_frame()).unwrap();
+                let _ = c.send_wire(&[two, one].concat());
+            },
+        );
+        case.attack_session(
+            &format!("a truncated message {when} register"),
+            registered,
+            |c| {
+                let wire = c.conn.seal(&heartbeat_frame()).unwrap();
+                let _ = c.send_wire(&wire[..wire.len() - 3]);
+                let _ = c.stream().shutdown(Shutdown::Write);
+            },
+        );
+        case.attack_session(
+            &format!("plaintext inside {when} register"),
+            registered,
+            |c| {
+                let _ = c.send_wire(&heartbeat_frame());
+            },
+        );
+    }
+    case.finish();
+}
+
 /// Case 2.
 #[test]
 fn registry_bodies_that_are_not_our_cbor_are_protocol_errors() {
@@ -1069,7 +1315,7 @@ fn registry_bodies_that_are_not_our_cbor_are_protocol_errors() {
             frame(&cbor_msg(
                 "register",
                 &[
-                    ("version", cbor_uint(1)),
+                    ("version", cbor_uint(PROTOCOL_VERSION.into())),
                     ("name", cbor_uint(5)),
                     ("port", cbor_uint(4000)),
                 ],
@@ -1079,7 +1325,10 @@ fn registry_bodies_that_are_not_our_cbor_are_protocol_errors() {
             "register without a port",
             frame(&cbor_msg(
                 "register",
-                &[("version", cbor_uint(1)), ("name", cbor_text("nop"))],
+                &[
+                    ("version", cbor_uint(PROTOCOL_VERSION.into())),
+                    ("name", cbor_text("nop")),
+                ],
             )),
         ),
         (
@@ -1087,7 +1336,7 @@ fn registry_bodies_that_are_not_our_cbor_are_protocol_errors() {
             frame(&cbor_msg(
                 "register",
                 &[
-                    ("version", cbor_uint(1)),
+                    ("version", cbor_uint(PROTOCOL_VERSION.into())),
                     ("name", cbor_text("txt")),
                     ("port", cbor_text("4000")),
                 ],
@@ -1210,7 +1459,7 @@ fn registry_anything_but_register_first_and_register_twice_are_protocol_errors()
     case.attack("chat before register", false, &chat, "protocol");
     case.attack("chat after register", true, &chat, "protocol");
     let hello = codec::encode_frame(&LinkMsg::Hello {
-        version: 1,
+        version: PROTOCOL_VERSION,
         name: "mallory".into(),
         instance: 7,
     })
@@ -1225,7 +1474,7 @@ fn registry_anything_but_register_first_and_register_twice_are_protocol_errors()
     case.attack("leave before register", false, &leave_frame(), "protocol");
     // A second register on a registered connection, even for another name.
     let n = case.victims + 1;
-    case.attack(
+    let first = case.attack(
         "register twice, same name",
         true,
         &register_frame(&format!("victim{n}"), 6001),
@@ -1237,18 +1486,30 @@ fn registry_anything_but_register_first_and_register_twice_are_protocol_errors()
         &register_frame("someone-else", 6002),
         "protocol",
     );
-    // The name of the first is free again.
-    let (mut again, welcome) = Client::register(case.reg.addr, &format!("victim{n}"), 6003);
+    // The name of the first is kept for its key after the protocol close:
+    // another key is refused, the same key gets it back.
+    let (mut other, reply) = Client::register(case.reg.addr, &format!("victim{n}"), 6003);
+    assert!(
+        matches!(&reply, FromRegistry::Error { code, .. } if code == "name_taken"),
+        "the name is kept for its key through the grace period: {reply:?}"
+    );
+    assert_ne!(
+        finish_client(&mut other, Duration::from_secs(3)).end,
+        End::Open
+    );
+    let (mut again, welcome) =
+        Client::register_as(case.reg.addr, &first, &format!("victim{n}"), 6003);
     assert!(
         matches!(welcome, FromRegistry::Welcome { .. }),
-        "the name is free after the protocol close: {welcome:?}"
+        "the name is its key's again after the protocol close: {welcome:?}"
     );
     again.send(&ToRegistry::Leave {});
     assert_ne!(
         finish_client(&mut again, Duration::from_secs(3)).end,
         End::Open
     );
-    case.expected.push(joined(&format!("victim{n}"), 6003));
+    case.expected
+        .push(joined(&format!("victim{n}"), 6003, first.public()));
     case.expected.push(left(&format!("victim{n}"), "quit"));
     case.finish();
 }
@@ -1295,10 +1556,9 @@ fn registry_bad_names_and_ports_get_their_codes() {
         (
             "bad version, name and port",
             codec::encode_frame(&ToRegistry::Register {
-                version: 2,
+                version: 1,
                 name: String::new(),
                 port: 0,
-                secret: None,
             })
             .unwrap()
             .to_vec(),
@@ -1324,7 +1584,7 @@ fn registry_bad_names_and_ports_get_their_codes() {
         }
         c.send(&ToRegistry::Leave {});
         assert_ne!(finish_client(&mut c, Duration::from_secs(3)).end, End::Open);
-        case.expected.push(joined(&registered_as, port));
+        case.expected.push(joined(&registered_as, port, c.key()));
         case.expected.push(left(&registered_as, "quit"));
     }
     case.finish();
@@ -1334,19 +1594,35 @@ fn registry_bad_names_and_ports_get_their_codes() {
 // Cases 6-9: floods
 // ---------------------------------------------------------------------------
 
-/// Case 6.
+/// Case 6. Slow at both of the registry's deadlines: most dribble the
+/// first Noise handshake message (cut at the handshake deadline without a
+/// word: there is no session yet), a few finish the handshake and dribble
+/// their register frame one Noise message per byte (told `handshake_timeout`
+/// at the same deadline counted again from the end of the handshake).
 #[test]
 fn slowloris_connections_are_cut_at_the_handshake_deadline() {
     raise_nofile();
     let _heavy = heavy();
-    let mut case = Case::start("slowloris", &["--handshake-timeout", "1s"]);
+    let mut case = Case::start("slowloris", &["--handshake-timeout", "2s"]);
+    const SECURED: usize = 10;
     const N: usize = 500;
-    let scripts: Vec<Vec<u8>> = (0..N)
-        .map(|i| register_frame(&format!("slow{i}"), 6000))
+    let mut first = Vec::new();
+    SecureChannel::initiator(&Identity::generate(), &mut first);
+    let scripts: Vec<Vec<u8>> = (0..SECURED + N)
+        .map(|i| {
+            if i < SECURED {
+                register_frame(&format!("slow{i}"), 6000)
+            } else {
+                first.clone()
+            }
+        })
         .collect();
-    let mut herd = Herd::open(case.reg.addr, N, Instant::now() + Duration::from_secs(10));
+    let mut herd = Herd::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    herd.add(case.reg.addr, SECURED, deadline, true);
+    herd.add(case.reg.addr, N, deadline, false);
     herd.write_next(&scripts);
-    let earliest_deadline = herd.conns[0].opened + Duration::from_secs(1);
+    let earliest_deadline = herd.conns[0].opened + Duration::from_secs(2);
 
     // A real client gets in while they dribble.
     let t = Instant::now();
@@ -1358,33 +1634,51 @@ fn slowloris_connections_are_cut_at_the_handshake_deadline() {
         "{welcome:?}"
     );
     herd.pump();
-    eprintln!("[slowloris] a real client registered in {took:?} beside {N} slow connections");
+    eprintln!(
+        "[slowloris] a real client registered in {took:?} beside {} slow connections",
+        SECURED + N
+    );
     assert!(took < Duration::from_secs(1), "registering took {took:?}");
     assert!(
         registered_at < earliest_deadline,
         "the slow connections were opened too slowly to test anything"
     );
-    assert_eq!(herd.open_count(), N, "all slow connections still open");
+    assert_eq!(
+        herd.open_count(),
+        SECURED + N,
+        "all slow connections still open"
+    );
     real.send(&ToRegistry::Leave {});
     assert_ne!(
         finish_client(&mut real, Duration::from_secs(3)).end,
         End::Open
     );
-    case.expected.push(joined("real", 4100));
+    case.expected.push(joined("real", 4100, real.key()));
     case.expected.push(left("real", "quit"));
 
-    let last_opened = herd.conns[N - 1].opened;
-    herd.pump_until_closed(last_opened + Duration::from_secs(4), Some(&scripts));
+    let last_opened = herd.conns[SECURED + N - 1].opened;
+    herd.pump_until_closed(last_opened + Duration::from_secs(5), Some(&scripts));
     assert!(
-        herd.conns.iter().all(|c| c.sent >= 2 && c.sent <= 4),
-        "each slow connection sent 2-4 bytes: {:?}",
+        herd.conns
+            .iter()
+            .zip(&scripts)
+            .all(|(c, script)| c.sent >= 2 && c.sent <= 6 && c.sent < script.len()),
+        "each slow connection sent 2-6 bytes, never all of them: {:?}",
         herd.conns.iter().map(|c| c.sent).collect::<Vec<_>>()
     );
     herd.assert_all_refused(
-        "slowloris",
+        "slowloris/registering",
+        0..SECURED,
         "handshake_timeout",
-        Duration::from_millis(950),
-        Duration::from_millis(2000),
+        Duration::from_millis(1950),
+        Duration::from_millis(3000),
+    );
+    herd.assert_all_refused(
+        "slowloris/handshaking",
+        SECURED..SECURED + N,
+        "handshake_timeout",
+        Duration::from_millis(1950),
+        Duration::from_millis(3000),
     );
     drop(herd);
     case.finish();
@@ -1426,8 +1720,10 @@ fn two_thousand_silent_connections_are_closed_at_the_deadline() {
     );
     let last_opened = herd.conns[N - 1].opened;
     herd.pump_until_closed(last_opened + Duration::from_secs(5), None);
+    // Without a Noise handshake there is no session to say anything in.
     herd.assert_all_refused(
         "silent",
+        0..N,
         "handshake_timeout",
         Duration::from_millis(950),
         Duration::from_millis(2500),
@@ -1436,58 +1732,66 @@ fn two_thousand_silent_connections_are_closed_at_the_deadline() {
     case.finish();
 }
 
-/// Case 8.
+/// Case 8. A client that never reads. A Noise handshake per change would
+/// make the thousands of updates that fill the registry's kernel send buffer
+/// (autotuned up to tcp_wmem's maximum, 4 MiB here) take minutes in a debug
+/// build, so the sloth also asks for heartbeat replies it never reads: its
+/// connection then holds both the others' updates and its own replies.
 #[test]
 fn a_client_that_never_reads_is_dropped_as_slow_and_the_others_miss_nothing() {
     let _heavy = heavy();
     let mut case = Case::start("slow", &["--max-queue", "65536"]);
     let addr = case.reg.addr;
-    let mut sloth = connect_small_rcvbuf(addr, 4096);
-    sloth.write_all(&register_frame("sloth", 4200)).unwrap();
+    let sloth_id = Identity::generate();
+    let mut sloth = secure_as(connect_small_rcvbuf(addr, 4096), &sloth_id);
+    sloth.write_plain(&register_frame("sloth", 4200)).unwrap();
+    let sloth_joined = joined("sloth", 4200, sloth_id.public());
     assert!(
-        case.watcher
-            .wait_for(&joined("sloth", 4200), Duration::from_secs(3)),
+        case.watcher.wait_for(&sloth_joined, Duration::from_secs(3)),
         "the sloth registered"
     );
-    case.expected.push(joined("sloth", 4200));
+    case.expected.push(sloth_joined.clone());
 
-    // The sloth heartbeats, so it is never evicted, but never reads.
+    // The sloth heartbeats, 256 at a time (some 400 KB/s), so it is
+    // never evicted, but never reads: the replies pile up with the updates.
     let stop = Arc::new(AtomicBool::new(false));
     let beats = {
-        let mut writer = sloth.try_clone().unwrap();
-        writer
+        sloth
+            .get_ref()
             .set_write_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         let stop = stop.clone();
         thread::spawn(move || {
-            let hb = heartbeat_frame();
+            let batch = heartbeat_frame().repeat(256);
             let cap = Instant::now() + Duration::from_secs(60);
-            for _ in 0..1000 {
-                if stop.load(Ordering::Relaxed) || Instant::now() >= cap {
-                    return;
+            let mut written = 0;
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) || Instant::now() >= cap || written >= 64 << 20 {
+                    break;
                 }
-                if writer.write_all(&hb).is_err() {
-                    return;
+                if sloth.write_plain(&batch).is_err() {
+                    break;
                 }
-                thread::sleep(Duration::from_millis(150));
+                written += batch.len();
+                thread::sleep(Duration::from_millis(10));
             }
+            (sloth, written)
         })
     };
 
-    // The registry's kernel send buffer (autotuned up to tcp_wmem's maximum,
-    // 4 MiB here) fills before its own queue grows: it takes thousands of
-    // cycles, not one thousand, to pass --max-queue. Names of 32 four-byte
-    // characters make every update as large as the protocol allows.
+    // Meanwhile others come and go. Names of 32 four-byte characters make
+    // every update as large as the protocol allows.
+    const MIN_CYCLES: i64 = 20;
     let sloth_gone = left("sloth", "slow");
     let start = Instant::now();
     let deadline = start + Duration::from_secs(45);
     let mut cycles = 0;
     let mut dropped_after = None;
     for i in 0..20_000i64 {
-        if i % 50 == 0 && dropped_after.is_none() && case.watcher.changes().contains(&sloth_gone) {
+        if dropped_after.is_none() && case.watcher.changes().contains(&sloth_gone) {
             dropped_after = Some(i);
         }
-        if (i >= 1000 && dropped_after.is_some()) || Instant::now() >= deadline {
+        if (i >= MIN_CYCLES && dropped_after.is_some()) || Instant::now() >= deadline {
             break;
         }
         let name = format!("{i:05}{}", "\u{20000}".repeat(27));
@@ -1499,15 +1803,16 @@ fn a_client_that_never_reads_is_dropped_as_slow_and_the_others_miss_nothing() {
         );
         c.send(&ToRegistry::Leave {});
         assert_ne!(finish_client(&mut c, Duration::from_secs(3)).end, End::Open);
-        case.expected.push(joined(&name, port));
+        case.expected.push(joined(&name, port, c.key()));
         case.expected.push(left(&name, "quit"));
         cycles += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let _ = beats.join();
+    let (mut sloth, written) = beats.join().expect("the sloth's heartbeat thread");
     eprintln!(
-        "[slow] {cycles} register/leave cycles in {:?}; the sloth was seen dropped by cycle {dropped_after:?}",
-        start.elapsed()
+        "[slow] {cycles} register/leave cycles in {:?}; the sloth was seen dropped by cycle {dropped_after:?}, after sending {} KiB of heartbeats",
+        start.elapsed(),
+        written / 1024
     );
     assert!(
         case.watcher.wait_for(&sloth_gone, Duration::from_secs(3)),
@@ -1517,7 +1822,7 @@ fn a_client_that_never_reads_is_dropped_as_slow_and_the_others_miss_nothing() {
     let sloth_changes: Vec<&Change> = seen.iter().filter(|c| change_name(c) == "sloth").collect();
     assert_eq!(
         sloth_changes,
-        vec![&joined("sloth", 4200), &sloth_gone],
+        vec![&sloth_joined, &sloth_gone],
         "one join and one slow leave for the sloth"
     );
     // Its leave comes where it happened among the others' changes.
@@ -1539,11 +1844,7 @@ fn a_client_that_never_reads_is_dropped_as_slow_and_the_others_miss_nothing() {
             .collect::<Vec<_>>()
     );
     // The sloth's connection is closed: reading it to the end finds the end.
-    let f = read_to_close(
-        &mut sloth,
-        &mut FrameDecoder::new(1 << 20),
-        Duration::from_secs(5),
-    );
+    let f = read_to_close(&mut sloth, Duration::from_secs(5));
     eprintln!(
         "[slow] the sloth could still read {} frames, then {:?}",
         f.frames.len(),
@@ -1605,63 +1906,22 @@ fn out_of_descriptors_the_registry_neither_spins_nor_stays_stuck() {
 
     let t = Instant::now();
     let mut real = Client::connect(case.reg.addr);
-    real.stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    real.send(&ToRegistry::Register {
-        version: 1,
-        name: "real".into(),
-        port: 4100,
-        secret: None,
-    });
-    let mut dec = std::mem::replace(real.decoder(), FrameDecoder::new(1 << 20));
-    let welcome = {
-        let f = read_first_frame(&mut real.stream, &mut dec, Duration::from_secs(5));
-        f.map(|b| codec::decode::<FromRegistry>(&b).unwrap())
-    };
+    real.send(&register_msg("real", 4100));
+    let welcome = real.next(Duration::from_secs(5));
     let took = t.elapsed();
     eprintln!("[fds] after the flood a real client registered in {took:?}");
     assert!(
-        matches!(welcome, Some(FromRegistry::Welcome { .. })),
-        "a real client registers within 5 s after the flood: {welcome:?}"
+        matches!(welcome, Next::Msg(FromRegistry::Welcome { .. })) && took < Duration::from_secs(5),
+        "a real client registers within 5 s after the flood: {welcome:?} after {took:?}"
     );
     real.send(&ToRegistry::Leave {});
     assert_ne!(
-        read_to_close(&mut real.stream, &mut dec, Duration::from_secs(3)).end,
+        finish_client(&mut real, Duration::from_secs(3)).end,
         End::Open
     );
-    case.expected.push(joined("real", 4100));
+    case.expected.push(joined("real", 4100, real.key()));
     case.expected.push(left("real", "quit"));
     case.finish();
-}
-
-/// The first whole frame within `timeout`, skipping nothing.
-fn read_first_frame(
-    stream: &mut TcpStream,
-    dec: &mut FrameDecoder,
-    timeout: Duration,
-) -> Option<Bytes> {
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 16 * 1024];
-    for _ in 0..100_000 {
-        if let Ok(Some(f)) = dec.next_frame() {
-            return Some(f);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        stream
-            .set_read_timeout(Some(left.min(Duration::from_millis(100))))
-            .unwrap();
-        match stream.read(&mut buf) {
-            Ok(0) => return None,
-            Ok(n) => dec.push(&buf[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return None,
-        }
-    }
-    None
 }
 
 // ---------------------------------------------------------------------------
@@ -1671,7 +1931,6 @@ fn read_first_frame(
 /// Exactly `n` heartbeat replies and nothing else within `timeout`, and no
 /// more right after.
 fn expect_heartbeats(label: &str, c: &mut Client, n: usize, timeout: Duration) {
-    let mut dec = std::mem::replace(c.decoder(), FrameDecoder::new(1 << 20));
     let mut got = 0;
     let deadline = Instant::now() + timeout;
     for _ in 0..n * 10 + 10 {
@@ -1679,18 +1938,22 @@ fn expect_heartbeats(label: &str, c: &mut Client, n: usize, timeout: Duration) {
             break;
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let Some(f) = read_first_frame(&mut c.stream, &mut dec, left) else {
+        if left.is_zero() {
             break;
-        };
-        match codec::decode::<FromRegistry>(&f).unwrap() {
-            FromRegistry::Heartbeat {} => got += 1,
-            other => panic!("{label}: expected heartbeats only, got {other:?}"),
+        }
+        match c.next(left) {
+            Next::Msg(FromRegistry::Heartbeat {}) => got += 1,
+            Next::Msg(other) => panic!("{label}: expected heartbeats only, got {other:?}"),
+            Next::Closed | Next::Timeout => break,
         }
     }
     assert_eq!(got, n, "{label}: heartbeat replies");
-    let extra = read_first_frame(&mut c.stream, &mut dec, Duration::from_millis(300));
-    assert!(extra.is_none(), "{label}: one reply more than asked for");
-    *c.decoder() = dec;
+    let extra = c.next(Duration::from_millis(300));
+    assert_eq!(
+        extra,
+        Next::Timeout,
+        "{label}: one reply more than asked for"
+    );
 }
 
 #[test]
@@ -1703,14 +1966,14 @@ fn frames_one_byte_per_write_or_a_hundred_per_write_work_as_usual() {
         finish_client(&mut normal, Duration::from_secs(3)).end,
         End::Open
     );
-    case.expected.push(joined("normal", 4300));
+    case.expected.push(joined("normal", 4300, normal.key()));
     case.expected.push(left("normal", "quit"));
 
-    // Registration one byte per write.
+    // Registration one byte per Noise message, one wire byte per write.
     let mut d = Client::connect(addr);
-    dribble(&mut d.stream, &register_frame("dribble", 4301));
+    dribble(&mut d.conn, &register_frame("dribble", 4301));
     let welcome = d.recv().expect("a welcome");
-    case.expected.push(joined("dribble", 4301));
+    case.expected.push(joined("dribble", 4301, d.key()));
     match (&welcome, &normal_welcome) {
         (
             FromRegistry::Welcome {
@@ -1719,7 +1982,6 @@ fn frames_one_byte_per_write_or_a_hundred_per_write_work_as_usual() {
                 addr,
                 heartbeat_ms,
                 timeout_ms,
-                secret,
                 more,
                 peers,
             },
@@ -1742,45 +2004,61 @@ fn frames_one_byte_per_write_or_a_hundred_per_write_work_as_usual() {
                 ),
                 (v0, "dribble", "127.0.0.1:4301", h0, t0, &false)
             );
-            assert_eq!(secret.len(), 32);
             assert_eq!(peers, p0, "the same directory: just the control client");
         }
         other => panic!("split: {other:?}"),
     }
-    // A heartbeat one byte per write, then a hundred in one write.
-    dribble(&mut d.stream, &heartbeat_frame());
+    // A heartbeat one byte per write, then a hundred in one Noise message,
+    // then a hundred Noise messages of one heartbeat each in one write.
+    dribble(&mut d.conn, &heartbeat_frame());
     expect_heartbeats("split/dribbled", &mut d, 1, Duration::from_secs(3));
-    d.stream.write_all(&heartbeat_frame().repeat(100)).unwrap();
+    d.send_raw(&heartbeat_frame().repeat(100)).unwrap();
     expect_heartbeats(
-        "split/100 in one write",
+        "split/100 in one message",
+        &mut d,
+        100,
+        Duration::from_secs(3),
+    );
+    let mut wire = Vec::new();
+    for _ in 0..100 {
+        wire.extend(d.conn.seal(&heartbeat_frame()).unwrap());
+    }
+    d.send_wire(&wire).unwrap();
+    expect_heartbeats(
+        "split/100 messages in one write",
         &mut d,
         100,
         Duration::from_secs(3),
     );
 
-    // Register and a hundred heartbeats in one write.
+    // Register and a hundred heartbeats in one write, cut into Noise
+    // messages of 5 bytes that split every frame.
     let mut b = Client::connect(addr);
     let mut burst = register_frame("burst", 4302);
     burst.extend(heartbeat_frame().repeat(100));
-    b.stream.write_all(&burst).unwrap();
+    let mut wire = Vec::new();
+    for piece in burst.chunks(5) {
+        wire.extend(b.conn.seal(piece).unwrap());
+    }
+    b.send_wire(&wire).unwrap();
     let welcome = b.recv_any().expect("a welcome");
     assert!(
         matches!(&welcome, FromRegistry::Welcome { name, .. } if name == "burst"),
         "{welcome:?}"
     );
-    case.expected.push(joined("burst", 4302));
+    case.expected.push(joined("burst", 4302, b.key()));
     expect_heartbeats("split/register+100", &mut b, 100, Duration::from_secs(3));
     // Leave and a heartbeat after it in one write: the leave wins.
     let mut last = leave_frame();
     last.extend(heartbeat_frame());
-    b.stream.write_all(&last).unwrap();
+    b.send_raw(&last).unwrap();
     let f = finish_client(&mut b, Duration::from_secs(3));
     assert_ne!(f.end, End::Open);
     assert_eq!(registry_msgs("split/burst leave", &f), vec![]);
     case.expected.push(left("burst", "quit"));
 
     // Leave one byte per write.
-    dribble(&mut d.stream, &leave_frame());
+    dribble(&mut d.conn, &leave_frame());
     let f = finish_client(&mut d, Duration::from_secs(3));
     assert_ne!(f.end, End::Open, "split: leave closes");
     // What the dribbler was told meanwhile: burst came and went.
@@ -1791,7 +2069,10 @@ fn frames_one_byte_per_write_or_a_hundred_per_write_work_as_usual() {
             other => panic!("split: unexpected {other:?}"),
         })
         .collect();
-    assert_eq!(told, vec![joined("burst", 4302), left("burst", "quit")]);
+    assert_eq!(
+        told,
+        vec![joined("burst", 4302, b.key()), left("burst", "quit")]
+    );
     case.expected.push(left("dribble", "quit"));
     case.finish();
 }
@@ -1800,6 +2081,7 @@ fn frames_one_byte_per_write_or_a_hundred_per_write_work_as_usual() {
 // Case 14: churn
 // ---------------------------------------------------------------------------
 
+/// Ten thousand cycles, each with its own Noise handshake.
 #[test]
 fn ten_thousand_register_and_close_cycles_leave_nothing_behind() {
     raise_nofile();
@@ -1815,12 +2097,15 @@ fn ten_thousand_register_and_close_cycles_leave_nothing_behind() {
         .map(|t| {
             thread::spawn(move || {
                 let mut done = 0;
+                // One key per thread, registering a new name each time.
+                let identity = Identity::generate();
                 for i in 0..PER_THREAD {
                     if Instant::now() >= deadline {
                         break;
                     }
                     let name = format!("cyc{t}-{i}");
-                    let (c, welcome) = Client::register(addr, &name, 20_000 + i as i64);
+                    let (c, welcome) =
+                        Client::register_as(addr, &identity, &name, 20_000 + i as i64);
                     assert!(
                         matches!(welcome, FromRegistry::Welcome { .. }),
                         "{name}: {welcome:?}"
@@ -1886,7 +2171,8 @@ fn reset_fin_and_close_during_a_big_snapshot_each_yield_one_left() {
         .collect();
     assert!(fillers.iter().all(|n| n.chars().count() == 32));
     let crowd = Crowd::start(addr, fillers.clone(), 30_000);
-    let all_in = case.watcher.wait_until(Duration::from_secs(15), |c| {
+    // Each filler's Noise handshake takes a while in a debug build.
+    let all_in = case.watcher.wait_until(Duration::from_secs(60), |c| {
         c.iter()
             .filter(|c| matches!(c, Change::Joined { name, .. } if name.starts_with("filler")))
             .count()
@@ -1897,11 +2183,11 @@ fn reset_fin_and_close_during_a_big_snapshot_each_yield_one_left() {
     let mut names: Vec<String> = Vec::new();
     // RST.
     let (c, _) = Client::register(addr, "rst-close", 4401);
-    close_with_reset(c.stream);
+    close_with_reset(c.conn);
     names.push("rst-close".into());
     // FIN: shut our side, the registry closes its side.
     let (mut c, _) = Client::register(addr, "fin-close", 4402);
-    c.stream.shutdown(Shutdown::Write).unwrap();
+    c.stream().shutdown(Shutdown::Write).unwrap();
     let f = finish_client(&mut c, Duration::from_secs(3));
     assert_ne!(
         f.end,
@@ -1914,11 +2200,15 @@ fn reset_fin_and_close_during_a_big_snapshot_each_yield_one_left() {
     // receive window cannot take at once.
     for k in 0..6 {
         let name = format!("bigsnap-{k}");
-        let mut s = connect_small_rcvbuf(addr, 2048);
-        s.write_all(&register_frame(&name, 4410 + k)).unwrap();
+        let mut s = secure(connect_small_rcvbuf(addr, 2048));
+        s.write_plain(&register_frame(&name, 4410 + k)).unwrap();
         let mut first = [0u8; 1];
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        s.read_exact(&mut first).expect("the welcome starts");
+        s.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        s.get_mut()
+            .read_exact(&mut first)
+            .expect("the welcome starts");
         if k % 2 == 0 {
             close_with_reset(s);
         } else {
@@ -1935,20 +2225,42 @@ fn reset_fin_and_close_during_a_big_snapshot_each_yield_one_left() {
     let pid = case.pid();
     for k in 0..2 {
         let name = format!("flood-{k}");
-        let mut s = connect_small_rcvbuf(addr, 2048);
-        s.write_all(&register_frame(&name, 4430 + k)).unwrap();
+        let mut s = secure(connect_small_rcvbuf(addr, 2048));
+        s.write_plain(&register_frame(&name, 4430 + k)).unwrap();
         let rss_before = rss_kib(pid);
-        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.get_ref()
+            .set_write_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        // Sealed and written a Noise message at a time: sealing 4 MiB in
+        // one go takes a debug build longer than the 1 s eviction timeout.
         let beats = heartbeat_frame().repeat(1 << 18);
-        s.write_all(&beats)
-            .expect("the registry reads every heartbeat");
+        let written = beats
+            .chunks(MAX_PLAINTEXT - MAX_PLAINTEXT % 16)
+            .try_for_each(|piece| s.write_plain(piece));
+        if let Err(e) = written {
+            panic!(
+                "closes: {name}: the registry did not read every heartbeat ({e}); it said {:?}",
+                case.reg
+                    .proc
+                    .stderr
+                    .snapshot()
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+            );
+        }
         // Wait (bounded) until the registry has answered them all: its CPU
-        // time stops moving.
+        // time stops moving, or nearly (the crowd's heartbeats cost a debug
+        // build a tick now and then). Heartbeat meanwhile: the registry
+        // may take longer than the 1 s timeout to get through them.
+        let hb = heartbeat_frame();
         let mut last = cpu_ticks(pid);
         for _ in 0..50 {
             thread::sleep(Duration::from_millis(100));
+            let _ = s.write_plain(&hb);
             let now = cpu_ticks(pid);
-            if now == last {
+            if now - last <= 1 {
                 break;
             }
             last = now;
@@ -1968,8 +2280,8 @@ fn reset_fin_and_close_during_a_big_snapshot_each_yield_one_left() {
     // Closing right after the register, before any reply.
     for k in 0..4 {
         let name = format!("quick-{k}");
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(&register_frame(&name, 4420 + k)).unwrap();
+        let mut s = secure(TcpStream::connect(addr).unwrap());
+        s.write_plain(&register_frame(&name, 4420 + k)).unwrap();
         if k % 2 == 0 {
             close_with_reset(s);
         } else {
@@ -2061,12 +2373,39 @@ fn assert_peer_alive(label: &str, p: &mut PeerProc) {
 }
 
 /// Bytes to a peer's listening socket; returns what it answered.
+/// Frame-stream bytes inside a Noise session (under a new key) to a peer's
+/// listening socket; returns what it answered.
 fn link_attack(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> Finish {
+    link_attack_with(addr, timeout, |s| {
+        let _ = s.write_plain(bytes);
+    })
+}
+
+/// Does `act` on a fresh Noise session to a peer's listening socket;
+/// returns what it answered.
+fn link_attack_with(addr: SocketAddr, timeout: Duration, act: impl FnOnce(&mut Secure)) -> Finish {
+    let mut s = secure(TcpStream::connect(addr).expect("connect to the peer"));
+    s.get_ref()
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    act(&mut s);
+    read_to_close(&mut s, timeout)
+}
+
+/// Bytes where a peer expects a Noise handshake: it must close at once,
+/// saying at most its own handshake message.
+fn link_attack_plain(label: &str, addr: SocketAddr, bytes: &[u8]) {
     let mut s = TcpStream::connect(addr).expect("connect to the peer");
     s.set_nodelay(true).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = s.write_all(bytes);
-    read_to_close(&mut s, &mut FrameDecoder::new(1 << 20), timeout)
+    let (got, end, elapsed) = read_raw_to_close(&mut s, Duration::from_secs(3));
+    assert!(
+        end != End::Open && got.len() <= 2 + MAX_HANDSHAKE_MESSAGE,
+        "{label}: expected a close without a word, got {} bytes then {end:?}",
+        got.len()
+    );
+    assert!(elapsed < AT_ONCE, "{label}: closed only after {elapsed:?}");
 }
 
 /// Chat from a real second peer still arrives.
@@ -2099,7 +2438,7 @@ fn peer_hostile_bytes_on_a_link_close_only_that_link() {
     let addr = peer_addr(&alice.registered());
     let hello = |name: &str| {
         codec::encode_frame(&LinkMsg::Hello {
-            version: 1,
+            version: PROTOCOL_VERSION,
             name: name.into(),
             instance: 7,
         })
@@ -2159,6 +2498,93 @@ fn peer_hostile_bytes_on_a_link_close_only_that_link() {
             bad_name.end
         ),
     }
+    let old = codec::encode_frame(&LinkMsg::Hello {
+        version: 1,
+        name: "oldtimer".into(),
+        instance: 7,
+    })
+    .unwrap();
+    let old = link_attack(addr, &old, Duration::from_secs(3));
+    match link_msgs("peer/version 1", &old).as_slice() {
+        [LinkMsg::Error { code, .. }] if code == "unsupported_version" && old.end != End::Open => {}
+        other => panic!("peer/hello of version 1: {other:?} then {:?}", old.end),
+    }
+    // The link proves alice's key.
+    let probe = secure(TcpStream::connect(addr).unwrap());
+    assert_eq!(
+        probe.remote_key(),
+        alice.key(),
+        "the link proves alice's key"
+    );
+    drop(probe);
+    // No Noise session: closed at once, without a word.
+    link_attack_plain("peer/a plaintext hello", addr, &hello("bob"));
+    link_attack_plain(
+        "peer/a handshake message of 65535 bytes",
+        addr,
+        &[0xff, 0xff],
+    );
+    link_attack_plain(
+        "peer/ASCII text",
+        addr,
+        b"GET / HTTP/1.1\r\nHost: alice\r\n\r\n",
+    );
+    // A broken Noise session: closed without a word, before or after hello.
+    for after_hello in [false, true] {
+        let when = if after_hello { "after" } else { "before" };
+        let start = |s: &mut Secure| {
+            if after_hello {
+                s.write_plain(&hello("mallory")).unwrap();
+            }
+        };
+        let cases: Vec<(&str, SessionAct)> = vec![
+            (
+                "a flipped bit",
+                Box::new(|s: &mut Secure| {
+                    let mut wire = s.seal(&chat).unwrap();
+                    let at = wire.len() / 2;
+                    wire[at] ^= 0x04;
+                    let _ = s.get_mut().write_all(&wire);
+                }),
+            ),
+            (
+                "a replayed message",
+                Box::new(|s: &mut Secure| {
+                    let wire = s.seal(&chat[..2]).unwrap();
+                    let _ = s.get_mut().write_all(&[&wire[..], &wire[..]].concat());
+                }),
+            ),
+            (
+                "a truncated message",
+                Box::new(|s: &mut Secure| {
+                    let wire = s.seal(&chat).unwrap();
+                    let _ = s.get_mut().write_all(&wire[..wire.len() - 1]);
+                    let _ = s.get_ref().shutdown(Shutdown::Write);
+                }),
+            ),
+            (
+                "plaintext inside",
+                Box::new(|s: &mut Secure| {
+                    let _ = s.get_mut().write_all(&chat);
+                }),
+            ),
+        ];
+        for (what, act) in cases {
+            let label = format!("peer/{what} {when} hello");
+            let f = link_attack_with(addr, Duration::from_secs(3), |s| {
+                start(s);
+                act(s);
+            });
+            let msgs = link_msgs(&label, &f);
+            assert!(
+                f.end != End::Open && msgs.is_empty(),
+                "{label}: expected a close without a word, got {msgs:?} then {:?}",
+                f.end
+            );
+            assert!(f.elapsed < AT_ONCE, "{label}: closed after {:?}", f.elapsed);
+            assert_peer_alive(&label, &mut alice);
+        }
+    }
     // Over the 64 KiB limit: closed; PROTOCOL.md promises frame_too_large
     // only from the registry, so the peer may close without a word.
     let too_large: Vec<(&str, Vec<u8>)> = vec![
@@ -2196,7 +2622,7 @@ fn peer_a_hello_from_a_name_nobody_registered_is_refused_after_5s() {
     let mut alice = PeerProc::start("alice", reg.addr);
     let addr = peer_addr(&alice.registered());
     let mut bytes = codec::encode_frame(&LinkMsg::Hello {
-        version: 1,
+        version: PROTOCOL_VERSION,
         name: "mallory".into(),
         instance: 99,
     })

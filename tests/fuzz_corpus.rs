@@ -44,3 +44,8 @@ fn from_registry_corpus() {
 fn link_msg_corpus() {
     assert!(replay("link_msg", checks::message::<LinkMsg>) >= 10);
 }
+
+#[test]
+fn noise_responder_corpus() {
+    assert!(replay("noise_responder", checks::noise_responder) >= 10);
+}

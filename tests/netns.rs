@@ -116,17 +116,31 @@ fn three_hosts_chat_directly_and_a_cut_cable_is_evicted() {
     let mut bob = PeerProc::start_in(&strs(&b), "bob", &listen, &any);
     let registered = bob.registered();
     assert_eq!(registered["peers"][0]["addr"], alice_addr.as_str());
+    assert_eq!(
+        registered["peers"][0]["key"],
+        alice.key().to_string().as_str(),
+        "the directory carries the key alice proved"
+    );
     let joined = alice.expect_event("joined", LONG);
     assert!(joined["addr"]
         .as_str()
         .unwrap()
         .starts_with(&format!("{}:", net.addr(3))));
+    assert_eq!(joined["key"], bob.key().to_string().as_str());
 
     alice.say("/msg bob across the bridge");
     bob.expect("message", LONG, |v| v["text"] == "across the bridge");
     alice.expect_event("delivered", LONG);
     bob.say("and back");
     alice.expect("message", LONG, |v| v["text"] == "and back");
+    // Both ends pinned the registry (by the address they were given) and
+    // each other.
+    let pins = alice.data.known_peers_text();
+    assert!(
+        pins.contains(&format!("registry {listen} {}", reg.key)),
+        "{pins}"
+    );
+    assert!(pins.contains(&format!("peer bob {}", bob.key())), "{pins}");
 
     // Cut bob's cable at the bridge: no FIN, no RST, just silence.
     ip(&[

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::process::Command;
 
-use common::{bin, PeerProc, Registry, LONG};
+use common::{bin, DataDir, PeerProc, Registry, LONG};
 use serde_json::Value;
 
 fn is(event: &str, key: &str, value: &str) -> impl Fn(&Value) -> bool {
@@ -19,9 +19,29 @@ fn start_peers(reg: &Registry, names: &[&str]) -> Vec<PeerProc> {
     let mut peers: Vec<PeerProc> = Vec::new();
     for name in names {
         let mut p = PeerProc::start(name, reg.addr);
-        p.registered();
+        let registered = p.registered();
+        let key = p.key().to_string();
+        assert_eq!(registered["key"], key.as_str(), "{name}: its own key");
+        // Everyone already online, with the key each proved.
+        let listed: Vec<(String, String)> = registered["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().into(),
+                    e["key"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String)> = peers
+            .iter()
+            .map(|e| (e.name.clone(), e.key().to_string()))
+            .collect();
+        assert_eq!(listed, want, "{name}: the peers listed at registration");
         for earlier in peers.iter_mut() {
-            earlier.expect("joined", LONG, is("joined", "name", name));
+            let joined = earlier.expect("joined", LONG, is("joined", "name", name));
+            assert_eq!(joined["key"], key.as_str(), "the key that joined");
         }
         peers.push(p);
     }
@@ -32,6 +52,18 @@ fn start_peers(reg: &Registry, names: &[&str]) -> Vec<PeerProc> {
 fn one_to_one_and_to_all_with_acks() {
     let reg = Registry::start(&[]);
     let mut peers = start_peers(&reg, &["alice", "bob", "carol"]);
+    let keys: Vec<String> = peers.iter().map(|p| p.key().to_string()).collect();
+    // Nothing linked yet, so nothing pinned yet.
+    peers[0].say("/whois BOB");
+    let whois = peers[0].expect_event("whois", LONG);
+    assert_eq!(
+        (&whois["name"], &whois["key"], &whois["pinned"]),
+        (
+            &Value::from("bob"),
+            &Value::from(keys[1].as_str()),
+            &Value::from(false)
+        )
+    );
     let text = "héllo 世界 🎉 \"quoted\" back\\slash";
     peers[0].say(text);
     let sent = peers[0].expect_event("sent", LONG);
@@ -60,6 +92,19 @@ fn one_to_one_and_to_all_with_acks() {
     }
     delivered_to.sort();
     assert_eq!(delivered_to, vec!["bob", "carol"]);
+    // A link pins the key it proved, on both ends, in known_peers.
+    peers[0].say("/whois bob");
+    let whois = peers[0].expect_event("whois", LONG);
+    assert_eq!(whois["pinned"], true, "{whois}");
+    let pins = peers[0].data.known_peers_text();
+    assert!(pins.contains(&format!("peer bob {}", keys[1])), "{pins}");
+    assert!(pins.contains(&format!("peer carol {}", keys[2])), "{pins}");
+    assert!(
+        pins.contains(&format!("registry {} {}", reg.addr, reg.key)),
+        "{pins}"
+    );
+    let pins = peers[1].data.known_peers_text();
+    assert!(pins.contains(&format!("peer alice {}", keys[0])), "{pins}");
 
     peers[1].say("/msg CAROL just you");
     let sent = peers[1].expect_event("sent", LONG);
@@ -73,13 +118,16 @@ fn one_to_one_and_to_all_with_acks() {
 
     peers[2].say("/peers");
     let list = peers[2].expect_event("peers", LONG);
-    let names: Vec<&str> = list["peers"]
+    let names: Vec<(&str, &str)> = list["peers"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p["name"].as_str().unwrap())
+        .map(|p| (p["name"].as_str().unwrap(), p["key"].as_str().unwrap()))
         .collect();
-    assert_eq!(names, vec!["alice", "bob"]);
+    assert_eq!(
+        names,
+        vec![("alice", keys[0].as_str()), ("bob", keys[1].as_str())]
+    );
     peers[2].say("/msg nobody hi");
     assert_eq!(peers[2].expect_event("error", LONG)["code"], "unknown_peer");
     peers[2].say("/frobnicate");
@@ -112,8 +160,10 @@ fn a_taken_or_bad_name_exits_with_status_2() {
     let mut bad = PeerProc::start("has space", reg.addr);
     assert_eq!(bad.expect_event("error", LONG)["code"], "bad_name");
     assert_eq!(bad.proc.wait_exit(LONG).unwrap().code(), Some(2));
+    let data = DataDir::fresh();
     let out = Command::new(bin("peer"))
         .args(["--name", "x"])
+        .env("XDG_DATA_HOME", data.path())
         .output()
         .unwrap();
     assert_eq!(
@@ -147,7 +197,7 @@ fn a_frozen_peer_is_evicted_and_comes_back() {
 fn chat_survives_the_registry_and_peers_reregister() {
     let reg = Registry::start(&[]);
     let mut peers = start_peers(&reg, &["alice", "bob"]);
-    let addr = reg.addr;
+    let (addr, data) = (reg.addr, reg.data.clone());
     drop(reg); // SIGKILL
     for p in peers.iter_mut() {
         p.expect_event("registry_lost", LONG);
@@ -156,7 +206,8 @@ fn chat_survives_the_registry_and_peers_reregister() {
     peers[1].expect("message", LONG, is("message", "text", "still here"));
     peers[0].expect_event("delivered", LONG);
     let back = std::time::Instant::now();
-    let _reg = Registry::start_on(&addr.to_string(), &[]);
+    // The same registry again: its key file, so the key its peers pinned.
+    let _reg = Registry::start_in(&data, &addr.to_string(), &[]);
     for p in peers.iter_mut() {
         p.registered();
     }

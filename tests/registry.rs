@@ -2,10 +2,13 @@
 
 mod common;
 
+use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, Client, Registry};
+use common::{bin, register_msg, Client, DataDir, Next, Registry};
+use peerchat_core::codec;
+use peerchat_core::identity::Identity;
 use peerchat_core::protocol::{Change, FromRegistry, PeerEntry, ToRegistry};
 
 fn code_of(msg: Option<FromRegistry>) -> String {
@@ -24,7 +27,7 @@ fn welcome_then_deltas_in_order() {
         addr,
         heartbeat_ms,
         timeout_ms,
-        secret,
+        version,
         peers,
         ..
     } = welcome
@@ -34,8 +37,13 @@ fn welcome_then_deltas_in_order() {
     assert_eq!(name, "alice");
     assert_eq!(addr, "127.0.0.1:4001", "observed IP plus declared port");
     assert_eq!((heartbeat_ms, timeout_ms), (200, 1000));
-    assert_eq!(secret.len(), 32);
+    assert_eq!(version, 2);
     assert!(peers.is_empty());
+    assert_eq!(
+        alice.conn.remote_key(),
+        reg.key,
+        "the registry proves the key it printed"
+    );
 
     let (mut bob, welcome) = Client::register(reg.addr, "bob", 4002);
     let FromRegistry::Welcome { peers, .. } = welcome else {
@@ -45,15 +53,18 @@ fn welcome_then_deltas_in_order() {
         peers,
         vec![PeerEntry {
             name: "alice".into(),
-            addr: "127.0.0.1:4001".into()
-        }]
+            addr: "127.0.0.1:4001".into(),
+            key: alice.key(),
+        }],
+        "the directory lists the key alice proved"
     );
     assert_eq!(
         alice.recv(),
         Some(FromRegistry::Update {
             changes: vec![Change::Joined {
                 name: "bob".into(),
-                addr: "127.0.0.1:4002".into()
+                addr: "127.0.0.1:4002".into(),
+                key: bob.key(),
             }]
         })
     );
@@ -82,13 +93,10 @@ fn a_silent_client_is_evicted_within_timeout_plus_a_tick() {
     // The watcher heartbeats; the other never says anything again.
     let update = loop {
         watcher.send(&ToRegistry::Heartbeat {});
-        watcher
-            .stream
-            .set_read_timeout(Some(Duration::from_millis(150)))
-            .unwrap();
-        match watcher.recv_any_timeout() {
-            Some(FromRegistry::Heartbeat {}) | None => {}
-            Some(other) => break other,
+        match watcher.next(Duration::from_millis(150)) {
+            Next::Msg(FromRegistry::Heartbeat {}) | Next::Timeout => {}
+            Next::Msg(other) => break other,
+            Next::Closed => panic!("the watcher was closed"),
         }
         assert!(
             registered_at.elapsed() < Duration::from_secs(5),
@@ -116,24 +124,6 @@ fn a_silent_client_is_evicted_within_timeout_plus_a_tick() {
     drop(silent);
 }
 
-impl Client {
-    /// Like `recv_any`, but `None` on a read timeout too.
-    fn recv_any_timeout(&mut self) -> Option<FromRegistry> {
-        use std::io::Read;
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(msg) = self.try_decoded() {
-                return Some(msg);
-            }
-            match self.stream.read(&mut buf) {
-                Ok(0) => return None,
-                Ok(n) => self.push(&buf[..n]),
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
 #[test]
 fn rejections_carry_their_codes() {
     let reg = Registry::start(&["--max-peers", "2"]);
@@ -156,7 +146,6 @@ fn rejections_carry_their_codes() {
         version: 7,
         name: "future".into(),
         port: 1,
-        secret: None,
     });
     assert_eq!(code_of(future.recv()), "unsupported_version");
     let (_bob, _) = Client::register(reg.addr, "张伟", 4003);
@@ -205,7 +194,12 @@ fn bad_command_lines_are_usage_errors() {
         vec!["--listen", "127.0.0.1:0", "--heartbeat", "fast"],
         vec!["--listen", "127.0.0.1:0", "--bogus"],
     ] {
-        let out = Command::new(bin("registry")).args(&args).output().unwrap();
+        let data = DataDir::fresh();
+        let out = Command::new(bin("registry"))
+            .args(&args)
+            .env("XDG_DATA_HOME", data.path())
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -225,6 +219,24 @@ fn oversized_and_garbage_frames_close_only_that_connection() {
     let mut garbage = Client::connect(reg.addr);
     garbage.send_raw(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]).unwrap();
     assert_eq!(code_of(garbage.recv()), "protocol");
+    // Plaintext where the Noise handshake belongs is not a peerchat peer:
+    // dropped at once, without a word (no session, so no error frame).
+    let mut plain = std::net::TcpStream::connect(reg.addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let started = Instant::now();
+    std::io::Write::write_all(
+        &mut plain,
+        &codec::encode_frame(&register_msg("plain", 4003)).unwrap(),
+    )
+    .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(plain.read(&mut buf), Ok(0) | Err(_)),
+        "plaintext gets no answer, only a close"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "closed at once");
     let (_late, _) = Client::register(reg.addr, "late", 4002);
     assert!(matches!(
         control.recv(),
@@ -236,13 +248,132 @@ fn oversized_and_garbage_frames_close_only_that_connection() {
 fn a_client_that_half_closes_still_gets_its_answer() {
     let reg = Registry::start(&[]);
     let mut c = Client::connect(reg.addr);
-    c.send(&ToRegistry::Register {
-        version: 1,
-        name: "brief".into(),
-        port: 4001,
-        secret: None,
-    });
-    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    c.send(&register_msg("brief", 4001));
+    c.stream_mut().shutdown(std::net::Shutdown::Write).unwrap();
     assert!(matches!(c.recv(), Some(FromRegistry::Welcome { .. })));
     assert!(c.closed());
+}
+
+#[test]
+fn a_client_that_never_registers_is_told_handshake_timeout_and_a_silent_one_is_dropped() {
+    let reg = Registry::start(&["--handshake-timeout", "500ms"]);
+    let t = Instant::now();
+    let mut lazy = Client::connect(reg.addr);
+    assert_eq!(code_of(lazy.recv()), "handshake_timeout");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "told after {took:?}"
+    );
+    assert!(lazy.closed());
+    // No Noise handshake at all: closed at the deadline with nothing said.
+    let mut silent = std::net::TcpStream::connect(reg.addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    assert!(matches!(silent.read(&mut buf), Ok(0) | Err(_)));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+}
+
+#[test]
+fn a_name_belongs_to_the_key_that_registered_it() {
+    let reg = Registry::start(&["--name-grace", "1s"]);
+    let (mut watcher, _) = Client::register(reg.addr, "watcher", 4000);
+    let alice_id = Identity::generate();
+    let (mut alice, welcome) = Client::register_as(reg.addr, &alice_id, "alice", 4001);
+    assert!(
+        matches!(welcome, FromRegistry::Welcome { .. }),
+        "{welcome:?}"
+    );
+    assert!(matches!(
+        watcher.recv(),
+        Some(FromRegistry::Update { changes }) if matches!(&changes[..], [Change::Joined { name, key, .. }] if name == "alice" && *key == alice_id.public())
+    ));
+
+    // Another key: the name is taken, in any case of letters.
+    let (mut thief, reply) = Client::register(reg.addr, "ALICE", 4002);
+    assert_eq!(code_of(Some(reply)), "name_taken");
+    assert!(thief.closed());
+
+    // The same key again, from another port: the new session replaces the
+    // old one, which is told so; the others see it move, not leave.
+    let (mut again, welcome) = Client::register_as(reg.addr, &alice_id, "alice", 4003);
+    assert!(
+        matches!(&welcome, FromRegistry::Welcome { addr, .. } if addr == "127.0.0.1:4003"),
+        "{welcome:?}"
+    );
+    assert_eq!(code_of(alice.recv()), "replaced");
+    assert!(alice.closed());
+    assert_eq!(
+        watcher.recv(),
+        Some(FromRegistry::Update {
+            changes: vec![Change::Moved {
+                name: "alice".into(),
+                addr: "127.0.0.1:4003".into()
+            }]
+        })
+    );
+
+    // After a leave the name is kept for its key through the grace period.
+    again.send(&ToRegistry::Leave {});
+    assert!(again.closed());
+    assert!(matches!(
+        watcher.recv(),
+        Some(FromRegistry::Update { changes }) if matches!(&changes[..], [Change::Left { name, reason }] if name == "alice" && reason == "quit")
+    ));
+    let (_, reply) = Client::register(reg.addr, "alice", 4004);
+    assert_eq!(code_of(Some(reply)), "name_taken", "kept for its key");
+    let (mut back, welcome) = Client::register_as(reg.addr, &alice_id, "Alice", 4005);
+    assert!(
+        matches!(&welcome, FromRegistry::Welcome { name, .. } if name == "Alice"),
+        "its own key gets it back: {welcome:?}"
+    );
+    back.send(&ToRegistry::Leave {});
+    assert!(back.closed());
+
+    // Once the grace is over, anyone may take it.
+    std::thread::sleep(Duration::from_millis(1300));
+    let (_, welcome) = Client::register(reg.addr, "alice", 4006);
+    assert!(
+        matches!(welcome, FromRegistry::Welcome { .. }),
+        "free after the grace: {welcome:?}"
+    );
+}
+
+#[test]
+fn the_registry_key_lives_in_its_key_file_across_restarts() {
+    let data = DataDir::fresh();
+    let first = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    let key = first.key;
+    let file = data.registry_key_file();
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&file), 0o600, "{}", file.display());
+    assert_eq!(
+        Identity::load(&file).unwrap().public(),
+        key,
+        "the printed key is the one in the file"
+    );
+    drop(first);
+    let second = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    assert_eq!(second.key, key, "the same key after a restart");
+    let c = Client::connect(second.addr);
+    assert_eq!(c.conn.remote_key(), key);
+
+    // --key names the file; a missing one is made.
+    let other = DataDir::fresh();
+    let path = other.path().join("keys/reg.key");
+    let path_text = path.to_str().unwrap().to_string();
+    let third = Registry::start(&["--key", &path_text]);
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(Identity::load(&path).unwrap().public(), third.key);
+    assert_ne!(third.key, key);
 }
