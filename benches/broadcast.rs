@@ -25,16 +25,27 @@
 //!    the clock when the last byte is in; coalesced: `K` messages per socket
 //!    in one write.
 //!
+//! Every connection to the registry, and every link the peer dials to a
+//! receiver, is a Noise session (protocol 2), as the binaries require: the
+//! bench's clients are Noise initiators, its receivers Noise responders
+//! whose keys the registry lists, so that the real peer accepts their links.
+//! Handshakes happen outside timing in sections 1 and 3 (for a join in
+//! section 1 the clock starts at the sealed `register`, after the registry
+//! is known to have finished the handshake); in section 2 each churn
+//! cycle's handshake is part of the work. The floor stays plain TCP.
+//!
 //! Sizes run in order, and for each size the floor runs right before the
 //! figures compared with it. Every waiting side is one thread with one
 //! `mio::Poll` over all its sockets, never a thread per socket. Latencies of
 //! every measured iteration are kept; p50/p99, the ratios to the floor, CPU
 //! shares and write calls per delivery go to stderr, with a summary at the
 //! end. Servers start once, outside timing; every child process is killed on
-//! drop. Run with `cargo bench --bench broadcast` (about two minutes).
-
-#[path = "../tests/common/mod.rs"]
-mod common;
+//! drop; their key files and data directories live in a temporary directory
+//! removed at the end. Run with `cargo bench --bench broadcast` (about two
+//! minutes). For a quick check that everything works, pick sizes with
+//! `BROADCAST_SIZES` (comma-separated; the churn bench runs for the sizes
+//! among 100 and 1000) and let criterion sample briefly:
+//! `BROADCAST_SIZES=10,100 cargo bench --bench broadcast -- --quick`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -56,13 +67,19 @@ use criterion::{
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use peerchat_core::codec;
-use peerchat_core::protocol::{Change, FromRegistry, LinkMsg, PeerEntry, ToRegistry};
+use peerchat_core::identity::{Identity, PublicKey};
+use peerchat_core::protocol::{
+    Change, FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+};
+use peerchat_core::secure::{self, SecureChannel};
 use peerchat_core::wire::FrameDecoder;
 
 /// Receivers for the latency and fan-out benches.
 const SIZES: [usize; 3] = [10, 100, 1000];
 /// Listeners for the churn bench.
 const CHURN_SIZES: [usize; 2] = [100, 1000];
+/// Names the sizes to run instead of [`SIZES`], e.g. `10,100`.
+const SIZES_VAR: &str = "BROADCAST_SIZES";
 /// Messages per socket in one pipelined or coalesced round.
 const K: usize = 100;
 /// The floor's message; a one-change `update` and the peer's chat below are
@@ -92,11 +109,64 @@ const RATE_SAMPLES: usize = 10;
 // Processes
 // ---------------------------------------------------------------------------
 
-/// The release binaries, built the way the end-to-end tests build theirs
-/// (with `--release` here, since benches run from target/release).
+/// The release binaries, built the way the end-to-end tests build theirs:
+/// they belong to other packages of the workspace, so Cargo does not build
+/// them for a bench by itself. Returns the directory that holds them
+/// (target/release, since benches run from there).
 fn build_binaries() -> PathBuf {
-    let registry = common::bin("registry");
-    registry.parent().expect("target dir").to_path_buf()
+    let exe = std::env::current_exe().expect("bench binary path");
+    // target/<profile>/deps/<bench> → target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "peerchat-registry",
+        "-p",
+        "peerchat-peer",
+        "--bins",
+    ]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    if let Some(target) = profile_dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
+    let status = cmd.status().expect("cargo runs");
+    assert!(status.success(), "building the binaries failed");
+    profile_dir
+}
+
+/// The bench's own directory for key files and the peers' data: nothing
+/// touches `~/.local/share`. Removed when dropped.
+struct BenchDir(PathBuf);
+
+impl BenchDir {
+    fn create() -> BenchDir {
+        let dir = std::env::temp_dir().join(format!("peerchat-bench-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("bench directory");
+        BenchDir(dir)
+    }
+
+    /// A fresh path inside it, for a key file or a data directory.
+    fn fresh(&self, what: &str) -> PathBuf {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        self.0
+            .join(format!("{what}-{}", SEQ.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+impl Drop for BenchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A child process, killed when dropped; its stderr goes to a log file.
@@ -200,10 +270,16 @@ impl Usage {
     }
 
     fn finish(self, child: &Proc, deliveries: u64) -> String {
+        self.finish_discounting(child, deliveries, 0)
+    }
+
+    /// Like [`Usage::finish`], not counting `extra` writes the bench caused
+    /// for its own bookkeeping (heartbeat replies to [`Fleet::fence`]).
+    fn finish_discounting(self, child: &Proc, deliveries: u64, extra: u64) -> String {
         let wall = self.wall.elapsed().as_secs_f64();
         let child_share = (child.cpu() - self.child).as_secs_f64() / wall * 100.0;
         let me_share = (cpu_time("/proc/self/stat") - self.me).as_secs_f64() / wall * 100.0;
-        let writes = write_calls(child.child.id()) - self.writes;
+        let writes = (write_calls(child.child.id()) - self.writes).saturating_sub(extra);
         format!(
             "{} used {child_share:.0}% of a core, the bench process {me_share:.0}% ({wall:.1} s of wall time, untimed parts included); {} made {:.3} write/writev calls per delivery ({deliveries} deliveries)",
             child.what,
@@ -213,7 +289,15 @@ impl Usage {
     }
 }
 
-fn start_registry(bins: &Path) -> (Proc, SocketAddr) {
+/// Where a registry listens and the key it proves.
+#[derive(Clone, Copy)]
+struct RegistryInfo {
+    addr: SocketAddr,
+    key: PublicKey,
+}
+
+fn start_registry(bins: &Path, dir: &BenchDir) -> (Proc, RegistryInfo) {
+    let key_file = dir.fresh("registry.key");
     let mut cmd = Command::new(bins.join("registry"));
     cmd.args([
         "--listen",
@@ -223,6 +307,8 @@ fn start_registry(bins: &Path) -> (Proc, SocketAddr) {
         "--timeout",
         "60s",
     ])
+    .arg("--key")
+    .arg(&key_file)
     // As shipped: one log line per join and leave.
     .env("RUST_LOG", "info")
     .stdin(Stdio::null())
@@ -231,9 +317,15 @@ fn start_registry(bins: &Path) -> (Proc, SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = fs::read_to_string(&proc.log).unwrap_or_default();
+        // It names its key before it says where it listens.
         if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("listening on ")) {
             let addr = addr.trim().parse().expect("listening address");
-            return (proc, addr);
+            let key = text
+                .lines()
+                .find_map(|l| l.strip_prefix("registry key "))
+                .map(|k| PublicKey::parse(k).expect("the registry's key"))
+                .expect("the registry names its key before it listens");
+            return (proc, RegistryInfo { addr, key });
         }
         proc.assert_alive();
         assert!(
@@ -292,15 +384,88 @@ fn write_small(stream: &mut TcpStream, bytes: &[u8]) {
     }
 }
 
-fn register_frame(name: &str) -> Vec<u8> {
+fn register_frame(name: &str, port: i64) -> Vec<u8> {
     codec::encode_frame(&ToRegistry::Register {
-        version: 1,
+        version: PROTOCOL_VERSION,
         name: name.into(),
-        port: DECLARED_PORT,
-        secret: None,
+        port,
     })
     .expect("encode register")
     .to_vec()
+}
+
+/// Seals frame-stream bytes into what goes on the wire.
+fn sealed(channel: &mut SecureChannel, plain: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::new();
+    channel
+        .seal(plain, &mut wire)
+        .expect("an open session seals");
+    wire
+}
+
+/// Feeds bytes read off a secured connection to its session: plaintext
+/// into `dec`, handshake replies (if any) onto `replies`. A failed session
+/// fails the bench.
+fn open_into(
+    channel: &mut SecureChannel,
+    bytes: &[u8],
+    open: &mut [u8],
+    replies: &mut Vec<u8>,
+    dec: &mut FrameDecoder,
+) {
+    if let Err(e) = channel.receive(bytes, open, replies, &mut |p| dec.push(p)) {
+        panic!("a Noise session failed: {e}");
+    }
+}
+
+/// Reads what a readable secured socket holds, like [`read_into`], through
+/// its session. Returns false at end of stream.
+fn read_secure(
+    stream: &mut TcpStream,
+    scratch: &mut [u8],
+    open: &mut [u8],
+    channel: &mut SecureChannel,
+    replies: &mut Vec<u8>,
+    dec: &mut FrameDecoder,
+) -> bool {
+    read_into(stream, scratch, |b| {
+        open_into(channel, b, open, replies, dec)
+    })
+}
+
+/// A blocking connection to the registry with its Noise handshake done, all
+/// three messages: nothing but frames is left to send.
+struct Dialed {
+    stream: StdStream,
+    channel: SecureChannel,
+    dec: FrameDecoder,
+}
+
+fn dial(registry: SocketAddr, key: PublicKey, identity: &Identity, open: &mut [u8]) -> Dialed {
+    let mut stream = StdStream::connect(registry).expect("connect to the registry");
+    stream.set_nodelay(true).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut out = Vec::new();
+    let mut channel = SecureChannel::initiator(identity, &mut out);
+    let mut dec = FrameDecoder::new(1 << 20);
+    let mut buf = [0u8; 1024];
+    while !channel.is_established() {
+        stream.write_all(&out).expect("handshake write");
+        out.clear();
+        let n = match stream.read(&mut buf) {
+            Ok(0) => panic!("the registry closed a connection during its handshake"),
+            Ok(n) => n,
+            Err(e) => panic!("handshake read: {e}"),
+        };
+        open_into(&mut channel, &buf[..n], open, &mut out, &mut dec);
+    }
+    stream.write_all(&out).expect("handshake write");
+    assert_eq!(channel.remote_key(), Some(key), "the registry's key");
+    Dialed {
+        stream,
+        channel,
+        dec,
+    }
 }
 
 /// Byte patterns that let the readers classify frames without decoding
@@ -323,14 +488,13 @@ impl Shapes {
         let mut update_prefix = codec::encode(&FromRegistry::Update { changes: vec![] }).unwrap();
         assert_eq!(update_prefix.pop(), Some(0x80), "empty changes array");
         let welcome = codec::encode(&FromRegistry::Welcome {
-            version: 1,
+            version: PROTOCOL_VERSION,
             name: "x".into(),
             addr: "127.0.0.1:9".into(),
             heartbeat_ms: 1,
             timeout_ms: 2,
-            secret: "s".into(),
-            peers: vec![],
             more: false,
+            peers: vec![],
         })
         .unwrap();
         let error = codec::encode(&FromRegistry::Error {
@@ -353,11 +517,19 @@ impl Shapes {
 
     /// The fast paths must agree with the codec, or the figures are wrong.
     fn check(&self) {
+        let key = Identity::from_private([7; 32]).public();
         for count in [0usize, 1, 23, 24, 255, 256] {
             let changes = (0..count)
-                .map(|i| Change::Left {
-                    name: format!("n{i}"),
-                    reason: "quit".into(),
+                .map(|i| match i % 2 {
+                    0 => Change::Left {
+                        name: format!("n{i}"),
+                        reason: "quit".into(),
+                    },
+                    _ => Change::Joined {
+                        name: format!("n{i}"),
+                        addr: "127.0.0.1:9".into(),
+                        key,
+                    },
                 })
                 .collect();
             let body = codec::encode(&FromRegistry::Update { changes }).unwrap();
@@ -384,17 +556,17 @@ impl Shapes {
         let hb = codec::encode(&ToRegistry::Heartbeat {}).unwrap();
         assert_eq!(hb, self.heartbeat);
         let welcome = FromRegistry::Welcome {
-            version: 1,
+            version: PROTOCOL_VERSION,
             name: "somebody".into(),
             addr: "127.0.0.1:9".into(),
             heartbeat_ms: 5000,
             timeout_ms: 60000,
-            secret: "0123456789abcdef0123456789abcdef".into(),
+            more: true,
             peers: vec![PeerEntry {
                 name: "a".into(),
                 addr: "127.0.0.1:9".into(),
+                key,
             }],
-            more: true,
         };
         assert!(codec::encode(&welcome)
             .unwrap()
@@ -877,6 +1049,7 @@ struct Tally {
 
 struct Listener {
     stream: TcpStream,
+    channel: SecureChannel,
     dec: FrameDecoder,
     tally: Tally,
     open: bool,
@@ -908,36 +1081,56 @@ impl Want<'_> {
 
 /// A client that joins (and, next time, leaves) to make one change.
 struct Changer {
-    stream: StdStream,
+    dialed: Dialed,
     name: String,
 }
 
 /// N raw registry clients behind one `Poll`, read by the calling thread.
+/// They, and the changers, share one key: one key may hold many names.
 struct Fleet {
     registry: SocketAddr,
+    registry_key: PublicKey,
+    identity: Identity,
     poll: Poll,
     events: Events,
     conns: Vec<Listener>,
     scratch: Vec<u8>,
+    /// Where Noise messages are decrypted.
+    open: Box<[u8]>,
     shapes: Shapes,
     round: u64,
     names: u64,
+    /// Calls of [`Fleet::fence`] so far: each costs the registry a write.
+    fences: u64,
     last_keepalive: Instant,
 }
 
 impl Fleet {
-    fn new(registry: SocketAddr) -> Fleet {
+    fn new(registry: RegistryInfo) -> Fleet {
         Fleet {
-            registry,
+            registry: registry.addr,
+            registry_key: registry.key,
+            identity: Identity::generate(),
             poll: Poll::new().unwrap(),
             events: Events::with_capacity(1024),
             conns: Vec::new(),
             scratch: vec![0u8; SCRATCH],
+            open: secure::scratch(),
             shapes: Shapes::new(),
             round: 0,
             names: 0,
+            fences: 0,
             last_keepalive: Instant::now(),
         }
+    }
+
+    fn dial(&mut self) -> Dialed {
+        dial(
+            self.registry,
+            self.registry_key,
+            &self.identity,
+            &mut self.open,
+        )
     }
 
     fn fresh_name(&mut self, prefix: &str) -> String {
@@ -950,9 +1143,13 @@ impl Fleet {
     fn grow(&mut self, n: usize) {
         while self.conns.len() < n {
             let name = self.fresh_name("l");
-            let mut std = StdStream::connect(self.registry).expect("connect to the registry");
-            std.set_nodelay(true).unwrap();
-            std.write_all(&register_frame(&name)).unwrap();
+            let Dialed {
+                stream: mut std,
+                mut channel,
+                dec,
+            } = self.dial();
+            let register = sealed(&mut channel, &register_frame(&name, DECLARED_PORT));
+            std.write_all(&register).unwrap();
             std.set_nonblocking(true).unwrap();
             let mut stream = TcpStream::from_std(std);
             self.poll
@@ -961,7 +1158,8 @@ impl Fleet {
                 .unwrap();
             self.conns.push(Listener {
                 stream,
-                dec: FrameDecoder::new(1 << 20),
+                channel,
+                dec,
                 tally: Tally::default(),
                 open: true,
             });
@@ -994,8 +1192,16 @@ impl Fleet {
                     continue;
                 }
                 let before = want.satisfied(&c.tally);
-                let dec = &mut c.dec;
-                c.open = read_into(&mut c.stream, &mut self.scratch, |b| dec.push(b));
+                let mut replies = Vec::new();
+                c.open = read_secure(
+                    &mut c.stream,
+                    &mut self.scratch,
+                    &mut self.open,
+                    &mut c.channel,
+                    &mut replies,
+                    &mut c.dec,
+                );
+                assert!(replies.is_empty(), "handshake messages in an open session");
                 while let Some(body) = c.dec.next_frame().expect("valid framing") {
                     on_registry_frame(&self.shapes, &mut c.tally, &body, want);
                 }
@@ -1022,30 +1228,48 @@ impl Fleet {
         let frame = codec::encode_frame(&ToRegistry::Heartbeat {}).unwrap();
         for c in &mut self.conns {
             c.tally.heartbeat_target = c.tally.heartbeats + 1;
-            write_small(&mut c.stream, &frame);
+            let wire = sealed(&mut c.channel, &frame);
+            write_small(&mut c.stream, &wire);
         }
         self.wait(&Want::Heartbeats, "heartbeat replies");
         self.last_keepalive = Instant::now();
     }
 
+    /// Returns once the registry has read everything written to it before
+    /// this call, on any connection: a heartbeat's reply on one listener.
+    /// On loopback a write is in the receiving socket before it returns,
+    /// so the registry's poll that sees the heartbeat sees every earlier
+    /// write too, and it answers at the end of that turn.
+    fn fence(&mut self) {
+        let frame = codec::encode_frame(&ToRegistry::Heartbeat {}).unwrap();
+        let c = &mut self.conns[0];
+        c.tally.heartbeat_target = c.tally.heartbeats + 1;
+        let wire = sealed(&mut c.channel, &frame);
+        write_small(&mut c.stream, &wire);
+        self.wait(&Want::Heartbeats, "a heartbeat reply");
+        self.fences += 1;
+    }
+
     /// One change, timed from the write that causes it until the last
     /// listener has it: a new client's registration, or, when `changer`
     /// holds one, that client's leave. Returns the time and whether it was a
-    /// join.
+    /// join. A new client's handshake is done before the clock starts, and
+    /// [`Fleet::fence`] makes sure the registry has finished its side too,
+    /// so that a join is timed from the `register` as before: the handshake
+    /// is the connection's cost, not the broadcast's.
     fn change_once(&mut self, changer: &mut Option<Changer>) -> (Duration, bool) {
         self.round += 1;
         let round = self.round;
         match changer.take() {
             None => {
                 let name = self.fresh_name("c");
-                let mut stream =
-                    StdStream::connect(self.registry).expect("connect to the registry");
-                stream.set_nodelay(true).unwrap();
-                stream.set_read_timeout(Some(WAIT)).unwrap();
-                let frame = register_frame(&name);
+                let mut dialed = self.dial();
+                self.fence();
+                let frame = sealed(&mut dialed.channel, &register_frame(&name, DECLARED_PORT));
                 let change = Change::Joined {
                     name: name.clone(),
                     addr: format!("127.0.0.1:{DECLARED_PORT}"),
+                    key: self.identity.public(),
                 };
                 let body = codec::encode(&FromRegistry::Update {
                     changes: vec![change.clone()],
@@ -1057,14 +1281,15 @@ impl Fleet {
                     round,
                 };
                 let t0 = Instant::now();
-                stream.write_all(&frame).expect("send register");
+                dialed.stream.write_all(&frame).expect("send register");
                 let t1 = self.wait(&want, "a join");
-                expect_welcome(&mut stream);
-                *changer = Some(Changer { stream, name });
+                expect_welcome(&mut dialed, &mut self.open);
+                *changer = Some(Changer { dialed, name });
                 (t1 - t0, true)
             }
-            Some(Changer { mut stream, name }) => {
-                let frame = codec::encode_frame(&ToRegistry::Leave {}).unwrap();
+            Some(Changer { mut dialed, name }) => {
+                let leave = codec::encode_frame(&ToRegistry::Leave {}).unwrap();
+                let frame = sealed(&mut dialed.channel, &leave);
                 let change = Change::Left {
                     name,
                     reason: "quit".into(),
@@ -1079,9 +1304,9 @@ impl Fleet {
                     round,
                 };
                 let t0 = Instant::now();
-                stream.write_all(&frame).expect("send leave");
+                dialed.stream.write_all(&frame).expect("send leave");
                 let t1 = self.wait(&want, "a leave");
-                drain_to_eof(&mut stream);
+                drain_to_eof(&mut dialed.stream);
                 (t1 - t0, false)
             }
         }
@@ -1124,19 +1349,25 @@ fn on_registry_frame(shapes: &Shapes, tally: &mut Tally, body: &[u8], want: &Wan
 }
 
 /// Blocking read of a fresh client's first frame, which must be a welcome.
-fn expect_welcome(stream: &mut StdStream) {
-    let mut dec = FrameDecoder::new(1 << 20);
+fn expect_welcome(dialed: &mut Dialed, open: &mut [u8]) {
     let mut buf = [0u8; 16 * 1024];
+    let mut replies = Vec::new();
     loop {
-        if let Some(body) = dec.next_frame().expect("valid framing") {
+        if let Some(body) = dialed.dec.next_frame().expect("valid framing") {
             match codec::decode::<FromRegistry>(&body) {
                 Ok(FromRegistry::Welcome { .. }) => return,
                 other => panic!("expected a welcome, got {other:?}"),
             }
         }
-        match stream.read(&mut buf) {
+        match dialed.stream.read(&mut buf) {
             Ok(0) => panic!("the registry closed a new client before its welcome"),
-            Ok(n) => dec.push(&buf[..n]),
+            Ok(n) => open_into(
+                &mut dialed.channel,
+                &buf[..n],
+                open,
+                &mut replies,
+                &mut dialed.dec,
+            ),
             Err(e) => panic!("reading a welcome: {e}"),
         }
     }
@@ -1165,11 +1396,11 @@ struct LatencySection {
 }
 
 impl LatencySection {
-    fn start(bins: &Path) -> Self {
-        let (registry, addr) = start_registry(bins);
+    fn start(bins: &Path, dir: &BenchDir) -> Self {
+        let (registry, info) = start_registry(bins, dir);
         LatencySection {
             registry,
-            fleet: Fleet::new(addr),
+            fleet: Fleet::new(info),
         }
     }
 
@@ -1183,6 +1414,7 @@ impl LatencySection {
         let mut changer = None;
         let mut calls: Calls<(Duration, bool)> = Calls::new();
         let usage = Usage::start(registry);
+        let fences = fleet.fences;
         let mut group = latency_group(c, "registry_latency");
         group.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter_custom(|iters| {
@@ -1202,7 +1434,7 @@ impl LatencySection {
             fleet.change_once(&mut changer);
         }
         let rounds: usize = calls.calls.iter().map(Vec::len).sum();
-        let usage = usage.finish(registry, (rounds * n) as u64);
+        let usage = usage.finish_discounting(registry, (rounds * n) as u64, fleet.fences - fences);
         registry.assert_alive();
         let measured = calls.measured(LATENCY_SAMPLES);
         let only = |join: bool| -> Vec<Vec<Duration>> {
@@ -1237,6 +1469,8 @@ impl LatencySection {
 
 enum ChurnState {
     Connecting,
+    /// The first Noise message is out; the registry's answer is awaited.
+    Handshake,
     AwaitWelcome,
     Leaving,
 }
@@ -1244,7 +1478,22 @@ enum ChurnState {
 struct ChurnConn {
     stream: TcpStream,
     state: ChurnState,
+    /// The Noise session, from the connect until the leave is sealed.
+    channel: Option<SecureChannel>,
+    /// The frame stream's plaintext until the welcome's first bytes.
     buf: Vec<u8>,
+}
+
+/// What every churn connection of the thread shares. All of them prove the
+/// same key: one key may hold many names.
+struct ChurnKit {
+    registry: SocketAddr,
+    registry_key: PublicKey,
+    identity: Identity,
+    shapes: Shapes,
+    /// Where Noise messages are decrypted.
+    open: Box<[u8]>,
+    leave: Vec<u8>,
 }
 
 /// A thread that runs register/leave cycles on command, a given number of
@@ -1256,11 +1505,18 @@ struct Churn {
 }
 
 impl Churn {
-    fn start(registry: SocketAddr) -> Churn {
+    fn start(registry: RegistryInfo) -> Churn {
         let (cmd, cmd_rx) = mpsc::channel::<(usize, usize)>();
         let (done_tx, done) = mpsc::channel();
         let thread = thread::spawn(move || {
-            let shapes = Shapes::new();
+            let mut kit = ChurnKit {
+                registry: registry.addr,
+                registry_key: registry.key,
+                identity: Identity::generate(),
+                shapes: Shapes::new(),
+                open: secure::scratch(),
+                leave: codec::encode_frame(&ToRegistry::Leave {}).unwrap().to_vec(),
+            };
             let mut poll = Poll::new().unwrap();
             let mut events = Events::with_capacity(256);
             let mut seq = 0u64;
@@ -1270,10 +1526,9 @@ impl Churn {
                     &mut poll,
                     &mut events,
                     &mut slots,
-                    registry,
+                    &mut kit,
                     cycles,
                     &mut seq,
-                    &shapes,
                 );
                 for slot in &mut slots {
                     if let Some(mut conn) = slot.take() {
@@ -1351,13 +1606,23 @@ fn churn_open(
     Ok(ChurnConn {
         stream,
         state: ChurnState::Connecting,
+        channel: None,
         buf: Vec::new(),
     })
 }
 
-/// Advances one churn connection; `Ok(true)` once the registry has closed
-/// it after its leave.
-fn churn_step(conn: &mut ChurnConn, shapes: &Shapes, seq: u64) -> Result<bool, String> {
+/// Writes a few bytes whole to a non-blocking socket, or says why not.
+fn write_whole(stream: &mut TcpStream, bytes: &[u8], what: &str) -> Result<(), String> {
+    match stream.write(bytes) {
+        Ok(n) if n == bytes.len() => Ok(()),
+        other => Err(format!("{what} write: {other:?}")),
+    }
+}
+
+/// Advances one churn connection: connect, Noise handshake, `register`
+/// (sent with the handshake's last message, as a peer does), welcome,
+/// `leave`; `Ok(true)` once the registry has closed it after its leave.
+fn churn_step(conn: &mut ChurnConn, kit: &mut ChurnKit, seq: u64) -> Result<bool, String> {
     if let ChurnState::Connecting = conn.state {
         if let Ok(Some(e)) | Err(e) = conn.stream.take_error() {
             return Err(format!("connect: {e}"));
@@ -1367,12 +1632,10 @@ fn churn_step(conn: &mut ChurnConn, shapes: &Shapes, seq: u64) -> Result<bool, S
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(false),
             Err(e) => return Err(format!("connect: {e}")),
         }
-        let frame = register_frame(&format!("z{seq}"));
-        match conn.stream.write(&frame) {
-            Ok(n) if n == frame.len() => {}
-            other => return Err(format!("register write: {other:?}")),
-        }
-        conn.state = ChurnState::AwaitWelcome;
+        let mut first = Vec::new();
+        conn.channel = Some(SecureChannel::initiator(&kit.identity, &mut first));
+        write_whole(&mut conn.stream, &first, "handshake")?;
+        conn.state = ChurnState::Handshake;
     }
     let mut scratch = [0u8; 16 * 1024];
     loop {
@@ -1394,13 +1657,40 @@ fn churn_step(conn: &mut ChurnConn, shapes: &Shapes, seq: u64) -> Result<bool, S
             }
             Err(e) => return Err(format!("read: {e}")),
         };
+        // After the leave, the rest (welcome, snapshot, updates) is dropped
+        // unread.
+        let Some(channel) = conn.channel.as_mut() else {
+            continue;
+        };
+        let mut out = Vec::new();
+        let buf = &mut conn.buf;
+        let completed = channel
+            .receive(&scratch[..n], &mut kit.open, &mut out, &mut |p| {
+                buf.extend_from_slice(p)
+            })
+            .map_err(|e| format!("Noise session: {e}"))?;
+        if completed {
+            if channel.remote_key() != Some(kit.registry_key) {
+                return Err(format!(
+                    "the registry proved {:?}, not its key",
+                    channel.remote_key()
+                ));
+            }
+            let register = register_frame(&format!("z{seq}"), DECLARED_PORT);
+            channel
+                .seal(&register, &mut out)
+                .map_err(|e| format!("seal: {e}"))?;
+            conn.state = ChurnState::AwaitWelcome;
+        }
+        if !out.is_empty() {
+            write_whole(&mut conn.stream, &out, "handshake and register")?;
+        }
         if let ChurnState::AwaitWelcome = conn.state {
-            conn.buf.extend_from_slice(&scratch[..n]);
-            let tag = shapes.welcome_prefix.len();
+            let tag = kit.shapes.welcome_prefix.len();
             if conn.buf.len() < 4 + tag {
                 continue;
             }
-            if conn.buf[4..4 + tag] != shapes.welcome_prefix[..] {
+            if conn.buf[4..4 + tag] != kit.shapes.welcome_prefix[..] {
                 // Not a welcome: show what it was once it is whole.
                 let mut dec = FrameDecoder::new(1 << 20);
                 dec.push(&conn.buf);
@@ -1414,12 +1704,10 @@ fn churn_step(conn: &mut ChurnConn, shapes: &Shapes, seq: u64) -> Result<bool, S
             }
             // Registered: the join went out; leave at once. The rest of the
             // welcome and snapshot is read and dropped.
-            let leave = codec::encode_frame(&ToRegistry::Leave {}).unwrap();
-            match conn.stream.write(&leave) {
-                Ok(n) if n == leave.len() => {}
-                other => return Err(format!("leave write: {other:?}")),
-            }
+            let leave = sealed(channel, &kit.leave);
+            write_whole(&mut conn.stream, &leave, "leave")?;
             conn.state = ChurnState::Leaving;
+            conn.channel = None;
             conn.buf = Vec::new();
         }
     }
@@ -1429,11 +1717,11 @@ fn churn_batch(
     poll: &mut Poll,
     events: &mut Events,
     slots: &mut [Option<ChurnConn>],
-    registry: SocketAddr,
+    kit: &mut ChurnKit,
     cycles: usize,
     seq: &mut u64,
-    shapes: &Shapes,
 ) -> Result<(), String> {
+    let registry = kit.registry;
     let mut started = 0;
     let mut finished = 0;
     let mut names = vec![0u64; slots.len()];
@@ -1455,7 +1743,7 @@ fn churn_batch(
             let Some(conn) = slots[i].as_mut() else {
                 continue;
             };
-            if !churn_step(conn, shapes, names[i])? {
+            if !churn_step(conn, kit, names[i])? {
                 continue;
             }
             if let Some(mut conn) = slots[i].take() {
@@ -1490,12 +1778,12 @@ struct ChurnSection {
 }
 
 impl ChurnSection {
-    fn start(bins: &Path) -> Self {
-        let (registry, addr) = start_registry(bins);
+    fn start(bins: &Path, dir: &BenchDir) -> Self {
+        let (registry, info) = start_registry(bins, dir);
         ChurnSection {
             registry,
-            fleet: Fleet::new(addr),
-            churn: Churn::start(addr),
+            fleet: Fleet::new(info),
+            churn: Churn::start(info),
         }
     }
 
@@ -1578,6 +1866,7 @@ enum RxEntry {
     /// A receiver's registry connection.
     Registry {
         stream: TcpStream,
+        channel: SecureChannel,
         dec: FrameDecoder,
         heartbeats: u64,
         open: bool,
@@ -1587,35 +1876,57 @@ enum RxEntry {
         listener: TcpListener,
         receiver: usize,
     },
-    /// A link the peer dialed to a receiver.
+    /// A link the peer dialed to a receiver: a Noise session in which the
+    /// receiver proves the key the registry lists for it.
     Link {
         stream: TcpStream,
+        channel: SecureChannel,
         dec: FrameDecoder,
         receiver: usize,
         hello: bool,
+        /// Ack frames not yet sealed.
+        acks: Vec<u8>,
+        /// Bytes for the wire: handshake replies, sealed acks.
         out: Vec<u8>,
         open: bool,
     },
 }
 
-/// N fake receivers behind one `Poll`, run by the calling thread.
+/// N fake receivers behind one `Poll`, run by the calling thread. Each has
+/// its own key, which it proves both to the registry and on its links.
 struct Receivers {
     registry: SocketAddr,
+    registry_key: PublicKey,
+    identities: Vec<Identity>,
     poll: Poll,
     events: Events,
     entries: Vec<RxEntry>,
     chats: Vec<u64>,
     target: Vec<u64>,
     scratch: Vec<u8>,
+    /// Where Noise messages are decrypted.
+    open: Box<[u8]>,
     shapes: Shapes,
     last_keepalive: Instant,
     /// Keep acks queued until [`Receivers::release_acks`].
     hold_acks: bool,
 }
 
-/// Writes queued acks as far as the socket takes them; the rest goes on
-/// the next writable event.
-fn flush_acks(stream: &mut TcpStream, out: &mut Vec<u8>, open: &mut bool) {
+/// Seals the acks waiting as plaintext (unless they are held) into one
+/// Noise message, then writes what is ready for the wire as far as the
+/// socket takes it; the rest goes on the next writable event.
+fn flush_link(
+    stream: &mut TcpStream,
+    channel: &mut SecureChannel,
+    acks: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    open: &mut bool,
+    hold: bool,
+) {
+    if !hold && !acks.is_empty() && channel.is_established() {
+        channel.seal(acks, out).expect("an open session seals");
+        acks.clear();
+    }
     while !out.is_empty() && *open {
         match stream.write(out) {
             Ok(n) => {
@@ -1629,15 +1940,18 @@ fn flush_acks(stream: &mut TcpStream, out: &mut Vec<u8>, open: &mut bool) {
 }
 
 impl Receivers {
-    fn new(registry: SocketAddr) -> Receivers {
+    fn new(registry: RegistryInfo) -> Receivers {
         Receivers {
-            registry,
+            registry: registry.addr,
+            registry_key: registry.key,
+            identities: Vec::new(),
             poll: Poll::new().unwrap(),
             events: Events::with_capacity(1024),
             entries: Vec::new(),
             chats: Vec::new(),
             target: Vec::new(),
             scratch: vec![0u8; SCRATCH],
+            open: secure::scratch(),
             shapes: Shapes::new(),
             last_keepalive: Instant::now(),
             hold_acks: false,
@@ -1668,21 +1982,21 @@ impl Receivers {
             let receiver = self.chats.len();
             let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
             let port = listener.local_addr().unwrap().port();
-            let mut std = StdStream::connect(self.registry).expect("connect to the registry");
-            std.set_nodelay(true).unwrap();
-            let frame = codec::encode_frame(&ToRegistry::Register {
-                version: 1,
-                name: format!("r{receiver}"),
-                port: i64::from(port),
-                secret: None,
-            })
-            .unwrap();
-            std.write_all(&frame).unwrap();
+            let identity = Identity::generate();
+            let Dialed {
+                stream: mut std,
+                mut channel,
+                dec,
+            } = dial(self.registry, self.registry_key, &identity, &mut self.open);
+            self.identities.push(identity);
+            let frame = register_frame(&format!("r{receiver}"), i64::from(port));
+            std.write_all(&sealed(&mut channel, &frame)).unwrap();
             std.set_nonblocking(true).unwrap();
             self.add(RxEntry::Listener { listener, receiver });
             self.add(RxEntry::Registry {
                 stream: TcpStream::from_std(std),
-                dec: FrameDecoder::new(1 << 20),
+                channel,
+                dec,
                 heartbeats: 0,
                 open: true,
             });
@@ -1701,6 +2015,7 @@ impl Receivers {
             match &mut self.entries[key] {
                 RxEntry::Registry {
                     stream,
+                    channel,
                     dec,
                     heartbeats,
                     open,
@@ -1708,7 +2023,15 @@ impl Receivers {
                     if !*open {
                         continue;
                     }
-                    *open = read_into(stream, &mut self.scratch, |b| dec.push(b));
+                    let mut replies = Vec::new();
+                    *open = read_secure(
+                        stream,
+                        &mut self.scratch,
+                        &mut self.open,
+                        channel,
+                        &mut replies,
+                        dec,
+                    );
                     assert!(*open, "the registry closed a receiver's connection");
                     while let Some(body) = dec.next_frame().expect("valid framing") {
                         if body == self.shapes.heartbeat.as_slice() {
@@ -1734,9 +2057,11 @@ impl Receivers {
                 },
                 RxEntry::Link {
                     stream,
+                    channel,
                     dec,
                     receiver,
                     hello,
+                    acks,
                     out,
                     open,
                 } => {
@@ -1744,7 +2069,16 @@ impl Receivers {
                         continue;
                     }
                     if event.is_readable() {
-                        *open = read_into(stream, &mut self.scratch, |b| dec.push(b));
+                        // The peer's handshake messages are answered
+                        // through `out`; the chats come out of `dec`.
+                        *open = read_secure(
+                            stream,
+                            &mut self.scratch,
+                            &mut self.open,
+                            channel,
+                            out,
+                            dec,
+                        );
                         let r = *receiver;
                         let before = self.chats[r] >= self.target[r];
                         while let Some(body) = dec.next_frame().expect("valid framing") {
@@ -1760,7 +2094,7 @@ impl Receivers {
                                 },
                             };
                             self.chats[r] += 1;
-                            out.extend_from_slice(
+                            acks.extend_from_slice(
                                 &codec::encode_frame(&LinkMsg::Ack { id }).unwrap(),
                             );
                         }
@@ -1768,11 +2102,10 @@ impl Receivers {
                             reached += 1;
                         }
                     }
-                    // Acks go out as the chats arrive, one write per read,
-                    // unless this round holds them until the clock stops.
-                    if !self.hold_acks {
-                        flush_acks(stream, out, open);
-                    }
+                    // Acks go out as the chats arrive, one Noise message and
+                    // one write per read, unless this round holds them until
+                    // the clock stops.
+                    flush_link(stream, channel, acks, out, open, self.hold_acks);
                     if !*open {
                         let _ = self.poll.registry().deregister(stream);
                     }
@@ -1780,11 +2113,14 @@ impl Receivers {
             }
         }
         for (stream, receiver) in accepted {
+            let channel = SecureChannel::responder(&self.identities[receiver]);
             self.add(RxEntry::Link {
                 stream,
+                channel,
                 dec: FrameDecoder::new(1 << 20),
                 receiver,
                 hello: false,
+                acks: Vec::new(),
                 out: Vec::new(),
                 open: true,
             });
@@ -1797,11 +2133,16 @@ impl Receivers {
         self.hold_acks = false;
         for e in &mut self.entries {
             if let RxEntry::Link {
-                stream, out, open, ..
+                stream,
+                channel,
+                acks,
+                out,
+                open,
+                ..
             } = e
             {
                 if *open {
-                    flush_acks(stream, out, open);
+                    flush_link(stream, channel, acks, out, open, false);
                 }
             }
         }
@@ -1870,8 +2211,12 @@ impl Receivers {
         let frame = codec::encode_frame(&ToRegistry::Heartbeat {}).unwrap();
         let before = self.heartbeat_counts();
         for e in &mut self.entries {
-            if let RxEntry::Registry { stream, .. } = e {
-                write_small(stream, &frame);
+            if let RxEntry::Registry {
+                stream, channel, ..
+            } = e
+            {
+                let wire = sealed(channel, &frame);
+                write_small(stream, &wire);
             }
         }
         let deadline = Instant::now() + WAIT;
@@ -1911,17 +2256,22 @@ struct PeerProc {
 }
 
 impl PeerProc {
-    fn start(bins: &Path, registry: SocketAddr, name: &str) -> PeerProc {
+    /// Starts a peer with its own data directory (key file, known_peers)
+    /// under `data_home`, pinned to the registry's key from the start.
+    fn start(bins: &Path, registry: &RegistryInfo, data_home: &Path, name: &str) -> PeerProc {
         let mut cmd = Command::new(bins.join("peer"));
         cmd.args([
             "--name",
             name,
             "--registry",
-            &registry.to_string(),
+            &registry.addr.to_string(),
+            "--registry-key",
+            &registry.key.to_string(),
             "--json",
             "--listen",
             "127.0.0.1:0",
         ])
+        .env("XDG_DATA_HOME", data_home)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
@@ -2118,14 +2468,16 @@ fn peer_pipelined(
 struct PeerSection {
     bins: PathBuf,
     registry: Proc,
-    addr: SocketAddr,
+    info: RegistryInfo,
+    /// Where each peer process gets its own data directory.
+    dir: PathBuf,
     rx: Receivers,
     peer: Option<PeerProc>,
 }
 
 impl PeerSection {
-    fn start(bins: &Path) -> Self {
-        let (registry, addr) = start_registry(bins);
+    fn start(bins: &Path, dir: &BenchDir) -> Self {
+        let (registry, info) = start_registry(bins, dir);
         let frame = codec::encode_frame(&LinkMsg::Chat {
             id: 1000,
             text: TEXT.into(),
@@ -2140,8 +2492,9 @@ impl PeerSection {
         PeerSection {
             bins: bins.to_path_buf(),
             registry,
-            addr,
-            rx: Receivers::new(addr),
+            info,
+            dir: dir.0.clone(),
+            rx: Receivers::new(info),
             peer: None,
         }
     }
@@ -2154,7 +2507,8 @@ impl PeerSection {
         let PeerSection {
             bins,
             registry,
-            addr,
+            info,
+            dir,
             rx,
             peer,
         } = self;
@@ -2164,7 +2518,13 @@ impl PeerSection {
             // Killed: wait until the receivers have seen its links close.
             rx.wait_links_closed();
         }
-        let peer = peer.insert(PeerProc::start(bins, *addr, &format!("sender{n}")));
+        let data_home = dir.join(format!("peer-sender{n}"));
+        let peer = peer.insert(PeerProc::start(
+            bins,
+            info,
+            &data_home,
+            &format!("sender{n}"),
+        ));
         peer.wait_known(n, rx);
         // Untimed: the first message makes the peer dial every new receiver.
         peer.round(rx, one.as_bytes(), 1, false);
@@ -2202,6 +2562,24 @@ impl PeerSection {
 
 // ---------------------------------------------------------------------------
 
+/// [`SIZES`], or those named in `BROADCAST_SIZES`, smallest first (the
+/// sections only ever add clients).
+fn sizes() -> Vec<usize> {
+    let Ok(list) = std::env::var(SIZES_VAR) else {
+        return SIZES.to_vec();
+    };
+    let mut sizes: Vec<usize> = list
+        .split(',')
+        .map(|n| match n.trim().parse() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("{SIZES_VAR}={list:?}: write sizes like 10,100"),
+        })
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes
+}
+
 fn broadcast(c: &mut Criterion) {
     let fds = peerchat_core::limits::raise_fd_limit(u64::MAX);
     assert!(
@@ -2209,14 +2587,16 @@ fn broadcast(c: &mut Criterion) {
         "the open-file limit is {fds}; these benches need about 4000 descriptors (raise `ulimit -Hn`)"
     );
     let bins = build_binaries();
+    // Dropped last, once every process using it is gone.
+    let dir = BenchDir::create();
     let mut report = Report::default();
-    let mut latency = LatencySection::start(&bins);
-    let mut churn = ChurnSection::start(&bins);
-    let mut fanout = PeerSection::start(&bins);
+    let mut latency = LatencySection::start(&bins, &dir);
+    let mut churn = ChurnSection::start(&bins, &dir);
+    let mut fanout = PeerSection::start(&bins, &dir);
     // Size by size, each floor right before the figures compared with it,
     // so that load from elsewhere on the machine drifts less between them.
     // The sections waiting their turn send heartbeats in between.
-    for n in SIZES {
+    for n in sizes() {
         floor_benches(c, n, &mut report);
         latency.bench(c, n, &mut report);
         churn.keepalive();

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use peerchat_core::codec;
-use peerchat_core::protocol::{FromRegistry, LinkMsg, PeerEntry, ToRegistry};
+use peerchat_core::identity::{Identity, KEY_LEN};
+use peerchat_core::protocol::{FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -26,23 +27,30 @@ fn heartbeat() -> ToRegistry {
 }
 
 /// The largest message the registry sends routinely: what a peer gets on
-/// joining a busy registry.
+/// joining a busy registry. Each entry carries its peer's public key (a
+/// 32-byte byte string); the keys are real X25519 keys made from fixed
+/// private keys, so every run encodes the same bytes.
 fn welcome_1000() -> FromRegistry {
-    let peers = (1..=1000)
-        .map(|i| PeerEntry {
-            name: format!("peer-{i:04}"),
-            addr: format!("127.0.0.1:{}", 40000 + i),
+    let peers = (1..=1000u32)
+        .map(|i| {
+            let mut private = [0u8; KEY_LEN];
+            private[..4].copy_from_slice(&i.to_be_bytes());
+            private[KEY_LEN - 1] = 0x5a;
+            PeerEntry {
+                name: format!("peer-{i:04}"),
+                addr: format!("127.0.0.1:{}", 40000 + i),
+                key: Identity::from_private(private).public(),
+            }
         })
         .collect();
     FromRegistry::Welcome {
-        version: 1,
+        version: PROTOCOL_VERSION,
         name: "alice".into(),
         addr: "127.0.0.1:40000".into(),
         heartbeat_ms: 5000,
         timeout_ms: 15000,
-        secret: "9f86d081884c7d659a2feaa0c55ad015".into(),
-        peers,
         more: false,
+        peers,
     }
 }
 

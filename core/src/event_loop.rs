@@ -292,11 +292,6 @@ impl<T> Ctx<T> {
             .and_then(SecureChannel::remote_key)
     }
 
-    /// The key this loop secures its connections with.
-    pub fn identity(&self) -> Option<&Arc<Identity>> {
-        self.config.identity.as_ref()
-    }
-
     /// Queues a frame (as made by `codec::encode_frame`). Returns false when
     /// the connection is gone, was just closed as a slow consumer, or, on a
     /// secured loop, is not up yet: a frame must never go to a key the

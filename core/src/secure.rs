@@ -135,6 +135,9 @@ impl SecureChannel {
         out: &mut Vec<u8>,
         plain: &mut dyn FnMut(&[u8]),
     ) -> Result<bool, SecureError> {
+        if let State::Failed = self.state {
+            return Err(SecureError::NotEstablished);
+        }
         let mut completed = false;
         while !input.is_empty() {
             if self.partial.is_empty() && input.len() >= LEN_PREFIX {
@@ -474,6 +477,12 @@ mod tests {
             open(&mut listener, &[0, 3, 1, 2, 3]),
             Err(SecureError::TooShort(3))
         );
+        assert_eq!(
+            open(&mut listener, &[0, 40, 1]),
+            Err(SecureError::NotEstablished),
+            "nothing is buffered after an error"
+        );
+        assert_eq!(listener.buffered(), 0);
     }
 
     #[test]
@@ -510,6 +519,13 @@ mod tests {
             hs.read_message(&reply[LEN_PREFIX..], &mut buf).is_err(),
             "the transcripts differ, so the responder's proof fails"
         );
+    }
+
+    #[test]
+    fn an_established_session_stays_small() {
+        // Every idle connection of a registry holds one.
+        let transport = std::mem::size_of::<TransportState>();
+        assert!(transport <= 256, "TransportState is {transport} bytes");
     }
 
     #[test]

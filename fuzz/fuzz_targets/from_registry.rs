@@ -3,4 +3,6 @@
 #[path = "../checks.rs"]
 mod checks;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::message::<peerchat_core::protocol::FromRegistry>(data));
+libfuzzer_sys::fuzz_target!(
+    |data: &[u8]| checks::message::<peerchat_core::protocol::FromRegistry>(data)
+);
