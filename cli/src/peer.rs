@@ -458,9 +458,9 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 .push(Action::Close(conn, "no longer listed".into()));
             return;
         };
-        if known.key != key {
+        if known.key != key || known.mismatch {
             // Whoever is at that address now is not the peer the directory
-            // lists: never hand it the queued chats.
+            // lists (or not the one we pinned): never hand it the chats.
             let message = format!(
                 "{} at {} proved key {key}, not the key {} the registry lists; link refused",
                 known.name, known.addr, known.key
