@@ -128,7 +128,11 @@ impl PeerApp {
             Pin::Peer { name, key } => trust::pin_line("peer", name, key),
             Pin::Registry(key) => trust::pin_line("registry", &self.registry_name, key),
         };
-        if let Err(e) = trust::append(&self.known_peers, &line) {
+        let saved = match line {
+            Some(line) => trust::append(&self.known_peers, &line),
+            None => Err(std::io::Error::other("the name does not fit on one line")),
+        };
+        if let Err(e) = saved {
             self.show(&Event::Error {
                 code: "io".into(),
                 message: format!(
@@ -379,7 +383,10 @@ fn main() -> ExitCode {
             );
         }
     }
-    eprintln!("peer: your key fingerprint is {}", identity.public());
+    if args.json {
+        // Human mode shows it as the first line of its output instead.
+        eprintln!("peer: your key fingerprint is {}", identity.public());
+    }
 
     let loop_config = LoopConfig {
         handle_signals: true,

@@ -38,6 +38,10 @@ const MAX_HELD: usize = 1024;
 const MAX_HELD_BYTES: usize = 256 * 1024;
 const MAX_HELD_BYTES_TOTAL: usize = 4 * 1024 * 1024;
 
+/// The error event (and undelivered reason) when the directory lists a name
+/// we had not pinned with another key than before.
+const KEY_CHANGED: &str = "key_changed";
+
 /// The heartbeat and timeout a registry may set, in milliseconds; values
 /// outside are clamped.
 const HEARTBEAT_MS: (u64, u64) = (10, 3_600_000);
@@ -454,6 +458,9 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     fn link_connected(&mut self, conn: C, target: String, key: PublicKey, now: Instant) {
         let Some(known) = self.dir.get(&target) else {
             self.conns.remove(&conn);
+            if let Some(link) = self.links.get_mut(&target) {
+                link.conn = None;
+            }
             self.actions
                 .push(Action::Close(conn, "no longer listed".into()));
             return;
@@ -461,10 +468,17 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         if known.key != key || known.mismatch {
             // Whoever is at that address now is not the peer the directory
             // lists (or not the one we pinned): never hand it the chats.
-            let message = format!(
-                "{} at {} proved key {key}, not the key {} the registry lists; link refused",
-                known.name, known.addr, known.key
-            );
+            let message = if known.mismatch {
+                format!(
+                    "{}'s listed key is not the one pinned in known_peers; link refused",
+                    known.name
+                )
+            } else {
+                format!(
+                    "{} at {} proved key {key}, not the key {} the registry lists; link refused",
+                    known.name, known.addr, known.key
+                )
+            };
             tracing::warn!("{message}");
             self.conns.remove(&conn);
             if let Some(link) = self.links.get_mut(&target) {
@@ -686,6 +700,10 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         self.backoff = self.config.backoff_min;
         let mut listed = std::collections::HashSet::new();
         for entry in &snapshot {
+            if !is_valid_name(&entry.name) {
+                tracing::warn!(name = ?entry.name, "the registry listed an invalid name; ignored");
+                continue;
+            }
             let folded = fold_name(&entry.name);
             if folded == self.my_folded {
                 continue;
@@ -773,10 +791,18 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     "the registry lists {name} with key {key}, but {pinned} is pinned for that name in known_peers; links to and from {name} are refused (if {name} really has a new key, remove its line from known_peers)"
                 ),
             );
+            self.fail_queued(&folded, ErrorCode::KeyMismatch.as_str());
+        } else if rekeyed {
+            // Another key holds the name now (not one we had pinned): say
+            // so, and hand it nothing that was meant for the old one.
+            self.error(
+                KEY_CHANGED,
+                format!("{name} is now listed with another key, {key}; messages still waiting for the old one are not sent"),
+            );
+            self.fail_queued(&folded, KEY_CHANGED);
         }
         if rekeyed {
-            // Another key now holds the name: nothing of the old one's
-            // links or message ids carries over.
+            // Nothing of the old key's links or message ids carries over.
             self.seen.remove(&folded);
             self.close_inbound(&folded, "the peer's key changed");
         }
@@ -799,6 +825,10 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     Change::Moved { name, addr } => (name, addr, None),
                     Change::Left { .. } => unreachable!("matched above"),
                 };
+                if !is_valid_name(&name) {
+                    tracing::warn!(?name, "the registry sent an invalid name; ignored");
+                    return;
+                }
                 let folded = fold_name(&name);
                 if folded == self.my_folded {
                     return;
@@ -860,6 +890,24 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             }
         }
         self.close_inbound(folded, &format!("{} left", known.name));
+        self.maybe_finish_quit();
+    }
+
+    /// Reports every message waiting for `folded` as undelivered.
+    fn fail_queued(&mut self, folded: &str, reason: &str) {
+        let Some(link) = self.links.get_mut(folded) else {
+            return;
+        };
+        let queue = std::mem::take(&mut link.queue);
+        link.deadline_armed = None;
+        let to = self.display_name(folded);
+        for out in queue {
+            self.emit(Event::Undelivered {
+                id: out.id,
+                to: to.clone(),
+                reason: reason.into(),
+            });
+        }
         self.maybe_finish_quit();
     }
 
@@ -1144,6 +1192,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 } else {
                     format!("the registry lists {name} with key {listed_key}, not {key}")
                 };
+                self.error(ErrorCode::KeyMismatch.as_str(), reason.clone());
                 self.refuse_link(conn, ErrorCode::KeyMismatch, reason);
                 continue;
             }
@@ -1455,6 +1504,13 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             Timer::QuitDeadline => self.finish_quit(),
         }
     }
+}
+
+/// A name as the registry must send it: already trimmed and within the
+/// rules. Anything else (spaces, control characters) never reaches the
+/// user's screen or `known_peers`.
+fn is_valid_name(name: &str) -> bool {
+    normalize_name(name).is_ok_and(|n| n == name)
 }
 
 fn xorshift(state: &mut u64) -> u64 {

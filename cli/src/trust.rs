@@ -15,8 +15,8 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use peerchat_core::identity::PublicKey;
@@ -32,11 +32,27 @@ pub struct KnownPeers {
 }
 
 impl KnownPeers {
-    /// Reads the file; a missing file is an empty one.
+    /// Reads the file; a missing file is an empty one. A file that others
+    /// could have written is refused: whoever writes the pins decides whom
+    /// this peer trusts.
     pub fn load(path: &Path) -> Result<Self, String> {
+        let meta = match fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(KnownPeers::default()),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return Err(format!(
+                "refusing {}: it must belong to you and be writable by nobody else (mode {:04o}, owner {})",
+                path.display(),
+                meta.mode() & 0o777,
+                meta.uid()
+            ));
+        }
         match fs::read_to_string(path) {
             Ok(text) => KnownPeers::parse(&text).map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(KnownPeers::default()),
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
     }
@@ -73,12 +89,17 @@ impl KnownPeers {
     }
 }
 
-/// One pin as a line of `known_peers`.
-pub fn pin_line(kind: &str, subject: &str, key: &PublicKey) -> String {
-    format!("{kind} {subject} {key}\n")
+/// One pin as a line of `known_peers`; `None` for a subject that would not
+/// read back as one field.
+pub fn pin_line(kind: &str, subject: &str, key: &PublicKey) -> Option<String> {
+    let one_field =
+        !subject.is_empty() && !subject.chars().any(|c| c.is_whitespace() || c.is_control());
+    one_field.then(|| format!("{kind} {subject} {key}\n"))
 }
 
-/// Appends a line to `known_peers`, creating it (and its directory) if need be.
+/// Appends a line to `known_peers`, creating it (and its directory) if need
+/// be. A file edited by hand may lack its last newline; the pin still
+/// starts a line of its own.
 pub fn append(path: &Path, line: &str) -> io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::DirBuilder::new()
@@ -87,20 +108,33 @@ pub fn append(path: &Path, line: &str) -> io::Result<()> {
             .create(dir)?;
     }
     let mut file = fs::OpenOptions::new()
+        .read(true)
         .append(true)
         .create(true)
         .mode(0o600)
         .open(path)?;
-    file.write_all(line.as_bytes())
+    let len = file.metadata()?.len();
+    let mut text = String::new();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        file.seek(io::SeekFrom::Start(len - 1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            text.push('\n');
+        }
+    }
+    text.push_str(line);
+    file.write_all(text.as_bytes())
 }
 
-/// The key file for a name, inside `dir`: the folded name, with anything
-/// but letters, digits, `-` and `_` percent-encoded, so that any name is a
-/// safe file name and `Alice` and `alice` (one name) share one key.
+/// The key file for a name, inside `dir`: the folded name, with ASCII
+/// other than letters, digits, `-` and `_` percent-encoded, so that any name
+/// is a safe file name of at most 132 bytes and `Alice` and `alice` (one
+/// name) share one key.
 pub fn key_file(dir: &Path, name: &str) -> PathBuf {
     let mut file = String::new();
     for c in fold_name(name.trim()).chars() {
-        if c.is_alphanumeric() || c == '-' || c == '_' {
+        if !c.is_ascii() || c.is_ascii_alphanumeric() || c == '-' || c == '_' {
             file.push(c);
         } else {
             let mut utf8 = [0u8; 4];
@@ -116,15 +150,17 @@ pub fn key_file(dir: &Path, name: &str) -> PathBuf {
 mod tests {
     use super::*;
     use peerchat_core::identity::Identity;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn pins_parse_fold_and_keep_the_first() {
         let (a, b) = (Identity::generate().public(), Identity::generate().public());
+        let line = |kind, subject, key| pin_line(kind, subject, key).unwrap();
         let text = format!(
             "# pins\n\n{}{}{}",
-            pin_line("peer", "Alice", &a),
-            pin_line("peer", "alice", &b),
-            pin_line("registry", "127.0.0.1:7000", &b)
+            line("peer", "Alice", &a),
+            line("peer", "alice", &b),
+            line("registry", "127.0.0.1:7000", &b)
         );
         let known = KnownPeers::parse(&text).unwrap();
         assert_eq!(known.peers["alice"], a);
@@ -138,8 +174,10 @@ mod tests {
         let err = KnownPeers::parse("\npeer alice notakey\n").unwrap_err();
         assert!(err.starts_with("line 2:"), "{err}");
         let key = Identity::generate().public();
-        let err = KnownPeers::parse(&pin_line("friend", "x", &key)).unwrap_err();
+        let err = KnownPeers::parse(&pin_line("friend", "x", &key).unwrap()).unwrap_err();
         assert!(err.contains("unknown kind"), "{err}");
+        assert_eq!(pin_line("peer", "a b", &key), None);
+        assert_eq!(pin_line("peer", "a\nregistry", &key), None);
     }
 
     #[test]
@@ -149,11 +187,16 @@ mod tests {
         let path = dir.join("sub/known_peers");
         assert_eq!(KnownPeers::load(&path).unwrap(), KnownPeers::default());
         let key = Identity::generate().public();
-        append(&path, &pin_line("peer", "张伟", &key)).unwrap();
-        append(&path, &pin_line("registry", "[::1]:7000", &key)).unwrap();
+        append(&path, &pin_line("peer", "张伟", &key).unwrap()).unwrap();
+        // A hand edit without a final newline.
+        fs::write(&path, fs::read_to_string(&path).unwrap().trim_end()).unwrap();
+        append(&path, &pin_line("registry", "[::1]:7000", &key).unwrap()).unwrap();
         let known = KnownPeers::load(&path).unwrap();
         assert_eq!(known.peers["张伟"], key);
         assert_eq!(known.registries["[::1]:7000"], key);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        let err = KnownPeers::load(&path).unwrap_err();
+        assert!(err.contains("writable by nobody else"), "{err}");
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -162,6 +205,9 @@ mod tests {
         let dir = Path::new("/d");
         assert_eq!(key_file(dir, "Alice"), Path::new("/d/alice.key"));
         assert_eq!(key_file(dir, "张伟"), Path::new("/d/张伟.key"));
+        let longest = "🎉".repeat(32);
+        let file = key_file(dir, &longest);
+        assert_eq!(file.file_name().unwrap().len(), 132, "{file:?}");
         assert_eq!(key_file(dir, "../x"), Path::new("/d/%2E%2E%2Fx.key"));
         assert_eq!(key_file(dir, "a.b"), Path::new("/d/a%2Eb.key"));
     }

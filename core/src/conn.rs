@@ -178,7 +178,7 @@ impl Conn {
             // A burst is over; an idle connection keeps no queue memory.
             self.out = VecDeque::new();
         }
-        if self.plain.capacity() > 4 {
+        if self.plain.is_empty() && self.plain.capacity() > 4 {
             self.plain = VecDeque::new();
         }
         Ok(Flushed::All)

@@ -155,6 +155,9 @@ pub struct LoopStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub slow_closed: u64,
+    /// Noise sessions that failed (a bad handshake or message) or whose
+    /// handshake did not finish in time.
+    pub secure_failed: u64,
 }
 
 /// The application side of the loop.
@@ -339,6 +342,9 @@ impl<T> Ctx<T> {
     pub fn set_max_frame(&mut self, id: ConnId, max_frame: usize) {
         if let Some(conn) = self.conn_mut(id) {
             conn.decoder.set_max_frame(max_frame);
+            if let Some(channel) = conn.secure.as_mut() {
+                channel.set_max_frame(max_frame);
+            }
         }
     }
 
@@ -444,14 +450,17 @@ impl<T> Ctx<T> {
             return;
         };
         conn.state = ConnState::Securing;
-        if conn.announced {
+        let mut channel = if conn.announced {
             let mut first = Vec::new();
-            conn.secure = Some(SecureChannel::initiator(&identity, &mut first));
+            let channel = SecureChannel::initiator(&identity, &mut first);
             conn.enqueue_wire(Bytes::from(first));
-            self.mark_dirty(id.key);
+            channel
         } else {
-            conn.secure = Some(SecureChannel::responder(&identity));
-        }
+            SecureChannel::responder(&identity)
+        };
+        channel.set_max_frame(conn.decoder.max_frame());
+        conn.secure = Some(channel);
+        self.mark_dirty(id.key);
         self.timers.arm(deadline, LoopTimer::HandshakeTimeout(id));
     }
 
@@ -516,6 +525,7 @@ impl<T> Ctx<T> {
             }
             if let Err(e) = conn.seal_pending(&mut self.seal_buf) {
                 let id = conn.id;
+                self.stats.secure_failed += 1;
                 self.abort(id, CloseReason::Secure(e));
                 continue;
             }
@@ -746,6 +756,7 @@ fn fire<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, timer: LoopTimer<A::Timer>
         }
         LoopTimer::HandshakeTimeout(id) => {
             if ctx.conn(id).is_some_and(|c| c.state == ConnState::Securing) {
+                ctx.stats.secure_failed += 1;
                 ctx.abort(id, CloseReason::HandshakeTimeout);
             }
         }
@@ -943,6 +954,7 @@ fn read_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) {
             Ok(n) => {
                 ctx.stats.bytes_in += n as u64;
                 if !draining {
+                    let was_securing = conn.state == ConnState::Securing;
                     let input = &ctx.scratch[..n];
                     let secured = match conn.secure.as_mut() {
                         None => {
@@ -965,19 +977,38 @@ fn read_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) {
                             result
                         }
                     };
-                    match secured {
-                        Ok(false) => {}
+                    let deliver = match secured {
+                        // Still securing: nothing to deliver yet; read on.
+                        Ok(false) => !was_securing,
                         Ok(true) => {
                             if !announce_secured(ctx, app, id) {
                                 return;
                             }
+                            true
+                        }
+                        Err(SecureError::TooLarge { len, max }) => {
+                            // A frame over the limit, seen from its Noise
+                            // message: closed as bad framing, so the app
+                            // can still say why.
+                            let overhead = secure::TAG_LEN + crate::wire::PREFIX_LEN;
+                            let error = FrameError::TooLarge {
+                                len: len.saturating_sub(overhead),
+                                max: max.saturating_sub(overhead),
+                            };
+                            ctx.closes.push_back((
+                                id,
+                                CloseReason::Frame(error),
+                                CloseMode::Graceful,
+                            ));
+                            return;
                         }
                         Err(e) => {
+                            ctx.stats.secure_failed += 1;
                             ctx.abort(id, CloseReason::Secure(e));
                             return;
                         }
-                    }
-                    if !deliver_frames(ctx, app, id) {
+                    };
+                    if deliver && !deliver_frames(ctx, app, id) {
                         return;
                     }
                 }

@@ -13,7 +13,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -156,28 +156,42 @@ impl Identity {
                 .create(dir)
                 .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
         }
+        // Written whole to a private temporary file, then linked into
+        // place: the key file either does not exist or is complete, even
+        // when two processes start at once or the machine stops midway.
         let identity = Identity::generate();
-        let created = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path);
-        let mut file = match created {
-            Ok(file) => file,
+        let mut unique = [0u8; 8];
+        getrandom::fill(&mut unique).expect("the OS random number generator failed");
+        let mut temp_name = path.as_os_str().to_owned();
+        temp_name.push(format!(".{}.tmp", u64::from_le_bytes(unique)));
+        let temp = PathBuf::from(temp_name);
+        write_private(&temp, &format!("{}\n", BASE64.encode(identity.private))).map_err(|e| {
+            let _ = fs::remove_file(&temp);
+            fail(format!("cannot write {}: {e}", temp.display()))
+        })?;
+        let linked = fs::hard_link(&temp, path);
+        // The temporary name goes whatever happened; the key, if linked,
+        // stays under its real name.
+        let _ = fs::remove_file(&temp);
+        match linked {
+            Ok(()) => {}
             // Another process made it first: theirs is the identity.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Identity::load(path).map(|id| (id, false))
             }
             Err(e) => return Err(fail(e.to_string())),
-        };
-        let text = format!("{}\n", BASE64.encode(identity.private));
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| fail(e.to_string()))?;
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Make the new name itself durable.
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| fail(format!("cannot sync {}: {e}", dir.display())))?;
+        }
         Ok((identity, true))
     }
 
-    /// Loads an existing key file, checking its owner and permissions first.
+    /// Loads an existing key file, checking its owner and permissions first
+    /// (on the open file, so that what is checked is what is read).
     pub fn load(path: &Path) -> Result<Self, KeyFileError> {
         let path_buf = || path.to_path_buf();
         let unreadable = |reason: String| KeyFileError::Unreadable {
@@ -192,13 +206,14 @@ impl Identity {
             path: path_buf(),
             reason,
         };
-        let meta = match fs::metadata(path) {
-            Ok(meta) => meta,
+        let mut file = match fs::File::open(path) {
+            Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(KeyFileError::Missing { path: path_buf() })
             }
             Err(e) => return Err(unreadable(e.to_string())),
         };
+        let meta = file.metadata().map_err(|e| unreadable(e.to_string()))?;
         if !meta.is_file() {
             return Err(unreadable("not a regular file".into()));
         }
@@ -213,10 +228,12 @@ impl Identity {
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(insecure(format!(
-                "its mode is {mode:04o}; group or others may read it (chmod 600 fixes that)"
+                "its mode is {mode:04o}; group or others have access to it (chmod 600 fixes that)"
             )));
         }
-        let text = fs::read_to_string(path).map_err(|e| unreadable(e.to_string()))?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(|e| unreadable(e.to_string()))?;
         let bytes = BASE64
             .decode(text.trim())
             .map_err(|e| malformed(format!("not base64: {e}")))?;
@@ -226,6 +243,18 @@ impl Identity {
             .map_err(|_| malformed(format!("holds {} bytes; a key is {KEY_LEN}", bytes.len())))?;
         Ok(Identity::from_private(private))
     }
+}
+
+/// Creates `path` (which must not exist) with mode 0600 and `text` in it,
+/// synced to disk.
+fn write_private(path: &Path, text: &str) -> io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 /// Why a key file could not be used.
@@ -275,6 +304,24 @@ mod tests {
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&dir.join("a/b")), 0o700);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn processes_starting_at_once_share_one_complete_key() {
+        let dir = temp_dir("race");
+        let path = dir.join("k");
+        let keys: Vec<PublicKey> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || Identity::load_or_create(&path).unwrap().0.public())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert!(keys.iter().all(|k| *k == keys[0]), "one key for all");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary left");
         fs::remove_dir_all(dir).unwrap();
     }
 

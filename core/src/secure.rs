@@ -53,10 +53,14 @@ pub enum SecureError {
     HandshakeTooLarge(usize),
     #[error("Noise message of {0} bytes is shorter than its authentication tag")]
     TooShort(usize),
+    #[error("Noise message of {len} bytes is over this connection's limit of {max}")]
+    TooLarge { len: usize, max: usize },
     #[error("a Noise message failed authentication: tampered, replayed or reordered")]
     Decrypt,
     #[error("the session is not established")]
     NotEstablished,
+    #[error("sealing a message failed: {0}")]
+    Encrypt(String),
     #[error("the connection ended inside a Noise message ({0} bytes of it had arrived)")]
     Truncated(usize),
 }
@@ -73,6 +77,9 @@ pub struct SecureChannel {
     /// A Noise message not yet complete. Empty (and unallocated) between
     /// messages, which keeps idle connections small.
     partial: Vec<u8>,
+    /// Largest transport message accepted: what is buffered for an
+    /// incomplete one follows the frame limit of its connection.
+    max_message: usize,
 }
 
 fn builder() -> snow::Builder<'static> {
@@ -92,6 +99,7 @@ impl SecureChannel {
         SecureChannel {
             state: State::Handshake(Box::new(hs)),
             partial: Vec::new(),
+            max_message: MAX_MESSAGE,
         }
     }
 
@@ -106,6 +114,7 @@ impl SecureChannel {
         SecureChannel {
             state: State::Handshake(Box::new(hs)),
             partial: Vec::new(),
+            max_message: MAX_MESSAGE,
         }
     }
 
@@ -126,11 +135,22 @@ impl SecureChannel {
         self.partial.len()
     }
 
+    /// Limits transport messages to what carries at most one frame of
+    /// `max_frame` bytes, so that an incomplete message cannot make us
+    /// hold more than the frame limit allows (a registry accepts 4 KiB
+    /// before registration).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        let max = max_frame + crate::wire::PREFIX_LEN + TAG_LEN;
+        self.max_message = max.clamp(TAG_LEN + 1, MAX_MESSAGE);
+    }
+
     /// Takes bytes as they came off the wire, split or coalesced anyhow.
     /// Handshake replies are appended to `out`, ready to send; the plaintext
     /// of transport messages goes to `plain`, in order. `scratch` must hold
     /// [`MAX_MESSAGE`] bytes. Returns whether the handshake completed during
-    /// this call. After an error the session is dead for good.
+    /// this call. After an error the session is dead for good, except that
+    /// after [`SecureError::TooLarge`] it can still seal (the caller closes
+    /// the connection and feeds it nothing more).
     pub fn receive(
         &mut self,
         mut input: &[u8],
@@ -159,6 +179,10 @@ impl SecureChannel {
                 LEN_PREFIX + self.declared_len() - self.partial.len()
             };
             let take = wanted.min(input.len());
+            if self.partial.len() == LEN_PREFIX {
+                // The length is known and checked: one allocation of its size.
+                self.partial.reserve_exact(wanted);
+            }
             self.partial.extend_from_slice(&input[..take]);
             input = &input[take..];
             if self.partial.len() < LEN_PREFIX {
@@ -187,7 +211,7 @@ impl SecureChannel {
             out.resize(start + LEN_PREFIX + len, 0);
             let written = transport
                 .write_message(chunk, &mut out[start + LEN_PREFIX..])
-                .map_err(|e| SecureError::Handshake(e.to_string()))?;
+                .map_err(|e| SecureError::Encrypt(e.to_string()))?;
             debug_assert_eq!(written, len);
         }
         Ok(())
@@ -198,6 +222,14 @@ impl SecureChannel {
     }
 
     fn check_len(&mut self, len: usize) -> Result<(), SecureError> {
+        if matches!(self.state, State::Transport(..)) && len > self.max_message {
+            // Nothing is wrong with the session, only with the size: it can
+            // still seal the error that tells the other side why it closes.
+            return Err(SecureError::TooLarge {
+                len,
+                max: self.max_message,
+            });
+        }
         let result = match self.state {
             State::Handshake(_) if len > MAX_HANDSHAKE_MESSAGE => {
                 Err(SecureError::HandshakeTooLarge(len))
@@ -486,6 +518,33 @@ mod tests {
             "nothing is buffered after an error"
         );
         assert_eq!(listener.buffered(), 0);
+    }
+
+    #[test]
+    fn a_message_over_the_frame_limit_is_refused_before_it_is_buffered() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let (mut dialer, mut listener) = pair(&a, &b);
+        listener.set_max_frame(4096);
+        let mut wire = Vec::new();
+        dialer.seal(&[7; 4096 + 4], &mut wire).unwrap();
+        assert_eq!(
+            open(&mut listener, &wire).unwrap().len(),
+            4100,
+            "one frame fits"
+        );
+        let mut wire = Vec::new();
+        dialer.seal(&[7; 5000], &mut wire).unwrap();
+        assert_eq!(
+            open(&mut listener, &wire[..3]),
+            Err(SecureError::TooLarge {
+                len: 5016,
+                max: 4116
+            })
+        );
+        assert_eq!(listener.buffered(), 0);
+        let mut reply = Vec::new();
+        listener.seal(b"frame_too_large", &mut reply).unwrap();
+        assert_eq!(open(&mut dialer, &reply).unwrap(), b"frame_too_large");
     }
 
     #[test]

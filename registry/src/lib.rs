@@ -310,21 +310,15 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             );
         }
         self.expire_reservations(now);
-        match self.reserved.get(&folded) {
-            Some(r) if r.key != key => {
-                let secs = r.until.saturating_duration_since(now).as_secs() + 1;
-                return self.reject(
-                    conn,
-                    ErrorCode::NameTaken,
-                    format!(
-                        "the name {name:?} is kept for the key of the peer that had it, for another {secs}s"
-                    ),
-                );
-            }
-            Some(_) => {
-                self.reserved.remove(&folded);
-            }
-            None => {}
+        if let Some(r) = self.reserved.get(&folded).filter(|r| r.key != key) {
+            let secs = r.until.saturating_duration_since(now).as_secs() + 1;
+            return self.reject(
+                conn,
+                ErrorCode::NameTaken,
+                format!(
+                    "the name {name:?} is kept for the key of the peer that had it, for another {secs}s"
+                ),
+            );
         }
         if self.names.len() >= self.config.max_peers {
             return self.reject(
@@ -343,6 +337,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         });
         self.stats.joins += 1;
         tracing::info!(%name, %addr, %key, "joined");
+        // Only now: an owner turned away (a full registry) keeps its name.
+        self.reserved.remove(&folded);
         self.admit(conn, name, folded, addr, key, now);
     }
 
@@ -471,10 +467,25 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.reserved_order.push_back((until, s.folded.clone()));
             self.reserved
                 .insert(s.folded, Reservation { key: s.key, until });
+            self.limit_reservations();
             self.pending.push(Change::Left {
                 name: s.name,
                 reason: reason.into(),
             });
+        }
+    }
+
+    /// Keeps at most `max_peers` reservations, dropping the oldest first:
+    /// a key that registers and leaves name after name cannot grow the
+    /// table past the size of the directory.
+    fn limit_reservations(&mut self) {
+        while self.reserved.len() > self.config.max_peers {
+            let Some((until, folded)) = self.reserved_order.pop_front() else {
+                break;
+            };
+            if self.reserved.get(&folded).is_some_and(|r| r.until == until) {
+                self.reserved.remove(&folded);
+            }
         }
     }
 

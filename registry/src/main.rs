@@ -148,6 +148,7 @@ impl App for RegistryApp {
                     rejections = stats.rejections,
                     reserved = self.registry.reserved_count(),
                     slow = loop_stats.slow_closed,
+                    secure_failed = loop_stats.secure_failed,
                     "stats"
                 );
                 release_free_memory();

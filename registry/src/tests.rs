@@ -581,6 +581,33 @@ fn a_name_stays_reserved_for_its_key_through_the_grace_period() {
 }
 
 #[test]
+fn reservations_survive_a_full_registry_and_are_capped_at_max_peers() {
+    let mut sim = Sim::new(Config {
+        max_peers: 2,
+        ..config()
+    });
+    sim.register(1, "a", 1);
+    sim.register(2, "b", 1);
+    sim.send(1, &ToRegistry::Leave {});
+    sim.register(3, "c", 1);
+    // The owner of "a" comes back while the registry is full: refused, but
+    // its name stays kept for it.
+    sim.register(4, "a", 1);
+    assert_eq!(sim.error_code(4), "registry_full");
+    sim.send(3, &ToRegistry::Leave {});
+    sim.register_as(5, "a", 1, key("impostor"));
+    assert_eq!(sim.error_code(5), "name_taken");
+    // Names left one after another: never more kept than max_peers.
+    for (c, name) in [(6, "x1"), (7, "x2"), (8, "x3")] {
+        sim.register(c, name, 1);
+        sim.send(c, &ToRegistry::Leave {});
+    }
+    assert_eq!(sim.reg.reserved_count(), 2);
+    sim.register_as(9, "a", 1, key("impostor"));
+    assert_eq!(sim.reg.peer_count(), 2, "the oldest reservation went first");
+}
+
+#[test]
 fn a_full_registry_says_so() {
     let mut sim = Sim::new(Config {
         max_peers: 2,

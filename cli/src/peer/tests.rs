@@ -1792,6 +1792,102 @@ fn a_directory_key_unlike_the_pin_is_reported_and_refused_both_ways() {
 }
 
 #[test]
+fn names_a_registry_should_never_send_are_ignored() {
+    let mut sim = Sim::new();
+    sim.start();
+    let mut peers = entries(&["bob"]);
+    peers.push(PeerEntry {
+        name: "x K\nregistry 10.0.0.9:1 K".into(),
+        addr: addr("carol"),
+        key: key_of("carol"),
+    });
+    sim.registry_says(&FromRegistry::Welcome {
+        version: PROTOCOL_VERSION,
+        name: "alice".into(),
+        addr: MY_ADDR.into(),
+        heartbeat_ms: 200,
+        timeout_ms: 1000,
+        more: false,
+        peers,
+    });
+    sim.update(vec![Change::Joined {
+        name: " dave".into(),
+        addr: addr("dave"),
+        key: key_of("dave"),
+    }]);
+    assert_eq!(sim.peer.peers(), entries(&["bob"]));
+}
+
+#[test]
+fn messages_waiting_for_a_name_whose_key_changes_are_not_sent_to_the_new_key() {
+    // Not pinned: bob was never reached. The registry restarts and lists
+    // another key for bob while a message still waits for the old one.
+    let mut sim = Sim::online(&["bob"]);
+    sim.link_dials = DialMode::Defer;
+    sim.msg("bob", "for the old bob");
+    sim.take_events();
+    let reg = sim.reg_conn();
+    sim.remote_close(reg, "reset");
+    sim.advance(ms(100));
+    let mut peers = entries(&[]);
+    peers.push(PeerEntry {
+        name: "bob".into(),
+        addr: addr("bob"),
+        key: key_of("another bob"),
+    });
+    sim.registry_says(&FromRegistry::Welcome {
+        version: PROTOCOL_VERSION,
+        name: "alice".into(),
+        addr: MY_ADDR.into(),
+        heartbeat_ms: 200,
+        timeout_ms: 1000,
+        more: false,
+        peers,
+    });
+    let events = sim.take_events();
+    assert_eq!(errors_with_code(&events, "key_changed"), 1, "{events:?}");
+    assert!(
+        events.contains(&undelivered(1, "bob", "key_changed")),
+        "{events:?}"
+    );
+
+    // Pinned: the new key disagrees with the pin, and what waits is
+    // undelivered at once, as a mismatch.
+    let mut config = config();
+    config.pins.insert("bob".into(), key_of("bob"));
+    let mut sim = Sim::with(config, 7);
+    sim.start();
+    sim.registry_says(&welcome(&["bob"], false));
+    sim.link_dials = DialMode::Defer;
+    sim.msg("bob", "for the pinned bob");
+    sim.take_events();
+    let reg = sim.reg_conn();
+    sim.remote_close(reg, "reset");
+    sim.advance(ms(100));
+    let mut peers = entries(&[]);
+    peers.push(PeerEntry {
+        name: "bob".into(),
+        addr: addr("bob"),
+        key: key_of("mallory"),
+    });
+    sim.registry_says(&FromRegistry::Welcome {
+        version: PROTOCOL_VERSION,
+        name: "alice".into(),
+        addr: MY_ADDR.into(),
+        heartbeat_ms: 200,
+        timeout_ms: 1000,
+        more: false,
+        peers,
+    });
+    let events = sim.take_events();
+    assert_eq!(errors_with_code(&events, "key_mismatch"), 1, "{events:?}");
+    assert!(
+        events.contains(&undelivered(1, "bob", "key_mismatch")),
+        "{events:?}"
+    );
+}
+
+#[test]
 fn replaced_by_a_newer_session_of_our_key_is_exit_2() {
     let mut sim = Sim::online(&["bob"]);
     sim.registry_says(&FromRegistry::Error {
