@@ -47,6 +47,9 @@
 //! among 100 and 1000) and let criterion sample briefly:
 //! `BROADCAST_SIZES=10,100 cargo bench --bench broadcast -- --quick`.
 
+#[path = "../tests/common/workspace_bins.rs"]
+mod workspace_bins;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -108,40 +111,6 @@ const RATE_SAMPLES: usize = 10;
 // ---------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------
-
-/// The release binaries, built the way the end-to-end tests build theirs:
-/// they belong to other packages of the workspace, so Cargo does not build
-/// them for a bench by itself. Returns the directory that holds them
-/// (target/release, since benches run from there).
-fn build_binaries() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench binary path");
-    // target/<profile>/deps/<bench> → target/<profile>
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "peerchat-registry",
-        "-p",
-        "peerchat-peer",
-        "--bins",
-    ]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    if let Some(target) = profile_dir.parent() {
-        cmd.env("CARGO_TARGET_DIR", target);
-    }
-    let status = cmd.status().expect("cargo runs");
-    assert!(status.success(), "building the binaries failed");
-    profile_dir
-}
 
 /// The bench's own directory for key files and the peers' data: nothing
 /// touches `~/.local/share`. Removed when dropped.
@@ -2586,7 +2555,7 @@ fn broadcast(c: &mut Criterion) {
         fds >= 4096,
         "the open-file limit is {fds}; these benches need about 4000 descriptors (raise `ulimit -Hn`)"
     );
-    let bins = build_binaries();
+    let bins = workspace_bins::build();
     // Dropped last, once every process using it is gone.
     let dir = BenchDir::create();
     let mut report = Report::default();

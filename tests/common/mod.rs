@@ -9,6 +9,8 @@
 //! passes the same [`DataDir`] again.
 #![allow(dead_code)] // Each test file uses its own subset.
 
+mod workspace_bins;
+
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -29,41 +31,10 @@ use serde_json::Value;
 pub const HEARTBEAT: &str = "200ms";
 pub const TIMEOUT: &str = "1s";
 
-/// Path of a workspace binary, built once per test process. The binaries
-/// belong to other packages of the workspace, so Cargo does not build them
-/// for this package's tests by itself.
+/// Path of a workspace binary, built once per test process.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/<test> → target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(|p| p.parent())
-            .expect("target dir")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "peerchat-registry",
-            "-p",
-            "peerchat-peer",
-            "--bins",
-        ]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        if let Some(target) = profile_dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        let status = cmd.status().expect("cargo runs");
-        assert!(status.success(), "building the binaries failed");
-        profile_dir
-    });
-    dir.join(name)
+    BUILT.get_or_init(workspace_bins::build).join(name)
 }
 
 // ---------------------------------------------------------------------------

@@ -78,14 +78,27 @@ fn entries(names: &[&str]) -> Vec<PeerEntry> {
 }
 
 fn welcome(peers: &[&str], more: bool) -> FromRegistry {
+    welcome_listing(entries(peers), more)
+}
+
+fn welcome_listing(peers: Vec<PeerEntry>, more: bool) -> FromRegistry {
     FromRegistry::Welcome {
         version: PROTOCOL_VERSION,
         name: "alice".into(),
         addr: MY_ADDR.into(),
         heartbeat_ms: HEARTBEAT.as_millis() as u64,
         timeout_ms: TIMEOUT.as_millis() as u64,
-        peers: entries(peers),
+        peers,
         more,
+    }
+}
+
+/// An entry listing `name` at its usual address with another key.
+fn entry_keyed(name: &str, key: PublicKey) -> PeerEntry {
+    PeerEntry {
+        name: name.into(),
+        addr: addr(name),
+        key,
     }
 }
 
@@ -1798,18 +1811,9 @@ fn names_a_registry_should_never_send_are_ignored() {
     let mut peers = entries(&["bob"]);
     peers.push(PeerEntry {
         name: "x K\nregistry 10.0.0.9:1 K".into(),
-        addr: addr("carol"),
-        key: key_of("carol"),
+        ..entry_keyed("carol", key_of("carol"))
     });
-    sim.registry_says(&FromRegistry::Welcome {
-        version: PROTOCOL_VERSION,
-        name: "alice".into(),
-        addr: MY_ADDR.into(),
-        heartbeat_ms: 200,
-        timeout_ms: 1000,
-        more: false,
-        peers,
-    });
+    sim.registry_says(&welcome_listing(peers, false));
     sim.update(vec![Change::Joined {
         name: " dave".into(),
         addr: addr("dave"),
@@ -1829,21 +1833,8 @@ fn messages_waiting_for_a_name_whose_key_changes_are_not_sent_to_the_new_key() {
     let reg = sim.reg_conn();
     sim.remote_close(reg, "reset");
     sim.advance(ms(100));
-    let mut peers = entries(&[]);
-    peers.push(PeerEntry {
-        name: "bob".into(),
-        addr: addr("bob"),
-        key: key_of("another bob"),
-    });
-    sim.registry_says(&FromRegistry::Welcome {
-        version: PROTOCOL_VERSION,
-        name: "alice".into(),
-        addr: MY_ADDR.into(),
-        heartbeat_ms: 200,
-        timeout_ms: 1000,
-        more: false,
-        peers,
-    });
+    let peers = vec![entry_keyed("bob", key_of("another bob"))];
+    sim.registry_says(&welcome_listing(peers, false));
     let events = sim.take_events();
     assert_eq!(errors_with_code(&events, "key_changed"), 1, "{events:?}");
     assert!(
@@ -1864,21 +1855,8 @@ fn messages_waiting_for_a_name_whose_key_changes_are_not_sent_to_the_new_key() {
     let reg = sim.reg_conn();
     sim.remote_close(reg, "reset");
     sim.advance(ms(100));
-    let mut peers = entries(&[]);
-    peers.push(PeerEntry {
-        name: "bob".into(),
-        addr: addr("bob"),
-        key: key_of("mallory"),
-    });
-    sim.registry_says(&FromRegistry::Welcome {
-        version: PROTOCOL_VERSION,
-        name: "alice".into(),
-        addr: MY_ADDR.into(),
-        heartbeat_ms: 200,
-        timeout_ms: 1000,
-        more: false,
-        peers,
-    });
+    let peers = vec![entry_keyed("bob", key_of("mallory"))];
+    sim.registry_says(&welcome_listing(peers, false));
     let events = sim.take_events();
     assert_eq!(errors_with_code(&events, "key_mismatch"), 1, "{events:?}");
     assert!(
