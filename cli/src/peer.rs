@@ -819,43 +819,9 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
 
     fn apply_change(&mut self, change: Change) {
         match change {
-            Change::Joined { .. } | Change::Moved { .. } => {
-                let (name, addr, key) = match change {
-                    Change::Joined { name, addr, key } => (name, addr, Some(key)),
-                    Change::Moved { name, addr } => (name, addr, None),
-                    Change::Left { .. } => unreachable!("matched above"),
-                };
-                if !is_valid_name(&name) {
-                    tracing::warn!(?name, "the registry sent an invalid name; ignored");
-                    return;
-                }
-                let folded = fold_name(&name);
-                if folded == self.my_folded {
-                    return;
-                }
-                let Ok(parsed) = addr.parse() else {
-                    tracing::warn!(%name, %addr, "the registry sent an unusable address");
-                    return;
-                };
-                // A move keeps the key; a move of a peer we do not list
-                // tells us nothing we could check a link against.
-                let Some(key) = key.or_else(|| self.dir.get(&folded).map(|k| k.key)) else {
-                    tracing::warn!(%name, "the registry moved a peer it never listed");
-                    return;
-                };
-                // A peer we still list (kept across a registry restart)
-                // never left as far as the user knows: say nothing unless
-                // its address changed.
-                let known = self.dir.contains_key(&folded);
-                let moved = self.learn(folded.clone(), name.clone(), parsed, key);
-                if !known {
-                    self.emit(Event::Joined { name, addr, key });
-                } else if moved {
-                    self.emit(Event::Moved { name, addr });
-                }
-                // After the event: chats held from this peer follow its join.
-                self.admit_pending(&folded);
-            }
+            Change::Joined { name, addr, key } => self.listed(name, addr, Some(key)),
+            // A move keeps the key.
+            Change::Moved { name, addr } => self.listed(name, addr, None),
             Change::Left { name, reason } => {
                 let folded = fold_name(&name);
                 if self.dir.contains_key(&folded) {
@@ -867,6 +833,40 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 }
             }
         }
+    }
+
+    /// The registry lists `name` at `addr`, under `key` (or the key we
+    /// already have for it, for a move).
+    fn listed(&mut self, name: String, addr: String, key: Option<PublicKey>) {
+        if !is_valid_name(&name) {
+            tracing::warn!(?name, "the registry sent an invalid name; ignored");
+            return;
+        }
+        let folded = fold_name(&name);
+        if folded == self.my_folded {
+            return;
+        }
+        let Ok(parsed) = addr.parse() else {
+            tracing::warn!(%name, %addr, "the registry sent an unusable address");
+            return;
+        };
+        // A move of a peer we do not list tells us nothing we could check a
+        // link against.
+        let Some(key) = key.or_else(|| self.dir.get(&folded).map(|k| k.key)) else {
+            tracing::warn!(%name, "the registry moved a peer it never listed");
+            return;
+        };
+        // A peer we still list (kept across a registry restart) never left
+        // as far as the user knows: say nothing unless its address changed.
+        let known = self.dir.contains_key(&folded);
+        let moved = self.learn(folded.clone(), name.clone(), parsed, key);
+        if !known {
+            self.emit(Event::Joined { name, addr, key });
+        } else if moved {
+            self.emit(Event::Moved { name, addr });
+        }
+        // After the event: chats held from this peer follow its join.
+        self.admit_pending(&folded);
     }
 
     /// A peer is gone: everything still queued for it is undelivered, and

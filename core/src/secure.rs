@@ -67,7 +67,7 @@ pub enum SecureError {
 
 enum State {
     Handshake(Box<HandshakeState>),
-    Transport(Box<TransportState>, PublicKey),
+    Transport(Box<TransportState>),
     Failed,
 }
 
@@ -119,13 +119,15 @@ impl SecureChannel {
     }
 
     pub fn is_established(&self) -> bool {
-        matches!(self.state, State::Transport(..))
+        matches!(self.state, State::Transport(_))
     }
 
     /// The other side's static key, proven by the completed handshake.
     pub fn remote_key(&self) -> Option<PublicKey> {
         match &self.state {
-            State::Transport(_, key) => Some(*key),
+            State::Transport(transport) => transport
+                .get_remote_static()
+                .and_then(PublicKey::from_slice),
             _ => None,
         }
     }
@@ -201,7 +203,7 @@ impl SecureChannel {
     /// Encrypts `plain` (of any length) into as many transport messages as
     /// it needs, appended to `out` with their length prefixes.
     pub fn seal(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), SecureError> {
-        let State::Transport(transport, _) = &mut self.state else {
+        let State::Transport(transport) = &mut self.state else {
             return Err(SecureError::NotEstablished);
         };
         for chunk in plain.chunks(MAX_PLAINTEXT) {
@@ -222,7 +224,7 @@ impl SecureChannel {
     }
 
     fn check_len(&mut self, len: usize) -> Result<(), SecureError> {
-        if matches!(self.state, State::Transport(..)) && len > self.max_message {
+        if matches!(self.state, State::Transport(_)) && len > self.max_message {
             // Nothing is wrong with the session, only with the size: it can
             // still seal the error that tells the other side why it closes.
             return Err(SecureError::TooLarge {
@@ -234,7 +236,7 @@ impl SecureChannel {
             State::Handshake(_) if len > MAX_HANDSHAKE_MESSAGE => {
                 Err(SecureError::HandshakeTooLarge(len))
             }
-            State::Transport(..) if len < TAG_LEN => Err(SecureError::TooShort(len)),
+            State::Transport(_) if len < TAG_LEN => Err(SecureError::TooShort(len)),
             _ => Ok(()),
         };
         if result.is_err() {
@@ -261,21 +263,24 @@ impl SecureChannel {
                     self.state = State::Handshake(hs);
                     return Ok(false);
                 }
-                let remote = hs
+                if hs
                     .get_remote_static()
                     .and_then(PublicKey::from_slice)
-                    .ok_or_else(|| SecureError::Handshake("no remote static key".into()))?;
+                    .is_none()
+                {
+                    return Err(SecureError::Handshake("no remote static key".into()));
+                }
                 let transport = hs
                     .into_transport_mode()
                     .map_err(|e| SecureError::Handshake(e.to_string()))?;
-                self.state = State::Transport(Box::new(transport), remote);
+                self.state = State::Transport(Box::new(transport));
                 Ok(true)
             }
-            State::Transport(mut transport, remote) => {
+            State::Transport(mut transport) => {
                 let n = transport
                     .read_message(message, scratch)
                     .map_err(|_| SecureError::Decrypt)?;
-                self.state = State::Transport(transport, remote);
+                self.state = State::Transport(transport);
                 plain(&scratch[..n]);
                 Ok(false)
             }

@@ -309,8 +309,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 format!("the name {name:?} is taken by a peer that is online"),
             );
         }
-        self.expire_reservations(now);
-        if let Some(r) = self.reserved.get(&folded).filter(|r| r.key != key) {
+        // Expired reservations go at the end of the turn; until then their
+        // deadline says they no longer count.
+        let held_for_another = |r: &&Reservation| r.key != key && r.until > now;
+        if let Some(r) = self.reserved.get(&folded).filter(held_for_another) {
             let secs = r.until.saturating_duration_since(now).as_secs() + 1;
             return self.reject(
                 conn,
