@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::Command;
 
 use common::{bin, DataDir, PeerProc, Registry, LONG};
@@ -248,42 +248,60 @@ fn a_registry_that_is_not_there_yet_is_retried() {
 fn a_crashed_target_leaves_no_message_unaccounted() {
     let reg = Registry::start(&[]);
     let mut peers = start_peers(&reg, &["alice", "bob"]);
-    for i in 0..200 {
-        peers[0].say(&format!("/msg bob m{i}"));
-        if i == 100 {
-            peers[1].proc.signal(libc::SIGKILL);
-        }
+    let to_bob = |range: std::ops::Range<usize>| {
+        range
+            .map(|i| format!("/msg bob m{i}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // Phase one is accepted while bob is alive; phase two while bob is
+    // frozen, so none of it can be acknowledged; phase three races the
+    // crash (each line is either accepted or refused as unknown_peer).
+    peers[0].say(&to_bob(0..100));
+    for _ in 0..100 {
+        peers[0].expect_event("sent", LONG);
     }
-    peers[0].expect("left", LONG, is("left", "name", "bob"));
+    peers[1].proc.signal(libc::SIGSTOP);
+    peers[0].say(&to_bob(100..150));
+    let frozen: HashSet<u64> = (0..50)
+        .map(|_| peers[0].expect_event("sent", LONG)["id"].as_u64().unwrap())
+        .collect();
+    peers[1].proc.signal(libc::SIGKILL);
+    let alice = &mut peers[0];
+    alice.say(&to_bob(150..200));
+    alice.expect("left", LONG, is("left", "name", "bob"));
     // Give in-flight sends their outcome, then leave.
-    peers[0].say("/quit");
-    peers[0].drain_until_exit(LONG);
+    alice.say("/quit");
+    alice.drain_until_exit(LONG);
     let mut outcome: HashMap<u64, usize> = HashMap::new();
-    let mut sent = std::collections::HashSet::new();
-    for v in &peers[0].seen {
+    let mut sent = HashSet::new();
+    let mut undelivered = HashSet::new();
+    for v in &alice.seen {
+        let id = || v["id"].as_u64().unwrap();
         match v["event"].as_str() {
             Some("sent") => {
-                sent.insert(v["id"].as_u64().unwrap());
+                sent.insert(id());
             }
-            Some("delivered") | Some("undelivered") => {
-                *outcome.entry(v["id"].as_u64().unwrap()).or_default() += 1
+            Some("delivered") => *outcome.entry(id()).or_default() += 1,
+            Some("undelivered") => {
+                *outcome.entry(id()).or_default() += 1;
+                undelivered.insert(id());
             }
             _ => {}
         }
     }
-    // Messages typed after bob's leave was known are refused (unknown_peer);
-    // every one that was accepted must end in exactly one outcome.
-    assert!(
-        sent.len() > 100,
-        "at least those before the crash were sent"
-    );
-    let refused = peers[0].count(|v| v["event"] == "error" && v["code"] == "unknown_peer");
-    assert_eq!(sent.len() + refused, 200);
-    let ended: std::collections::HashSet<u64> = outcome.keys().copied().collect();
+    let refused = alice.count(|v| v["event"] == "error" && v["code"] == "unknown_peer");
+    assert!(sent.len() >= 150, "phases one and two were accepted");
+    assert_eq!(sent.len() + refused, 200, "every line accepted or refused");
+    let ended: HashSet<u64> = outcome.keys().copied().collect();
     assert_eq!(ended, sent, "every sent message has an outcome");
     assert!(
         outcome.values().all(|n| *n == 1),
         "exactly one outcome each"
+    );
+    assert!(
+        frozen.is_subset(&undelivered),
+        "what bob could not acknowledge is reported undelivered"
     );
 }
 
