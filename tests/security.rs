@@ -593,6 +593,11 @@ fn a_registry_whose_key_is_not_the_pinned_one_is_not_registered_with() {
     let key = reg.key.to_string();
     let mut dave = PeerProc::start_with("dave", &reg.addr.to_string(), &["--registry-key", &key]);
     dave.registered();
+    assert_eq!(
+        dave.data.known_peers_text(),
+        format!("registry {} {key}\n", reg.addr),
+        "and pinned, so later runs need no --registry-key"
+    );
 
     // The registry at a pinned address comes back with another key.
     let data = DataDir::fresh();

@@ -16,7 +16,7 @@ use peerchat_core::identity::{self, Identity, PublicKey};
 use peerchat_core::protocol::normalize_name;
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 use peerchat_peer::command::{self, Command};
-use peerchat_peer::peer::{Action, Config, Event, Peer, Pin, Timer};
+use peerchat_peer::peer::{Action, Config, Event, Peer, Pin, RegistryTrust, Timer};
 use peerchat_peer::trust::{self, KnownPeers};
 use terminal::{Input, Output};
 
@@ -45,8 +45,9 @@ struct Args {
     /// $XDG_DATA_HOME/peerchat/, else ~/.local/share/peerchat/.
     #[arg(long, value_name = "PATH")]
     identity: Option<PathBuf>,
-    /// The registry's key (base64, as the registry prints it at start).
-    /// Without it, the first key the registry proves is pinned.
+    /// The registry's key (base64, as the registry prints it at start),
+    /// pinned once the registry proves it. Without it, the first key the
+    /// registry proves is pinned.
     #[arg(long, value_name = "KEY", value_parser = PublicKey::parse)]
     registry_key: Option<PublicKey>,
     /// The file of pinned keys. Default: known_peers next to the default
@@ -421,7 +422,11 @@ fn main() -> ExitCode {
         local.port(),
         identity.public(),
     );
-    config.registry_key = args.registry_key.or(pinned_registry);
+    config.registry_trust = match (pinned_registry, args.registry_key) {
+        (Some(pinned), _) => RegistryTrust::Pinned(pinned),
+        (None, Some(given)) => RegistryTrust::Given(given),
+        (None, None) => RegistryTrust::FirstUse,
+    };
     config.pins = known.peers;
     let mut app = PeerApp {
         peer: Peer::new(config, seed()),

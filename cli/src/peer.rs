@@ -69,8 +69,8 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Our own static key (the public half).
     pub key: PublicKey,
-    /// The key the registry must prove; `None` pins the first one seen.
-    pub registry_key: Option<PublicKey>,
+    /// What the registry's key is checked against.
+    pub registry_trust: RegistryTrust,
     /// Keys pinned per peer (folded name), from `known_peers`.
     pub pins: HashMap<String, PublicKey>,
 }
@@ -79,7 +79,7 @@ impl Config {
     pub fn new(name: String, registry: SocketAddr, listen_port: u16, key: PublicKey) -> Self {
         Config {
             key,
-            registry_key: None,
+            registry_trust: RegistryTrust::FirstUse,
             pins: HashMap::new(),
             name,
             registry,
@@ -93,6 +93,18 @@ impl Config {
             send_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// Where the registry's expected key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryTrust {
+    /// Nothing known: the first key proved is pinned.
+    FirstUse,
+    /// Given on the command line but not in `known_peers` yet: required, and
+    /// pinned once the registry proves it.
+    Given(PublicKey),
+    /// Already in `known_peers`: required.
+    Pinned(PublicKey),
 }
 
 /// What the user sees. The `--json` front end prints these as they are.
@@ -431,18 +443,18 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     }
 
     fn registry_connected(&mut self, conn: C, key: PublicKey, now: Instant) {
-        match self.config.registry_key {
-            Some(pinned) if pinned != key => {
+        match self.config.registry_trust {
+            RegistryTrust::Given(expected) | RegistryTrust::Pinned(expected) if expected != key => {
                 let message = format!(
-                    "the registry at {} proved key {key}, but {pinned} is pinned for it; not registering",
+                    "the registry at {} proved key {key}, but {expected} is pinned for it; not registering",
                     self.config.registry
                 );
                 self.error(ErrorCode::KeyMismatch.as_str(), message.clone());
                 return self.drop_registry(conn, message, now);
             }
-            Some(_) => {}
-            None => {
-                self.config.registry_key = Some(key);
+            RegistryTrust::Pinned(_) => {}
+            RegistryTrust::FirstUse | RegistryTrust::Given(_) => {
+                self.config.registry_trust = RegistryTrust::Pinned(key);
                 self.actions.push(Action::Pin(Pin::Registry(key)));
             }
         }

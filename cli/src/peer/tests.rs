@@ -1704,7 +1704,7 @@ fn the_first_registry_key_is_pinned_and_a_pinned_one_is_enforced() {
     assert_eq!(sim.pins, vec![Pin::Registry(registry_key())]);
 
     let mut config = config();
-    config.registry_key = Some(key_of("the real registry"));
+    config.registry_trust = RegistryTrust::Pinned(key_of("the real registry"));
     let mut sim = Sim::with(config, 7);
     let reg = sim.start();
     assert!(sim.take_reg(reg).is_empty(), "no register to an impostor");
@@ -1721,6 +1721,30 @@ fn the_first_registry_key_is_pinned_and_a_pinned_one_is_enforced() {
         .insert(String::new(), key_of("the real registry"));
     sim.advance(ms(100));
     assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
+    assert!(sim.pins.is_empty(), "already pinned");
+}
+
+#[test]
+fn a_registry_key_given_up_front_is_enforced_then_pinned() {
+    let mut config = config();
+    config.registry_trust = RegistryTrust::Given(key_of("the real registry"));
+    let mut sim = Sim::with(config, 7);
+    let reg = sim.start();
+    assert!(sim.take_reg(reg).is_empty(), "no register to an impostor");
+    let events = sim.take_events();
+    assert_eq!(errors_with_code(&events, "key_mismatch"), 1, "{events:?}");
+    assert!(sim.pins.is_empty(), "an impostor's key is not pinned");
+    sim.imposters
+        .insert(String::new(), key_of("the real registry"));
+    sim.advance(ms(100));
+    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
+    assert_eq!(sim.pins, vec![Pin::Registry(key_of("the real registry"))]);
+    // A reconnection finds it pinned and writes nothing more.
+    let reg = sim.reg_conn();
+    sim.remote_close(reg, "connection reset by peer");
+    sim.advance(ms(5_000));
+    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
+    assert_eq!(sim.pins.len(), 1);
 }
 
 #[test]
