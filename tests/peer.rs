@@ -151,6 +151,38 @@ fn quit_leaves_and_exits_zero_and_end_of_input_too() {
 }
 
 #[test]
+fn lines_piped_at_start_wait_for_the_registration() {
+    let reg = Registry::start(&[]);
+    let mut bob = start_peers(&reg, &["bob"]).remove(0);
+    // As in `printf '...' | peer ...`: everything is there before the
+    // peer has even reached the registry.
+    let mut alice = PeerProc::start("alice", reg.addr);
+    alice.say("/msg bob early bird\nhello everyone");
+    alice.close_input();
+    alice.drain_until_exit(LONG);
+    assert_eq!(alice.proc.wait_exit(LONG).unwrap().code(), Some(0));
+    let events: Vec<&str> = alice
+        .seen
+        .iter()
+        .filter_map(|v| v["event"].as_str())
+        .filter(|e| !matches!(*e, "joined" | "left"))
+        .collect();
+    assert_eq!(
+        events,
+        ["registered", "sent", "sent", "delivered", "delivered"],
+        "{:?}",
+        alice.seen
+    );
+    let first = bob.expect_event("message", LONG);
+    assert_eq!(
+        (first["text"].as_str(), first["direct"].as_bool()),
+        (Some("early bird"), Some(true))
+    );
+    let second = bob.expect_event("message", LONG);
+    assert_eq!(second["text"], "hello everyone");
+}
+
+#[test]
 fn a_taken_or_bad_name_exits_with_status_2() {
     let reg = Registry::start(&[]);
     let _alice = start_peers(&reg, &["alice"]);

@@ -56,11 +56,17 @@ struct Args {
     known_peers: Option<PathBuf>,
 }
 
+/// Lines taken from the input per loop turn: a long paste or pipe must not
+/// hold up heartbeats and acks.
+const INPUT_PER_TURN: usize = 256;
+
 struct PeerApp {
     peer: Peer<ConnId>,
     out: Output,
     json: bool,
     input: mpsc::Receiver<Input>,
+    /// The peer has taken input since the first registration attempt ended.
+    input_open: bool,
     /// What the user just typed, echoed once the peer accepts it.
     echo: Option<(String, Option<String>)>,
     exit: Option<i32>,
@@ -96,6 +102,10 @@ impl PeerApp {
         loop {
             let actions: Vec<_> = self.peer.drain_actions().collect();
             if actions.is_empty() {
+                if !self.input_open && self.peer.takes_input() {
+                    self.input_open = true;
+                    wake(ctx);
+                }
                 return;
             }
             let now = ctx.now();
@@ -206,7 +216,14 @@ impl App for PeerApp {
     }
 
     fn on_wake(&mut self, ctx: &mut Ctx<Self::Timer>) {
-        while let Ok(input) = self.input.try_recv() {
+        if !self.peer.takes_input() {
+            // `apply` wakes the loop again once it does.
+            return;
+        }
+        for _ in 0..INPUT_PER_TURN {
+            let Ok(input) = self.input.try_recv() else {
+                return;
+            };
             let now = ctx.now();
             match input {
                 Input::Line(line) => self.on_line(&line, now),
@@ -218,6 +235,15 @@ impl App for PeerApp {
             }
             self.apply(ctx);
         }
+        // Sockets get their turn before the rest of a long burst.
+        wake(ctx);
+    }
+}
+
+/// Makes the loop call `on_wake` again: to take input that waited.
+fn wake(ctx: &Ctx<Timer<ConnId>>) {
+    if let Err(e) = ctx.waker().wake() {
+        tracing::error!(error = %e, "cannot wake the event loop; input may wait");
     }
 }
 
@@ -433,6 +459,7 @@ fn main() -> ExitCode {
         out,
         json: args.json,
         input: rx,
+        input_open: false,
         echo: None,
         exit: None,
         known_peers: known_peers_path,

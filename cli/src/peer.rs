@@ -322,6 +322,8 @@ pub struct Peer<C> {
     seen: HashMap<String, (u64, u64)>,
     quitting: bool,
     exited: bool,
+    /// The first registration attempt has ended, one way or the other.
+    first_attempt_over: bool,
 }
 
 impl<C: Copy + Eq + Hash + Debug> Peer<C> {
@@ -348,6 +350,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             next_id: 1,
             seen: HashMap::new(),
             quitting: false,
+            first_attempt_over: false,
             exited: false,
         }
     }
@@ -386,6 +389,14 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
 
     pub fn is_online(&self) -> bool {
         matches!(self.session, Session::Online { .. })
+    }
+
+    /// Whether the user's lines should be taken now. Lines wait for the
+    /// first registration attempt to end (a welcome, or the registry found
+    /// missing), so that a script's first line reaches the peers already
+    /// online instead of an empty directory.
+    pub fn takes_input(&self) -> bool {
+        self.first_attempt_over || self.quitting
     }
 
     /// Begins: connect to the registry.
@@ -742,6 +753,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         // The directory, not just the snapshot: peers kept through a
         // registry restart are still reachable and still listed by /peers.
         let peers = self.peers();
+        self.first_attempt_over = true;
         self.emit(Event::Registered {
             name: self.config.name.clone(),
             addr: self.my_addr.clone(),
@@ -965,6 +977,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         let delay = self.jitter(self.backoff);
         self.backoff = (self.backoff * 2).min(self.config.backoff_max);
         tracing::info!(%error, retry_in = ?delay, "registry lost");
+        self.first_attempt_over = true;
         self.emit(Event::RegistryLost {
             error,
             retry_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
@@ -1359,15 +1372,12 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             return;
         }
         self.quitting = true;
-        if let Session::Online { conn, .. } = self.session {
-            self.actions
-                .push(Action::Send(conn, protocol::frame(&ToRegistry::Leave {})));
+        // Online, we stay listed until the end: a peer checks our hello
+        // against its directory, so leaving first would cost the messages
+        // still on their way. A registration not yet done is dropped.
+        if !matches!(self.session, Session::Online { .. }) {
+            self.close_session("quit");
         }
-        if let Some(conn) = self.session_conn() {
-            self.conns.remove(&conn);
-            self.actions.push(Action::Close(conn, "quit".into()));
-        }
-        self.session = Session::Closed;
         self.actions.push(Action::Arm(
             now + self.config.quit_grace,
             Timer::QuitDeadline,
@@ -1382,7 +1392,20 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     }
 
     fn finish_quit(&mut self) {
+        if let Session::Online { conn, .. } = self.session {
+            self.actions
+                .push(Action::Send(conn, protocol::frame(&ToRegistry::Leave {})));
+        }
+        self.close_session("quit");
         self.exit(0, "quit");
+    }
+
+    fn close_session(&mut self, reason: &str) {
+        if let Some(conn) = self.session_conn() {
+            self.conns.remove(&conn);
+            self.actions.push(Action::Close(conn, reason.into()));
+        }
+        self.session = Session::Closed;
     }
 
     /// Reports what is still unacknowledged as undelivered for `reason`,

@@ -637,6 +637,36 @@ fn welcome_with_more_waits_for_the_last_snapshot_frame() {
 }
 
 #[test]
+fn input_waits_for_the_whole_welcome_then_stays_open() {
+    let mut sim = Sim::new();
+    assert!(!sim.peer.takes_input());
+    sim.start();
+    sim.registry_says(&welcome(&["bob"], true));
+    assert!(!sim.peer.takes_input(), "the snapshot is not complete");
+    sim.registry_says(&FromRegistry::Snapshot {
+        peers: entries(&["carol"]),
+        more: false,
+    });
+    assert!(sim.peer.takes_input());
+    sim.remote_close(sim.reg_conn(), "connection reset by peer");
+    assert!(
+        sim.peer.takes_input(),
+        "still open while the registry is away"
+    );
+}
+
+#[test]
+fn input_waits_only_until_the_first_attempt_fails() {
+    let mut sim = Sim::new();
+    let reg = sim.start();
+    sim.advance(Duration::from_secs(5) - ms(1));
+    assert!(!sim.peer.takes_input(), "the register deadline is not over");
+    sim.advance(ms(1));
+    assert!(sim.peer.takes_input());
+    assert!(sim.closes.contains_key(&reg));
+}
+
+#[test]
 fn heartbeats_go_out_every_interval_from_the_welcome() {
     let mut sim = Sim::new();
     sim.registry_answers = false;
@@ -1593,15 +1623,16 @@ fn when_a_peer_leaves_its_inbound_links_close() {
 // ------------------------------------------------------------------ quit
 
 #[test]
-fn quit_sends_leave_waits_for_acks_and_exits_0() {
+fn quit_waits_for_acks_then_leaves_and_exits_0() {
     let mut sim = Sim::online(&["bob", "carol"]);
     let reg = sim.reg_conn();
     sim.say("bye");
     sim.take_all();
     let (b, c) = (sim.link_conn("bob"), sim.link_conn("carol"));
     sim.command(Command::Quit);
-    assert_eq!(sim.take_reg(reg), vec![ToRegistry::Leave {}]);
-    assert!(sim.closes.contains_key(&reg));
+    // Still listed, so that bob and carol still accept our hello.
+    assert!(sim.take_reg(reg).is_empty());
+    assert!(!sim.closes.contains_key(&reg));
     assert!(sim.exits.is_empty(), "acks are outstanding");
     sim.say("too late");
     assert!(sim.take_events().is_empty(), "no sends after quit");
@@ -1609,8 +1640,11 @@ fn quit_sends_leave_waits_for_acks_and_exits_0() {
     sim.link_in(b, &LinkMsg::Ack { id: 1 });
     assert_eq!(sim.take_events(), vec![delivered(1, "bob")]);
     assert!(sim.exits.is_empty());
+    assert!(!sim.take_reg(reg).contains(&ToRegistry::Leave {}));
     sim.link_in(c, &LinkMsg::Ack { id: 1 });
     assert_eq!(sim.take_events(), vec![delivered(1, "carol")]);
+    assert_eq!(sim.take_reg(reg), vec![ToRegistry::Leave {}]);
+    assert!(sim.closes.contains_key(&reg));
     assert_eq!(sim.exits, vec![0]);
     sim.advance(Duration::from_secs(60));
     assert!(sim.take_events().is_empty(), "no undelivered");
@@ -1618,9 +1652,11 @@ fn quit_sends_leave_waits_for_acks_and_exits_0() {
 }
 
 #[test]
-fn quit_with_nothing_outstanding_exits_at_once() {
+fn quit_with_nothing_outstanding_leaves_and_exits_at_once() {
     let mut sim = Sim::online(&["bob"]);
+    let reg = sim.reg_conn();
     sim.command(Command::Quit);
+    assert_eq!(sim.take_reg(reg), vec![ToRegistry::Leave {}]);
     assert_eq!(sim.exits, vec![0]);
     sim.advance(Duration::from_secs(10));
     assert_eq!(sim.exits, vec![0]);
@@ -1636,11 +1672,17 @@ fn at_quit_grace_each_remaining_message_is_undelivered_once_then_exit_0() {
     let (b, c) = (sim.link_conn("bob"), sim.link_conn("carol"));
     sim.link_in(b, &LinkMsg::Ack { id: 1 });
     sim.take_all();
+    let reg = sim.reg_conn();
     sim.command(Command::Quit);
     sim.advance(Duration::from_secs(2) - ms(1));
     assert!(sim.exits.is_empty());
     assert!(sim.take_events().is_empty());
+    assert!(
+        !sim.take_reg(reg).contains(&ToRegistry::Leave {}),
+        "still listed"
+    );
     sim.advance(ms(1));
+    assert_eq!(sim.take_reg(reg), vec![ToRegistry::Leave {}]);
     let mut events = sim.take_events();
     events.sort_by_key(|e| format!("{e:?}"));
     let mut want = vec![
@@ -1655,6 +1697,19 @@ fn at_quit_grace_each_remaining_message_is_undelivered_once_then_exit_0() {
     sim.advance(Duration::from_secs(60));
     assert!(sim.take_events().is_empty(), "nothing after the exit");
     assert_eq!(sim.exits, vec![0], "exit once");
+}
+
+#[test]
+fn quit_while_registering_drops_the_attempt_at_once() {
+    let mut sim = Sim::new();
+    let reg = sim.start();
+    sim.command(Command::Quit);
+    assert!(sim.closes.contains_key(&reg));
+    assert!(
+        !sim.take_reg(reg).contains(&ToRegistry::Leave {}),
+        "nothing to leave"
+    );
+    assert_eq!(sim.exits, vec![0]);
 }
 
 #[test]
