@@ -486,7 +486,7 @@ impl Shapes {
 
     /// The fast paths must agree with the codec, or the figures are wrong.
     fn check(&self) {
-        let key = Identity::from_private([7; 32]).public();
+        let key = Identity::from_private(&[7; 32]).public();
         for count in [0usize, 1, 23, 24, 255, 256] {
             let changes = (0..count)
                 .map(|i| match i % 2 {

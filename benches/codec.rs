@@ -39,7 +39,7 @@ fn welcome_1000() -> FromRegistry {
             PeerEntry {
                 name: format!("peer-{i:04}"),
                 addr: format!("127.0.0.1:{}", 40000 + i),
-                key: Identity::from_private(private).public(),
+                key: Identity::from_private(&private).public(),
             }
         })
         .collect();

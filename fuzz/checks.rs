@@ -83,8 +83,8 @@ fn keys() -> &'static (Identity, Identity) {
     static KEYS: OnceLock<(Identity, Identity)> = OnceLock::new();
     KEYS.get_or_init(|| {
         (
-            Identity::from_private([1; 32]),
-            Identity::from_private([2; 32]),
+            Identity::from_private(&[1; 32]),
+            Identity::from_private(&[2; 32]),
         )
     })
 }

@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
+use curve25519_dalek::MontgomeryPoint;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use snow::resolvers::{CryptoResolver, DefaultResolver};
+use zeroize::{Zeroize, Zeroizing};
 
 /// Bytes of an X25519 key, private or public.
 pub const KEY_LEN: usize = 32;
@@ -99,11 +100,17 @@ impl<'de> Deserialize<'de> for PublicKey {
 }
 
 /// A static key pair. The private half never leaves this type except to
-/// start a Noise handshake.
+/// start a Noise handshake, and is wiped from memory when it is dropped.
 #[derive(Clone)]
 pub struct Identity {
     private: [u8; KEY_LEN],
     public: PublicKey,
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        self.private.zeroize();
+    }
 }
 
 impl fmt::Debug for Identity {
@@ -115,19 +122,20 @@ impl fmt::Debug for Identity {
 impl Identity {
     /// A fresh random key pair.
     pub fn generate() -> Self {
-        let mut private = [0u8; KEY_LEN];
+        let mut private = Zeroizing::new([0u8; KEY_LEN]);
         // Without an OS random source there is no safe key to make.
-        getrandom::fill(&mut private).expect("the OS random number generator failed");
-        Identity::from_private(private)
+        getrandom::fill(private.as_mut_slice()).expect("the OS random number generator failed");
+        Identity::from_private(&private)
     }
 
-    pub fn from_private(private: [u8; KEY_LEN]) -> Self {
-        let mut dh = DefaultResolver
-            .resolve_dh(&snow::params::DHChoice::Curve25519)
-            .expect("the default resolver has Curve25519");
-        dh.set(&private);
-        let public = PublicKey::from_slice(dh.pubkey()).expect("X25519 public keys are 32 bytes");
-        Identity { private, public }
+    pub fn from_private(private: &[u8; KEY_LEN]) -> Self {
+        // X25519's public key, as snow derives it, without leaving a copy
+        // of the private key in a DH object nobody wipes.
+        let public = PublicKey(MontgomeryPoint::mul_base_clamped(*private).to_bytes());
+        Identity {
+            private: *private,
+            public,
+        }
     }
 
     pub fn public(&self) -> PublicKey {
@@ -165,7 +173,8 @@ impl Identity {
         let mut temp_name = path.as_os_str().to_owned();
         temp_name.push(format!(".{}.tmp", u64::from_le_bytes(unique)));
         let temp = PathBuf::from(temp_name);
-        write_private(&temp, &format!("{}\n", BASE64.encode(identity.private))).map_err(|e| {
+        let text = Zeroizing::new(format!("{}\n", BASE64.encode(identity.private)));
+        write_private(&temp, &text).map_err(|e| {
             let _ = fs::remove_file(&temp);
             fail(format!("cannot write {}: {e}", temp.display()))
         })?;
@@ -231,13 +240,15 @@ impl Identity {
                 "its mode is {mode:04o}; group or others have access to it (chmod 600 fixes that)"
             )));
         }
-        let mut text = String::new();
+        let mut text = Zeroizing::new(String::new());
         file.read_to_string(&mut text)
             .map_err(|e| unreadable(e.to_string()))?;
-        let bytes = BASE64
-            .decode(text.trim())
-            .map_err(|e| malformed(format!("not base64: {e}")))?;
-        let private: [u8; KEY_LEN] = bytes
+        let bytes = Zeroizing::new(
+            BASE64
+                .decode(text.trim())
+                .map_err(|e| malformed(format!("not base64: {e}")))?,
+        );
+        let private: &[u8; KEY_LEN] = bytes
             .as_slice()
             .try_into()
             .map_err(|_| malformed(format!("holds {} bytes; a key is {KEY_LEN}", bytes.len())))?;
@@ -389,7 +400,22 @@ mod tests {
     #[test]
     fn the_same_private_key_gives_the_same_public_key() {
         let a = Identity::generate();
-        assert_eq!(Identity::from_private(*a.private()).public(), a.public());
+        assert_eq!(Identity::from_private(a.private()).public(), a.public());
         assert_ne!(Identity::generate().public(), a.public());
+    }
+
+    #[test]
+    fn public_keys_are_x25519_as_rfc_7748_computes_them() {
+        // RFC 7748, section 6.1: Alice's key pair.
+        let hex = |s: &str| -> [u8; KEY_LEN] {
+            let bytes: Vec<u8> = (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect();
+            bytes.try_into().unwrap()
+        };
+        let private = hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let public = hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
+        assert_eq!(Identity::from_private(&private).public(), PublicKey(public));
     }
 }
