@@ -334,6 +334,79 @@ fn an_impostor_cannot_take_a_name_while_its_owner_holds_it_or_is_away() {
 }
 
 #[test]
+fn a_restarted_registry_still_keeps_names_for_their_keys() {
+    let data = DataDir::fresh();
+    let names = data.path().join("peerchat-registry/names");
+    let saved = |name: &str| {
+        let deadline = Instant::now() + LONG;
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(&names).unwrap_or_default();
+            if text.lines().any(|l| l.starts_with(&format!("{name} "))) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{name} never saved in {}", names.display());
+    };
+    let (alice, bob) = (Identity::generate(), Identity::generate());
+
+    // A crash: alice is online, then the registry is killed.
+    let reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    let (_alice_session, welcome) = Client::register_as(reg.addr, &alice, "alice", 4001);
+    assert!(
+        matches!(welcome, FromRegistry::Welcome { .. }),
+        "{welcome:?}"
+    );
+    saved("alice");
+    reg.proc.signal(libc::SIGKILL);
+    drop(reg);
+    let mut reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    assert!(reg.proc.stderr.wait_for("names kept for their keys", LONG));
+    let (_, reply) = Client::register(reg.addr, "Alice", 5000);
+    assert_eq!(
+        code_of(Some(reply)),
+        "name_taken",
+        "a stranger after a crash"
+    );
+    let (_alice_session, welcome) = Client::register_as(reg.addr, &alice, "alice", 4001);
+    assert!(
+        matches!(welcome, FromRegistry::Welcome { .. }),
+        "{welcome:?}"
+    );
+
+    // A clean stop saves at once: bob registers just before it.
+    let (_bob_session, welcome) = Client::register_as(reg.addr, &bob, "bob", 4002);
+    assert!(
+        matches!(welcome, FromRegistry::Welcome { .. }),
+        "{welcome:?}"
+    );
+    reg.proc.signal(libc::SIGTERM);
+    assert_eq!(reg.proc.wait_exit(LONG).unwrap().code(), Some(0));
+    let reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    for name in ["alice", "bob"] {
+        let (_, reply) = Client::register(reg.addr, name, 5000);
+        assert_eq!(code_of(Some(reply)), "name_taken", "{name}, after a stop");
+    }
+    let (_, welcome) = Client::register_as(reg.addr, &bob, "bob", 4002);
+    assert!(
+        matches!(welcome, FromRegistry::Welcome { .. }),
+        "{welcome:?}"
+    );
+    drop(reg);
+
+    // The record decides who owns a name, so others may not write it.
+    std::fs::set_permissions(&names, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (status, stderr) = registry_exit(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--names",
+        names.to_str().unwrap(),
+    ]);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("writable by nobody else"), "{stderr}");
+}
+
+#[test]
 fn the_same_key_starting_again_replaces_the_old_session() {
     let reg = Registry::start(&[]);
     let mut bob = PeerProc::start("bob", reg.addr);

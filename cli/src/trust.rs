@@ -16,11 +16,12 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::fold_name;
+use peerchat_core::trusted_file;
 
 /// The pins read from a `known_peers` file.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -36,24 +37,9 @@ impl KnownPeers {
     /// could have written is refused: whoever writes the pins decides whom
     /// this peer trusts.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let meta = match fs::metadata(path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(KnownPeers::default()),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-        };
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me || meta.mode() & 0o022 != 0 {
-            return Err(format!(
-                "refusing {}: it must belong to you and be writable by nobody else (mode {:04o}, owner {})",
-                path.display(),
-                meta.mode() & 0o777,
-                meta.uid()
-            ));
-        }
-        match fs::read_to_string(path) {
-            Ok(text) => KnownPeers::parse(&text).map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        match trusted_file::read(path)? {
+            Some(text) => KnownPeers::parse(&text).map_err(|e| format!("{}: {e}", path.display())),
+            None => Ok(KnownPeers::default()),
         }
     }
 
@@ -102,10 +88,7 @@ pub fn pin_line(kind: &str, subject: &str, key: &PublicKey) -> Option<String> {
 /// starts a line of its own.
 pub fn append(path: &Path, line: &str) -> io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+        trusted_file::create_dir(dir)?;
     }
     let mut file = fs::OpenOptions::new()
         .read(true)

@@ -9,6 +9,7 @@
 //! - [`event_loop`]: the single-threaded mio loop that moves bytes and time.
 //! - `cli` (feature `cli`): command-line parsing shared by the binaries.
 //! - [`limits`]: raising the process limits that many connections need.
+//! - [`trusted_file`]: files that decide whom we trust, read and replaced safely.
 
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod limits;
 pub mod protocol;
 pub mod secure;
 pub mod timer;
+pub mod trusted_file;
 pub mod wire;
 
 pub use event_loop::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig, LoopStats};

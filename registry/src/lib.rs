@@ -27,6 +27,8 @@ use peerchat_core::protocol::{
 };
 use peerchat_core::wire::FrameError;
 
+pub mod names_file;
+
 /// Changes per update frame: keeps every frame under the 64 KiB a peer must
 /// accept, even with 32-character names in four-byte scripts and IPv6
 /// addresses.
@@ -124,8 +126,22 @@ enum ConnState {
 
 /// A name whose peer left, kept for its key until the grace ends.
 struct Reservation {
+    /// As the peer registered it.
+    name: String,
     key: PublicKey,
     until: Instant,
+}
+
+/// Who owns a name, in the form that outlives the process: the registry
+/// saves these and restores them at start, so that a restart opens no
+/// window for another key to take a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub name: String,
+    pub key: PublicKey,
+    /// `None` while the owner is online; else how long its name stays
+    /// reserved.
+    pub reserved_for: Option<Duration>,
 }
 
 pub struct Registry<C> {
@@ -150,6 +166,8 @@ pub struct Registry<C> {
     actions: Vec<Action<C>>,
     heartbeat_reply: Bytes,
     stats: Stats,
+    /// Some name changed owner or state since [`Registry::take_owners_changed`].
+    owners_changed: bool,
 }
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
@@ -167,7 +185,63 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             actions: Vec::new(),
             heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
             stats: Stats::default(),
+            owners_changed: false,
         }
+    }
+
+    /// Every name with an owner: the peers online and the reservations
+    /// still running, in no particular order.
+    pub fn owners(&self, now: Instant) -> Vec<Owner> {
+        let online = self.order.values().filter_map(|(c, _)| self.session(*c));
+        let online = online.map(|s| Owner {
+            name: s.name.clone(),
+            key: s.key,
+            reserved_for: None,
+        });
+        let reserved = self.reserved.values().filter(|r| r.until > now);
+        let reserved = reserved.map(|r| Owner {
+            name: r.name.clone(),
+            key: r.key,
+            reserved_for: Some(r.until - now),
+        });
+        online.chain(reserved).collect()
+    }
+
+    /// Whether [`Registry::owners`] has changed since the last call.
+    pub fn take_owners_changed(&mut self) -> bool {
+        std::mem::take(&mut self.owners_changed)
+    }
+
+    /// Takes back the owners saved by an earlier run, before any peer
+    /// registers. Names that were online are reserved for a full grace
+    /// (their peers are probably coming back); no reservation runs longer
+    /// than the grace.
+    pub fn restore(&mut self, owners: Vec<Owner>, now: Instant) {
+        let grace = self.config.name_grace;
+        let mut restored: Vec<(Instant, String, Reservation)> = owners
+            .into_iter()
+            .filter_map(|o| {
+                let left = o.reserved_for.unwrap_or(grace).min(grace);
+                let until = now + left;
+                (!left.is_zero()).then(|| {
+                    let folded = fold_name(&o.name);
+                    let reservation = Reservation {
+                        name: o.name,
+                        key: o.key,
+                        until,
+                    };
+                    (until, folded, reservation)
+                })
+            })
+            .collect();
+        // The queue stays in deadline order: every later reservation gets a
+        // full grace from a later time.
+        restored.sort_by_key(|(until, _, _)| *until);
+        for (until, folded, reservation) in restored {
+            self.reserved_order.push_back((until, folded.clone()));
+            self.reserved.insert(folded, reservation);
+        }
+        self.limit_reservations();
     }
 
     pub fn config(&self) -> &Config {
@@ -382,6 +456,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         key: PublicKey,
         now: Instant,
     ) {
+        self.owners_changed = true;
         let entries: Vec<&[u8]> = self.order.values().map(|(_, e)| &e[..]).collect();
         let chunks = snapshot_chunks(&entries);
         let mut frames = Vec::with_capacity(chunks.len());
@@ -467,8 +542,13 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             tracing::info!(name = %s.name, addr = %s.addr, reason, "left");
             let until = now + self.config.name_grace;
             self.reserved_order.push_back((until, s.folded.clone()));
-            self.reserved
-                .insert(s.folded, Reservation { key: s.key, until });
+            let reservation = Reservation {
+                name: s.name.clone(),
+                key: s.key,
+                until,
+            };
+            self.reserved.insert(s.folded, reservation);
+            self.owners_changed = true;
             self.limit_reservations();
             self.pending.push(Change::Left {
                 name: s.name,
@@ -487,6 +567,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             };
             if self.reserved.get(&folded).is_some_and(|r| r.until == until) {
                 self.reserved.remove(&folded);
+                self.owners_changed = true;
             }
         }
     }
@@ -503,6 +584,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             // A name reserved again later has a later end; keep that one.
             if self.reserved.get(&folded).is_some_and(|r| r.until <= now) {
                 self.reserved.remove(&folded);
+                self.owners_changed = true;
             }
         }
     }

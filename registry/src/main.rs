@@ -6,13 +6,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use clap::{CommandFactory, Parser};
 use peerchat_core::identity::{self, Identity};
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
-use peerchat_registry::{Action, Config, Disconnect, Registry, Timer};
+use peerchat_registry::names_file::{self, Saver};
+use peerchat_registry::{Action, Config, Disconnect, Owner, Registry, Timer};
 
 /// The peerchat registry: knows who is online and where, and tells everyone
 /// of every join and leave. Chat never passes through it.
@@ -51,6 +52,12 @@ struct Args {
     /// ~/.local/share/peerchat-registry/registry.key.
     #[arg(long, value_name = "PATH")]
     key: Option<PathBuf>,
+    /// Where the registry keeps which key owns which name, so that a
+    /// restart hands no name to another key. Default:
+    /// $XDG_DATA_HOME/peerchat-registry/names, else
+    /// ~/.local/share/peerchat-registry/names.
+    #[arg(long, value_name = "PATH")]
+    names: Option<PathBuf>,
     /// Bytes that may wait to be sent to one peer before it is dropped as
     /// too slow.
     #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
@@ -71,11 +78,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 enum AppTimer {
     Registry(Timer<ConnId>),
     Stats,
+    SaveNames,
 }
+
+/// How often changed name owners are saved: what a crash can lose.
+const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 struct RegistryApp {
     registry: Registry<ConnId>,
     stats_interval: Duration,
+    saver: Saver,
+    /// Owners changed, but the saver was still busy with an older save.
+    save_waiting: bool,
+    /// The owners as they were when a signal stopped the registry (the
+    /// shutdown empties the directory), for the last save.
+    at_shutdown: Option<Vec<Owner>>,
 }
 
 impl RegistryApp {
@@ -155,11 +172,22 @@ impl App for RegistryApp {
                 let next = ctx.now() + self.stats_interval;
                 ctx.arm(next, AppTimer::Stats);
             }
+            AppTimer::SaveNames => {
+                if self.registry.take_owners_changed() || self.save_waiting {
+                    let owners = self.registry.owners(ctx.now());
+                    self.save_waiting = !self.saver.offer(owners, SystemTime::now());
+                }
+                let next = ctx.now() + SAVE_INTERVAL;
+                ctx.arm(next, AppTimer::SaveNames);
+            }
         }
     }
 
     fn on_signal(&mut self, ctx: &mut Ctx<AppTimer>, signal: i32) {
         tracing::info!(signal, peers = self.registry.peer_count(), "shutting down");
+        if self.at_shutdown.is_none() {
+            self.at_shutdown = Some(self.registry.owners(ctx.now()));
+        }
         self.registry.shutdown("the registry is shutting down");
         self.apply(ctx);
         ctx.stop(Duration::from_secs(1));
@@ -182,15 +210,23 @@ fn release_free_memory() {
     }
 }
 
+/// `given`, else `file` in the registry's data directory.
+fn data_file(given: Option<PathBuf>, file: &str, flag: &str) -> Result<PathBuf, String> {
+    match given {
+        Some(path) => Ok(path),
+        None => Ok(identity::data_home()
+            .ok_or_else(|| {
+                format!("neither XDG_DATA_HOME nor HOME is set; name a file with {flag}")
+            })?
+            .join("peerchat-registry")
+            .join(file)),
+    }
+}
+
 /// The registry's identity: the same key across restarts, so that its peers
 /// (which pin it) still know it.
 fn load_identity(path: Option<PathBuf>) -> Result<Identity, String> {
-    let path = match path {
-        Some(path) => path,
-        None => identity::data_home()
-            .ok_or("neither XDG_DATA_HOME nor HOME is set; name a key file with --key")?
-            .join("peerchat-registry/registry.key"),
-    };
+    let path = data_file(path, "registry.key", "--key")?;
     let (identity, created) = Identity::load_or_create(&path).map_err(|e| e.to_string())?;
     if created {
         eprintln!("created a new registry key in {}", path.display());
@@ -250,6 +286,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let names_path = match data_file(args.names, "names", "--names") {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("registry: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let owners = match names_file::load(&names_path, SystemTime::now()) {
+        Ok(owners) => owners,
+        Err(e) => {
+            eprintln!("registry: {e} (fix or remove it; it says which key owns which name)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let saver = match Saver::start(names_path.clone()) {
+        Ok(saver) => saver,
+        Err(e) => {
+            eprintln!("registry: cannot start saving name owners: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let loop_config = LoopConfig {
         max_frame: config.handshake_max_frame,
         max_queued: args.max_queue,
@@ -277,13 +334,30 @@ fn main() -> ExitCode {
     event_loop
         .ctx()
         .arm(now + args.stats_interval, AppTimer::Stats);
+    event_loop
+        .ctx()
+        .arm(now + SAVE_INTERVAL, AppTimer::SaveNames);
+    let mut registry = Registry::new(config);
+    if !owners.is_empty() {
+        tracing::info!(owners = owners.len(), path = %names_path.display(), "names kept for their keys");
+    }
+    registry.restore(owners, now);
     let mut app = RegistryApp {
-        registry: Registry::new(config),
+        registry,
         stats_interval: args.stats_interval,
+        saver,
+        save_waiting: false,
+        at_shutdown: None,
     };
     eprintln!("registry key {}", identity.public());
     eprintln!("listening on {local}");
-    match event_loop.run(&mut app) {
+    let result = event_loop.run(&mut app);
+    let owners = match app.at_shutdown {
+        Some(owners) => owners,
+        None => app.registry.owners(Instant::now()),
+    };
+    app.saver.finish(owners, SystemTime::now());
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("registry: the event loop failed: {e}");

@@ -607,6 +607,109 @@ fn reservations_survive_a_full_registry_and_are_capped_at_max_peers() {
     assert_eq!(sim.reg.peer_count(), 2, "the oldest reservation went first");
 }
 
+/// No evictions in the time these tests span.
+fn patient() -> Config {
+    Config {
+        heartbeat: Duration::from_secs(600),
+        timeout: Duration::from_secs(3600),
+        ..config()
+    }
+}
+
+fn sorted(mut owners: Vec<Owner>) -> Vec<Owner> {
+    owners.sort_by(|a, b| a.name.cmp(&b.name));
+    owners
+}
+
+#[test]
+fn owners_list_the_online_and_the_reserved_and_say_when_they_change() {
+    let mut sim = Sim::new(patient());
+    assert!(!sim.reg.take_owners_changed());
+    sim.register(1, "Alice", 4001);
+    sim.register(2, "bob", 4002);
+    assert!(sim.reg.take_owners_changed());
+    assert!(!sim.reg.take_owners_changed(), "taken");
+    sim.send(2, &ToRegistry::Leave {});
+    sim.flush();
+    assert!(sim.reg.take_owners_changed());
+    sim.advance(Duration::from_secs(100));
+    let want = vec![
+        Owner {
+            name: "Alice".into(),
+            key: owner("Alice"),
+            reserved_for: None,
+        },
+        Owner {
+            name: "bob".into(),
+            key: owner("bob"),
+            reserved_for: Some(Duration::from_secs(500)),
+        },
+    ];
+    assert_eq!(sorted(sim.reg.owners(sim.now)), want);
+    // Heartbeats and evictions' timers change nothing; the grace's end does.
+    sim.send(1, &ToRegistry::Heartbeat {});
+    assert!(!sim.reg.take_owners_changed());
+    sim.advance(Duration::from_secs(500));
+    sim.flush();
+    assert!(sim.reg.take_owners_changed());
+    assert_eq!(sim.reg.owners(sim.now).len(), 1);
+}
+
+#[test]
+fn restored_owners_keep_their_names_from_other_keys() {
+    let grace = Duration::from_secs(600);
+    let mut before = Sim::new(patient());
+    before.register(1, "alice", 4001);
+    before.register(2, "bob", 4002);
+    before.send(2, &ToRegistry::Leave {});
+    before.advance(Duration::from_secs(60));
+    let saved = before.reg.owners(before.now);
+
+    let mut sim = Sim::new(patient());
+    let mut with_extra = saved.clone();
+    with_extra.push(Owner {
+        name: "carol".into(),
+        key: owner("carol"),
+        reserved_for: Some(Duration::from_secs(7200)),
+    });
+    with_extra.push(Owner {
+        name: "dave".into(),
+        key: owner("dave"),
+        reserved_for: Some(Duration::ZERO),
+    });
+    sim.reg.restore(with_extra, sim.now);
+    assert_eq!(sim.reg.peer_count(), 0);
+    assert_eq!(sim.reg.reserved_count(), 3, "dave's grace was over");
+    let restored = sorted(sim.reg.owners(sim.now));
+    let left: Vec<_> = restored
+        .iter()
+        .map(|o| (o.name.as_str(), o.reserved_for))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("alice", Some(grace)),
+            ("bob", Some(grace - Duration::from_secs(60))),
+            ("carol", Some(grace)),
+        ],
+        "online ones get a whole grace, none more than one"
+    );
+    for (c, name) in [(10, "ALICE"), (11, "bob"), (12, "carol")] {
+        sim.register_as(c, name, 5000, key("impostor"));
+        assert_eq!(sim.error_code(c), "name_taken", "{name}");
+    }
+    sim.register_as(13, "dave", 5000, key("newcomer"));
+    assert_eq!(sim.reg.peer_count(), 1);
+    // Owners come back with their keys; bob's reservation ends first.
+    sim.register(20, "alice", 4001);
+    assert_eq!(sim.reg.peer_count(), 2);
+    sim.advance(grace - Duration::from_secs(59));
+    sim.register_as(21, "bob", 5000, key("newcomer"));
+    assert_eq!(sim.reg.peer_count(), 3);
+    sim.register_as(22, "carol", 5000, key("impostor"));
+    assert_eq!(sim.error_code(22), "name_taken");
+}
+
 #[test]
 fn a_full_registry_says_so() {
     let mut sim = Sim::new(Config {
