@@ -242,7 +242,10 @@ pub struct Ctx<T> {
 }
 
 impl<T> Ctx<T> {
-    /// The time this turn started. Applications take time from here only.
+    /// The time the event being handled was taken up (read again for each
+    /// event and each accepted connection, so that a deadline armed late in
+    /// a long turn still counts from its connection's arrival).
+    /// Applications take time from here only.
     pub fn now(&self) -> Instant {
         self.now
     }
@@ -692,6 +695,7 @@ impl<T> EventLoop<T> {
                 read_ready(ctx, app, id);
             }
             for event in self.events.iter() {
+                ctx.now = Instant::now();
                 match event.token() {
                     WAKER => app.on_wake(ctx),
                     SIGNALS => {
@@ -716,6 +720,7 @@ impl<T> EventLoop<T> {
                 process_closes(ctx, app);
             }
 
+            ctx.now = Instant::now();
             ctx.timers.expire(ctx.now, |t| due.push(t));
             for timer in due.drain(..) {
                 fire(ctx, app, timer);
@@ -830,6 +835,7 @@ fn accept_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, key: usize) {
         }
         match listener.socket.accept() {
             Ok((stream, addr)) => {
+                ctx.now = Instant::now();
                 ctx.stats.accepted += 1;
                 if ctx.conns >= ctx.config.max_connections {
                     drop(stream);
