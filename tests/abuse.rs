@@ -13,12 +13,12 @@
 //! and hostile bytes where the Noise messages belong close the connection
 //! without a word, since there is no session to carry one.
 //!
-//! Limits are small (heartbeat 200 ms, timeout 1 s, handshake 1 s where a
-//! test waits for it) and every loop is bounded in count and in time. Tests
-//! that open hundreds of sockets take the `HEAVY` lock, so that they do not
-//! disturb each other's timings on a two-core machine. A Noise handshake
-//! costs the test process tens of milliseconds in a debug build, so tests
-//! that need thousands of them run fewer in debug builds (see [`scaled`]).
+//! Limits are small (heartbeat 200 ms, handshake 2-3 s where a test waits for
+//! it) and every loop is bounded in count and in time. Tests that open
+//! hundreds of sockets take the `HEAVY` lock, so that they do not disturb
+//! each other's timings on a two-core machine. Time bounds leave room for a
+//! busy machine: what they catch is a deadline missed by seconds or a
+//! connection kept forever, not a slow turn.
 
 mod common;
 
@@ -39,8 +39,9 @@ use peerchat_core::protocol::{Change, FromRegistry, LinkMsg, ToRegistry, PROTOCO
 use peerchat_core::secure::{SecureChannel, SecureStream, MAX_HANDSHAKE_MESSAGE, MAX_PLAINTEXT};
 use serde_json::Value;
 
-/// What "closed at once" means for a connection that broke the rules.
-const AT_ONCE: Duration = Duration::from_secs(1);
+/// What "closed at once" means for a connection that broke the rules: well
+/// under every deadline a connection could be closed by instead.
+const AT_ONCE: Duration = Duration::from_secs(3);
 /// Descriptors the registry may hold above its baseline once a case is over.
 const FD_SLACK: usize = 5;
 /// Resident memory the registry may hold above its baseline (KiB).
@@ -1591,7 +1592,8 @@ fn registry_bad_names_and_ports_get_their_codes() {
 fn slowloris_connections_are_cut_at_the_handshake_deadline() {
     raise_nofile();
     let _heavy = heavy();
-    let mut case = Case::start("slowloris", &["--handshake-timeout", "2s"]);
+    let mut case = Case::start("slowloris", &["--handshake-timeout", "3s"]);
+    let deadline_after = Duration::from_secs(3);
     const SECURED: usize = 10;
     const N: usize = 500;
     let mut first = Vec::new();
@@ -1610,7 +1612,7 @@ fn slowloris_connections_are_cut_at_the_handshake_deadline() {
     herd.add(case.reg.addr, SECURED, deadline, true);
     herd.add(case.reg.addr, N, deadline, false);
     herd.write_next(&scripts);
-    let earliest_deadline = herd.conns[0].opened + Duration::from_secs(2);
+    let earliest_deadline = herd.conns[0].opened + deadline_after;
 
     // A real client gets in while they dribble.
     let t = Instant::now();
@@ -1622,11 +1624,14 @@ fn slowloris_connections_are_cut_at_the_handshake_deadline() {
         "{welcome:?}"
     );
     herd.pump();
+    // Every slow connection dribbles a second byte now, whatever the pace
+    // of `pump_until_closed` below.
+    herd.write_next(&scripts);
     eprintln!(
         "[slowloris] a real client registered in {took:?} beside {} slow connections",
         SECURED + N
     );
-    assert!(took < Duration::from_secs(1), "registering took {took:?}");
+    assert!(took < Duration::from_secs(2), "registering took {took:?}");
     assert!(
         registered_at < earliest_deadline,
         "the slow connections were opened too slowly to test anything"
@@ -1650,23 +1655,27 @@ fn slowloris_connections_are_cut_at_the_handshake_deadline() {
         herd.conns
             .iter()
             .zip(&scripts)
-            .all(|(c, script)| c.sent >= 2 && c.sent <= 6 && c.sent < script.len()),
-        "each slow connection sent 2-6 bytes, never all of them: {:?}",
+            .all(|(c, script)| c.sent >= 2 && c.sent <= 9 && c.sent < script.len()),
+        "each slow connection sent 2-9 bytes (one every 500 ms), never all of them: {:?}",
         herd.conns.iter().map(|c| c.sent).collect::<Vec<_>>()
+    );
+    let (early, late) = (
+        deadline_after - Duration::from_millis(50),
+        deadline_after + Duration::from_millis(1500),
     );
     herd.assert_all_refused(
         "slowloris/registering",
         0..SECURED,
         "handshake_timeout",
-        Duration::from_millis(1950),
-        Duration::from_millis(3000),
+        early,
+        late,
     );
     herd.assert_all_refused(
         "slowloris/handshaking",
         SECURED..SECURED + N,
         "handshake_timeout",
-        Duration::from_millis(1950),
-        Duration::from_millis(3000),
+        early,
+        late,
     );
     drop(herd);
     case.finish();
@@ -1677,7 +1686,8 @@ fn slowloris_connections_are_cut_at_the_handshake_deadline() {
 fn two_thousand_silent_connections_are_closed_at_the_deadline() {
     raise_nofile();
     let _heavy = heavy();
-    let case = Case::start("silent", &["--handshake-timeout", "1s"]);
+    let case = Case::start("silent", &["--handshake-timeout", "2s"]);
+    let deadline_after = Duration::from_secs(2);
     const N: usize = 2000;
     let mut herd = Herd::open(case.reg.addr, N, Instant::now() + Duration::from_secs(10));
     let opened_in = herd.conns[N - 1]
@@ -1688,8 +1698,7 @@ fn two_thousand_silent_connections_are_closed_at_the_deadline() {
     let mut peak = 0;
     for _ in 0..100 {
         peak = peak.max(fd_count(pid));
-        if peak >= case.base.fds + N
-            || Instant::now() >= herd.conns[0].opened + Duration::from_millis(800)
+        if peak >= case.base.fds + N || Instant::now() >= herd.conns[0].opened + deadline_after / 2
         {
             break;
         }
@@ -1713,8 +1722,8 @@ fn two_thousand_silent_connections_are_closed_at_the_deadline() {
         "silent",
         0..N,
         "handshake_timeout",
-        Duration::from_millis(950),
-        Duration::from_millis(2500),
+        deadline_after - Duration::from_millis(50),
+        deadline_after + Duration::from_millis(1500),
     );
     drop(herd);
     case.finish();
@@ -2282,13 +2291,19 @@ fn reset_fin_and_close_during_a_big_snapshot_each_yield_one_left() {
             .filter(|c| matches!(c, Change::Left { name, .. } if name == n))
             .count()
     };
-    // Wait (bounded) for every name that surely registered to leave, then
-    // a little longer: duplicates would come later, if at all.
+    let joins = |c: &[Change], n: &str| {
+        c.iter()
+            .filter(|c| matches!(c, Change::Joined { name, .. } if name == n))
+            .count()
+    };
+    // Wait (bounded) for every name that surely registered to leave, and
+    // for every quick one that joined, then a little longer: duplicates
+    // would come later, if at all.
     case.watcher.wait_until(Duration::from_secs(5), |c| {
-        names
-            .iter()
-            .filter(|n| !n.starts_with("quick"))
-            .all(|n| lefts(c, n) >= 1)
+        names.iter().all(|n| {
+            let may_never_join = n.starts_with("quick") && joins(c, n) == 0;
+            lefts(c, n) >= 1 || may_never_join
+        })
     });
     thread::sleep(Duration::from_millis(500));
     let seen = case.watcher.changes();

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{PeerProc, Registry, LONG};
+use common::{PeerProc, Registry, EVICT_AFTER, LONG};
 
 /// The namespaces and links of one test run, removed on drop.
 struct Net {
@@ -105,7 +105,7 @@ fn three_hosts_chat_directly_and_a_cut_cable_is_evicted() {
     let listen = format!("{}:7000", net.addr(1));
     let (r, a, b) = (net.exec("r"), net.exec("a"), net.exec("b"));
     let any = ["--listen", "0.0.0.0:0"];
-    let reg = Registry::launch(&strs(&r), &listen, &[]);
+    let reg = Registry::launch(&strs(&r), &listen, &["--timeout", EVICT_AFTER]);
     let mut alice = PeerProc::start_in(&strs(&a), "alice", &listen, &any);
     let registered = alice.registered();
     let alice_addr = registered["addr"].as_str().unwrap().to_string();

@@ -27,9 +27,13 @@ use peerchat_core::protocol::{FromRegistry, ToRegistry, PROTOCOL_VERSION};
 use peerchat_core::secure::SecureStream;
 use serde_json::Value;
 
-/// Small limits keep fault tests fast (see the reliability issue).
+/// Frequent heartbeats keep fault tests fast (see the reliability issue).
 pub const HEARTBEAT: &str = "200ms";
-pub const TIMEOUT: &str = "1s";
+/// Long enough that a test thread or a client stalled by a busy machine is
+/// not evicted; the tests of eviction itself pass `--timeout` with
+/// [`EVICT_AFTER`].
+pub const TIMEOUT: &str = "5s";
+pub const EVICT_AFTER: &str = "1s";
 
 /// Path of a workspace binary, built once per test process.
 pub fn bin(name: &str) -> PathBuf {
