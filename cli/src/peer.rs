@@ -778,20 +778,22 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     }
 
     /// Adds or refreshes a directory entry; a new address or key drops the
-    /// old link. A key other than the pinned one is reported, once.
+    /// old link. A key other than the pinned one is reported, once. True
+    /// when the user should hear of a move: a new address or spelling.
     fn learn(&mut self, folded: String, name: String, addr: SocketAddr, key: PublicKey) -> bool {
         let mismatch = self.config.pins.get(&folded).is_some_and(|k| *k != key);
-        let (moved, rekeyed, newly_mismatched) = match self.dir.get_mut(&folded) {
+        let (moved, renamed, rekeyed, newly_mismatched) = match self.dir.get_mut(&folded) {
             Some(known) => {
                 known.stale_since = None;
-                known.name = name.clone();
                 let moved = known.addr != addr;
+                let renamed = known.name != name;
                 let rekeyed = known.key != key;
                 let newly = mismatch && (rekeyed || !known.mismatch);
+                known.name = name.clone();
                 known.addr = addr;
                 known.key = key;
                 known.mismatch = mismatch;
-                (moved, rekeyed, newly)
+                (moved, renamed, rekeyed, newly)
             }
             None => {
                 self.dir.insert(
@@ -804,7 +806,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                         stale_since: None,
                     },
                 );
-                (false, false, mismatch)
+                (false, false, false, mismatch)
             }
         };
         if newly_mismatched {
@@ -838,7 +840,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             }
             self.ensure_link(&folded);
         }
-        moved
+        moved || renamed
     }
 
     fn apply_change(&mut self, change: Change) {

@@ -263,7 +263,24 @@ pub fn normalize_name(raw: &str) -> Result<String, String> {
             "the name contains {c:?}; whitespace and control characters are not allowed"
         ));
     }
+    if let Some(c) = name.chars().find(|c| is_invisible_format(*c)) {
+        return Err(format!(
+            "the name contains {c:?}, an invisible formatting character (a name could hide behind it)"
+        ));
+    }
     Ok(name.to_string())
+}
+
+/// Characters that change how a name looks or reads without showing
+/// themselves: direction overrides and isolates (which can make one name
+/// look like another), zero-width spaces and joiners of words, soft
+/// hyphens, byte-order marks. The zero-width joiner and non-joiner stay
+/// allowed: some scripts and emoji need them.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}' | '\u{200E}' | '\u{200F}'
+        | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}'
+        | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 /// The form two names are compared in: `Alice` and `alice` are one name.
@@ -398,5 +415,33 @@ mod tests {
             "counts characters, not bytes"
         );
         assert_eq!(fold_name("ALICE"), fold_name("alice"));
+    }
+
+    #[test]
+    fn names_cannot_hide_behind_invisible_characters() {
+        for hidden in [
+            "ali\u{202E}ce",
+            "\u{200B}alice",
+            "al\u{AD}ice",
+            "a\u{2066}b\u{2069}",
+            "\u{FEFF}x",
+        ] {
+            let err = normalize_name(hidden).unwrap_err();
+            assert!(err.contains("invisible"), "{hidden:?}: {err}");
+        }
+        // Joiners that scripts and emoji need stay allowed.
+        assert!(normalize_name("\u{1F468}\u{200D}\u{1F469}").is_ok());
+        assert!(normalize_name("\u{645}\u{200C}\u{6CC}").is_ok());
+    }
+
+    #[test]
+    fn folding_lower_cases_each_character_on_its_own() {
+        assert_eq!(fold_name("ΟΔΟΣ"), "οδοσ", "no final sigma");
+        assert_eq!(fold_name("ẞ"), fold_name("ß"));
+        assert_ne!(
+            fold_name("ﬀ"),
+            fold_name("FF"),
+            "lower-casing, not case folding"
+        );
     }
 }

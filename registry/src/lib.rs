@@ -421,8 +421,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// The key that holds a name registered it again on a new connection
     /// (a restart, or a reconnect while the old connection is half-open):
     /// the new session takes over at once, without a leave, and the others
-    /// hear of it only if the address changed. The old session is told it
-    /// was replaced, in case it is still alive.
+    /// hear of it only if the address or the name's spelling changed. The
+    /// old session is told it was replaced, in case it is still alive.
     fn reclaim(&mut self, conn: C, old: C, name: String, addr: SocketAddr, now: Instant) {
         let Some(ConnState::Registered(previous)) = self.conns.remove(&old) else {
             return;
@@ -437,7 +437,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             .push(Action::Send(old, protocol::frame(&notice)));
         self.actions
             .push(Action::Close(old, "replaced by a new session".into()));
-        if previous.addr != addr {
+        // A new spelling of the name is news too: views apply it by the
+        // folded name and then show the new one.
+        if previous.addr != addr || previous.name != name {
             self.pending.push(Change::Moved {
                 name: name.clone(),
                 addr: addr.to_string(),

@@ -541,6 +541,21 @@ fn the_key_that_owns_a_name_replaces_its_old_session_without_a_leave() {
     assert_eq!(sim.error_code(5), "name_taken");
     assert_eq!(sim.reg.directory()[1].key, owner("bob"));
     assert!(!sim.closed.contains_key(&4));
+    // Same address, new spelling: the others hear it, so that every view
+    // shows the name as a newcomer's snapshot does.
+    sim.accept_as(6, ip(4), owner("bob"));
+    sim.send(6, &register("Bob", 4002));
+    sim.flush();
+    assert_eq!(
+        sim.take(1),
+        vec![FromRegistry::Update {
+            changes: vec![Change::Moved {
+                name: "Bob".into(),
+                addr: "10.0.0.4:4002".into()
+            }]
+        }]
+    );
+    assert_eq!(sim.reg.directory()[1].name, "Bob");
 }
 
 #[test]

@@ -989,6 +989,27 @@ fn registry_full_just_retries() {
 }
 
 #[test]
+fn a_new_spelling_is_shown_as_a_move_and_keeps_the_link() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.msg("bob", "hi");
+    let b = sim.link_conn("bob");
+    sim.take_all();
+    sim.update(vec![Change::Moved {
+        name: "Bob".into(),
+        addr: addr("bob"),
+    }]);
+    assert_eq!(
+        sim.take_events(),
+        vec![Event::Moved {
+            name: "Bob".into(),
+            addr: addr("bob"),
+        }]
+    );
+    assert_eq!(sim.peer.peers()[0].name, "Bob");
+    assert!(!sim.gone.contains(&b), "same address and key: same link");
+}
+
+#[test]
 fn directory_follows_joined_left_and_moved() {
     let mut sim = Sim::online(&["bob"]);
     sim.update(vec![joined("carol"), joined("alice")]);
