@@ -341,7 +341,7 @@ fn a_restarted_registry_still_keeps_names_for_their_keys() {
         let deadline = Instant::now() + LONG;
         while Instant::now() < deadline {
             let text = std::fs::read_to_string(&names).unwrap_or_default();
-            if text.lines().any(|l| l.starts_with(&format!("{name} "))) {
+            if text.lines().any(|l| l.ends_with(&format!(" {name}"))) {
                 return;
             }
             thread::sleep(Duration::from_millis(50));
@@ -358,6 +358,15 @@ fn a_restarted_registry_still_keeps_names_for_their_keys() {
         "{welcome:?}"
     );
     saved("alice");
+    // One registry per record: a second one on the same file stops at once.
+    let (status, stderr) = registry_exit(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--names",
+        names.to_str().unwrap(),
+    ]);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("another registry is using"), "{stderr}");
     reg.proc.signal(libc::SIGKILL);
     drop(reg);
     let mut reg = Registry::start_in(&data, "127.0.0.1:0", &[]);

@@ -3,6 +3,7 @@
 
 mod terminal;
 
+use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -65,6 +66,8 @@ struct PeerApp {
     out: Output,
     json: bool,
     input: mpsc::Receiver<Input>,
+    /// Input taken off the channel before the peer took input.
+    held: VecDeque<Input>,
     /// The peer has taken input since the first registration attempt ended.
     input_open: bool,
     /// What the user just typed, echoed once the peer accepts it.
@@ -216,12 +219,21 @@ impl App for PeerApp {
     }
 
     fn on_wake(&mut self, ctx: &mut Ctx<Self::Timer>) {
-        if !self.peer.takes_input() {
-            // `apply` wakes the loop again once it does.
-            return;
+        // Until the peer takes input, what comes waits here in order; only
+        // Ctrl-C or Ctrl-D at a terminal acts at once. `apply` wakes the
+        // loop again when input opens.
+        while !self.peer.takes_input() {
+            match self.input.try_recv() {
+                Ok(Input::Interrupt) => {
+                    self.peer.quit(ctx.now());
+                    self.apply(ctx);
+                }
+                Ok(input) => self.held.push_back(input),
+                Err(_) => return,
+            }
         }
         for _ in 0..INPUT_PER_TURN {
-            let Ok(input) = self.input.try_recv() else {
+            let Some(input) = self.held.pop_front().or_else(|| self.input.try_recv().ok()) else {
                 return;
             };
             let now = ctx.now();
@@ -231,7 +243,7 @@ impl App for PeerApp {
                     code: "bad_input".into(),
                     message: "that line was not UTF-8 text; it was ignored".into(),
                 }),
-                Input::Eof => self.peer.quit(now),
+                Input::Eof | Input::Interrupt => self.peer.quit(now),
             }
             self.apply(ctx);
         }
@@ -459,6 +471,7 @@ fn main() -> ExitCode {
         out,
         json: args.json,
         input: rx,
+        held: VecDeque::new(),
         input_open: false,
         echo: None,
         exit: None,

@@ -456,8 +456,12 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     fn registry_connected(&mut self, conn: C, key: PublicKey, now: Instant) {
         match self.config.registry_trust {
             RegistryTrust::Given(expected) | RegistryTrust::Pinned(expected) if expected != key => {
+                let source = match self.config.registry_trust {
+                    RegistryTrust::Given(_) => "given with --registry-key",
+                    _ => "pinned for it",
+                };
                 let message = format!(
-                    "the registry at {} proved key {key}, but {expected} is pinned for it; not registering",
+                    "the registry at {} proved key {key}, but {expected} is {source}; not registering",
                     self.config.registry
                 );
                 self.error(ErrorCode::KeyMismatch.as_str(), message.clone());
@@ -883,7 +887,8 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             return;
         };
         // A peer we still list (kept across a registry restart) never left
-        // as far as the user knows: say nothing unless its address changed.
+        // as far as the user knows: say nothing unless its address or the
+        // spelling of its name changed.
         let known = self.dir.contains_key(&folded);
         let moved = self.learn(folded.clone(), name.clone(), parsed, key);
         if !known {
@@ -1367,8 +1372,8 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         }
     }
 
-    /// Leaves the registry, waits (at most `quit_grace`) for outstanding
-    /// acks, reports the rest undelivered, and exits.
+    /// Waits (at most `quit_grace`) for outstanding acks, still listed,
+    /// reports the rest undelivered, then leaves the registry and exits.
     pub fn quit(&mut self, now: Instant) {
         if self.quitting {
             return;

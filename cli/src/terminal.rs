@@ -17,7 +17,10 @@ pub enum Input {
     Line(String),
     /// A line that was not UTF-8.
     Garbled,
+    /// The end of piped input: it comes after every line before it.
     Eof,
+    /// Ctrl-C or Ctrl-D at the terminal: the user wants out now.
+    Interrupt,
 }
 
 /// Where output goes: a thread that writes it, so that a reader who stops
@@ -106,13 +109,13 @@ pub fn spawn_input(tx: Sender<Input>, waker: Arc<Waker>, plain: bool) -> io::Res
                         Input::Line(line)
                     }
                     // Ctrl-C and Ctrl-D leave, as /quit does.
-                    Err(ReadlineError::Interrupted | ReadlineError::Eof) => Input::Eof,
+                    Err(ReadlineError::Interrupted | ReadlineError::Eof) => Input::Interrupt,
                     Err(e) => {
                         tracing::warn!(error = %e, "reading the terminal failed");
-                        Input::Eof
+                        Input::Interrupt
                     }
                 };
-                let last = matches!(input, Input::Eof);
+                let last = matches!(input, Input::Interrupt);
                 if tx.send(input).is_err() || waker.wake().is_err() || last {
                     return;
                 }

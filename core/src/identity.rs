@@ -101,6 +101,8 @@ impl<'de> Deserialize<'de> for PublicKey {
 
 /// A static key pair. The private half never leaves this type except to
 /// start a Noise handshake, and is wiped from memory when it is dropped.
+/// (snow copies it into each handshake's state and does not wipe those
+/// copies; that is beyond this type.)
 #[derive(Clone)]
 pub struct Identity {
     private: [u8; KEY_LEN],
@@ -129,8 +131,8 @@ impl Identity {
     }
 
     pub fn from_private(private: &[u8; KEY_LEN]) -> Self {
-        // X25519's public key, as snow derives it, without leaving a copy
-        // of the private key in a DH object nobody wipes.
+        // X25519's public key, as snow derives it, without one more copy of
+        // the private key in a DH object that nobody wipes.
         let public = PublicKey(MontgomeryPoint::mul_base_clamped(*private).to_bytes());
         Identity {
             private: *private,
@@ -173,7 +175,10 @@ impl Identity {
         let mut temp_name = path.as_os_str().to_owned();
         temp_name.push(format!(".{}.tmp", u64::from_le_bytes(unique)));
         let temp = PathBuf::from(temp_name);
-        let text = Zeroizing::new(format!("{}\n", BASE64.encode(identity.private)));
+        // Sized up front: a buffer that grew would leave its old copy behind.
+        let mut text = Zeroizing::new(String::with_capacity(64));
+        BASE64.encode_string(identity.private, &mut text);
+        text.push('\n');
         write_private(&temp, &text).map_err(|e| {
             let _ = fs::remove_file(&temp);
             fail(format!("cannot write {}: {e}", temp.display()))

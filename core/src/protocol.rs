@@ -263,30 +263,42 @@ pub fn normalize_name(raw: &str) -> Result<String, String> {
             "the name contains {c:?}; whitespace and control characters are not allowed"
         ));
     }
-    if let Some(c) = name.chars().find(|c| is_invisible_format(*c)) {
+    if let Some(c) = name.chars().find(|c| is_invisible(*c)) {
         return Err(format!(
-            "the name contains {c:?}, an invisible formatting character (a name could hide behind it)"
+            "the name contains {c:?}, an invisible character (a name could hide behind it)"
         ));
     }
     Ok(name.to_string())
 }
 
-/// Characters that change how a name looks or reads without showing
-/// themselves: direction overrides and isolates (which can make one name
-/// look like another), zero-width spaces and joiners of words, soft
-/// hyphens, byte-order marks. The zero-width joiner and non-joiner stay
-/// allowed: some scripts and emoji need them.
-fn is_invisible_format(c: char) -> bool {
+/// Characters that show nothing: Unicode's default-ignorable code points
+/// (direction overrides, zero-width spaces, fillers, tags and the like),
+/// which could make one name pass for another, and the interlinear
+/// annotation marks. The joiners U+200C and U+200D and the variation
+/// selectors U+FE00-U+FE0F stay allowed, since scripts and emoji need them;
+/// [`fold_name`] ignores them instead, so they cannot tell names apart.
+fn is_invisible(c: char) -> bool {
     matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}' | '\u{200E}' | '\u{200F}'
-        | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}'
-        | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}' | '\u{200E}' | '\u{200F}'
+        | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}' | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
 }
 
-/// The form two names are compared in: `Alice` and `alice` are one name.
-/// Lower-casing by Unicode's rules covers every script that has case.
+/// Allowed in names, but not what tells one name from another.
+fn is_joiner_or_selector(c: char) -> bool {
+    matches!(c, '\u{200C}' | '\u{200D}' | '\u{FE00}'..='\u{FE0F}')
+}
+
+/// The form two names are compared in: each character lower-cased on its
+/// own by Unicode's rules (so `Alice` and `alice` are one name), without
+/// the joiners and variation selectors that do not change how a name reads.
 pub fn fold_name(name: &str) -> String {
-    name.chars().flat_map(char::to_lowercase).collect()
+    name.chars()
+        .filter(|c| !is_joiner_or_selector(*c))
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 #[cfg(test)]
@@ -425,13 +437,27 @@ mod tests {
             "al\u{AD}ice",
             "a\u{2066}b\u{2069}",
             "\u{FEFF}x",
+            "alice\u{3164}",
+            "\u{115F}alice",
+            "alice\u{034F}",
+            "alice\u{E0020}",
         ] {
             let err = normalize_name(hidden).unwrap_err();
             assert!(err.contains("invisible"), "{hidden:?}: {err}");
         }
-        // Joiners that scripts and emoji need stay allowed.
+        // Joiners and selectors that scripts and emoji need stay allowed,
+        // but do not make another name.
         assert!(normalize_name("\u{1F468}\u{200D}\u{1F469}").is_ok());
         assert!(normalize_name("\u{645}\u{200C}\u{6CC}").is_ok());
+        assert!(normalize_name("\u{2764}\u{FE0F}").is_ok());
+        for lookalike in [
+            "alice\u{200D}",
+            "\u{200C}alice",
+            "alice\u{FE0F}",
+            "AL\u{200D}ICE",
+        ] {
+            assert_eq!(fold_name(lookalike), fold_name("alice"), "{lookalike:?}");
+        }
     }
 
     #[test]

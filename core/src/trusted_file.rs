@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -45,18 +46,20 @@ pub fn create_dir(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
-/// Replaces the file with `text`: written to a temporary file beside it
-/// (mode 0600), synced, renamed over the old one, and the rename synced.
+/// Replaces the file with `text`: written to a temporary file of its own
+/// beside it (mode 0600), synced, renamed over the old one, and the rename
+/// synced.
 pub fn replace(path: &Path, text: &str) -> io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(dir) = dir {
         create_dir(dir)?;
     }
+    let mut unique = [0u8; 8];
+    getrandom::fill(&mut unique).map_err(|e| io::Error::other(e.to_string()))?;
     let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
+    temp.push(format!(".{}.tmp", u64::from_le_bytes(unique)));
     let temp = PathBuf::from(temp);
     let written = (|| {
-        let _ = fs::remove_file(&temp);
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -73,6 +76,37 @@ pub fn replace(path: &Path, text: &str) -> io::Result<()> {
     match dir {
         Some(dir) => fs::File::open(dir)?.sync_all(),
         None => Ok(()),
+    }
+}
+
+/// An exclusive hold on `path` for as long as the value lives: for a file
+/// that one process at a time may own. The lock is on a companion file,
+/// `PATH.lock`, since `replace` puts a new file under the name itself.
+pub struct Lock {
+    _file: fs::File,
+}
+
+impl Lock {
+    /// Fails with `WouldBlock` while another process holds it.
+    pub fn take(path: &Path) -> io::Result<Lock> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_dir(dir)?;
+        }
+        let mut name = path.as_os_str().to_owned();
+        name.push(".lock");
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(PathBuf::from(name))?;
+        // SAFETY: flock only acts on the descriptor we own; the kernel
+        // releases the lock when the file is closed, even in a crash.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Lock { _file: file })
     }
 }
 
@@ -100,7 +134,23 @@ mod tests {
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&dir.join("sub")), 0o700);
-        assert!(!dir.join("sub/state.tmp").exists(), "no leftovers");
+        let names: Vec<_> = fs::read_dir(dir.join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["state"], "no leftovers");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_holder_of_a_lock_at_a_time() {
+        let dir = temp_dir("lock");
+        let path = dir.join("state");
+        let held = Lock::take(&path).unwrap();
+        let second = Lock::take(&path).map(|_| ()).unwrap_err();
+        assert_eq!(second.kind(), io::ErrorKind::WouldBlock);
+        drop(held);
+        Lock::take(&path).unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 

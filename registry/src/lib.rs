@@ -217,6 +217,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// (their peers are probably coming back); no reservation runs longer
     /// than the grace.
     pub fn restore(&mut self, owners: Vec<Owner>, now: Instant) {
+        debug_assert!(
+            self.names.is_empty() && self.reserved_order.is_empty(),
+            "restored into a registry already in use"
+        );
         let grace = self.config.name_grace;
         let mut restored: Vec<(Instant, String, Reservation)> = owners
             .into_iter()
@@ -242,6 +246,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.reserved.insert(folded, reservation);
         }
         self.limit_reservations();
+        // Saved again at once: the `online` lines are reservations now, and
+        // another crash must not start their grace over.
+        self.owners_changed = true;
     }
 
     pub fn config(&self) -> &Config {

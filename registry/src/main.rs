@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use clap::{CommandFactory, Parser};
 use peerchat_core::identity::{self, Identity};
+use peerchat_core::trusted_file::Lock;
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 use peerchat_registry::names_file::{self, Saver};
 use peerchat_registry::{Action, Config, Disconnect, Owner, Registry, Timer};
@@ -53,9 +54,8 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     key: Option<PathBuf>,
     /// Where the registry keeps which key owns which name, so that a
-    /// restart hands no name to another key. Default:
-    /// $XDG_DATA_HOME/peerchat-registry/names, else
-    /// ~/.local/share/peerchat-registry/names.
+    /// restart hands no name to another key. Default: `names` beside the
+    /// key file. One registry at a time may use it.
     #[arg(long, value_name = "PATH")]
     names: Option<PathBuf>,
     /// Bytes that may wait to be sent to one peer before it is dropped as
@@ -172,6 +172,9 @@ impl App for RegistryApp {
                 let next = ctx.now() + self.stats_interval;
                 ctx.arm(next, AppTimer::Stats);
             }
+            // Once stopping, the directory is empty: only the last save,
+            // with the owners from before, may be written.
+            AppTimer::SaveNames if self.at_shutdown.is_some() => {}
             AppTimer::SaveNames => {
                 if self.registry.take_owners_changed() || self.save_waiting {
                     let owners = self.registry.owners(ctx.now());
@@ -210,28 +213,39 @@ fn release_free_memory() {
     }
 }
 
-/// `given`, else `file` in the registry's data directory.
-fn data_file(given: Option<PathBuf>, file: &str, flag: &str) -> Result<PathBuf, String> {
+/// The key file: `--key`, else `registry.key` in the registry's data
+/// directory.
+fn key_path(given: Option<PathBuf>) -> Result<PathBuf, String> {
     match given {
         Some(path) => Ok(path),
         None => Ok(identity::data_home()
-            .ok_or_else(|| {
-                format!("neither XDG_DATA_HOME nor HOME is set; name a file with {flag}")
-            })?
-            .join("peerchat-registry")
-            .join(file)),
+            .ok_or("neither XDG_DATA_HOME nor HOME is set; name a key file with --key")?
+            .join("peerchat-registry/registry.key")),
     }
 }
 
 /// The registry's identity: the same key across restarts, so that its peers
 /// (which pin it) still know it.
-fn load_identity(path: Option<PathBuf>) -> Result<Identity, String> {
-    let path = data_file(path, "registry.key", "--key")?;
-    let (identity, created) = Identity::load_or_create(&path).map_err(|e| e.to_string())?;
+fn load_identity(path: &Path) -> Result<Identity, String> {
+    let (identity, created) = Identity::load_or_create(path).map_err(|e| e.to_string())?;
     if created {
         eprintln!("created a new registry key in {}", path.display());
     }
     Ok(identity)
+}
+
+/// Takes the names file for this process and reads the owners in it.
+fn open_names(path: &Path) -> Result<(Lock, names_file::Loaded), String> {
+    let lock = Lock::take(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => format!(
+            "another registry is using {}; give this one its own --names (or --key)",
+            path.display()
+        ),
+        _ => format!("cannot lock {}: {e}", path.display()),
+    })?;
+    let loaded = names_file::load(path, SystemTime::now())
+        .map_err(|e| format!("{e} (fix or remove it; it says which key owns which name)"))?;
+    Ok((lock, loaded))
 }
 
 fn main() -> ExitCode {
@@ -279,27 +293,34 @@ fn main() -> ExitCode {
         handshake_max_frame: 4096.min(args.max_frame as usize),
         name_grace: args.name_grace,
     };
-    let identity = match load_identity(args.key) {
-        Ok(identity) => identity,
-        Err(e) => {
-            eprintln!("registry: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let names_path = match data_file(args.names, "names", "--names") {
+    let key_path = match key_path(args.key) {
         Ok(path) => path,
         Err(e) => {
             eprintln!("registry: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let owners = match names_file::load(&names_path, SystemTime::now()) {
-        Ok(owners) => owners,
+    let identity = match load_identity(&key_path) {
+        Ok(identity) => identity,
         Err(e) => {
-            eprintln!("registry: {e} (fix or remove it; it says which key owns which name)");
+            eprintln!("registry: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let names_path = args
+        .names
+        .unwrap_or_else(|| key_path.with_file_name("names"));
+    let (_names_lock, loaded) = match open_names(&names_path) {
+        Ok(opened) => opened,
+        Err(e) => {
+            eprintln!("registry: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for why in &loaded.skipped {
+        tracing::warn!(path = %names_path.display(), "left out of the name owners: {why}");
+    }
+    let owners = loaded.owners;
     let saver = match Saver::start(names_path.clone()) {
         Ok(saver) => saver,
         Err(e) => {
@@ -356,7 +377,13 @@ fn main() -> ExitCode {
         Some(owners) => owners,
         None => app.registry.owners(Instant::now()),
     };
-    app.saver.finish(owners, SystemTime::now());
+    if let Err(e) = app.saver.finish(owners, SystemTime::now()) {
+        eprintln!(
+            "registry: cannot save the name owners in {}: {e}; a restart will not know them",
+            names_path.display()
+        );
+        return ExitCode::FAILURE;
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,61 +1,71 @@
 //! The registry's record of who owns which name, kept across restarts in a
-//! text file next to its key (`--names`):
+//! text file (`--names`; by default `names` beside the key file):
 //!
 //! ```text
-//! alice 3q2+7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= online
-//! bob 9l3f0AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= 1796000000
+//! 3q2+7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= online alice
+//! 9l3f0AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= 1796000000 #general
 //! ```
 //!
-//! One owner per line: the name as registered, its key, and `online` or the
-//! Unix time (seconds) its reservation ends. Blank lines and lines starting
-//! with `#` are ignored. The registry rewrites the file whole, from a thread
-//! of its own, at most once a second while names change, and once more when
-//! it stops; a crash loses at most the last second.
+//! One owner per line: its key, `online` or the Unix time (seconds) its
+//! reservation ends, and the name as registered. The name comes last, so
+//! that no name (not even one starting with `#`) reads as a comment; blank
+//! lines and lines starting with `#` are ignored. The registry rewrites the
+//! file whole, from a thread of its own, at most once a second while names
+//! change, and once more when it stops; a crash loses at most the last
+//! second.
 
+use std::collections::HashSet;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use peerchat_core::identity::PublicKey;
-use peerchat_core::protocol::normalize_name;
+use peerchat_core::protocol::{fold_name, normalize_name};
 use peerchat_core::trusted_file;
 
 use crate::Owner;
 
-const HEADER: &str = "# peerchat registry: name owners (NAME KEY online|UNIX-SECONDS)\n";
+const HEADER: &str = "# peerchat registry: name owners (KEY online|UNIX-SECONDS NAME)\n";
+
+/// What a names file held.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    pub owners: Vec<Owner>,
+    /// Lines left out, and why: names the rules no longer allow (nobody
+    /// could register them) and second lines for one name.
+    pub skipped: Vec<String>,
+}
 
 /// The owners saved in the file at `path`, as of `wall_now`; a missing file
 /// has none. Reservations already over are left out.
-pub fn load(path: &Path, wall_now: SystemTime) -> Result<Vec<Owner>, String> {
+pub fn load(path: &Path, wall_now: SystemTime) -> Result<Loaded, String> {
     match trusted_file::read(path)? {
         Some(text) => parse(&text, wall_now).map_err(|e| format!("{}: {e}", path.display())),
-        None => Ok(Vec::new()),
+        None => Ok(Loaded::default()),
     }
 }
 
 /// A line that is not an owner is an error: a registry that cannot read
 /// its record whole would hand names to strangers.
-pub fn parse(text: &str, wall_now: SystemTime) -> Result<Vec<Owner>, String> {
+pub fn parse(text: &str, wall_now: SystemTime) -> Result<Loaded, String> {
     let now = unix_secs(wall_now);
-    let mut owners = Vec::new();
+    let mut loaded = Loaded::default();
+    let mut seen = HashSet::new();
     for (number, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+        let number = number + 1;
+        if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
-        let bad = |why: String| format!("line {}: {why}", number + 1);
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [name, key, state] = fields[..] else {
+        let bad = |why: String| format!("line {number}: {why}");
+        let mut fields = line.splitn(3, ' ');
+        let (Some(key), Some(state), Some(name)) = (fields.next(), fields.next(), fields.next())
+        else {
             return Err(bad(format!(
-                "expected `NAME KEY online` or `NAME KEY UNIX-SECONDS`, found {line:?}"
+                "expected `KEY online NAME` or `KEY UNIX-SECONDS NAME`, found {line:?}"
             )));
         };
-        match normalize_name(name) {
-            Ok(normal) if normal == name => {}
-            Ok(_) => return Err(bad(format!("{name:?} is not a name as registered"))),
-            Err(why) => return Err(bad(why)),
-        }
         let key = PublicKey::parse(key).map_err(bad)?;
         let reserved_for = match state {
             "online" => None,
@@ -71,13 +81,28 @@ pub fn parse(text: &str, wall_now: SystemTime) -> Result<Vec<Owner>, String> {
                 }
             }
         };
-        owners.push(Owner {
+        match normalize_name(name) {
+            Ok(normal) if normal == name => {}
+            Ok(_) | Err(_) => {
+                loaded.skipped.push(format!(
+                    "line {number}: {name:?} is not a name the rules allow"
+                ));
+                continue;
+            }
+        }
+        if !seen.insert(fold_name(name)) {
+            loaded.skipped.push(format!(
+                "line {number}: {name:?} is the same name as an earlier line"
+            ));
+            continue;
+        }
+        loaded.owners.push(Owner {
             name: name.to_string(),
             key,
             reserved_for,
         });
     }
-    Ok(owners)
+    Ok(loaded)
 }
 
 /// The file's text for these owners, as of `wall_now`.
@@ -91,7 +116,7 @@ pub fn render(owners: &[Owner], wall_now: SystemTime) -> String {
             // Rounded up: a reservation is never cut short by the file.
             Some(left) => (now + left.as_secs() + u64::from(left.subsec_nanos() > 0)).to_string(),
         };
-        text.push_str(&format!("{} {} {state}\n", owner.name, owner.key));
+        text.push_str(&format!("{} {state} {}\n", owner.key, owner.name));
     }
     text
 }
@@ -103,20 +128,30 @@ fn unix_secs(t: SystemTime) -> u64 {
 /// Writes the file from a thread of its own, so that the loop never waits
 /// for a disk.
 pub struct Saver {
-    tx: Option<SyncSender<(Vec<Owner>, SystemTime)>>,
-    thread: Option<JoinHandle<()>>,
+    tx: Option<SyncSender<Save>>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+struct Save {
+    owners: Vec<Owner>,
+    wall_now: SystemTime,
+    last: bool,
 }
 
 impl Saver {
-    pub fn start(path: PathBuf) -> std::io::Result<Saver> {
-        // One save waiting at most: a newer one replaces it (see `offer`).
-        let (tx, rx) = mpsc::sync_channel::<(Vec<Owner>, SystemTime)>(1);
+    pub fn start(path: PathBuf) -> io::Result<Saver> {
+        // At most one save waits; `offer` says when the thread is behind.
+        let (tx, rx) = mpsc::sync_channel::<Save>(1);
         let thread = std::thread::Builder::new()
             .name("names".into())
             .spawn(move || {
                 let mut failing = false;
-                for (owners, wall_now) in rx {
-                    match trusted_file::replace(&path, &render(&owners, wall_now)) {
+                for save in rx {
+                    let saved = trusted_file::replace(&path, &render(&save.owners, save.wall_now));
+                    if save.last {
+                        return saved;
+                    }
+                    match saved {
                         Ok(()) if failing => {
                             failing = false;
                             tracing::info!(path = %path.display(), "name owners saved again");
@@ -130,6 +165,7 @@ impl Saver {
                         Err(_) => {}
                     }
                 }
+                Ok(())
             })?;
         Ok(Saver {
             tx: Some(tx),
@@ -137,11 +173,16 @@ impl Saver {
         })
     }
 
-    /// Hands over a save unless one is still waiting; false if it was not
-    /// taken (try again later).
+    /// Hands over a save unless the thread is still busy with the one
+    /// before; false if it was not taken (offer it again later).
     pub fn offer(&self, owners: Vec<Owner>, wall_now: SystemTime) -> bool {
+        let save = Save {
+            owners,
+            wall_now,
+            last: false,
+        };
         match &self.tx {
-            Some(tx) => match tx.try_send((owners, wall_now)) {
+            Some(tx) => match tx.try_send(save) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_)) => false,
                 Err(TrySendError::Disconnected(_)) => true,
@@ -151,13 +192,21 @@ impl Saver {
     }
 
     /// Saves these owners after anything still waiting, and returns once
-    /// they are on disk.
-    pub fn finish(mut self, owners: Vec<Owner>, wall_now: SystemTime) {
+    /// they are on disk (or why they are not).
+    pub fn finish(mut self, owners: Vec<Owner>, wall_now: SystemTime) -> io::Result<()> {
+        let save = Save {
+            owners,
+            wall_now,
+            last: true,
+        };
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send((owners, wall_now));
+            tx.send(save)
+                .map_err(|_| io::Error::other("the saving thread is gone"))?;
         }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(saved)) => saved,
+            Some(Err(_)) => Err(io::Error::other("the saving thread panicked")),
+            None => Ok(()),
         }
     }
 }
@@ -187,30 +236,50 @@ mod tests {
                 key: key(2),
                 reserved_for: Some(Duration::from_millis(59_500)),
             },
+            Owner {
+                name: "#general".into(),
+                key: key(3),
+                reserved_for: None,
+            },
         ];
         let text = render(&owners, at(1_000));
         assert!(text.starts_with('#'));
-        assert!(text.contains(&format!("Alice {} online\n", key(1))));
-        assert!(text.contains(&format!("émile {} 1060\n", key(2))));
+        assert!(text.contains(&format!("{} online Alice\n", key(1))));
+        assert!(text.contains(&format!("{} 1060 émile\n", key(2))));
         let back = parse(&text, at(1_010)).unwrap();
-        assert_eq!(back[0], owners[0]);
-        assert_eq!(back[1].reserved_for, Some(Duration::from_secs(50)));
-        assert_eq!(parse(&text, at(1_060)).unwrap().len(), 1, "over");
+        assert!(back.skipped.is_empty(), "{:?}", back.skipped);
+        assert_eq!(back.owners[0], owners[0]);
+        assert_eq!(back.owners[1].reserved_for, Some(Duration::from_secs(50)));
+        assert_eq!(back.owners[2], owners[2], "a name is never a comment");
+        assert_eq!(parse(&text, at(1_060)).unwrap().owners.len(), 2, "over");
     }
 
     #[test]
     fn a_bad_line_is_an_error_with_its_number() {
-        let good = format!("alice {} online\n", key(1));
+        let good = format!("{} online alice\n", key(1));
         for (line, why) in [
-            (format!("alice {}", key(1)), "expected"),
-            ("alice notakey online".to_string(), "line 2"),
-            (format!("alice {} soon", key(1)), "Unix time"),
-            (format!("{} {} online", "x".repeat(40), key(1)), "line 2"),
-            (format!("bad\u{7}name {} online", key(1)), "line 2"),
+            (format!("{} alice", key(1)), "expected"),
+            ("notakey online alice".to_string(), "line 2"),
+            (format!("{} soon alice", key(1)), "Unix time"),
         ] {
             let err = parse(&format!("{good}{line}\n"), at(0)).unwrap_err();
             assert!(err.contains("line 2") && err.contains(why), "{line}: {err}");
         }
+    }
+
+    #[test]
+    fn names_nobody_could_register_and_repeats_are_skipped_with_a_reason() {
+        let text = format!(
+            "{k} online alice\n{k} online {long}\n{k} online {hidden}\n{k} online ALICE\n",
+            k = key(1),
+            long = "x".repeat(40),
+            hidden = "bad\u{202E}name"
+        );
+        let loaded = parse(&text, at(0)).unwrap();
+        assert_eq!(loaded.owners.len(), 1);
+        assert_eq!(loaded.skipped.len(), 3, "{:?}", loaded.skipped);
+        assert!(loaded.skipped[0].starts_with("line 2:"));
+        assert!(loaded.skipped[2].contains("same name"));
     }
 
     #[test]
@@ -219,14 +288,28 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("names");
         let saver = Saver::start(path.clone()).unwrap();
-        let alice = Owner {
-            name: "alice".into(),
+        let owner = |name: &str| Owner {
+            name: name.into(),
             key: key(1),
             reserved_for: None,
         };
-        let _ = saver.offer(vec![alice.clone()], at(0));
-        saver.finish(Vec::new(), at(0));
-        assert_eq!(load(&path, at(0)).unwrap(), Vec::new(), "the final state");
+        let _ = saver.offer(vec![owner("early")], at(0));
+        saver.finish(vec![owner("last")], at(0)).unwrap();
+        let loaded = load(&path, at(0)).unwrap();
+        assert_eq!(loaded.owners, vec![owner("last")], "the final state");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_final_save_that_fails_says_so() {
+        let dir = std::env::temp_dir().join(format!("peerchat-names-ro-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A directory where the file should be: rename cannot replace it.
+        let path = dir.join("names");
+        std::fs::create_dir(&path).unwrap();
+        let saver = Saver::start(path).unwrap();
+        assert!(saver.finish(Vec::new(), at(0)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -693,6 +693,7 @@ fn restored_owners_keep_their_names_from_other_keys() {
         reserved_for: Some(Duration::ZERO),
     });
     sim.reg.restore(with_extra, sim.now);
+    assert!(sim.reg.take_owners_changed(), "saved again as reservations");
     assert_eq!(sim.reg.peer_count(), 0);
     assert_eq!(sim.reg.reserved_count(), 3, "dave's grace was over");
     let restored = sorted(sim.reg.owners(sim.now));
@@ -715,10 +716,14 @@ fn restored_owners_keep_their_names_from_other_keys() {
     }
     sim.register_as(13, "dave", 5000, key("newcomer"));
     assert_eq!(sim.reg.peer_count(), 1);
-    // Owners come back with their keys; bob's reservation ends first.
+    // Owners come back with their keys; bob's reservation ends first, and
+    // is dropped while carol's still runs.
     sim.register(20, "alice", 4001);
     assert_eq!(sim.reg.peer_count(), 2);
+    assert_eq!(sim.reg.reserved_count(), 2);
     sim.advance(grace - Duration::from_secs(59));
+    sim.flush();
+    assert_eq!(sim.reg.reserved_count(), 1, "bob's reservation ended first");
     sim.register_as(21, "bob", 5000, key("newcomer"));
     assert_eq!(sim.reg.peer_count(), 3);
     sim.register_as(22, "carol", 5000, key("impostor"));
