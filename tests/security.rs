@@ -349,23 +349,27 @@ fn a_restarted_registry_still_keeps_names_for_their_keys() {
         panic!("{name} never saved in {}", names.display());
     };
     let (alice, bob) = (Identity::generate(), Identity::generate());
+    let welcomed = |addr, id: &Identity, name: &str, port| {
+        let (session, welcome) = Client::register_as(addr, id, name, port);
+        assert!(
+            matches!(welcome, FromRegistry::Welcome { .. }),
+            "{name}: {welcome:?}"
+        );
+        session
+    };
+    let refused_with_our_names = || {
+        let names = names.to_str().unwrap();
+        let (status, stderr) = registry_exit(&["--listen", "127.0.0.1:0", "--names", names]);
+        assert_eq!(status, Some(1), "{stderr}");
+        stderr
+    };
 
     // A crash: alice is online, then the registry is killed.
     let reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
-    let (_alice_session, welcome) = Client::register_as(reg.addr, &alice, "alice", 4001);
-    assert!(
-        matches!(welcome, FromRegistry::Welcome { .. }),
-        "{welcome:?}"
-    );
+    let _alice_session = welcomed(reg.addr, &alice, "alice", 4001);
     saved("alice");
     // One registry per record: a second one on the same file stops at once.
-    let (status, stderr) = registry_exit(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--names",
-        names.to_str().unwrap(),
-    ]);
-    assert_eq!(status, Some(1), "{stderr}");
+    let stderr = refused_with_our_names();
     assert!(stderr.contains("another registry is using"), "{stderr}");
     reg.proc.signal(libc::SIGKILL);
     drop(reg);
@@ -377,18 +381,10 @@ fn a_restarted_registry_still_keeps_names_for_their_keys() {
         "name_taken",
         "a stranger after a crash"
     );
-    let (_alice_session, welcome) = Client::register_as(reg.addr, &alice, "alice", 4001);
-    assert!(
-        matches!(welcome, FromRegistry::Welcome { .. }),
-        "{welcome:?}"
-    );
+    let _alice_session = welcomed(reg.addr, &alice, "alice", 4001);
 
     // A clean stop saves at once: bob registers just before it.
-    let (_bob_session, welcome) = Client::register_as(reg.addr, &bob, "bob", 4002);
-    assert!(
-        matches!(welcome, FromRegistry::Welcome { .. }),
-        "{welcome:?}"
-    );
+    let _bob_session = welcomed(reg.addr, &bob, "bob", 4002);
     reg.proc.signal(libc::SIGTERM);
     assert_eq!(reg.proc.wait_exit(LONG).unwrap().code(), Some(0));
     let reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
@@ -396,22 +392,12 @@ fn a_restarted_registry_still_keeps_names_for_their_keys() {
         let (_, reply) = Client::register(reg.addr, name, 5000);
         assert_eq!(code_of(Some(reply)), "name_taken", "{name}, after a stop");
     }
-    let (_, welcome) = Client::register_as(reg.addr, &bob, "bob", 4002);
-    assert!(
-        matches!(welcome, FromRegistry::Welcome { .. }),
-        "{welcome:?}"
-    );
+    welcomed(reg.addr, &bob, "bob", 4002);
     drop(reg);
 
     // The record decides who owns a name, so others may not write it.
     std::fs::set_permissions(&names, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let (status, stderr) = registry_exit(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--names",
-        names.to_str().unwrap(),
-    ]);
-    assert_eq!(status, Some(1), "{stderr}");
+    let stderr = refused_with_our_names();
     assert!(stderr.contains("writable by nobody else"), "{stderr}");
 }
 
