@@ -278,8 +278,8 @@ fn start_registry(bins: &Path, dir: &BenchDir) -> (Proc, RegistryInfo) {
     ])
     .arg("--key")
     .arg(&key_file)
-    // Its other state (the name owners) goes with it, not into the user's
-    // data directory where the next run would find names taken.
+    // Whatever else it keeps goes with it, not into the user's data
+    // directory where a later run would find it.
     .env("XDG_DATA_HOME", dir.fresh("registry-data"))
     // As shipped: one log line per join and leave.
     .env("RUST_LOG", "info")

@@ -334,9 +334,10 @@ fn an_impostor_cannot_take_a_name_while_its_owner_holds_it_or_is_away() {
 }
 
 #[test]
-fn a_restarted_registry_still_keeps_names_for_their_keys() {
+fn a_registry_with_a_names_file_keeps_names_for_their_keys_across_restarts() {
     let data = DataDir::fresh();
     let names = data.path().join("peerchat-registry/names");
+    let with_names = ["--names", names.to_str().unwrap()];
     let saved = |name: &str| {
         let deadline = Instant::now() + LONG;
         while Instant::now() < deadline {
@@ -357,23 +358,30 @@ fn a_restarted_registry_still_keeps_names_for_their_keys() {
         );
         session
     };
-    let refused_with_our_names = || {
-        let names = names.to_str().unwrap();
-        let (status, stderr) = registry_exit(&["--listen", "127.0.0.1:0", "--names", names]);
-        assert_eq!(status, Some(1), "{stderr}");
-        stderr
-    };
 
     // A crash: alice is online, then the registry is killed.
-    let reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    let reg = Registry::start_in(&data, "127.0.0.1:0", &with_names);
     let _alice_session = welcomed(reg.addr, &alice, "alice", 4001);
     saved("alice");
-    // One registry per record: a second one on the same file stops at once.
-    let stderr = refused_with_our_names();
-    assert!(stderr.contains("another registry is using"), "{stderr}");
+    // One registry per record: a second one on the same file keeps its
+    // owners in memory and leaves the record alone.
+    let mut second = Registry::start_in(&data, "127.0.0.1:0", &with_names);
+    assert!(second
+        .proc
+        .stderr
+        .wait_for("another registry is using this names file", LONG));
+    let _zed_session = welcomed(second.addr, &bob, "zed", 4009);
+    // A clean stop, which would save if this one had the record.
+    second.proc.signal(libc::SIGTERM);
+    assert_eq!(second.proc.wait_exit(LONG).unwrap().code(), Some(0));
+    let record = std::fs::read_to_string(&names).unwrap();
+    assert!(
+        !record.contains(" zed"),
+        "the second registry wrote: {record}"
+    );
     reg.proc.signal(libc::SIGKILL);
     drop(reg);
-    let mut reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    let mut reg = Registry::start_in(&data, "127.0.0.1:0", &with_names);
     assert!(reg.proc.stderr.wait_for("names kept for their keys", LONG));
     let (_, reply) = Client::register(reg.addr, "Alice", 5000);
     assert_eq!(
@@ -387,7 +395,7 @@ fn a_restarted_registry_still_keeps_names_for_their_keys() {
     let _bob_session = welcomed(reg.addr, &bob, "bob", 4002);
     reg.proc.signal(libc::SIGTERM);
     assert_eq!(reg.proc.wait_exit(LONG).unwrap().code(), Some(0));
-    let reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    let reg = Registry::start_in(&data, "127.0.0.1:0", &with_names);
     for name in ["alice", "bob"] {
         let (_, reply) = Client::register(reg.addr, name, 5000);
         assert_eq!(code_of(Some(reply)), "name_taken", "{name}, after a stop");
@@ -397,8 +405,19 @@ fn a_restarted_registry_still_keeps_names_for_their_keys() {
 
     // The record decides who owns a name, so others may not write it.
     std::fs::set_permissions(&names, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let stderr = refused_with_our_names();
+    let (status, stderr) =
+        registry_exit(&["--listen", "127.0.0.1:0", with_names[0], with_names[1]]);
+    assert_eq!(status, Some(1), "{stderr}");
     assert!(stderr.contains("writable by nobody else"), "{stderr}");
+
+    // Without --names the owners live in memory only, as documented.
+    let data = DataDir::fresh();
+    let mut reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    let _alice_session = welcomed(reg.addr, &alice, "alice", 4001);
+    reg.proc.signal(libc::SIGTERM);
+    assert_eq!(reg.proc.wait_exit(LONG).unwrap().code(), Some(0));
+    let reg = Registry::start_in(&data, "127.0.0.1:0", &[]);
+    welcomed(reg.addr, &bob, "alice", 4002);
 }
 
 #[test]

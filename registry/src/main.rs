@@ -53,9 +53,10 @@ struct Args {
     /// ~/.local/share/peerchat-registry/registry.key.
     #[arg(long, value_name = "PATH")]
     key: Option<PathBuf>,
-    /// Where the registry keeps which key owns which name, so that a
-    /// restart hands no name to another key. Default: `names` beside the
-    /// key file. One registry at a time may use it.
+    /// A file in which the registry keeps which key owns which name, so
+    /// that a restart hands no name to another key. Without it, owners are
+    /// kept in memory only. One registry at a time keeps a file; a second
+    /// one keeps its owners in memory only.
     #[arg(long, value_name = "PATH")]
     names: Option<PathBuf>,
     /// Bytes that may wait to be sent to one peer before it is dropped as
@@ -87,7 +88,8 @@ const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 struct RegistryApp {
     registry: Registry<ConnId>,
     stats_interval: Duration,
-    saver: Saver,
+    /// `None` without `--names`, or when another registry holds the file.
+    record: Option<Record>,
     /// Owners changed, but the saver was still busy with an older save.
     save_waiting: bool,
     /// The owners as they were when a signal stopped the registry (the
@@ -176,9 +178,12 @@ impl App for RegistryApp {
             // with the owners from before, may be written.
             AppTimer::SaveNames if self.at_shutdown.is_some() => {}
             AppTimer::SaveNames => {
+                let Some(record) = &self.record else {
+                    return;
+                };
                 if self.registry.take_owners_changed() || self.save_waiting {
                     let owners = self.registry.owners(ctx.now());
-                    self.save_waiting = !self.saver.offer(owners, SystemTime::now());
+                    self.save_waiting = !record.saver.offer(owners, SystemTime::now());
                 }
                 let next = ctx.now() + SAVE_INTERVAL;
                 ctx.arm(next, AppTimer::SaveNames);
@@ -234,18 +239,48 @@ fn load_identity(path: &Path) -> Result<Identity, String> {
     Ok(identity)
 }
 
-/// Takes the names file for this process and reads the owners in it.
-fn open_names(path: &Path) -> Result<(Lock, names_file::Loaded), String> {
-    let lock = Lock::take(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock => format!(
-            "another registry is using {}; give this one its own --names (or --key)",
-            path.display()
-        ),
-        _ => format!("cannot lock {}: {e}", path.display()),
-    })?;
-    let loaded = names_file::load(path, SystemTime::now())
+/// The file of name owners (`--names`), held by this registry.
+struct Record {
+    path: PathBuf,
+    saver: Saver,
+    _lock: Lock,
+}
+
+/// Opens the file of name owners: the owners in it, and the thread that
+/// saves them. No record without `--names`, or when another registry holds
+/// the file: two registries writing one record would each undo the
+/// other's owners, so the second keeps its own in memory only.
+fn open_record(path: Option<PathBuf>) -> Result<(Option<Record>, Vec<Owner>), String> {
+    let Some(path) = path else {
+        return Ok((None, Vec::new()));
+    };
+    let lock = match Lock::take(&path) {
+        Ok(lock) => lock,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            tracing::warn!(
+                path = %path.display(),
+                "another registry is using this names file; this one keeps name owners in memory only"
+            );
+            return Ok((None, Vec::new()));
+        }
+        Err(e) => return Err(format!("cannot lock {}: {e}", path.display())),
+    };
+    let loaded = names_file::load(&path, SystemTime::now())
         .map_err(|e| format!("{e} (fix or remove it; it says which key owns which name)"))?;
-    Ok((lock, loaded))
+    for why in &loaded.skipped {
+        tracing::warn!(path = %path.display(), "left out of the name owners: {why}");
+    }
+    if !loaded.owners.is_empty() {
+        tracing::info!(owners = loaded.owners.len(), path = %path.display(), "names kept for their keys");
+    }
+    let saver =
+        Saver::start(path.clone()).map_err(|e| format!("cannot start saving name owners: {e}"))?;
+    let record = Record {
+        path,
+        saver,
+        _lock: lock,
+    };
+    Ok((Some(record), loaded.owners))
 }
 
 fn main() -> ExitCode {
@@ -307,24 +342,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let names_path = args
-        .names
-        .unwrap_or_else(|| key_path.with_file_name("names"));
-    let (_names_lock, loaded) = match open_names(&names_path) {
+    let (record, owners) = match open_record(args.names) {
         Ok(opened) => opened,
         Err(e) => {
             eprintln!("registry: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    for why in &loaded.skipped {
-        tracing::warn!(path = %names_path.display(), "left out of the name owners: {why}");
-    }
-    let owners = loaded.owners;
-    let saver = match Saver::start(names_path.clone()) {
-        Ok(saver) => saver,
-        Err(e) => {
-            eprintln!("registry: cannot start saving name owners: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -355,34 +376,35 @@ fn main() -> ExitCode {
     event_loop
         .ctx()
         .arm(now + args.stats_interval, AppTimer::Stats);
-    event_loop
-        .ctx()
-        .arm(now + SAVE_INTERVAL, AppTimer::SaveNames);
-    let mut registry = Registry::new(config);
-    if !owners.is_empty() {
-        tracing::info!(owners = owners.len(), path = %names_path.display(), "names kept for their keys");
+    if record.is_some() {
+        event_loop
+            .ctx()
+            .arm(now + SAVE_INTERVAL, AppTimer::SaveNames);
     }
+    let mut registry = Registry::new(config);
     registry.restore(owners, now);
     let mut app = RegistryApp {
         registry,
         stats_interval: args.stats_interval,
-        saver,
+        record,
         save_waiting: false,
         at_shutdown: None,
     };
     eprintln!("registry key {}", identity.public());
     eprintln!("listening on {local}");
     let result = event_loop.run(&mut app);
-    let owners = match app.at_shutdown {
-        Some(owners) => owners,
-        None => app.registry.owners(Instant::now()),
-    };
-    if let Err(e) = app.saver.finish(owners, SystemTime::now()) {
-        eprintln!(
-            "registry: cannot save the name owners in {}: {e}; a restart will not know them",
-            names_path.display()
-        );
-        return ExitCode::FAILURE;
+    if let Some(record) = app.record {
+        let owners = match app.at_shutdown {
+            Some(owners) => owners,
+            None => app.registry.owners(Instant::now()),
+        };
+        if let Err(e) = record.saver.finish(owners, SystemTime::now()) {
+            eprintln!(
+                "registry: cannot save the name owners in {}: {e}; a restart will not know them",
+                record.path.display()
+            );
+            return ExitCode::FAILURE;
+        }
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,5 @@
-//! The registry's record of who owns which name, kept across restarts in a
-//! text file (`--names`; by default `names` beside the key file):
+//! The registry's record of who owns which name, kept across restarts in
+//! the text file given with `--names`:
 //!
 //! ```text
 //! 3q2+7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= online alice
