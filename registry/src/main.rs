@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -193,7 +193,7 @@ impl App for RegistryApp {
 
     fn on_signal(&mut self, ctx: &mut Ctx<AppTimer>, signal: i32) {
         tracing::info!(signal, peers = self.registry.peer_count(), "shutting down");
-        if self.at_shutdown.is_none() {
+        if self.record.is_some() && self.at_shutdown.is_none() {
             self.at_shutdown = Some(self.registry.owners(ctx.now()));
         }
         self.registry.shutdown("the registry is shutting down");
@@ -218,21 +218,16 @@ fn release_free_memory() {
     }
 }
 
-/// The key file: `--key`, else `registry.key` in the registry's data
-/// directory.
-fn key_path(given: Option<PathBuf>) -> Result<PathBuf, String> {
-    match given {
-        Some(path) => Ok(path),
-        None => Ok(identity::data_home()
-            .ok_or("neither XDG_DATA_HOME nor HOME is set; name a key file with --key")?
-            .join("peerchat-registry/registry.key")),
-    }
-}
-
 /// The registry's identity: the same key across restarts, so that its peers
 /// (which pin it) still know it.
-fn load_identity(path: &Path) -> Result<Identity, String> {
-    let (identity, created) = Identity::load_or_create(path).map_err(|e| e.to_string())?;
+fn load_identity(path: Option<PathBuf>) -> Result<Identity, String> {
+    let path = match path {
+        Some(path) => path,
+        None => identity::data_home()
+            .ok_or("neither XDG_DATA_HOME nor HOME is set; name a key file with --key")?
+            .join("peerchat-registry/registry.key"),
+    };
+    let (identity, created) = Identity::load_or_create(&path).map_err(|e| e.to_string())?;
     if created {
         eprintln!("created a new registry key in {}", path.display());
     }
@@ -328,14 +323,7 @@ fn main() -> ExitCode {
         handshake_max_frame: 4096.min(args.max_frame as usize),
         name_grace: args.name_grace,
     };
-    let key_path = match key_path(args.key) {
-        Ok(path) => path,
-        Err(e) => {
-            eprintln!("registry: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let identity = match load_identity(&key_path) {
+    let identity = match load_identity(args.key) {
         Ok(identity) => identity,
         Err(e) => {
             eprintln!("registry: {e}");
