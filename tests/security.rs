@@ -363,15 +363,17 @@ fn a_registry_with_a_names_file_keeps_names_for_their_keys_across_restarts() {
     let reg = Registry::start_in(&data, "127.0.0.1:0", &with_names);
     let _alice_session = welcomed(reg.addr, &alice, "alice", 4001);
     saved("alice");
-    // One registry per record: a second one on the same file keeps its
-    // owners in memory and leaves the record alone.
+    // One registry writes a record: a second one on the same file takes
+    // the owners in it (alice stays alice's) but never writes it.
     let mut second = Registry::start_in(&data, "127.0.0.1:0", &with_names);
     assert!(second
         .proc
         .stderr
         .wait_for("another registry is using this names file", LONG));
+    let (_, reply) = Client::register(second.addr, "alice", 5000);
+    assert_eq!(code_of(Some(reply)), "name_taken", "the second one knows");
     let _zed_session = welcomed(second.addr, &bob, "zed", 4009);
-    // A clean stop, which would save if this one had the record.
+    // A clean stop, which would save if this one wrote the record.
     second.proc.signal(libc::SIGTERM);
     assert_eq!(second.proc.wait_exit(LONG).unwrap().code(), Some(0));
     let record = std::fs::read_to_string(&names).unwrap();

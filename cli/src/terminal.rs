@@ -122,6 +122,9 @@ pub fn spawn_input(tx: Sender<Input>, waker: Arc<Waker>, plain: bool) -> io::Res
             })?;
         return Output::start(Sink::Prompt(Box::new(printer)));
     }
+    // Ctrl-D typed at a terminal (with --json, or with output to a pipe)
+    // is the user wanting out, not the end of a script.
+    let typed = io::stdin().is_terminal();
     std::thread::Builder::new()
         .name("input".into())
         .spawn(move || {
@@ -130,6 +133,7 @@ pub fn spawn_input(tx: Sender<Input>, waker: Arc<Waker>, plain: bool) -> io::Res
             loop {
                 buf.clear();
                 let input = match stdin.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) if typed => Input::Interrupt,
                     Ok(0) | Err(_) => Input::Eof,
                     Ok(_) => {
                         if buf.last() == Some(&b'\n') {
@@ -141,7 +145,7 @@ pub fn spawn_input(tx: Sender<Input>, waker: Arc<Waker>, plain: bool) -> io::Res
                         }
                     }
                 };
-                let last = matches!(input, Input::Eof);
+                let last = matches!(input, Input::Eof | Input::Interrupt);
                 if tx.send(input).is_err() || waker.wake().is_err() || last {
                     return;
                 }

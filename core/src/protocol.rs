@@ -268,27 +268,35 @@ pub fn normalize_name(raw: &str) -> Result<String, String> {
             "the name contains {c:?}, an invisible character (a name could hide behind it)"
         ));
     }
+    if name.chars().all(is_joiner_or_selector) {
+        return Err("the name has nothing to see: only joiners or variation selectors".into());
+    }
     Ok(name.to_string())
 }
 
 /// Characters that show nothing: Unicode's default-ignorable code points
 /// (direction overrides, zero-width spaces, fillers, tags and the like),
 /// which could make one name pass for another, and the interlinear
-/// annotation marks. The joiners U+200C and U+200D and the variation
-/// selectors U+FE00-U+FE0F stay allowed, since scripts and emoji need them;
-/// [`fold_name`] ignores them instead, so they cannot tell names apart.
+/// annotation marks. The joiners and variation selectors that scripts and
+/// emoji need stay allowed ([`is_joiner_or_selector`]); [`fold_name`]
+/// ignores them instead, so they cannot tell names apart.
 fn is_invisible(c: char) -> bool {
-    matches!(c,
-        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
-        | '\u{180B}'..='\u{180F}' | '\u{200B}' | '\u{200E}' | '\u{200F}'
-        | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FEFF}'
-        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}' | '\u{1BCA0}'..='\u{1BCA3}'
-        | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
+    !is_joiner_or_selector(c)
+        && matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}'
+            | '\u{17B5}' | '\u{180E}' | '\u{200B}' | '\u{200E}' | '\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FEFF}'
+            | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}' | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
 }
 
-/// Allowed in names, but not what tells one name from another.
+/// Allowed in names, but not what tells one name from another: the
+/// joiners U+200C and U+200D, and the variation selectors (emoji, CJK
+/// ideograph variants, Mongolian free variation selectors).
 fn is_joiner_or_selector(c: char) -> bool {
-    matches!(c, '\u{200C}' | '\u{200D}' | '\u{FE00}'..='\u{FE0F}')
+    matches!(c,
+        '\u{200C}' | '\u{200D}' | '\u{FE00}'..='\u{FE0F}' | '\u{180B}'..='\u{180D}'
+        | '\u{180F}' | '\u{E0100}'..='\u{E01EF}')
 }
 
 /// The form two names are compared in: each character lower-cased on its
@@ -457,6 +465,14 @@ mod tests {
             "AL\u{200D}ICE",
         ] {
             assert_eq!(fold_name(lookalike), fold_name("alice"), "{lookalike:?}");
+        }
+        assert!(
+            normalize_name("\u{8FBB}\u{E0100}").is_ok(),
+            "an ideograph variant"
+        );
+        for nothing in ["\u{200D}", "\u{FE0F}", "\u{200C}\u{200D}"] {
+            let err = normalize_name(nothing).unwrap_err();
+            assert!(err.contains("nothing to see"), "{nothing:?}: {err}");
         }
     }
 

@@ -46,20 +46,23 @@ pub fn create_dir(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
-/// Replaces the file with `text`: written to a temporary file of its own
-/// beside it (mode 0600), synced, renamed over the old one, and the rename
-/// synced.
+/// Replaces the file with `text`: written to `PATH.tmp` (mode 0600),
+/// synced, renamed over the old one, and the rename synced. One writer at
+/// a time: callers hold the file's [`Lock`]. A temporary file left by a
+/// crash is replaced by the next write.
 pub fn replace(path: &Path, text: &str) -> io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(dir) = dir {
         create_dir(dir)?;
     }
-    let mut unique = [0u8; 8];
-    getrandom::fill(&mut unique).map_err(|e| io::Error::other(e.to_string()))?;
     let mut temp = path.as_os_str().to_owned();
-    temp.push(format!(".{}.tmp", u64::from_le_bytes(unique)));
+    temp.push(".tmp");
     let temp = PathBuf::from(temp);
     let written = (|| {
+        match fs::remove_file(&temp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -134,11 +137,11 @@ mod tests {
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&dir.join("sub")), 0o700);
-        let names: Vec<_> = fs::read_dir(dir.join("sub"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, ["state"], "no leftovers");
+        assert!(!dir.join("sub/state.tmp").exists(), "no leftovers");
+        // One left by a crash is no obstacle.
+        fs::write(dir.join("sub/state.tmp"), "half").unwrap();
+        replace(&path, "three\n").unwrap();
+        assert_eq!(read(&path), Ok(Some("three\n".into())));
         fs::remove_dir_all(&dir).unwrap();
     }
 

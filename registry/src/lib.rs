@@ -168,6 +168,8 @@ pub struct Registry<C> {
     stats: Stats,
     /// Some name changed owner or state since [`Registry::take_owners_changed`].
     owners_changed: bool,
+    /// Set by [`Registry::shutdown`], with its reason.
+    stopping: Option<String>,
 }
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
@@ -186,6 +188,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
             stats: Stats::default(),
             owners_changed: false,
+            stopping: None,
         }
     }
 
@@ -292,6 +295,18 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// A connection whose handshake proved `key`.
     pub fn on_accept(&mut self, conn: C, peer: SocketAddr, key: PublicKey, now: Instant) {
+        if let Some(reason) = &self.stopping {
+            // The directory is gone: nobody may register now, least of all
+            // under a name that was online a moment ago.
+            let notice = FromRegistry::Shutdown {
+                reason: reason.clone(),
+            };
+            self.actions
+                .push(Action::Send(conn, protocol::frame(&notice)));
+            self.actions
+                .push(Action::Close(conn, "registry shutting down".into()));
+            return;
+        }
         self.conns
             .insert(conn, ConnState::Handshake { ip: peer.ip(), key });
         self.actions
@@ -691,6 +706,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// Tells every registered peer the registry is going away and closes
     /// every connection.
     pub fn shutdown(&mut self, reason: &str) {
+        self.stopping = Some(reason.into());
         let notice = protocol::frame(&FromRegistry::Shutdown {
             reason: reason.into(),
         });

@@ -55,8 +55,8 @@ struct Args {
     key: Option<PathBuf>,
     /// A file in which the registry keeps which key owns which name, so
     /// that a restart hands no name to another key. Without it, owners are
-    /// kept in memory only. One registry at a time keeps a file; a second
-    /// one keeps its owners in memory only.
+    /// kept in memory only. One registry at a time writes a file; a second
+    /// one on it takes the owners in it and keeps its own in memory.
     #[arg(long, value_name = "PATH")]
     names: Option<PathBuf>,
     /// Bytes that may wait to be sent to one peer before it is dropped as
@@ -93,8 +93,9 @@ struct RegistryApp {
     /// Owners changed, but the saver was still busy with an older save.
     save_waiting: bool,
     /// The owners as they were when a signal stopped the registry (the
-    /// shutdown empties the directory), for the last save.
-    at_shutdown: Option<Vec<Owner>>,
+    /// shutdown empties the directory), and the time they were taken, for
+    /// the last save.
+    at_shutdown: Option<(Vec<Owner>, SystemTime)>,
 }
 
 impl RegistryApp {
@@ -181,7 +182,8 @@ impl App for RegistryApp {
                 let Some(record) = &self.record else {
                     return;
                 };
-                if self.registry.take_owners_changed() || self.save_waiting {
+                let failed = record.saver.take_failed();
+                if self.registry.take_owners_changed() || self.save_waiting || failed {
                     let owners = self.registry.owners(ctx.now());
                     self.save_waiting = !record.saver.offer(owners, SystemTime::now());
                 }
@@ -194,7 +196,7 @@ impl App for RegistryApp {
     fn on_signal(&mut self, ctx: &mut Ctx<AppTimer>, signal: i32) {
         tracing::info!(signal, peers = self.registry.peer_count(), "shutting down");
         if self.record.is_some() && self.at_shutdown.is_none() {
-            self.at_shutdown = Some(self.registry.owners(ctx.now()));
+            self.at_shutdown = Some((self.registry.owners(ctx.now()), SystemTime::now()));
         }
         self.registry.shutdown("the registry is shutting down");
         self.apply(ctx);
@@ -242,21 +244,21 @@ struct Record {
 }
 
 /// Opens the file of name owners: the owners in it, and the thread that
-/// saves them. No record without `--names`, or when another registry holds
-/// the file: two registries writing one record would each undo the
-/// other's owners, so the second keeps its own in memory only.
+/// saves them. No record without `--names`. When another registry holds
+/// the file, this one takes the owners in it but never writes it: two
+/// registries writing one record would each undo the other's owners.
 fn open_record(path: Option<PathBuf>) -> Result<(Option<Record>, Vec<Owner>), String> {
     let Some(path) = path else {
         return Ok((None, Vec::new()));
     };
     let lock = match Lock::take(&path) {
-        Ok(lock) => lock,
+        Ok(lock) => Some(lock),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             tracing::warn!(
                 path = %path.display(),
-                "another registry is using this names file; this one keeps name owners in memory only"
+                "another registry is using this names file; this one takes the owners in it and keeps its own changes in memory only"
             );
-            return Ok((None, Vec::new()));
+            None
         }
         Err(e) => return Err(format!("cannot lock {}: {e}", path.display())),
     };
@@ -268,6 +270,9 @@ fn open_record(path: Option<PathBuf>) -> Result<(Option<Record>, Vec<Owner>), St
     if !loaded.owners.is_empty() {
         tracing::info!(owners = loaded.owners.len(), path = %path.display(), "names kept for their keys");
     }
+    let Some(lock) = lock else {
+        return Ok((None, loaded.owners));
+    };
     let saver =
         Saver::start(path.clone()).map_err(|e| format!("cannot start saving name owners: {e}"))?;
     let record = Record {
@@ -380,27 +385,25 @@ fn main() -> ExitCode {
     };
     eprintln!("registry key {}", identity.public());
     eprintln!("listening on {local}");
-    let result = event_loop.run(&mut app);
+    let mut status = ExitCode::SUCCESS;
+    if let Err(e) = event_loop.run(&mut app) {
+        eprintln!("registry: the event loop failed: {e}");
+        status = ExitCode::FAILURE;
+    }
     if let Some(record) = app.record {
-        let owners = match app.at_shutdown {
-            Some(owners) => owners,
-            None => app.registry.owners(Instant::now()),
+        let (owners, taken) = match app.at_shutdown {
+            Some(taken) => taken,
+            None => (app.registry.owners(Instant::now()), SystemTime::now()),
         };
-        if let Err(e) = record.saver.finish(owners, SystemTime::now()) {
+        if let Err(e) = record.saver.finish(owners, taken) {
             eprintln!(
                 "registry: cannot save the name owners in {}: {e}; a restart will not know them",
                 record.path.display()
             );
-            return ExitCode::FAILURE;
+            status = ExitCode::FAILURE;
         }
     }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("registry: the event loop failed: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    status
 }
 
 #[cfg(test)]

@@ -17,7 +17,9 @@
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -130,6 +132,9 @@ fn unix_secs(t: SystemTime) -> u64 {
 pub struct Saver {
     tx: Option<SyncSender<Save>>,
     thread: Option<JoinHandle<io::Result<()>>>,
+    /// A save failed: the owners must be offered again even if they do not
+    /// change, or the file would stay behind.
+    failed: Arc<AtomicBool>,
 }
 
 struct Save {
@@ -142,6 +147,8 @@ impl Saver {
     pub fn start(path: PathBuf) -> io::Result<Saver> {
         // At most one save waits; `offer` says when the thread is behind.
         let (tx, rx) = mpsc::sync_channel::<Save>(1);
+        let failed = Arc::new(AtomicBool::new(false));
+        let failed_here = failed.clone();
         let thread = std::thread::Builder::new()
             .name("names".into())
             .spawn(move || {
@@ -151,6 +158,7 @@ impl Saver {
                     if save.last {
                         return saved;
                     }
+                    failed_here.store(saved.is_err(), Ordering::Relaxed);
                     match saved {
                         Ok(()) if failing => {
                             failing = false;
@@ -170,7 +178,14 @@ impl Saver {
         Ok(Saver {
             tx: Some(tx),
             thread: Some(thread),
+            failed,
         })
+    }
+
+    /// Whether the last save failed (once per failure): offer the owners
+    /// again.
+    pub fn take_failed(&self) -> bool {
+        self.failed.swap(false, Ordering::Relaxed)
     }
 
     /// Hands over a save unless the thread is still busy with the one
@@ -297,6 +312,28 @@ mod tests {
         saver.finish(vec![owner("last")], at(0)).unwrap();
         let loaded = load(&path, at(0)).unwrap();
         assert_eq!(loaded.owners, vec![owner("last")], "the final state");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_save_asks_to_be_offered_again() {
+        let dir = std::env::temp_dir().join(format!("peerchat-names-retry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A directory where the file should be: rename cannot replace it.
+        let path = dir.join("names");
+        std::fs::create_dir(&path).unwrap();
+        let saver = Saver::start(path.clone()).unwrap();
+        assert!(saver.offer(Vec::new(), at(0)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !saver.take_failed() {
+            assert!(std::time::Instant::now() < deadline, "never reported");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!saver.take_failed(), "once per failure");
+        std::fs::remove_dir(&path).unwrap();
+        saver.finish(Vec::new(), at(0)).unwrap();
+        assert!(path.is_file(), "and a later save gets through");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

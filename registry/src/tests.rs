@@ -821,6 +821,19 @@ fn shutdown_notifies_every_peer_and_closes_everything() {
     }
     assert!(sim.take(3).is_empty());
     assert!([1, 2, 3].iter().all(|c| sim.closed.contains_key(c)));
+    // A session that finishes its handshake while the registry flushes is
+    // told and closed; nobody takes a name that was online a moment ago.
+    sim.accept_as(4, ip(4), key("stranger"));
+    assert_eq!(
+        sim.take(4),
+        vec![FromRegistry::Shutdown {
+            reason: "bye".into()
+        }]
+    );
+    assert!(sim.closed.contains_key(&4));
+    sim.send(4, &register("alice", 4004));
+    sim.flush();
+    assert_eq!(sim.reg.peer_count(), 0);
 }
 
 #[derive(Debug, Clone)]
