@@ -315,14 +315,20 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A names path where a directory stands, so that no save can replace
+    /// it; and the directory to remove afterwards.
+    fn unwritable(label: &str) -> (PathBuf, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("peerchat-names-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("names");
+        std::fs::create_dir_all(&path).unwrap();
+        (dir, path)
+    }
+
     #[test]
     fn a_failed_save_asks_to_be_offered_again() {
-        let dir = std::env::temp_dir().join(format!("peerchat-names-retry-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        // A directory where the file should be: rename cannot replace it.
-        let path = dir.join("names");
-        std::fs::create_dir(&path).unwrap();
+        let (dir, path) = unwritable("retry");
         let saver = Saver::start(path.clone()).unwrap();
         assert!(saver.offer(Vec::new(), at(0)));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -339,12 +345,7 @@ mod tests {
 
     #[test]
     fn a_final_save_that_fails_says_so() {
-        let dir = std::env::temp_dir().join(format!("peerchat-names-ro-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        // A directory where the file should be: rename cannot replace it.
-        let path = dir.join("names");
-        std::fs::create_dir(&path).unwrap();
+        let (dir, path) = unwritable("final");
         let saver = Saver::start(path).unwrap();
         assert!(saver.finish(Vec::new(), at(0)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
