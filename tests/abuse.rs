@@ -1831,14 +1831,7 @@ fn a_client_that_never_reads_is_dropped_as_slow_and_the_others_miss_nothing() {
             .stderr
             .wait_for("slow consumer", Duration::from_secs(2)),
         "the registry logs the slow close: {:?}",
-        case.reg
-            .proc
-            .stderr
-            .snapshot()
-            .iter()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
+        case.reg.proc.stderr.tail(5)
     );
     // The sloth's connection is closed: reading it to the end finds the end.
     let f = read_to_close(&mut sloth, Duration::from_secs(5));
@@ -2237,14 +2230,7 @@ fn reset_fin_and_close_during_a_big_snapshot_each_yield_one_left() {
         if let Err(e) = written {
             panic!(
                 "closes: {name}: the registry did not read every heartbeat ({e}); it said {:?}",
-                case.reg
-                    .proc
-                    .stderr
-                    .snapshot()
-                    .iter()
-                    .rev()
-                    .take(5)
-                    .collect::<Vec<_>>()
+                case.reg.proc.stderr.tail(5)
             );
         }
         // Wait (bounded) until the registry has answered them all: its CPU

@@ -170,8 +170,10 @@ impl Identity {
         // place: the key file either does not exist or is complete, even
         // when two processes start at once or the machine stops midway.
         let identity = Identity::generate();
+        // The new public key is random, so it names the temporary file
+        // apart from any other process's (or thread's) attempt.
         let mut unique = [0u8; 8];
-        getrandom::fill(&mut unique).expect("the OS random number generator failed");
+        unique.copy_from_slice(&identity.public.0[..8]);
         let mut temp_name = path.as_os_str().to_owned();
         temp_name.push(format!(".{}.tmp", u64::from_le_bytes(unique)));
         let temp = PathBuf::from(temp_name);
@@ -302,15 +304,9 @@ pub fn data_home() -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("peerchat-id-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
     #[test]
     fn created_once_then_loaded_with_private_modes() {
-        let dir = temp_dir("create");
+        let dir = crate::fresh_test_dir("id-create");
         let path = dir.join("a/b/alice.key");
         let (made, created) = Identity::load_or_create(&path).unwrap();
         assert!(created);
@@ -325,7 +321,7 @@ mod tests {
 
     #[test]
     fn processes_starting_at_once_share_one_complete_key() {
-        let dir = temp_dir("race");
+        let dir = crate::fresh_test_dir("id-race");
         let path = dir.join("k");
         let keys: Vec<PublicKey> = (0..8)
             .map(|_| {
@@ -343,7 +339,7 @@ mod tests {
 
     #[test]
     fn bad_key_files_are_errors_not_new_identities() {
-        let dir = temp_dir("bad");
+        let dir = crate::fresh_test_dir("id-bad");
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("k");
         Identity::load_or_create(&path).unwrap();

@@ -25,3 +25,12 @@ pub mod trusted_file;
 pub mod wire;
 
 pub use event_loop::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig, LoopStats};
+
+/// A directory of this test process's own under the system's temporary
+/// directory, empty (removed if a run before left it).
+#[cfg(test)]
+pub(crate) fn fresh_test_dir(label: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("peerchat-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}

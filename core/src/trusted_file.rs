@@ -119,16 +119,9 @@ mod tests {
 
     use super::*;
 
-    fn temp_dir(label: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("peerchat-trusted-{label}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
     #[test]
     fn replaced_files_read_back_and_are_private() {
-        let dir = temp_dir("replace");
+        let dir = crate::fresh_test_dir("trusted-replace");
         let path = dir.join("sub/state");
         assert_eq!(read(&path), Ok(None));
         replace(&path, "one\n").unwrap();
@@ -147,7 +140,7 @@ mod tests {
 
     #[test]
     fn one_holder_of_a_lock_at_a_time() {
-        let dir = temp_dir("lock");
+        let dir = crate::fresh_test_dir("trusted-lock");
         let path = dir.join("state");
         let held = Lock::take(&path).unwrap();
         let second = Lock::take(&path).map(|_| ()).unwrap_err();
@@ -159,7 +152,7 @@ mod tests {
 
     #[test]
     fn files_others_may_write_are_refused() {
-        let dir = temp_dir("modes");
+        let dir = crate::fresh_test_dir("trusted-modes");
         replace(&dir.join("state"), "x\n").unwrap();
         let path = dir.join("state");
         for (mode, ok) in [(0o600, true), (0o644, true), (0o620, false), (0o602, false)] {

@@ -116,6 +116,18 @@ impl Lines {
         self.0.lock().unwrap().clone()
     }
 
+    /// The last `n` lines, newest first: what to show when a test fails.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .take(n)
+            .cloned()
+            .collect()
+    }
+
     pub fn contains(&self, needle: &str) -> bool {
         self.0.lock().unwrap().iter().any(|l| l.contains(needle))
     }
