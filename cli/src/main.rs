@@ -30,7 +30,9 @@ use terminal::{Input, Output};
 struct Args {
     /// Your name: 1-32 characters, no spaces; unique (ignoring case) among
     /// the peers online.
-    #[arg(long)]
+    // Takes `-dash` as a value, so that the name rules can say what is
+    // wrong with it instead of clap calling it an unknown flag.
+    #[arg(long, allow_hyphen_values = true)]
     name: String,
     /// The registry's address, e.g. 127.0.0.1:7000 or chat.example:7000.
     #[arg(long, value_name = "ADDR")]
@@ -386,7 +388,7 @@ fn main() -> ExitCode {
     if let Err(why) = normalize_name(&args.name) {
         return fail(
             args.json,
-            "bad_name",
+            why.code().as_str(),
             format!("--name {:?}: {why}", args.name),
         );
     }

@@ -1151,7 +1151,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     fn on_hello(&mut self, conn: C, key: PublicKey, name: String, instance: u64) {
         let name = match normalize_name(&name) {
             Ok(name) => name,
-            Err(why) => return self.refuse_link(conn, ErrorCode::BadName, why),
+            Err(why) => return self.refuse_link(conn, why.code(), why.to_string()),
         };
         let folded = fold_name(&name);
         if folded == self.my_folded {

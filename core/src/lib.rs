@@ -3,6 +3,7 @@
 //! - [`wire`]: the length-prefixed frame format (sans-IO).
 //! - [`codec`]: CBOR encoding behind one small interface.
 //! - [`protocol`]: the message types and their version.
+//! - [`names`]: the rules for peer names, and when two names look alike.
 //! - [`identity`]: static key pairs and their key files.
 //! - [`secure`]: Noise sessions (sans-IO) that every connection runs in.
 //! - [`timer`]: a hashed timer wheel driven by a `now` passed in.
@@ -18,6 +19,7 @@ mod conn;
 pub mod event_loop;
 pub mod identity;
 pub mod limits;
+pub mod names;
 pub mod protocol;
 pub mod secure;
 pub mod timer;

@@ -16,13 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
 use crate::identity::PublicKey;
+pub use crate::names::{fold_name, name_skeleton, normalize_name, NameError, MAX_NAME_CHARS};
 
 /// The version this build speaks. A connection's first frame carries it, and
 /// the Noise prologue binds it.
 pub const PROTOCOL_VERSION: u32 = 2;
-
-/// Longest peer name, in Unicode scalar values after trimming.
-pub const MAX_NAME_CHARS: usize = 32;
 
 /// Peer → registry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +153,9 @@ pub enum ErrorCode {
     Replaced,
     /// A link's key is not the one the directory (or a pin) has for its name.
     KeyMismatch,
+    /// The name could pass for another one: it mixes scripts that look
+    /// alike, or it reads like a name that is online or reserved.
+    NameConfusable,
 }
 
 impl ErrorCode {
@@ -171,6 +172,7 @@ impl ErrorCode {
             ErrorCode::UnknownPeer => "unknown_peer",
             ErrorCode::Replaced => "replaced",
             ErrorCode::KeyMismatch => "key_mismatch",
+            ErrorCode::NameConfusable => "name_confusable",
         }
     }
 }
@@ -243,70 +245,6 @@ pub fn decode_first<'a, T: Deserialize<'a>>(
 #[derive(Deserialize)]
 struct VersionOnly {
     version: u32,
-}
-
-/// Normalises a requested name: trims surrounding whitespace and checks the
-/// rules (1–32 scalar values, no whitespace or control characters inside).
-pub fn normalize_name(raw: &str) -> Result<String, String> {
-    let name = raw.trim();
-    let chars = name.chars().count();
-    if chars == 0 {
-        return Err("the name is empty".into());
-    }
-    if chars > MAX_NAME_CHARS {
-        return Err(format!(
-            "the name has {chars} characters; at most {MAX_NAME_CHARS} are allowed"
-        ));
-    }
-    if let Some(c) = name.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "the name contains {c:?}; whitespace and control characters are not allowed"
-        ));
-    }
-    if let Some(c) = name.chars().find(|c| is_invisible(*c)) {
-        return Err(format!(
-            "the name contains {c:?}, an invisible character (a name could hide behind it)"
-        ));
-    }
-    if name.chars().all(is_joiner_or_selector) {
-        return Err("the name has nothing to see: only joiners or variation selectors".into());
-    }
-    Ok(name.to_string())
-}
-
-/// Characters that show nothing: Unicode's default-ignorable code points
-/// (direction overrides, zero-width spaces, fillers, tags and the like),
-/// which could make one name pass for another, and the interlinear
-/// annotation marks. The joiners and variation selectors that scripts and
-/// emoji need stay allowed ([`is_joiner_or_selector`]); [`fold_name`]
-/// ignores them instead, so they cannot tell names apart.
-fn is_invisible(c: char) -> bool {
-    !is_joiner_or_selector(c)
-        && matches!(c,
-            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}'
-            | '\u{17B5}' | '\u{180E}' | '\u{200B}' | '\u{200E}' | '\u{200F}'
-            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FEFF}'
-            | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}' | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
-}
-
-/// Allowed in names, but not what tells one name from another: the
-/// joiners U+200C and U+200D, and the variation selectors (emoji, CJK
-/// ideograph variants, Mongolian free variation selectors).
-fn is_joiner_or_selector(c: char) -> bool {
-    matches!(c,
-        '\u{200C}' | '\u{200D}' | '\u{FE00}'..='\u{FE0F}' | '\u{180B}'..='\u{180D}'
-        | '\u{180F}' | '\u{E0100}'..='\u{E01EF}')
-}
-
-/// The form two names are compared in: each character lower-cased on its
-/// own by Unicode's rules (so `Alice` and `alice` are one name), without
-/// the joiners and variation selectors that do not change how a name reads.
-pub fn fold_name(name: &str) -> String {
-    name.chars()
-        .filter(|c| !is_joiner_or_selector(*c))
-        .flat_map(char::to_lowercase)
-        .collect()
 }
 
 #[cfg(test)]
@@ -419,71 +357,5 @@ mod tests {
             decode_first(&[0x01], version_of),
             Err(FirstFrameError::Malformed(_))
         ));
-    }
-
-    #[test]
-    fn names_follow_the_rules() {
-        assert_eq!(normalize_name("  alice \n").unwrap(), "alice");
-        assert_eq!(normalize_name("张伟").unwrap(), "张伟");
-        assert!(normalize_name("   ").is_err());
-        assert!(normalize_name("a b").is_err());
-        assert!(normalize_name("a\u{7}b").is_err());
-        assert!(normalize_name(&"x".repeat(32)).is_ok());
-        assert!(normalize_name(&"x".repeat(33)).is_err());
-        assert!(
-            normalize_name(&"é".repeat(32)).is_ok(),
-            "counts characters, not bytes"
-        );
-        assert_eq!(fold_name("ALICE"), fold_name("alice"));
-    }
-
-    #[test]
-    fn names_cannot_hide_behind_invisible_characters() {
-        for hidden in [
-            "ali\u{202E}ce",
-            "\u{200B}alice",
-            "al\u{AD}ice",
-            "a\u{2066}b\u{2069}",
-            "\u{FEFF}x",
-            "alice\u{3164}",
-            "\u{115F}alice",
-            "alice\u{034F}",
-            "alice\u{E0020}",
-        ] {
-            let err = normalize_name(hidden).unwrap_err();
-            assert!(err.contains("invisible"), "{hidden:?}: {err}");
-        }
-        // Joiners and selectors that scripts and emoji need stay allowed,
-        // but do not make another name.
-        assert!(normalize_name("\u{1F468}\u{200D}\u{1F469}").is_ok());
-        assert!(normalize_name("\u{645}\u{200C}\u{6CC}").is_ok());
-        assert!(normalize_name("\u{2764}\u{FE0F}").is_ok());
-        for lookalike in [
-            "alice\u{200D}",
-            "\u{200C}alice",
-            "alice\u{FE0F}",
-            "AL\u{200D}ICE",
-        ] {
-            assert_eq!(fold_name(lookalike), fold_name("alice"), "{lookalike:?}");
-        }
-        assert!(
-            normalize_name("\u{8FBB}\u{E0100}").is_ok(),
-            "an ideograph variant"
-        );
-        for nothing in ["\u{200D}", "\u{FE0F}", "\u{200C}\u{200D}"] {
-            let err = normalize_name(nothing).unwrap_err();
-            assert!(err.contains("nothing to see"), "{nothing:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn folding_lower_cases_each_character_on_its_own() {
-        assert_eq!(fold_name("ΟΔΟΣ"), "οδοσ", "no final sigma");
-        assert_eq!(fold_name("ẞ"), fold_name("ß"));
-        assert_ne!(
-            fold_name("ﬀ"),
-            fold_name("FF"),
-            "lower-casing, not case folding"
-        );
     }
 }

@@ -27,6 +27,8 @@ use peerchat_core::protocol::{
 };
 use peerchat_core::wire::FrameError;
 
+use lookalikes::Lookalikes;
+
 pub mod names_file;
 
 /// Changes per update frame: keeps every frame under the 64 KiB a peer must
@@ -154,6 +156,8 @@ pub struct Registry<C> {
     /// Reservations in the order they end (the grace is one length for
     /// all), so that expired ones are found without a scan.
     reserved_order: VecDeque<(Instant, String)>,
+    /// The looks of every name in `names` or `reserved`.
+    lookalikes: Lookalikes,
     /// Registration order → connection and its snapshot entry, encoded
     /// once: a welcome copies these bytes instead of encoding every peer.
     order: BTreeMap<u64, (C, Bytes)>,
@@ -180,6 +184,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             names: HashMap::new(),
             reserved: HashMap::new(),
             reserved_order: VecDeque::new(),
+            lookalikes: Lookalikes::default(),
             order: BTreeMap::new(),
             next_order: 0,
             pending: Vec::new(),
@@ -246,7 +251,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         restored.sort_by_key(|(until, _, _)| *until);
         for (until, folded, reservation) in restored {
             self.reserved_order.push_back((until, folded.clone()));
-            self.reserved.insert(folded, reservation);
+            if self.reserved.insert(folded.clone(), reservation).is_none() {
+                self.lookalikes.hold(&folded);
+            }
         }
         self.limit_reservations();
         // Saved again at once: the `online` lines are reservations now, and
@@ -381,7 +388,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         };
         let name = match normalize_name(&name) {
             Ok(name) => name,
-            Err(why) => return self.reject(conn, ErrorCode::BadName, why),
+            Err(why) => return self.reject(conn, why.code(), why.to_string()),
         };
         let port = match u16::try_from(port) {
             Ok(p) if p != 0 => p,
@@ -418,6 +425,18 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 ),
             );
         }
+        // A reservation that ran out this turn must not keep its look.
+        self.expire_reservations(now);
+        let held_itself = self.reserved.contains_key(&folded);
+        if self.lookalikes.taken_by_another(&folded, held_itself) {
+            return self.reject(
+                conn,
+                ErrorCode::NameConfusable,
+                format!(
+                    "the name {name:?} looks like the name of a peer that is online or left recently; choose one that reads differently"
+                ),
+            );
+        }
         if self.names.len() >= self.config.max_peers {
             return self.reject(
                 conn,
@@ -436,7 +455,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.stats.joins += 1;
         tracing::info!(%name, %addr, %key, "joined");
         // Only now: an owner turned away (a full registry) keeps its name.
-        self.reserved.remove(&folded);
+        if self.reserved.remove(&folded).is_none() {
+            self.lookalikes.hold(&folded);
+        }
         self.admit(conn, name, folded, addr, key, now);
     }
 
@@ -591,6 +612,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             };
             if self.reserved.get(&folded).is_some_and(|r| r.until == until) {
                 self.reserved.remove(&folded);
+                self.lookalikes.release(&folded);
                 self.owners_changed = true;
             }
         }
@@ -608,6 +630,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             // A name reserved again later has a later end; keep that one.
             if self.reserved.get(&folded).is_some_and(|r| r.until <= now) {
                 self.reserved.remove(&folded);
+                self.lookalikes.release(&folded);
                 self.owners_changed = true;
             }
         }
@@ -754,5 +777,6 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+mod lookalikes;
 #[cfg(test)]
 mod tests;

@@ -596,6 +596,42 @@ fn a_name_stays_reserved_for_its_key_through_the_grace_period() {
 }
 
 #[test]
+fn names_that_read_like_a_held_name_are_refused_until_it_is_free() {
+    let grace = Duration::from_secs(600);
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001);
+    sim.register(2, "ace", 4002);
+    // Another script, a digit for a letter, a name that mixes scripts.
+    for (c, name, code) in [
+        (10, "a1ice", "name_confusable"),
+        (11, "\u{430}\u{441}\u{435}", "name_confusable"),
+        (12, "\u{430}lice", "name_confusable"),
+        (13, "ALICE", "name_taken"),
+    ] {
+        sim.register_as(c, name, 5000, key("spoofer"));
+        assert_eq!(sim.error_code(c), code, "{name}");
+    }
+    // A reservation counts too, for the key that had it as well.
+    sim.reg.on_closed(1, Disconnect::Lost, sim.now);
+    sim.flush();
+    sim.register_as(20, "a1ice", 5000, owner("alice"));
+    assert_eq!(sim.error_code(20), "name_confusable");
+    // The owner takes its own name back: it reads like itself only.
+    sim.register_as(21, "Alice", 4001, owner("alice"));
+    assert_eq!(sim.reg.peer_count(), 2);
+    sim.send(21, &ToRegistry::Leave {});
+    sim.flush();
+    // Once the grace has run out, the look is free.
+    sim.advance(grace + Duration::from_secs(1));
+    sim.register_as(22, "a1ice", 5000, key("newcomer"));
+    assert!(sim.reg.directory().iter().any(|e| e.name == "a1ice"));
+    assert_eq!(
+        sim.reg.lookalikes.len(),
+        sim.reg.names.len() + sim.reg.reserved.len()
+    );
+}
+
+#[test]
 fn reservations_survive_a_full_registry_and_are_capped_at_max_peers() {
     let mut sim = Sim::new(Config {
         max_peers: 2,
@@ -845,6 +881,8 @@ enum Op {
     Leave(u8),
     /// Another key asks for player i's name.
     Impostor(u8),
+    /// Another key asks for a name that reads like player i's (Greek rho).
+    Lookalike(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -855,6 +893,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0u8..6).prop_map(Op::Disconnect),
         (0u8..6).prop_map(Op::Leave),
         (0u8..6).prop_map(Op::Impostor),
+        (0u8..6).prop_map(Op::Lookalike),
     ]
 }
 
@@ -909,6 +948,12 @@ proptest! {
                         conn_of.insert(p, c);
                     }
                 }
+                Op::Lookalike(p) => {
+                    next_conn += 1;
+                    let name = format!("\u{3c1}{p}");
+                    sim.accept_as(next_conn, ip(p), owner(&name));
+                    sim.send(next_conn, &register(&name, 4000));
+                }
                 Op::Heartbeat(p) => if let Some(&c) = conn_of.get(&p) { sim.send(c, &ToRegistry::Heartbeat {}) },
                 Op::Silence(ms) => sim.advance(Duration::from_millis(u64::from(ms))),
                 Op::Disconnect(p) => if let Some(c) = conn_of.remove(&p) { sim.reg.on_closed(c, Disconnect::Lost, sim.now); sim.apply(); },
@@ -922,6 +967,16 @@ proptest! {
                 }
             }
             let table = sim.reg.directory();
+            prop_assert_eq!(
+                sim.reg.lookalikes.len(),
+                sim.reg.names.len() + sim.reg.reserved.len(),
+                "every name held has its look counted once"
+            );
+            for entry in &table {
+                let look = peerchat_core::protocol::name_skeleton(&entry.name);
+                let alike = table.iter().filter(|e| peerchat_core::protocol::name_skeleton(&e.name) == look);
+                prop_assert_eq!(alike.count(), 1, "{} has a look-alike online", &entry.name);
+            }
             // The grace (10 minutes) outlasts the whole run: whichever key
             // got a name first keeps it.
             for entry in &table {
