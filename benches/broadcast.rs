@@ -521,6 +521,7 @@ impl Shapes {
                 id,
                 text: TEXT.into(),
                 direct: false,
+                sent_at: Some(1_796_000_000_000),
             })
             .unwrap();
             assert_eq!(self.chat_id(&body), Some(id), "chat id {id}");
@@ -2454,6 +2455,7 @@ impl PeerSection {
             id: 1000,
             text: TEXT.into(),
             direct: false,
+            sent_at: Some(1_796_000_000_000),
         })
         .unwrap();
         assert_eq!(

@@ -63,6 +63,7 @@ fn chat() -> LinkMsg {
         id: 123_456,
         text: text.into(),
         direct: true,
+        sent_at: Some(1_796_000_000_000),
     }
 }
 

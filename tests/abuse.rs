@@ -2439,6 +2439,7 @@ fn peer_hostile_bytes_on_a_link_close_only_that_link() {
         id: 1,
         text: "sneaky".into(),
         direct: true,
+        sent_at: None,
     })
     .unwrap()
     .to_vec();
@@ -2624,6 +2625,7 @@ fn peer_a_hello_from_a_name_nobody_registered_is_refused_after_5s() {
                 id,
                 text: format!("held {id}"),
                 direct: true,
+                sent_at: None,
             })
             .unwrap(),
         );

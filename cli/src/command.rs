@@ -11,6 +11,8 @@ pub enum Command {
     Peers,
     /// `/whois NAME`: a peer's key fingerprint.
     Whois(String),
+    /// `/status`: the registry session, and when it is tried again.
+    Status,
     /// `/quit`, or the end of input.
     Quit,
 }
@@ -22,7 +24,7 @@ pub struct CommandError {
     pub message: String,
 }
 
-pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /peers, /whois NAME, /quit; start a line with // to send one beginning with /";
+pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /peers, /whois NAME, /status, /quit; start a line with // to send one beginning with /";
 
 /// Parses one input line. Blank lines mean nothing (`Ok(None)`).
 pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
@@ -54,6 +56,7 @@ pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
             }))
         }
         "peers" => Ok(Some(Command::Peers)),
+        "status" => Ok(Some(Command::Status)),
         "whois" => match args.split_whitespace().collect::<Vec<_>>()[..] {
             [name] => Ok(Some(Command::Whois(name.to_string()))),
             _ => Err(CommandError {
@@ -95,6 +98,7 @@ mod tests {
             }))
         );
         assert_eq!(parse("/peers"), Ok(Some(Command::Peers)));
+        assert_eq!(parse("/status"), Ok(Some(Command::Status)));
         assert_eq!(
             parse("/whois  Bob "),
             Ok(Some(Command::Whois("Bob".into())))

@@ -1,6 +1,7 @@
 //! The peer: [`peer`] is its sans-IO logic, [`command`] reads what the user
-//! types. The `peer` binary puts them on the core event loop.
+//! types, [`human`] writes what a person reads. The `peer` binary puts them on the core event loop.
 
 pub mod command;
+pub mod human;
 pub mod peer;
 pub mod trust;

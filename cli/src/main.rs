@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use clap::{CommandFactory, Parser};
@@ -17,9 +17,10 @@ use peerchat_core::identity::{self, Identity, PublicKey};
 use peerchat_core::protocol::normalize_name;
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 use peerchat_peer::command::{self, Command};
+use peerchat_peer::human::View;
 use peerchat_peer::peer::{Action, Config, Event, Peer, Pin, RegistryTrust, Timer};
 use peerchat_peer::trust::{self, KnownPeers};
-use terminal::{Input, Output};
+use terminal::{Input, Output, TerminalGuard};
 
 /// A peerchat peer: registers with a registry, then chats directly with the
 /// other peers over encrypted links. Type text to send it to everyone,
@@ -66,7 +67,8 @@ const INPUT_PER_TURN: usize = 256;
 struct PeerApp {
     peer: Peer<ConnId>,
     out: Output,
-    json: bool,
+    /// The text view; `None` with `--json`.
+    view: Option<View>,
     input: mpsc::Receiver<Input>,
     /// Input taken off the channel before the peer took input.
     held: VecDeque<Input>,
@@ -82,23 +84,24 @@ struct PeerApp {
 
 impl PeerApp {
     fn show(&mut self, event: &Event) {
-        if self.json {
+        let Some(view) = &mut self.view else {
             match serde_json::to_string(event) {
                 Ok(line) => self.out.line(&line),
                 Err(e) => tracing::error!(error = %e, "cannot encode an event"),
             }
             return;
-        }
+        };
+        let now = SystemTime::now();
         if let Event::Sent { to, .. } = event {
             if let Some((text, direct_to)) = self.echo.take() {
                 if !to.is_empty() {
-                    let me = self.peer.name().to_string();
-                    self.out
-                        .line(&terminal::echo(&text, &me, direct_to.as_deref()));
+                    for line in view.echo(&text, direct_to.as_deref(), now) {
+                        self.out.line(&line);
+                    }
                 }
             }
         }
-        if let Some(line) = terminal::human(event) {
+        for line in view.event(event, now) {
             self.out.line(&line);
         }
     }
@@ -168,7 +171,7 @@ impl PeerApp {
                     Command::Direct { to, text } => Some((text.clone(), Some(to.clone()))),
                     _ => None,
                 };
-                self.peer.command(cmd, now);
+                self.peer.command(cmd, now, SystemTime::now());
             }
             Err(err) => self.show(&Event::Error {
                 code: err.code.into(),
@@ -258,31 +261,6 @@ impl App for PeerApp {
 fn wake(ctx: &Ctx<Timer<ConnId>>) {
     if let Err(e) = ctx.waker().wake() {
         tracing::error!(error = %e, "cannot wake the event loop; input may wait");
-    }
-}
-
-/// Restores the terminal's mode at exit, even though the line editor's
-/// thread is still inside `readline` when the process ends.
-struct TerminalGuard(Option<libc::termios>);
-
-impl TerminalGuard {
-    fn save() -> Self {
-        if !std::io::stdin().is_terminal() {
-            return TerminalGuard(None);
-        }
-        // SAFETY: tcgetattr fills the struct we own; fd 0 is stdin.
-        let mut termios: libc::termios = unsafe { std::mem::zeroed() };
-        let ok = unsafe { libc::tcgetattr(0, &mut termios) } == 0;
-        TerminalGuard(ok.then_some(termios))
-    }
-
-    fn restore(&self) {
-        if let Some(termios) = &self.0 {
-            // SAFETY: hands back the settings read at start.
-            unsafe {
-                libc::tcsetattr(0, libc::TCSANOW, termios);
-            }
-        }
     }
 }
 
@@ -451,7 +429,7 @@ fn main() -> ExitCode {
     tracing::info!(%local, "accepting links");
 
     let (tx, rx) = mpsc::channel();
-    let terminal = TerminalGuard::save();
+    let terminal_guard = TerminalGuard::save();
     let out = match terminal::spawn_input(tx, event_loop.waker(), args.json) {
         Ok(out) => out,
         Err(e) => return fail(args.json, "io", format!("cannot read input: {e}")),
@@ -468,10 +446,13 @@ fn main() -> ExitCode {
         (None, None) => RegistryTrust::FirstUse,
     };
     config.pins = known.peers;
+    config.registry_name = registry_name.clone();
+    config.known_peers = known_peers_path.display().to_string();
+    let view = (!args.json).then(|| View::new(&config.name, &registry_name, config.backoff_max));
     let mut app = PeerApp {
         peer: Peer::new(config, seed()),
         out,
-        json: args.json,
+        view,
         input: rx,
         held: VecDeque::new(),
         input_open: false,
@@ -480,9 +461,11 @@ fn main() -> ExitCode {
         known_peers: known_peers_path,
         registry_name,
     };
-    if !args.json {
-        app.out
-            .line(&format!("your key fingerprint: {}", identity.public()));
+    if let Some(view) = &mut app.view {
+        let note = format!("your key fingerprint: {}", identity.public());
+        for line in view.note(&note, SystemTime::now()) {
+            app.out.line(&line);
+        }
     }
     app.peer.start();
     {
@@ -491,7 +474,7 @@ fn main() -> ExitCode {
     }
     let result = event_loop.run(&mut app);
     app.out.finish();
-    terminal.restore();
+    drop(terminal_guard);
     if let Err(e) = result {
         return fail(args.json, "io", format!("the event loop failed: {e}"));
     }

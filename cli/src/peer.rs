@@ -13,11 +13,11 @@
 //! outputs are [`Action`]s. Nothing here touches a socket, a terminal or the
 //! clock, so tests run it with simulated time.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use peerchat_core::codec;
@@ -30,6 +30,7 @@ use peerchat_core::wire::{FrameError, DEFAULT_MAX_FRAME, PREFIX_LEN};
 use serde::Serialize;
 
 use crate::command::Command;
+use crate::trust;
 
 /// Chats held from a link whose sender the directory does not list yet:
 /// per link, in messages and in bytes of text, and in bytes over all such
@@ -73,6 +74,10 @@ pub struct Config {
     pub registry_trust: RegistryTrust,
     /// Keys pinned per peer (folded name), from `known_peers`.
     pub pins: HashMap<String, PublicKey>,
+    /// The registry as named on the command line: the subject of its pin.
+    pub registry_name: String,
+    /// Where pins are kept, as shown in hints on what to change.
+    pub known_peers: String,
 }
 
 impl Config {
@@ -81,6 +86,8 @@ impl Config {
             key,
             registry_trust: RegistryTrust::FirstUse,
             pins: HashMap::new(),
+            registry_name: registry.to_string(),
+            known_peers: "known_peers".into(),
             name,
             registry,
             listen_port,
@@ -144,6 +151,10 @@ pub enum Event {
         text: String,
         direct: bool,
         id: u64,
+        /// The sender's clock when it sent the message (Unix milliseconds),
+        /// if it said.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sent_at: Option<u64>,
     },
     Delivered {
         id: u64,
@@ -163,7 +174,29 @@ pub enum Event {
     Whois {
         name: String,
         key: PublicKey,
+        /// True when `known_peers` holds this key for the name, and for
+        /// our own name.
         pinned: bool,
+        /// The name is ours.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        you: bool,
+        /// The key `known_peers` pins for the name, when it is another one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pinned_key: Option<PublicKey>,
+    },
+    /// Answer to `/status`: the registry session as it stands.
+    Status {
+        /// `registered`, `connecting`, `lost` (it was reached, then lost)
+        /// or `unreachable` (never reached since start).
+        registry: String,
+        /// Why it is lost or unreachable.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        /// When the next attempt starts.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_in_ms: Option<u64>,
+        /// Peers online (as far as we know).
+        peers: usize,
     },
     Error {
         code: String,
@@ -234,6 +267,14 @@ enum Session<C> {
     Closed,
 }
 
+/// A chat message as it arrived on a link.
+struct Chat {
+    id: u64,
+    text: String,
+    direct: bool,
+    sent_at: Option<u64>,
+}
+
 struct Known {
     name: String,
     addr: SocketAddr,
@@ -292,7 +333,7 @@ enum InLink {
         folded: String,
         key: PublicKey,
         instance: u64,
-        held: Vec<(u64, String, bool)>,
+        held: Vec<Chat>,
     },
     Verified {
         folded: String,
@@ -324,6 +365,14 @@ pub struct Peer<C> {
     exited: bool,
     /// The first registration attempt has ended, one way or the other.
     first_attempt_over: bool,
+    /// A welcome has come at least once: the registry is "lost", not
+    /// "unreachable", when it goes.
+    ever_registered: bool,
+    /// While the registry is lost: why, and when the next attempt starts.
+    registry_error: Option<String>,
+    retry_at: Option<Instant>,
+    /// The (folded name, key) pairs whose refused links were reported.
+    key_warnings: HashSet<(String, PublicKey)>,
 }
 
 impl<C: Copy + Eq + Hash + Debug> Peer<C> {
@@ -351,6 +400,10 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             seen: HashMap::new(),
             quitting: false,
             first_attempt_over: false,
+            ever_registered: false,
+            registry_error: None,
+            retry_at: None,
+            key_warnings: HashSet::new(),
             exited: false,
         }
     }
@@ -361,6 +414,16 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
 
     fn emit(&mut self, event: Event) {
         self.actions.push(Action::Emit(event));
+    }
+
+    /// A `key_mismatch` about a link from `folded` proving `key`: said
+    /// once per name and key, however often that peer retries.
+    fn warn_key(&mut self, folded: &str, key: PublicKey, message: String) {
+        if self.key_warnings.insert((folded.to_string(), key)) {
+            self.error(ErrorCode::KeyMismatch.as_str(), message);
+        } else {
+            tracing::debug!("{message}");
+        }
     }
 
     fn error(&mut self, code: &str, message: String) {
@@ -444,7 +507,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     /// A dialed connection is up and proved `key`: check it, then speak.
     pub fn on_connected(&mut self, conn: C, key: PublicKey, now: Instant) {
         match self.conns.get(&conn) {
-            Some(Role::Registry) => self.registry_connected(conn, key, now),
+            Some(Role::Registry) => self.registry_connected(conn, key),
             Some(Role::Out(target)) => {
                 let target = target.clone();
                 self.link_connected(conn, target, key, now);
@@ -453,19 +516,29 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         }
     }
 
-    fn registry_connected(&mut self, conn: C, key: PublicKey, now: Instant) {
+    fn registry_connected(&mut self, conn: C, key: PublicKey) {
         match self.config.registry_trust {
             RegistryTrust::Given(expected) | RegistryTrust::Pinned(expected) if expected != key => {
-                let source = match self.config.registry_trust {
-                    RegistryTrust::Given(_) => "given with --registry-key",
-                    _ => "pinned for it",
+                let fix = match self.config.registry_trust {
+                    RegistryTrust::Given(_) => format!(
+                        "--registry-key gave {expected}; if the registry's key really changed (ask its operator), start again with --registry-key {key}"
+                    ),
+                    _ => format!(
+                        "{expected} is pinned for it; if the registry's key really changed (ask its operator), delete the line \"{}\" from {} and start again",
+                        pin_text("registry", &self.config.registry_name, &expected),
+                        self.config.known_peers
+                    ),
                 };
                 let message = format!(
-                    "the registry at {} proved key {key}, but {expected} is {source}; not registering",
+                    "the registry at {} proved key {key}: not the registry you trust, so this peer stops. {fix}",
                     self.config.registry
                 );
                 self.error(ErrorCode::KeyMismatch.as_str(), message.clone());
-                return self.drop_registry(conn, message, now);
+                self.conns.remove(&conn);
+                self.actions.push(Action::Close(conn, message));
+                self.session = Session::Closed;
+                self.first_attempt_over = true;
+                return self.exit(2, ErrorCode::KeyMismatch.as_str());
             }
             RegistryTrust::Pinned(_) => {}
             RegistryTrust::FirstUse | RegistryTrust::Given(_) => {
@@ -695,7 +768,11 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             FromRegistry::Error { code, reason } => {
                 let fatal = matches!(
                     code.as_str(),
-                    "name_taken" | "bad_name" | "bad_port" | "unsupported_version"
+                    "name_taken"
+                        | "name_confusable"
+                        | "bad_name"
+                        | "bad_port"
+                        | "unsupported_version"
                 );
                 if fatal && matches!(self.session, Session::Registering { .. }) {
                     self.error(&code, format!("the registry refused us: {reason}"));
@@ -758,6 +835,9 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         // registry restart are still reachable and still listed by /peers.
         let peers = self.peers();
         self.first_attempt_over = true;
+        self.ever_registered = true;
+        self.registry_error = None;
+        self.retry_at = None;
         self.emit(Event::Registered {
             name: self.config.name.clone(),
             addr: self.my_addr.clone(),
@@ -818,7 +898,9 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             self.error(
                 ErrorCode::KeyMismatch.as_str(),
                 format!(
-                    "the registry lists {name} with key {key}, but {pinned} is pinned for that name in known_peers; links to and from {name} are refused (if {name} really has a new key, remove its line from known_peers)"
+                    "the registry lists {name} with key {key}, but {pinned} is pinned for that name; links to and from {name} are refused. If {name} really has a new key (check with them: /whois {name}), delete the line \"{}\" from {} and start again",
+                    pin_text("peer", &folded, &pinned),
+                    self.config.known_peers
                 ),
             );
             self.fail_queued(&folded, ErrorCode::KeyMismatch.as_str());
@@ -985,6 +1067,8 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         self.backoff = (self.backoff * 2).min(self.config.backoff_max);
         tracing::info!(%error, retry_in = ?delay, "registry lost");
         self.first_attempt_over = true;
+        self.registry_error = Some(error.clone());
+        self.retry_at = Some(now + delay);
         self.emit(Event::RegistryLost {
             error,
             retry_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
@@ -1104,10 +1188,15 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             };
         }
         match codec::decode::<LinkMsg>(body) {
-            Ok(LinkMsg::Chat { id, text, direct }) => match link {
+            Ok(LinkMsg::Chat {
+                id,
+                text,
+                direct,
+                sent_at,
+            }) => match link {
                 InLink::Pending { held, .. } => {
                     let link_bytes: usize =
-                        held.iter().map(|h| h.1.len()).sum::<usize>() + text.len();
+                        held.iter().map(|h| h.text.len()).sum::<usize>() + text.len();
                     let over = held.len() >= MAX_HELD
                         || link_bytes > MAX_HELD_BYTES
                         || self.held_bytes() + text.len() > MAX_HELD_BYTES_TOTAL;
@@ -1120,12 +1209,23 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     } else if let Some(Role::In(InLink::Pending { held, .. })) =
                         self.conns.get_mut(&conn)
                     {
-                        held.push((id, text, direct));
+                        held.push(Chat {
+                            id,
+                            text,
+                            direct,
+                            sent_at,
+                        });
                     }
                 }
                 InLink::Verified { folded, instance } => {
                     let (folded, instance) = (folded.clone(), *instance);
-                    self.deliver(conn, &folded, instance, id, text, direct);
+                    let chat = Chat {
+                        id,
+                        text,
+                        direct,
+                        sent_at,
+                    };
+                    self.deliver(conn, &folded, instance, chat);
                 }
                 InLink::AwaitHello { .. } => {}
             },
@@ -1164,7 +1264,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         if let Some(pinned) = self.config.pins.get(&folded).filter(|k| **k != key) {
             let reason =
                 format!("{name} is pinned to key {pinned} in known_peers; this link proved {key}");
-            self.error(ErrorCode::KeyMismatch.as_str(), reason.clone());
+            self.warn_key(&folded, key, reason.clone());
             return self.refuse_link(conn, ErrorCode::KeyMismatch, reason);
         }
         self.conns.insert(
@@ -1188,7 +1288,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         self.conns
             .values()
             .map(|role| match role {
-                Role::In(InLink::Pending { held, .. }) => held.iter().map(|h| h.1.len()).sum(),
+                Role::In(InLink::Pending { held, .. }) => held.iter().map(|h| h.text.len()).sum(),
                 _ => 0,
             })
             .sum()
@@ -1224,7 +1324,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 } else {
                     format!("the registry lists {name} with key {listed_key}, not {key}")
                 };
-                self.error(ErrorCode::KeyMismatch.as_str(), reason.clone());
+                self.warn_key(folded, key, reason.clone());
                 self.refuse_link(conn, ErrorCode::KeyMismatch, reason);
                 continue;
             }
@@ -1236,22 +1336,20 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     instance,
                 }),
             );
-            for (id, text, direct) in held {
-                self.deliver(conn, folded, instance, id, text, direct);
+            for chat in held {
+                self.deliver(conn, folded, instance, chat);
             }
         }
     }
 
     /// Shows a chat unless it is a resend, and acknowledges it either way.
-    fn deliver(
-        &mut self,
-        conn: C,
-        folded: &str,
-        instance: u64,
-        id: u64,
-        text: String,
-        direct: bool,
-    ) {
+    fn deliver(&mut self, conn: C, folded: &str, instance: u64, chat: Chat) {
+        let Chat {
+            id,
+            text,
+            direct,
+            sent_at,
+        } = chat;
         let seen = self.seen.entry(folded.to_string()).or_insert((instance, 0));
         if seen.0 != instance {
             // The sender restarted: its ids begin again.
@@ -1265,6 +1363,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 text,
                 direct,
                 id,
+                sent_at,
             });
         }
         let ack = protocol::frame(&LinkMsg::Ack { id });
@@ -1273,19 +1372,31 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
 
     // ---- commands ----
 
-    pub fn command(&mut self, command: Command, now: Instant) {
+    /// Runs a user command; `wall` is the wall-clock time, which chat
+    /// messages carry for their readers.
+    pub fn command(&mut self, command: Command, now: Instant, wall: SystemTime) {
         if self.quitting {
             return;
         }
+        let sent_at = wall
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_millis()).ok());
         match command {
             Command::Broadcast(text) => {
                 let targets: Vec<String> = self.dir.keys().cloned().collect();
-                self.send_chat(targets, text, false, now);
+                self.send_chat(targets, text, false, sent_at, now);
+            }
+            Command::Direct { to, .. } if fold_name(&to) == self.my_folded => {
+                self.error(
+                    "bad_command",
+                    "you cannot message yourself; /msg is for another peer".into(),
+                );
             }
             Command::Direct { to, text } => {
                 let folded = fold_name(&to);
                 if self.dir.contains_key(&folded) {
-                    self.send_chat(vec![folded], text, true, now);
+                    self.send_chat(vec![folded], text, true, sent_at, now);
                 } else {
                     self.error(
                         ErrorCode::UnknownPeer.as_str(),
@@ -1298,6 +1409,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 self.emit(Event::Peers { peers });
             }
             Command::Whois(name) => self.whois(&name),
+            Command::Status => self.status(now),
             Command::Quit => self.quit(now),
         }
     }
@@ -1305,15 +1417,27 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     fn whois(&mut self, name: &str) {
         let folded = fold_name(name.trim());
         let found = if folded == self.my_folded {
-            Some((self.config.name.clone(), self.config.key, true))
+            Some(Event::Whois {
+                name: self.config.name.clone(),
+                key: self.config.key,
+                pinned: true,
+                you: true,
+                pinned_key: None,
+            })
         } else {
             self.dir.get(&folded).map(|known| {
-                let pinned = self.config.pins.get(&folded) == Some(&known.key);
-                (known.name.clone(), known.key, pinned)
+                let pin = self.config.pins.get(&folded).copied();
+                Event::Whois {
+                    name: known.name.clone(),
+                    key: known.key,
+                    pinned: pin == Some(known.key),
+                    you: false,
+                    pinned_key: pin.filter(|p| *p != known.key),
+                }
             })
         };
         match found {
-            Some((name, key, pinned)) => self.emit(Event::Whois { name, key, pinned }),
+            Some(event) => self.emit(event),
             None => self.error(
                 ErrorCode::UnknownPeer.as_str(),
                 format!("no peer named {name:?} is online (see /peers)"),
@@ -1321,9 +1445,46 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         }
     }
 
-    fn send_chat(&mut self, targets: Vec<String>, text: String, direct: bool, now: Instant) {
+    fn status(&mut self, now: Instant) {
+        let (registry, error, retry_at) = match &self.session {
+            Session::Online { .. } => ("registered", None, None),
+            Session::Idle => (
+                if self.ever_registered {
+                    "lost"
+                } else {
+                    "unreachable"
+                },
+                self.registry_error.clone(),
+                self.retry_at,
+            ),
+            _ => ("connecting", None, None),
+        };
+        let retry_in_ms = retry_at.map(|at| {
+            u64::try_from(at.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+        });
+        self.emit(Event::Status {
+            registry: registry.into(),
+            error,
+            retry_in_ms,
+            peers: self.dir.len(),
+        });
+    }
+
+    fn send_chat(
+        &mut self,
+        targets: Vec<String>,
+        text: String,
+        direct: bool,
+        sent_at: Option<u64>,
+        now: Instant,
+    ) {
         let id = self.next_id;
-        let frame = protocol::frame(&LinkMsg::Chat { id, text, direct });
+        let frame = protocol::frame(&LinkMsg::Chat {
+            id,
+            text,
+            direct,
+            sent_at,
+        });
         let body_len = frame.len() - PREFIX_LEN;
         if body_len > DEFAULT_MAX_FRAME {
             self.error(
@@ -1553,6 +1714,13 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
 /// user's screen or `known_peers`.
 fn is_valid_name(name: &str) -> bool {
     normalize_name(name).is_ok_and(|n| n == name)
+}
+
+/// A pin as its line in `known_peers` reads, for hints on what to delete.
+fn pin_text(kind: &str, subject: &str, key: &PublicKey) -> String {
+    trust::pin_line(kind, subject, key)
+        .map(|line| line.trim_end().to_string())
+        .unwrap_or_else(|| format!("{kind} {subject} {key}"))
 }
 
 fn xorshift(state: &mut u64) -> u64 {

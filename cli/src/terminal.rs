@@ -4,13 +4,16 @@
 //! from a pipe or a file, lines are read plainly.
 
 use std::io::{self, BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use mio::Waker;
-use peerchat_peer::peer::Event;
 use rustyline::error::ReadlineError;
 use rustyline::ExternalPrinter;
+use rustyline::{
+    Cmd, ConditionalEventHandler, Event, EventContext, EventHandler, KeyEvent, RepeatCount,
+};
 
 /// One thing from the input thread.
 pub enum Input {
@@ -100,27 +103,65 @@ pub fn spawn_input(tx: Sender<Input>, waker: Arc<Waker>, plain: bool) -> io::Res
     if interactive {
         let mut editor = rustyline::DefaultEditor::new().map_err(io::Error::other)?;
         let printer = editor.create_external_printer().map_err(io::Error::other)?;
+        let suspended = Arc::new(Mutex::new(None));
+        let editing = Arc::new(AtomicBool::new(false));
+        let editing_now = editing.clone();
+        editor.bind_sequence(
+            KeyEvent::ctrl('Z'),
+            EventHandler::Conditional(Box::new(SuspendKey(suspended.clone()))),
+        );
         std::thread::Builder::new()
             .name("input".into())
-            .spawn(move || loop {
-                let input = match editor.readline("> ") {
-                    Ok(line) => {
-                        let _ = editor.add_history_entry(line.as_str());
-                        Input::Line(line)
+            .spawn(move || {
+                let mut draft = (String::new(), String::new());
+                loop {
+                    editing_now.store(true, Ordering::SeqCst);
+                    let read = editor.readline_with_initial("> ", (&draft.0, &draft.1));
+                    editing_now.store(false, Ordering::SeqCst);
+                    draft = Default::default();
+                    let inputs = match read {
+                        // A bracketed paste arrives as one "line" holding
+                        // newlines: each line of it counts as typed.
+                        Ok(block) => block
+                            .split(['\n', '\r'])
+                            .filter(|line| !line.trim().is_empty())
+                            .map(|line| {
+                                let _ = editor.add_history_entry(line);
+                                Input::Line(line.to_string())
+                            })
+                            .collect(),
+                        Err(ReadlineError::Interrupted) => match take(&suspended) {
+                            Some(kept) => {
+                                draft = kept;
+                                suspend();
+                                continue;
+                            }
+                            // Ctrl-C leaves, as /quit does.
+                            None => vec![Input::Interrupt],
+                        },
+                        // So does Ctrl-D.
+                        Err(ReadlineError::Eof) => vec![Input::Interrupt],
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the terminal failed");
+                            vec![Input::Interrupt]
+                        }
+                    };
+                    let last = matches!(inputs.last(), Some(Input::Interrupt));
+                    for input in inputs {
+                        if tx.send(input).is_err() {
+                            return;
+                        }
                     }
-                    // Ctrl-C and Ctrl-D leave, as /quit does.
-                    Err(ReadlineError::Interrupted | ReadlineError::Eof) => Input::Interrupt,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the terminal failed");
-                        Input::Interrupt
+                    if waker.wake().is_err() || last {
+                        return;
                     }
-                };
-                let last = matches!(input, Input::Interrupt);
-                if tx.send(input).is_err() || waker.wake().is_err() || last {
-                    return;
                 }
             })?;
-        return Output::start(Sink::Prompt(Box::new(printer)));
+        let out = Output::start(Sink::Prompt(Box::new(printer)))?;
+        if let Some(lines) = &out.lines {
+            watch_resume(editing, lines.clone())?;
+        }
+        return Ok(out);
     }
     // Ctrl-D typed at a terminal (with --json, or with output to a pipe)
     // is the user wanting out, not the end of a script.
@@ -154,78 +195,125 @@ pub fn spawn_input(tx: Sender<Input>, waker: Arc<Waker>, plain: bool) -> io::Res
     Output::start(Sink::Plain)
 }
 
-/// The local wall-clock time as `HH:MM:SS`.
-fn clock() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let secs = libc::time_t::try_from(now).unwrap_or(0);
-    // SAFETY: localtime_r writes only into the struct we own.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let ok = unsafe { !libc::localtime_r(&secs, &mut tm).is_null() };
-    if ok {
-        format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
-    } else {
-        let day = now % 86_400;
-        format!("{:02}:{:02}:{:02}", day / 3600, day / 60 % 60, day % 60)
+/// The line being edited when Ctrl-Z was pressed, split at the cursor.
+type Draft = (String, String);
+
+/// Ctrl-Z, taken from the line editor: it would stop the process from
+/// inside its raw mode and, once resumed, leave the terminal as the shell
+/// set it (cooked, echoing) until the next Enter. Instead the editor ends
+/// its line (restoring the terminal), the process stops, and on `fg` the
+/// editor starts again with the draft intact.
+struct SuspendKey(Arc<Mutex<Option<Draft>>>);
+
+impl ConditionalEventHandler for SuspendKey {
+    fn handle(&self, _: &Event, _: RepeatCount, _: bool, ctx: &EventContext) -> Option<Cmd> {
+        let (left, right) = ctx.line().split_at(ctx.pos());
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((left.to_string(), right.to_string()));
+        Some(Cmd::Interrupt)
     }
 }
 
-fn names(peers: &[peerchat_core::protocol::PeerEntry]) -> String {
-    if peers.is_empty() {
-        return "nobody else is online".into();
+fn take(suspended: &Mutex<Option<Draft>>) -> Option<Draft> {
+    suspended
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+}
+
+/// Stops the process as the terminal's suspend key would, once the editor
+/// has handed the terminal back; returns when the shell continues it.
+fn suspend() {
+    let mut out = io::stdout().lock();
+    // The prompt line is left blank for the shell's "Stopped" line.
+    let _ = out.write_all(b"\r\x1b[K").and_then(|()| out.flush());
+    drop(out);
+    // SAFETY: raising a signal whose default action stops the process.
+    unsafe {
+        libc::raise(libc::SIGTSTP);
     }
-    let list: Vec<String> = peers
-        .iter()
-        .map(|p| format!("{} ({})", p.name, p.addr))
-        .collect();
-    format!("{} online: {}", peers.len(), list.join(", "))
 }
 
-/// The line a person reads for an event; `None` for the ones left quiet.
-pub fn human(event: &Event) -> Option<String> {
-    Some(match event {
-        Event::Registered {
-            name, addr, peers, ..
-        } => {
-            format!("* registered as {name} at {addr}; {}", names(peers))
-        }
-        Event::Joined { name, addr, .. } => format!("* {name} joined ({addr})"),
-        Event::Left { name, reason } => format!("* {name} left ({reason})"),
-        Event::Moved { name, addr } => format!("* {name} moved to {addr}"),
-        Event::Peers { peers } => format!("* {}", names(peers)),
-        Event::Message {
-            from, text, direct, ..
-        } => {
-            let to_me = if *direct { " (to you)" } else { "" };
-            format!("[{}] <{from}>{to_me} {text}", clock())
-        }
-        Event::Sent { to, .. } if to.is_empty() => {
-            "! nobody else is online; the message went nowhere".into()
-        }
-        Event::Sent { .. } | Event::Delivered { .. } => return None,
-        Event::Undelivered { id, to, reason } => {
-            format!("! message {id} to {to} was not delivered ({reason})")
-        }
-        Event::RegistryLost { error, retry_in_ms } => {
-            format!("! registry lost ({error}), retrying in {retry_in_ms} ms; chat goes on")
-        }
-        Event::Error { code, message } => format!("! {code}: {message}"),
-        Event::Whois { name, key, pinned } => {
-            let trust = if *pinned {
-                "pinned in known_peers"
-            } else {
-                "not pinned yet"
-            };
-            format!("* {name}: key {key} ({trust})")
-        }
-    })
+/// A stop from outside (`kill -TSTP`, or the shell's `kill %1`) catches
+/// the line editor in raw mode; the shell then resets the terminal, and on
+/// `fg` the editor would read a cooked, echoing terminal. When the process
+/// is continued while the editor is reading, this thread puts the editor's
+/// raw mode back and has it redraw its line (an empty line printed above
+/// the prompt).
+fn watch_resume(editing: Arc<AtomicBool>, redraw: Sender<String>) -> io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGCONT])?;
+    std::thread::Builder::new()
+        .name("resume".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if editing.load(Ordering::SeqCst) && set_editor_mode() {
+                    let _ = redraw.send(String::new());
+                }
+            }
+        })?;
+    Ok(())
 }
 
-/// How a sent message is echoed back to its author.
-pub fn echo(text: &str, me: &str, to: Option<&str>) -> String {
-    match to {
-        Some(to) => format!("[{}] <{me}> (to {to}) {text}", clock()),
-        None => format!("[{}] <{me}> {text}", clock()),
+/// Puts the terminal in the line editor's raw mode: the settings saved at
+/// start with the changes rustyline makes when it begins a line (we cannot
+/// ask it to redo them). Whether it worked.
+fn set_editor_mode() -> bool {
+    let Some(saved) = SAVED.get() else {
+        return false;
+    };
+    let mut raw = *saved;
+    raw.c_iflag &= !(libc::BRKINT | libc::ICRNL | libc::INPCK | libc::ISTRIP | libc::IXON);
+    raw.c_cflag |= libc::CS8;
+    raw.c_lflag &= !(libc::ECHO | libc::ICANON | libc::IEXTEN | libc::ISIG);
+    raw.c_cc[libc::VMIN] = 1;
+    raw.c_cc[libc::VTIME] = 0;
+    // SAFETY: sets stdin's terminal from a struct we own.
+    unsafe { libc::tcsetattr(0, libc::TCSADRAIN, &raw) == 0 }
+}
+
+/// The terminal's settings at start, put back on every way out: a normal
+/// exit, an error, a panic. The line editor's thread may still be inside
+/// `readline` (in raw mode) when the process ends.
+pub struct TerminalGuard;
+
+/// The settings read at start, for the panic hook (which has no other way
+/// to reach them).
+static SAVED: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
+
+impl TerminalGuard {
+    /// Saves the settings of the terminal on stdin, if it is one, and makes
+    /// a panic restore them before its message is printed.
+    pub fn save() -> TerminalGuard {
+        if io::stdin().is_terminal() {
+            // SAFETY: tcgetattr fills the struct we own; fd 0 is stdin.
+            let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+            if unsafe { libc::tcgetattr(0, &mut termios) } == 0 && SAVED.set(termios).is_ok() {
+                let report = std::panic::take_hook();
+                std::panic::set_hook(Box::new(move |info| {
+                    restore();
+                    report(info);
+                }));
+            }
+        }
+        TerminalGuard
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        restore();
+    }
+}
+
+/// Puts the saved settings back and clears the prompt left on the last line.
+fn restore() {
+    let Some(termios) = SAVED.get() else { return };
+    // SAFETY: hands back the settings read at start.
+    unsafe {
+        libc::tcsetattr(0, libc::TCSANOW, termios);
+    }
+    if io::stdout().is_terminal() {
+        let mut out = io::stdout().lock();
+        let _ = out.write_all(b"\r\x1b[K").and_then(|()| out.flush());
     }
 }

@@ -3,16 +3,51 @@
 
 use clap::Parser;
 
-/// Parses the command line. On a bad one, prints clap's error followed by
-/// the usage line (clap omits it for some errors, such as an invalid value)
-/// and exits with status 2.
+/// Parses the command line. On a bad one, prints clap's error with the
+/// usage line (clap omits it for some errors, such as an invalid value) in
+/// clap's own place, before the pointer to `--help`, and exits with status 2.
 pub fn parse_args<P: Parser>() -> P {
     P::try_parse().unwrap_or_else(|e| {
         let text = e.render().to_string();
         if !e.use_stderr() || text.contains("Usage:") {
             e.exit();
         }
-        eprintln!("{}\n{}", text.trim_end(), P::command().render_usage());
+        eprint!(
+            "{}",
+            with_usage(&text, &P::command().render_usage().to_string())
+        );
         std::process::exit(2);
     })
+}
+
+/// Puts `usage` into an error text that lacks it, where clap puts it.
+fn with_usage(error: &str, usage: &str) -> String {
+    const MORE: &str = "For more information, try";
+    let error = error.trim_end();
+    match error.find(MORE) {
+        Some(at) => format!(
+            "{}\n\n{usage}\n\n{}\n",
+            error[..at].trim_end(),
+            &error[at..]
+        ),
+        None => format!("{error}\n\n{usage}\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_usage_line_goes_before_the_pointer_to_help() {
+        let error = "error: invalid value '5' for '--stats-interval <DUR>': no unit\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            with_usage(error, "Usage: registry --listen <ADDR>"),
+            "error: invalid value '5' for '--stats-interval <DUR>': no unit\n\nUsage: registry --listen <ADDR>\n\nFor more information, try '--help'.\n"
+        );
+        assert_eq!(
+            with_usage("error: x\n", "Usage: y"),
+            "error: x\n\nUsage: y\n"
+        );
+    }
 }

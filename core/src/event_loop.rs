@@ -119,7 +119,8 @@ pub struct LoopConfig {
     /// How long a closing connection may take to flush and be closed by the
     /// other side before it is dropped.
     pub close_linger: Duration,
-    /// Deliver SIGINT and SIGTERM to [`App::on_signal`].
+    /// Deliver SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH
+    /// session) to [`App::on_signal`].
     pub handle_signals: bool,
     /// Secure every connection with a Noise session under this static key.
     pub identity: Option<Arc<Identity>>,
@@ -587,6 +588,7 @@ impl<T> EventLoop<T> {
             let mut signals = signal_hook_mio::v1_0::Signals::new([
                 signal_hook::consts::SIGINT,
                 signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGHUP,
             ])?;
             poll.registry()
                 .register(&mut signals, SIGNALS, Interest::READABLE)?;

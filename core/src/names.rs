@@ -5,8 +5,8 @@
 
 use std::fmt;
 
+use unicode_script::Script;
 use unicode_security::mixed_script::AugmentedScriptSet;
-use unicode_security::{RestrictionLevel, RestrictionLevelDetection};
 
 use crate::protocol::ErrorCode;
 
@@ -115,17 +115,35 @@ fn reads_as(c: char, ascii: char) -> bool {
         || (!c.is_ascii() && unicode_security::skeleton(c.encode_utf8(&mut [0; 4])).eq([ascii]))
 }
 
-/// TR39's moderately restrictive level, over the characters that belong to
-/// a script: Latin may go with one other script that does not look like it
-/// (not Cyrillic, not Greek), or with Han and Japanese or Korean. Digits,
-/// punctuation, emoji and combining marks (Common and Inherited) go with
-/// any script.
+/// TR39's "moderately restrictive" rule for mixing scripts: a name is in
+/// one script, or Latin with Han and Japanese or Korean, or Latin with one
+/// other recommended script that does not look like it (not Cyrillic, not
+/// Greek). Digits, punctuation, emoji and combining marks (Common and
+/// Inherited) go with any script. Unlike TR39's identifier profile, rare and
+/// historic characters are fine on their own: names may be in any script.
 fn scripts_mixed_safely(name: &str) -> bool {
-    let letters: String = name
-        .chars()
-        .filter(|c| !AugmentedScriptSet::for_char(*c).is_all())
-        .collect();
-    letters.as_str().detect_restriction_level() <= RestrictionLevel::ModeratelyRestrictive
+    let mut all = AugmentedScriptSet::default();
+    let mut beside_latin = AugmentedScriptSet::default();
+    for c in name.chars() {
+        let set = AugmentedScriptSet::for_char(c);
+        all.intersect_with(set);
+        if !set.base.contains_script(Script::Latin) {
+            beside_latin.intersect_with(set);
+        }
+    }
+    if !all.is_empty() {
+        return true;
+    }
+    if beside_latin.kore || beside_latin.hanb || beside_latin.jpan {
+        return true;
+    }
+    let mut others = beside_latin.base.iter();
+    match (others.next(), others.next()) {
+        (Some(script), None) => {
+            script.is_recommended() && script != Script::Cyrillic && script != Script::Greek
+        }
+        _ => false,
+    }
 }
 
 /// Characters that show nothing: Unicode's default-ignorable code points
@@ -229,7 +247,15 @@ mod tests {
 
     #[test]
     fn scripts_that_look_alike_do_not_mix() {
-        for spoof in ["\u{430}lice", "p\u{430}ypal", "\u{3bf}scar", "al\u{456}ce"] {
+        for spoof in [
+            "\u{430}lice",
+            "p\u{430}ypal",
+            "\u{3bf}scar",
+            "al\u{456}ce",
+            "\u{430}\u{3b1}", // Cyrillic with Greek
+            "a\u{10330}",     // Latin with a historic script
+            "\u{5d0}\u{627}", // Hebrew with Arabic
+        ] {
             match normalize_name(spoof) {
                 Err(e @ NameError::Confusable(_)) => {
                     assert_eq!(e.code(), ErrorCode::NameConfusable)
@@ -244,6 +270,8 @@ mod tests {
             "tokyo東京たろう",           // Latin, Han, Hiragana
             "김철수kim",                 // Latin with Hangul
             "ravi\u{930}\u{935}\u{93F}", // Latin with Devanagari
+            "00000\u{20000}\u{20001}",   // a rare ideograph, digits
+            "\u{10330}\u{10331}",        // Gothic, alone
             "bob2",
             "\u{1F468}\u{200D}\u{1F469}",
             "alice\u{2764}\u{FE0F}",

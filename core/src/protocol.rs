@@ -127,6 +127,10 @@ pub enum LinkMsg {
         id: u64,
         text: String,
         direct: bool,
+        /// When the sender sent it: milliseconds since the Unix epoch by
+        /// the sender's clock. Optional: absent from older senders.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sent_at: Option<u64>,
     },
     Ack {
         id: u64,
@@ -263,6 +267,7 @@ mod tests {
                 id: 7,
                 text: "hi \"there\" \\ 🎉".into(),
                 direct: true,
+                sent_at: Some(1_796_000_000_000),
             },
             LinkMsg::Ack { id: 7 },
             LinkMsg::error(ErrorCode::UnknownPeer, "who?"),

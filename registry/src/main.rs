@@ -2,7 +2,7 @@
 //! the sans-IO [`Registry`] on the core event loop.
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,9 +21,10 @@ use peerchat_registry::{Action, Config, Disconnect, Owner, Registry, Timer};
 #[derive(Debug, Parser)]
 #[command(name = "registry", version, about)]
 struct Args {
-    /// Address to listen on, e.g. 0.0.0.0:7000, 127.0.0.1:0, [::]:7000.
+    /// Address to listen on, e.g. 0.0.0.0:7000, 127.0.0.1:0, [::]:7000, or
+    /// a host name such as localhost:7000 (every address it resolves to).
     #[arg(long, value_name = "ADDR")]
-    listen: SocketAddr,
+    listen: String,
     /// How often peers send a heartbeat (e.g. 200ms, 5s, 1m).
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     heartbeat: Duration,
@@ -283,6 +284,57 @@ fn open_record(path: Option<PathBuf>) -> Result<(Option<Record>, Vec<Owner>), St
     Ok((Some(record), loaded.owners))
 }
 
+/// The addresses `--listen` names, each once; a bad one is a usage error.
+fn resolve_listen(listen: &str) -> Vec<SocketAddr> {
+    let usage = |why: String| -> ! {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::InvalidValue,
+                format!("--listen {listen}: {why}"),
+            )
+            .exit()
+    };
+    let mut addrs: Vec<SocketAddr> = match listen.to_socket_addrs() {
+        Ok(addrs) => addrs.collect(),
+        Err(e) => usage(format!("{e} (write it as HOST:PORT, e.g. 0.0.0.0:7000)")),
+    };
+    let mut seen = std::collections::HashSet::new();
+    addrs.retain(|a| seen.insert(*a));
+    if addrs.is_empty() {
+        usage("no address found".into());
+    }
+    addrs
+}
+
+/// Listens on every address; with port 0, the later ones take the port the
+/// first one got, so that a host name means one port. An address that
+/// fails is skipped with a warning (`localhost` may name an IPv6 address on
+/// a host without IPv6); none at all is fatal.
+fn listen_all<T>(event_loop: &mut EventLoop<T>, addrs: &[SocketAddr]) -> Option<Vec<SocketAddr>> {
+    let mut listening: Vec<SocketAddr> = Vec::new();
+    for addr in addrs {
+        let mut addr = *addr;
+        if let Some(first) = listening.first().filter(|_| addr.port() == 0) {
+            addr.set_port(first.port());
+        }
+        match event_loop.listen(addr) {
+            Ok(local) => listening.push(local),
+            Err(e) if addrs.len() > 1 => {
+                tracing::warn!(%addr, error = %e, "cannot listen here; going on without it")
+            }
+            Err(e) => {
+                eprintln!("registry: cannot listen on {addr}: {e}");
+                return None;
+            }
+        }
+    }
+    if listening.is_empty() {
+        eprintln!("registry: cannot listen on any address of the --listen host");
+        return None;
+    }
+    Some(listening)
+}
+
 fn main() -> ExitCode {
     let args: Args = peerchat_core::cli::parse_args();
     if args.timeout <= args.heartbeat {
@@ -296,6 +348,7 @@ fn main() -> ExitCode {
             )
             .exit();
     }
+    let listen_addrs = resolve_listen(&args.listen);
     // Logs go through a writer thread: a stalled stderr (a full pipe nobody
     // reads) drops log lines instead of freezing the loop.
     let (log_writer, _log_flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
@@ -358,12 +411,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let local = match event_loop.listen(args.listen) {
-        Ok(addr) => addr,
-        Err(e) => {
-            eprintln!("registry: cannot listen on {}: {e}", args.listen);
-            return ExitCode::FAILURE;
-        }
+    let Some(listening) = listen_all(&mut event_loop, &listen_addrs) else {
+        return ExitCode::FAILURE;
     };
     let now = event_loop.ctx().now();
     event_loop
@@ -384,7 +433,9 @@ fn main() -> ExitCode {
         at_shutdown: None,
     };
     eprintln!("registry key {}", identity.public());
-    eprintln!("listening on {local}");
+    for local in listening {
+        eprintln!("listening on {local}");
+    }
     let mut status = ExitCode::SUCCESS;
     if let Err(e) = event_loop.run(&mut app) {
         eprintln!("registry: the event loop failed: {e}");

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use peerchat_core::codec;
@@ -125,11 +125,20 @@ fn left(name: &str, reason: &str) -> Change {
     }
 }
 
+/// What every chat made by [`chat`] says it was sent at: the wall-clock
+/// time of every command in these tests ([`wall`]).
+const WALL_MS: u64 = 1_796_000_000_123;
+
+fn wall() -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(WALL_MS)
+}
+
 fn chat(id: u64, text: &str, direct: bool) -> LinkMsg {
     LinkMsg::Chat {
         id,
         text: text.into(),
         direct,
+        sent_at: Some(WALL_MS),
     }
 }
 
@@ -166,6 +175,7 @@ fn message(from: &str, text: &str, direct: bool, id: u64) -> Event {
         text: text.into(),
         direct,
         id,
+        sent_at: Some(WALL_MS),
     }
 }
 
@@ -410,7 +420,7 @@ impl Sim {
     }
 
     fn command(&mut self, command: Command) {
-        self.peer.command(command, self.now);
+        self.peer.command(command, self.now, wall());
         self.apply();
     }
 
@@ -942,6 +952,7 @@ fn held_chats_are_capped_in_bytes() {
                 id,
                 text: big.clone(),
                 direct: false,
+                sent_at: None,
             },
         );
     }
@@ -952,6 +963,7 @@ fn held_chats_are_capped_in_bytes() {
             id: 5,
             text: big,
             direct: false,
+            sent_at: None,
         },
     );
     assert_eq!(sim.error_code_on(c), "unknown_peer");
@@ -965,6 +977,11 @@ fn name_taken_while_registering_is_an_error_and_exit_2() {
 #[test]
 fn bad_name_while_registering_is_an_error_and_exit_2() {
     fatal_rejection("bad_name");
+}
+
+#[test]
+fn a_confusable_name_while_registering_is_an_error_and_exit_2() {
+    fatal_rejection("name_confusable");
 }
 
 #[test]
@@ -1379,6 +1396,90 @@ fn msg_to_an_unknown_name_is_an_unknown_peer_error() {
 }
 
 #[test]
+fn msg_to_yourself_says_so() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.msg("ALICE", "hi me");
+    let message = the_error(&sim.take_events(), "bad_command");
+    assert!(message.contains("cannot message yourself"), "{message}");
+    assert!(sim.link_dials_to("alice").is_empty());
+}
+
+#[test]
+fn received_chats_keep_the_senders_clock_if_it_said() {
+    // (What we send carries the command's wall clock: see `chat`.)
+    let mut sim = Sim::online(&["bob"]);
+    let c = sim.inbound("bob", 1);
+    let from_old_client = LinkMsg::Chat {
+        id: 1,
+        text: "no clock".into(),
+        direct: false,
+        sent_at: None,
+    };
+    sim.link_in(c, &from_old_client);
+    sim.link_in(c, &chat(2, "with clock", false));
+    let events = sim.take_events();
+    assert!(
+        events.contains(&Event::Message {
+            from: "bob".into(),
+            text: "no clock".into(),
+            direct: false,
+            id: 1,
+            sent_at: None,
+        }),
+        "{events:?}"
+    );
+    assert!(events.contains(&message("bob", "with clock", false, 2)));
+}
+
+#[test]
+fn status_tells_whether_the_registry_was_ever_reached_and_when_it_is_tried_next() {
+    let mut sim = Sim::new();
+    let reg = sim.start();
+    sim.remote_close(reg, "connection refused");
+    sim.take_events();
+    sim.advance(ms(20));
+    sim.command(Command::Status);
+    let events = sim.take_events();
+    let [Event::Status {
+        registry,
+        error,
+        retry_in_ms: Some(retry),
+        peers: 0,
+    }] = events.as_slice()
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(registry, "unreachable");
+    assert_eq!(error.as_deref(), Some("connection refused"));
+    assert!(
+        *retry <= 80,
+        "the first retry is due within 100 ms: {retry}"
+    );
+
+    let mut sim = Sim::online(&["bob"]);
+    sim.command(Command::Status);
+    assert_eq!(
+        sim.take_events(),
+        [Event::Status {
+            registry: "registered".into(),
+            error: None,
+            retry_in_ms: None,
+            peers: 1
+        }]
+    );
+    let reg = sim.reg_conn();
+    sim.remote_close(reg, "connection reset by peer");
+    sim.command(Command::Status);
+    let events = sim.take_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Status { registry, .. } if registry == "lost")),
+        "{events:?}"
+    );
+}
+
+#[test]
 fn ids_are_unique_and_increasing() {
     let mut sim = Sim::online(&["bob", "carol"]);
     sim.msg("bob", "a");
@@ -1774,6 +1875,19 @@ fn errors_with_code(events: &[Event], wanted: &str) -> usize {
         .count()
 }
 
+/// The one error event among `events`, with its code.
+fn the_error(events: &[Event], wanted: &str) -> String {
+    let messages: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Error { code, message } if code == wanted => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(messages.len(), 1, "{events:?}");
+    messages[0].clone()
+}
+
 #[test]
 fn the_first_registry_key_is_pinned_and_a_pinned_one_is_enforced() {
     let sim = Sim::online(&[]);
@@ -1781,42 +1895,49 @@ fn the_first_registry_key_is_pinned_and_a_pinned_one_is_enforced() {
 
     let mut config = config();
     config.registry_trust = RegistryTrust::Pinned(key_of("the real registry"));
+    config.registry_name = "chat.example:7000".into();
+    config.known_peers = "/home/alice/known_peers".into();
     let mut sim = Sim::with(config, 7);
     let reg = sim.start();
     assert!(sim.take_reg(reg).is_empty(), "no register to an impostor");
     assert!(sim.gone.contains(&reg));
-    let events = sim.take_events();
-    assert_eq!(errors_with_code(&events, "key_mismatch"), 1, "{events:?}");
+    let message = the_error(&sim.take_events(), "key_mismatch");
+    let line = format!("registry chat.example:7000 {}", key_of("the real registry"));
     assert!(
-        events.iter().any(is_registry_lost),
-        "and it tries again later"
+        message.contains(&format!(
+            "delete the line \"{line}\" from /home/alice/known_peers"
+        )),
+        "the hint names the file and the line: {message}"
     );
+    assert_eq!(sim.exits, vec![2], "it stops instead of retrying forever");
+    sim.advance(ms(60_000));
+    assert!(sim.dials.len() <= 1, "never dialed again: {:?}", sim.dials);
     assert!(sim.pins.is_empty());
-    // The real one, when it answers, is accepted.
-    sim.imposters
-        .insert(String::new(), key_of("the real registry"));
-    sim.advance(ms(100));
-    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
-    assert!(sim.pins.is_empty(), "already pinned");
 }
 
 #[test]
 fn a_registry_key_given_up_front_is_enforced_then_pinned() {
     let mut config = config();
     config.registry_trust = RegistryTrust::Given(key_of("the real registry"));
-    let mut sim = Sim::with(config, 7);
+    let mut sim = Sim::with(config.clone(), 7);
     let reg = sim.start();
     assert!(sim.take_reg(reg).is_empty(), "no register to an impostor");
-    let events = sim.take_events();
-    assert_eq!(errors_with_code(&events, "key_mismatch"), 1, "{events:?}");
+    let message = the_error(&sim.take_events(), "key_mismatch");
+    assert!(
+        message.contains(&format!("--registry-key {}", registry_key())),
+        "the hint says what to give instead: {message}"
+    );
+    assert_eq!(sim.exits, vec![2]);
     assert!(sim.pins.is_empty(), "an impostor's key is not pinned");
+
+    // The real one is accepted, and pinned.
+    let mut sim = Sim::with(config, 7);
     sim.imposters
         .insert(String::new(), key_of("the real registry"));
-    sim.advance(ms(100));
-    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
+    let reg = sim.start();
+    assert_eq!(sim.take_reg(reg), vec![register()]);
     assert_eq!(sim.pins, vec![Pin::Registry(key_of("the real registry"))]);
     // A reconnection finds it pinned and writes nothing more.
-    let reg = sim.reg_conn();
     sim.remote_close(reg, "connection reset by peer");
     sim.advance(ms(5_000));
     assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
@@ -1872,6 +1993,58 @@ fn an_inbound_link_must_prove_the_listed_key() {
         name: "bob".into(),
         key: key_of("bob")
     }));
+}
+
+#[test]
+fn whois_names_the_pin_that_differs() {
+    let mut config = config();
+    config.pins.insert("erin".into(), key_of("the erin we met"));
+    let mut sim = Sim::with(config, 7);
+    sim.start();
+    sim.registry_says(&welcome(&["erin"], false));
+    sim.take_events();
+    sim.command(Command::Whois("erin".into()));
+    assert_eq!(
+        sim.take_events(),
+        [Event::Whois {
+            name: "erin".into(),
+            key: key_of("erin"),
+            pinned: false,
+            you: false,
+            pinned_key: Some(key_of("the erin we met")),
+        }]
+    );
+}
+
+#[test]
+fn a_peer_that_keeps_retrying_with_a_wrong_key_is_reported_once() {
+    let mut config = config();
+    config.pins.insert("erin".into(), key_of("the erin we met"));
+    config.known_peers = "/home/alice/known_peers".into();
+    let mut sim = Sim::with(config, 7);
+    sim.start();
+    sim.registry_says(&welcome(&["erin"], false));
+    let message = the_error(&sim.take_events(), "key_mismatch");
+    let line = format!("peer erin {}", key_of("the erin we met"));
+    assert!(
+        message.contains(&format!(
+            "delete the line \"{line}\" from /home/alice/known_peers"
+        )),
+        "{message}"
+    );
+    for instance in 1..=6 {
+        let c = sim.inbound("erin", instance);
+        assert_eq!(
+            sim.error_code_on(c),
+            "key_mismatch",
+            "every link is refused"
+        );
+    }
+    assert_eq!(
+        errors_with_code(&sim.take_events(), "key_mismatch"),
+        1,
+        "but said once for that key"
+    );
 }
 
 #[test]
@@ -1996,17 +2169,23 @@ fn whois_shows_the_listed_key_and_whether_it_is_pinned() {
             Event::Whois {
                 name: "bob".into(),
                 key: key_of("bob"),
-                pinned: true
+                pinned: true,
+                you: false,
+                pinned_key: None,
             },
             Event::Whois {
                 name: "carol".into(),
                 key: key_of("carol"),
-                pinned: false
+                pinned: false,
+                you: false,
+                pinned_key: None,
             },
             Event::Whois {
                 name: "alice".into(),
                 key: key_of("alice"),
-                pinned: true
+                pinned: true,
+                you: true,
+                pinned_key: None,
             },
         ]
     );

@@ -1,0 +1,418 @@
+//! What a person reads: events turned into lines of text, stamped with the
+//! time, with everything that came from the network made harmless for a
+//! terminal ([`clean`]).
+//!
+//! [`View`] keeps what the lines depend on across events: the day of the
+//! last line (a day-change line when it moves on), the registry's state (one
+//! line when it changes, not one per retry) and the last status line (an
+//! identical run of them is folded into a count).
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use peerchat_core::protocol::PeerEntry;
+
+use crate::peer::Event;
+
+/// A sender's clock that differs from ours by more than this is shown next
+/// to ours.
+const CLOCK_SKEW_SHOWN: Duration = Duration::from_secs(5);
+
+/// A run of identical status lines is summed up at least this often.
+const REPEAT_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// Makes text from the network safe to print: C0 and C1 control
+/// characters, ESC, DEL, the bidirectional overrides, isolates and marks,
+/// and the Unicode line and paragraph separators become visible
+/// placeholders (`␛`, `␍`, `<U+202E>`), so that a peer can neither send
+/// escape sequences to the terminal nor reorder, overwrite or break the
+/// line it is shown on. Written here rather than taken from a crate: the
+/// crates that handle escapes strip them, and a reader should see that
+/// something was there.
+pub fn clean(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_unsafe) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            // The Control Pictures block has a glyph for each C0 control.
+            '\0'..='\u{1F}' => out.push(char::from_u32(0x2400 + c as u32).unwrap_or('?')),
+            '\u{7F}' => out.push('\u{2421}'),
+            c if is_unsafe(c) => {
+                let _ = write!(out, "<U+{:04X}>", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn is_unsafe(c: char) -> bool {
+    matches!(c,
+        '\0'..='\u{1F}' | '\u{7F}'..='\u{9F}'
+        | '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+}
+
+/// Local calendar time, as shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Local {
+    year: i32,
+    month: u32,
+    day: u32,
+    weekday: usize,
+    hour: u32,
+    minute: u32,
+    second: u32,
+}
+
+impl Local {
+    fn at(time: SystemTime) -> Local {
+        let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let t = libc::time_t::try_from(secs).unwrap_or(0);
+        // SAFETY: localtime_r writes only into the struct we own.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+            // No time zone to be had: UTC, from the days since the epoch.
+            let days = i64::try_from(secs / 86_400).unwrap_or(0);
+            let (year, month, day) = civil_from_days(days);
+            let of_day = secs % 86_400;
+            return Local {
+                year,
+                month,
+                day,
+                weekday: usize::try_from((days + 4).rem_euclid(7)).unwrap_or(0),
+                hour: (of_day / 3600) as u32,
+                minute: (of_day / 60 % 60) as u32,
+                second: (of_day % 60) as u32,
+            };
+        }
+        Local {
+            year: tm.tm_year + 1900,
+            month: u32::try_from(tm.tm_mon + 1).unwrap_or(1),
+            day: u32::try_from(tm.tm_mday).unwrap_or(1),
+            weekday: usize::try_from(tm.tm_wday).unwrap_or(0),
+            hour: u32::try_from(tm.tm_hour).unwrap_or(0),
+            minute: u32::try_from(tm.tm_min).unwrap_or(0),
+            second: u32::try_from(tm.tm_sec).unwrap_or(0),
+        }
+    }
+
+    fn date(&self) -> (i32, u32, u32) {
+        (self.year, self.month, self.day)
+    }
+
+    fn clock(&self) -> String {
+        format!("{:02}:{:02}:{:02}", self.hour, self.minute, self.second)
+    }
+
+    fn long_date(&self) -> String {
+        const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+        format!(
+            "{} {}-{:02}-{:02}",
+            DAYS[self.weekday % 7],
+            self.year,
+            self.month,
+            self.day
+        )
+    }
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm): only for a system without time zones.
+fn civil_from_days(days: i64) -> (i32, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RegistryState {
+    /// Not reached yet since start.
+    Starting,
+    Registered,
+    /// Reached once, lost since.
+    Lost,
+    /// Never reached since start.
+    Unreachable,
+}
+
+/// A run of identical status lines being folded.
+struct Run {
+    body: String,
+    /// Lines of the run not shown yet.
+    hidden: u32,
+    last_summary: SystemTime,
+}
+
+/// The human front end's memory: see the module documentation.
+pub struct View {
+    me: String,
+    registry: String,
+    retry_max: Duration,
+    state: RegistryState,
+    day: Option<(i32, u32, u32)>,
+    run: Option<Run>,
+}
+
+impl View {
+    /// `registry` as the user named it; `retry_max` is the longest wait
+    /// between two attempts to reach it.
+    pub fn new(me: &str, registry: &str, retry_max: Duration) -> View {
+        View {
+            me: me.to_string(),
+            registry: registry.to_string(),
+            retry_max,
+            state: RegistryState::Starting,
+            day: None,
+            run: None,
+        }
+    }
+
+    /// The lines for one event at wall-clock time `now`; none for the
+    /// events a person does not need to see.
+    pub fn event(&mut self, event: &Event, now: SystemTime) -> Vec<String> {
+        let mut out = Vec::new();
+        match event {
+            Event::Message {
+                from,
+                text,
+                direct,
+                sent_at,
+                ..
+            } => {
+                let stamp = self.message_stamp(*sent_at, now);
+                let to_me = if *direct { " (to you)" } else { "" };
+                self.day_line(now, &mut out);
+                self.end_run(now, &mut out);
+                push_message(&mut out, &stamp, from, to_me, text);
+            }
+            Event::Registered {
+                name, addr, peers, ..
+            } => {
+                let was = std::mem::replace(&mut self.state, RegistryState::Registered);
+                self.me = name.clone();
+                let back = if matches!(was, RegistryState::Lost | RegistryState::Unreachable) {
+                    "registry back: "
+                } else {
+                    ""
+                };
+                let line = format!("* {back}registered as {name} at {addr}; {}", names(peers));
+                self.status(line, now, &mut out);
+            }
+            Event::RegistryLost { error, .. } => {
+                let line = match self.state {
+                    RegistryState::Registered => format!(
+                        "! registry lost ({error}); chat goes on, and it is tried again in the background (at most every {}; /status)",
+                        seconds(self.retry_max)
+                    ),
+                    RegistryState::Starting => format!(
+                        "! registry at {} not reachable ({error}); tried again in the background (at most every {}; /status); you can chat with peers once it lists them",
+                        self.registry,
+                        seconds(self.retry_max)
+                    ),
+                    RegistryState::Lost | RegistryState::Unreachable => return out,
+                };
+                self.state = match self.state {
+                    RegistryState::Starting => RegistryState::Unreachable,
+                    _ => RegistryState::Lost,
+                };
+                self.status(line, now, &mut out);
+            }
+            Event::Sent { .. } | Event::Delivered { .. } => {}
+            other => {
+                if let Some(line) = status_line(other) {
+                    self.status(line, now, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// How a message of ours is echoed back to us.
+    pub fn echo(&mut self, text: &str, to: Option<&str>, now: SystemTime) -> Vec<String> {
+        let mut out = Vec::new();
+        self.day_line(now, &mut out);
+        self.end_run(now, &mut out);
+        let stamp = Local::at(now).clock();
+        let me = self.me.clone();
+        let to = to.map(|to| format!(" (to {})", clean(to)));
+        push_message(&mut out, &stamp, &me, to.as_deref().unwrap_or(""), text);
+        out
+    }
+
+    /// A line of our own (not an event), such as the fingerprint at start.
+    pub fn note(&mut self, line: &str, now: SystemTime) -> Vec<String> {
+        let mut out = Vec::new();
+        self.status(line.to_string(), now, &mut out);
+        out
+    }
+
+    fn message_stamp(&self, sent_at: Option<u64>, now: SystemTime) -> String {
+        let here = Local::at(now);
+        let Some(sent) = sent_at.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)) else {
+            return here.clock();
+        };
+        let skew = match sent.duration_since(now) {
+            Ok(ahead) => ahead,
+            Err(behind) => behind.duration(),
+        };
+        let there = Local::at(sent);
+        if skew <= CLOCK_SKEW_SHOWN {
+            return there.clock();
+        }
+        let sent_text = if there.date() == here.date() {
+            there.clock()
+        } else {
+            format!("{} {}", there.long_date(), there.clock())
+        };
+        format!("sent {sent_text}, here {}", here.clock())
+    }
+
+    fn day_line(&mut self, now: SystemTime, out: &mut Vec<String>) {
+        let local = Local::at(now);
+        let previous = self.day.replace(local.date());
+        if previous.is_some_and(|day| day != local.date()) {
+            out.push(format!("--- day changed: {}", local.long_date()));
+        }
+    }
+
+    /// A `*` or `!` line: stamped, and folded into the run before it when
+    /// it says the same.
+    fn status(&mut self, body: String, now: SystemTime, out: &mut Vec<String>) {
+        self.day_line(now, out);
+        let stamp = Local::at(now).clock();
+        if let Some(run) = self.run.as_mut().filter(|run| run.body == body) {
+            run.hidden += 1;
+            let due = now
+                .duration_since(run.last_summary)
+                .is_ok_and(|d| d >= REPEAT_SUMMARY_EVERY);
+            if due {
+                out.push(format!(
+                    "[{stamp}] {} (repeated {} times)",
+                    clean(&body),
+                    run.hidden
+                ));
+                run.hidden = 0;
+                run.last_summary = now;
+            }
+            return;
+        }
+        self.end_run(now, out);
+        out.push(format!("[{stamp}] {}", clean(&body)));
+        self.run = Some(Run {
+            body,
+            hidden: 0,
+            last_summary: now,
+        });
+    }
+
+    /// Says how often the last status line repeated unseen, if it did.
+    fn end_run(&mut self, now: SystemTime, out: &mut Vec<String>) {
+        if let Some(run) = self.run.take().filter(|run| run.hidden > 0) {
+            let stamp = Local::at(now).clock();
+            out.push(format!(
+                "[{stamp}] {} (repeated {} times)",
+                clean(&run.body),
+                run.hidden
+            ));
+        }
+    }
+}
+
+/// A chat message: its first line after the sender's name, and every
+/// further line marked as the same sender's continuation, so that no line
+/// of it reads as a message of its own.
+fn push_message(out: &mut Vec<String>, stamp: &str, from: &str, to: &str, text: &str) {
+    let from = clean(from);
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let first = lines.next().unwrap_or("");
+    out.push(format!("[{stamp}] <{from}>{to} {}", clean(first)));
+    let indent = " ".repeat(stamp.chars().count() + 2);
+    for line in lines {
+        out.push(format!("{indent} <{from}> \u{2502} {}", clean(line)));
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+fn names(peers: &[PeerEntry]) -> String {
+    if peers.is_empty() {
+        return "nobody else is online".into();
+    }
+    let list: Vec<String> = peers
+        .iter()
+        .map(|p| format!("{} ({})", p.name, p.addr))
+        .collect();
+    format!("{} online: {}", peers.len(), list.join(", "))
+}
+
+/// The text of the events shown as status lines (unstamped, not cleaned).
+fn status_line(event: &Event) -> Option<String> {
+    Some(match event {
+        Event::Joined { name, addr, .. } => format!("* {name} joined ({addr})"),
+        Event::Left { name, reason } => format!("* {name} left ({reason})"),
+        Event::Moved { name, addr } => format!("* {name} moved to {addr}"),
+        Event::Peers { peers } => format!("* {}", names(peers)),
+        Event::Sent { to, .. } if to.is_empty() => {
+            "! nobody else is online; the message went nowhere".into()
+        }
+        Event::Undelivered { id, to, reason } => format!(
+            "! message {id} to {to} was not confirmed ({reason}); it may or may not have arrived"
+        ),
+        Event::Error { code, message } => format!("! {code}: {message}"),
+        Event::Whois {
+            name,
+            key,
+            pinned,
+            you,
+            pinned_key,
+        } => match (you, pinned_key) {
+            (true, _) => format!("* {name} (you): key {key}"),
+            (false, Some(pin)) => format!(
+                "! {name}: the registry lists key {key}, but known_peers pins {pin} for {name}; links with {name} are refused until you check with them and delete that line"
+            ),
+            (false, None) if *pinned => format!("* {name}: key {key} (pinned in known_peers)"),
+            (false, None) => format!("* {name}: key {key} (not pinned yet: pinned when a link first succeeds)"),
+        },
+        Event::Status {
+            registry,
+            error,
+            retry_in_ms,
+            peers,
+        } => {
+            let mut line = format!("* registry: {registry}");
+            if let Some(error) = error {
+                let _ = write!(line, " ({error})");
+            }
+            if let Some(ms) = retry_in_ms {
+                let _ = write!(line, "; next attempt in {:.1} s", *ms as f64 / 1000.0);
+            }
+            let _ = write!(line, "; {peers} peers known");
+            line
+        }
+        Event::Registered { .. }
+        | Event::RegistryLost { .. }
+        | Event::Message { .. }
+        | Event::Sent { .. }
+        | Event::Delivered { .. } => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests;
