@@ -194,6 +194,21 @@ fn a_taken_or_bad_name_exits_with_status_2() {
     let mut bad = PeerProc::start("has space", reg.addr);
     assert_eq!(bad.expect_event("error", LONG)["code"], "bad_name");
     assert_eq!(bad.proc.wait_exit(LONG).unwrap().code(), Some(2));
+    // Refused before anything starts: a dash is not taken for a flag.
+    for (name, code) in [
+        ("-dash", "bad_name"),
+        ("a,b", "bad_name"),
+        ("/slash", "bad_name"),
+        ("\u{430}lice", "name_confusable"),
+    ] {
+        let mut bad = PeerProc::start(name, reg.addr);
+        assert_eq!(bad.expect_event("error", LONG)["code"], code, "{name}");
+        assert_eq!(bad.proc.wait_exit(LONG).unwrap().code(), Some(2), "{name}");
+    }
+    // A look-alike of a name online is the registry's refusal.
+    let mut alike = PeerProc::start("a1ice", reg.addr);
+    assert_eq!(alike.expect_event("error", LONG)["code"], "name_confusable");
+    assert_eq!(alike.proc.wait_exit(LONG).unwrap().code(), Some(2));
     let data = DataDir::fresh();
     let out = Command::new(bin("peer"))
         .args(["--name", "x"])

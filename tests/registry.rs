@@ -145,6 +145,15 @@ fn rejections_carry_their_codes() {
         ("tab\tname".into(), 4002, "bad_name"),
         ("ok".into(), 0, "bad_port"),
         ("ok".into(), 70_000, "bad_port"),
+        // Punctuation that breaks commands and display, an option's dash.
+        ("/slash".into(), 4002, "bad_name"),
+        ("a,b".into(), 4002, "bad_name"),
+        ("name:colon".into(), 4002, "bad_name"),
+        ("-dash".into(), 4002, "bad_name"),
+        // Look-alikes of a name online, and scripts mixed to pass for one.
+        ("a1ice".into(), 4002, "name_confusable"),
+        ("\u{430}lice".into(), 4002, "name_confusable"),
+        ("p\u{430}ypal".into(), 4002, "name_confusable"),
     ];
     for (name, port, code) in cases {
         let (mut c, reply) = Client::register(reg.addr, &name, port);
@@ -165,13 +174,48 @@ fn rejections_carry_their_codes() {
 
 #[test]
 fn shutdown_notifies_peers_and_exits_zero() {
-    let mut reg = Registry::start(&[]);
-    let (mut alice, _) = Client::register(reg.addr, "alice", 4001);
-    reg.proc.signal(libc::SIGTERM);
-    assert!(matches!(alice.recv(), Some(FromRegistry::Shutdown { .. })));
-    assert!(alice.closed());
-    let status = reg.proc.wait_exit(Duration::from_secs(5)).expect("exits");
-    assert_eq!(status.code(), Some(0));
+    // A closed terminal or SSH session (SIGHUP) is a clean stop too: the
+    // peers are told, and the names file is saved.
+    for signal in [libc::SIGTERM, libc::SIGHUP] {
+        let data = DataDir::fresh();
+        let names = data.path().join("peerchat-registry/names");
+        let names_arg = names.to_str().unwrap();
+        let mut reg = Registry::start_in(&data, "127.0.0.1:0", &["--names", names_arg]);
+        let (mut alice, _) = Client::register(reg.addr, "alice", 4001);
+        reg.proc.signal(signal);
+        assert!(
+            matches!(alice.recv(), Some(FromRegistry::Shutdown { .. })),
+            "signal {signal}"
+        );
+        assert!(alice.closed());
+        let status = reg.proc.wait_exit(Duration::from_secs(5)).expect("exits");
+        assert_eq!(status.code(), Some(0), "signal {signal}");
+        let saved = std::fs::read_to_string(&names).unwrap_or_default();
+        assert!(saved.contains(" alice"), "signal {signal}: {saved:?}");
+    }
+}
+
+#[test]
+fn listen_takes_a_host_name() {
+    let reg = Registry::start_on("localhost:0", &[]);
+    assert!(reg.addr.ip().is_loopback(), "{}", reg.addr);
+    let (_alice, welcome) = Client::register(reg.addr, "alice", 4001);
+    assert!(
+        matches!(welcome, FromRegistry::Welcome { .. }),
+        "{welcome:?}"
+    );
+    let data = DataDir::fresh();
+    let out = Command::new(bin("registry"))
+        .args(["--listen", "no-such-host.invalid:7000"])
+        .env("XDG_DATA_HOME", data.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--listen no-such-host.invalid:7000"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -202,6 +246,7 @@ fn bad_command_lines_are_usage_errors() {
             "2s",
         ],
         vec!["--listen", "127.0.0.1:0", "--heartbeat", "fast"],
+        vec!["--listen", "127.0.0.1:0", "--stats-interval", "5"],
         vec!["--listen", "127.0.0.1:0", "--bogus"],
     ] {
         let data = DataDir::fresh();
@@ -216,6 +261,12 @@ fn bad_command_lines_are_usage_errors() {
             stderr.contains("Usage") || stderr.contains("usage"),
             "{args:?}: {stderr}"
         );
+        // In clap's order: the error, the usage, then the pointer to help.
+        if let (Some(usage), Some(more)) =
+            (stderr.find("Usage:"), stderr.find("For more information"))
+        {
+            assert!(usage < more, "{args:?}: {stderr}");
+        }
     }
 }
 
