@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use peerchat_core::protocol::PeerEntry;
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 use crate::peer::Event;
 
@@ -327,6 +328,35 @@ impl View {
             ));
         }
     }
+}
+
+/// Marks the rows of a line too wide for the terminal after the first.
+const WRAP_MARK: &str = "           \u{2506} ";
+
+/// Breaks a line into rows of at most `columns` cells, every row after the
+/// first marked with [`WRAP_MARK`]. The terminal would wrap a long line by
+/// itself, at column 0: a peer could pad its text so that a row it wrote
+/// starts a screen line and reads as another message.
+pub fn wrap(line: &str, columns: usize) -> Vec<String> {
+    let mark_width = UnicodeWidthStr::width(WRAP_MARK);
+    if columns <= mark_width + 8 || UnicodeWidthStr::width(line) <= columns {
+        return vec![line.to_string()];
+    }
+    let mut rows = Vec::new();
+    let mut row = String::new();
+    let mut width = 0;
+    for c in line.chars() {
+        let w = UnicodeWidthChar::width(c).unwrap_or(0);
+        if width + w > columns {
+            rows.push(std::mem::take(&mut row));
+            row.push_str(WRAP_MARK);
+            width = mark_width;
+        }
+        row.push(c);
+        width += w;
+    }
+    rows.push(row);
+    rows
 }
 
 /// A chat message: its first line after the sender's name, and every

@@ -9,6 +9,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use mio::Waker;
+use peerchat_peer::human::wrap;
 use rustyline::error::ReadlineError;
 use rustyline::ExternalPrinter;
 use rustyline::{
@@ -65,7 +66,9 @@ impl Output {
                             out.write_all(batch.as_bytes()).and_then(|()| out.flush())
                         }
                         Sink::Prompt(printer) => {
-                            printer.print(format!("{text}\n")).map_err(io::Error::other)
+                            let mut rows = wrap(&text, terminal_columns()).join("\n");
+                            rows.push('\n');
+                            printer.print(rows).map_err(io::Error::other)
                         }
                     };
                     // A reader that went away is no reason to stop chatting.
@@ -92,6 +95,17 @@ impl Output {
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
+    }
+}
+
+/// The width of the terminal on stdout; 0 if unknown.
+fn terminal_columns() -> usize {
+    // SAFETY: TIOCGWINSZ fills the struct we own; fd 1 is stdout.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    if unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut size) } == 0 {
+        usize::from(size.ws_col)
+    } else {
+        0
     }
 }
 

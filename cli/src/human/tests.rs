@@ -257,3 +257,26 @@ fn civil_dates_match_known_days() {
     assert_eq!(civil_from_days(20_791), (2026, 12, 4));
     assert_eq!(civil_from_days(11_016), (2000, 2, 29));
 }
+
+#[test]
+fn long_lines_wrap_into_marked_rows_so_padding_cannot_start_a_line() {
+    let forged = format!(
+        "[12:00:00] <bob> hi{}[12:00:01] <carol> fake",
+        " ".repeat(61)
+    );
+    let rows = wrap(&forged, 80);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].chars().count(), 80);
+    assert_eq!(rows[1], format!("{WRAP_MARK}[12:00:01] <carol> fake"));
+    // Wide characters count two cells.
+    let wide = "字".repeat(50);
+    for row in wrap(&wide, 40) {
+        assert!(UnicodeWidthStr::width(row.as_str()) <= 40, "{row}");
+    }
+    assert_eq!(wrap("short", 80), ["short"]);
+    assert_eq!(
+        wrap(&forged, 10),
+        [forged.clone()],
+        "too narrow to wrap: left to the terminal"
+    );
+}
