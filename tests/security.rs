@@ -730,7 +730,9 @@ fn a_registry_whose_key_is_not_the_pinned_one_is_not_registered_with() {
 /// The message of the first `error` a peer printed.
 fn err_text(peer: &PeerProc) -> String {
     let error = peer.seen.iter().find(|v| v["event"] == "error");
-    error.map_or(String::new(), |v| v["message"].as_str().unwrap_or("").to_string())
+    error.map_or(String::new(), |v| {
+        v["message"].as_str().unwrap_or("").to_string()
+    })
 }
 // ---------------------------------------------------------------------------
 // Broken sessions close alone

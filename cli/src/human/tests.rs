@@ -276,7 +276,7 @@ fn long_lines_wrap_into_marked_rows_so_padding_cannot_start_a_line() {
     assert_eq!(wrap("short", 80), ["short"]);
     assert_eq!(
         wrap(&forged, 10),
-        [forged.clone()],
+        std::slice::from_ref(&forged),
         "too narrow to wrap: left to the terminal"
     );
 }
