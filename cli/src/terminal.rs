@@ -33,6 +33,9 @@ pub enum Input {
 pub struct Output {
     lines: Option<Sender<String>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// The resume watcher, which holds a sender of `lines` too: closed
+    /// first, or the writer would wait for it forever.
+    resume: Option<signal_hook::iterator::Handle>,
 }
 
 enum Sink {
@@ -80,6 +83,7 @@ impl Output {
         Ok(Output {
             lines: Some(tx),
             writer: Some(writer),
+            resume: None,
         })
     }
 
@@ -91,6 +95,9 @@ impl Output {
 
     /// Writes out everything sent so far; the process is about to exit.
     pub fn finish(&mut self) {
+        if let Some(resume) = self.resume.take() {
+            resume.close();
+        }
         self.lines = None;
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -171,9 +178,9 @@ pub fn spawn_input(tx: Sender<Input>, waker: Arc<Waker>, plain: bool) -> io::Res
                     }
                 }
             })?;
-        let out = Output::start(Sink::Prompt(Box::new(printer)))?;
+        let mut out = Output::start(Sink::Prompt(Box::new(printer)))?;
         if let Some(lines) = &out.lines {
-            watch_resume(editing, lines.clone())?;
+            out.resume = Some(watch_resume(editing, lines.clone())?);
         }
         return Ok(out);
     }
@@ -254,8 +261,12 @@ fn suspend() {
 /// is continued while the editor is reading, this thread puts the editor's
 /// raw mode back and has it redraw its line (an empty line printed above
 /// the prompt).
-fn watch_resume(editing: Arc<AtomicBool>, redraw: Sender<String>) -> io::Result<()> {
+fn watch_resume(
+    editing: Arc<AtomicBool>,
+    redraw: Sender<String>,
+) -> io::Result<signal_hook::iterator::Handle> {
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGCONT])?;
+    let handle = signals.handle();
     std::thread::Builder::new()
         .name("resume".into())
         .spawn(move || {
@@ -265,7 +276,7 @@ fn watch_resume(editing: Arc<AtomicBool>, redraw: Sender<String>) -> io::Result<
                 }
             }
         })?;
-    Ok(())
+    Ok(handle)
 }
 
 /// Puts the terminal in the line editor's raw mode: the settings saved at
