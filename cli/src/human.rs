@@ -287,11 +287,17 @@ impl View {
         }
     }
 
-    /// A `*` or `!` line: stamped, and folded into the run before it when
-    /// it says the same.
+    /// A `*` or `!` line, stamped. A warning (`!`) that says the same as
+    /// the one before is folded into its run; answers to commands and
+    /// news (`*`) always show.
     fn status(&mut self, body: String, now: SystemTime, out: &mut Vec<String>) {
         self.day_line(now, out);
         let stamp = Local::at(now).clock();
+        if !body.starts_with('!') {
+            self.end_run(now, out);
+            out.push(format!("[{stamp}] {}", clean(&body)));
+            return;
+        }
         if let Some(run) = self.run.as_mut().filter(|run| run.body == body) {
             run.hidden += 1;
             let due = now

@@ -208,6 +208,10 @@ fn identical_warnings_are_folded_into_a_count() {
     assert!(view.event(&warning, t + Duration::from_secs(10)).is_empty());
     let later = view.event(&warning, t + Duration::from_secs(61));
     assert!(later[0].ends_with("(repeated 2 times)"), "{later:?}");
+    // Answers to commands always show, however alike.
+    let peers = Event::Peers { peers: vec![] };
+    assert_eq!(view.event(&peers, t).len(), 1);
+    assert_eq!(view.event(&peers, t).len(), 1);
 }
 
 #[test]
