@@ -88,9 +88,9 @@ const K: usize = 100;
 /// The floor's message; a one-change `update` and the peer's chat below are
 /// about this size too.
 const FLOOR_MSG: usize = 64;
-/// What the peer sends: 32 bytes of text make a 64-byte chat frame once ids
-/// pass 255.
-const TEXT: &str = "fan-out bench message: 32 bytes.";
+/// What the peer sends: 16 bytes of text make a 64-byte chat frame (with
+/// its `sent_at`) once ids pass 255.
+const TEXT: &str = "fan-out 16 bytes";
 /// Churn connections in flight at once: the first is the figure, the
 /// second shows how the registry's per-turn coalescing responds to more.
 const CHURN_DEPTHS: [usize; 2] = [32, 128];
