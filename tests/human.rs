@@ -4,14 +4,15 @@
 //! peers (a `--json` peer as the observer).
 //!
 //! The pty harness ([`PtyPeer`]) keeps every byte the program wrote, and
-//! feeds them to a small terminal model ([`Screen`]) that gives the lines a
-//! person would see; it answers the cursor-position query that rustyline
-//! sends when it starts a line, as a real terminal does.
+//! feeds them to a terminal emulator (`vt100`) that gives the lines a person
+//! would see; it answers the cursor-position query that rustyline sends when
+//! it starts a line, as a real terminal does.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::num::NonZeroU16;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,195 +29,80 @@ const ROWS: u16 = 50;
 const COLS: u16 = 200;
 const PROMPT: &str = "PROMPT$ ";
 
+/// Scrollback the terminal keeps: more lines than any test writes.
+const SCROLLBACK: usize = 10_000;
+/// "Where is the cursor?" (DSR 6), which rustyline sends when it starts a
+/// line: `vt100` reads it but does not answer it.
+const CURSOR_QUERY: &[u8] = b"\x1b[6n";
+
 // ---------------------------------------------------------------------------
-// A terminal, roughly: enough of one to see the lines a person would
+// The terminal
 // ---------------------------------------------------------------------------
 
-#[derive(Default, Clone, Copy, PartialEq, Eq)]
-enum Esc {
-    #[default]
-    Ground,
-    Escape,
-    Csi,
-    Osc,
-    OscEscape,
+/// What the programs in the pty wrote, and the terminal they wrote it to.
+struct Term {
+    /// Every byte the programs in the pty wrote.
+    raw: Vec<u8>,
+    /// A terminal emulator fed with `raw`.
+    screen: vt100::Parser,
 }
 
-/// The lines on screen (all of them, scrolled off or not), the cursor, and
-/// the cursor-position queries not answered yet. Knows what rustyline and
-/// bash write: text, CR, LF, backspace, cursor moves, erase in line and in
-/// display; ignores colours, modes and window titles.
-#[derive(Default)]
-struct Screen {
-    lines: Vec<Vec<char>>,
-    row: usize,
-    col: usize,
-    state: Esc,
-    params: Vec<u8>,
-    utf8: Vec<u8>,
-    queries: usize,
-}
-
-impl Screen {
-    fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            match self.state {
-                Esc::Ground => self.ground(b),
-                Esc::Escape => {
-                    self.state = match b {
-                        b'[' => {
-                            self.params.clear();
-                            Esc::Csi
-                        }
-                        b']' => Esc::Osc,
-                        _ => Esc::Ground,
-                    }
-                }
-                Esc::Csi => {
-                    if (0x40..=0x7e).contains(&b) {
-                        self.state = Esc::Ground;
-                        self.csi(b);
-                    } else {
-                        self.params.push(b);
-                    }
-                }
-                Esc::Osc => match b {
-                    0x07 => self.state = Esc::Ground,
-                    0x1b => self.state = Esc::OscEscape,
-                    _ => {}
-                },
-                Esc::OscEscape => self.state = Esc::Ground,
-            }
+impl Term {
+    fn new() -> Term {
+        let rows = NonZeroU16::new(ROWS).expect("rows");
+        let cols = NonZeroU16::new(COLS).expect("columns");
+        Term {
+            raw: Vec::new(),
+            screen: vt100::Parser::new(rows, cols, SCROLLBACK),
         }
     }
 
-    fn ground(&mut self, b: u8) {
-        if !self.utf8.is_empty() || b >= 0x80 {
-            self.utf8.push(b);
-            match std::str::from_utf8(&self.utf8) {
-                Ok(s) => {
-                    let c = s.chars().next().unwrap_or('\u{FFFD}');
-                    self.utf8.clear();
-                    self.put(c);
-                }
-                Err(e) if e.error_len().is_some() => {
-                    self.utf8.clear();
-                    self.put('\u{FFFD}');
-                }
-                Err(_) => {} // More of the character is coming.
-            }
-            return;
+    /// Takes `bytes` the programs wrote, and returns what a terminal
+    /// answers to the cursor-position queries among them: "ESC [ row ; col
+    /// R", with the cursor where it is right after each query.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        let start = self.raw.len();
+        self.raw.extend_from_slice(bytes);
+        let mut answers = Vec::new();
+        let mut fed = start;
+        // A query may have begun in an earlier read.
+        let mut from = start.saturating_sub(CURSOR_QUERY.len() - 1);
+        while let Some(at) = find(&self.raw[from..], CURSOR_QUERY) {
+            let end = from + at + CURSOR_QUERY.len();
+            self.screen.process(&self.raw[fed..end]);
+            let (row, col) = self.screen.screen().cursor_position();
+            answers.push(format!("\x1b[{};{}R", row + 1, col + 1));
+            (fed, from) = (end, end);
         }
-        match b {
-            0x1b => self.state = Esc::Escape,
-            b'\r' => self.col = 0,
-            b'\n' => self.row += 1,
-            0x08 => self.col = self.col.saturating_sub(1),
-            b'\t' => self.col = (self.col / 8 + 1) * 8,
-            0..=0x1f | 0x7f => {}
-            _ => self.put(char::from(b)),
-        }
+        self.screen.process(&self.raw[fed..]);
+        answers
     }
 
-    fn line_mut(&mut self) -> &mut Vec<char> {
-        if self.lines.len() <= self.row {
-            self.lines.resize(self.row + 1, Vec::new());
+    /// The lines of the terminal, scrolled off or not, top to bottom,
+    /// without the blank rows below the last one written.
+    fn lines(&mut self) -> Vec<String> {
+        let screen = self.screen.screen_mut();
+        let rows = usize::from(ROWS);
+        let mut lines = Vec::new();
+        // Scrolled back by `offset`, the top row shown is scrollback line
+        // `scrollback_len - offset`.
+        for offset in (1..=screen.scrollback_len()).rev().step_by(rows) {
+            screen.set_scrollback(offset);
+            lines.extend(screen.rows(0, COLS).take(offset.min(rows)));
         }
-        &mut self.lines[self.row]
-    }
-
-    fn put(&mut self, c: char) {
-        let col = self.col;
-        let line = self.line_mut();
-        if line.len() < col {
-            line.resize(col, ' ');
+        screen.set_scrollback(0);
+        lines.extend(screen.rows(0, COLS));
+        let mut lines: Vec<String> = lines.iter().map(|l| l.trim_end().to_string()).collect();
+        while lines.last().is_some_and(String::is_empty) {
+            lines.pop();
         }
-        if col < line.len() {
-            line[col] = c;
-        } else {
-            line.push(c);
-        }
-        self.col += 1;
-    }
-
-    /// The first line shown on the screen (the lines above scrolled off).
-    fn top(&self) -> usize {
-        self.lines
-            .len()
-            .max(self.row + 1)
-            .saturating_sub(usize::from(ROWS))
-    }
-
-    fn csi(&mut self, last: u8) {
-        let params = String::from_utf8_lossy(&self.params).to_string();
-        if params.starts_with(['?', '>', '<', '=']) {
-            return; // Private modes (bracketed paste, cursor shown): no effect here.
-        }
-        let nums: Vec<usize> = params.split(';').map(|p| p.parse().unwrap_or(0)).collect();
-        let first = nums.first().copied().unwrap_or(0);
-        let count = first.max(1);
-        match last {
-            b'A' => self.row = self.row.saturating_sub(count),
-            b'B' => self.row += count,
-            b'C' => self.col += count,
-            b'D' => self.col = self.col.saturating_sub(count),
-            b'G' => self.col = count - 1,
-            b'H' | b'f' => {
-                let row = self.top() + count - 1;
-                self.row = row;
-                self.col = nums.get(1).copied().unwrap_or(0).max(1) - 1;
-            }
-            b'K' => {
-                let col = self.col;
-                let line = self.line_mut();
-                match first {
-                    0 => line.truncate(col),
-                    1 => line.iter_mut().take(col + 1).for_each(|c| *c = ' '),
-                    _ => line.clear(),
-                }
-            }
-            b'J' => {
-                let (row, col) = (self.row, self.col);
-                match first {
-                    0 => {
-                        self.line_mut().truncate(col);
-                        self.lines.truncate(row + 1);
-                    }
-                    1 => {}
-                    _ => {
-                        let top = self.top();
-                        self.lines.truncate(top);
-                    }
-                }
-            }
-            b'n' if first == 6 => self.queries += 1,
-            _ => {}
-        }
-    }
-
-    /// Where a terminal would say the cursor is: "ESC [ row ; col R".
-    fn cursor_report(&self) -> String {
-        format!("\x1b[{};{}R", self.row - self.top() + 1, self.col + 1)
-    }
-
-    fn text(&self) -> Vec<String> {
-        self.lines
-            .iter()
-            .map(|l| l.iter().collect::<String>().trim_end().to_string())
-            .collect()
+        lines
     }
 }
 
 // ---------------------------------------------------------------------------
 // The pty harness
 // ---------------------------------------------------------------------------
-
-#[derive(Default)]
-struct Term {
-    /// Every byte the programs in the pty wrote.
-    raw: Vec<u8>,
-    screen: Screen,
-}
 
 type Writer = Arc<Mutex<Box<dyn Write + Send>>>;
 
@@ -274,7 +160,7 @@ impl PtyPeer {
         drop(pair.slave);
         let mut reader = pair.master.try_clone_reader().expect("pty reader");
         let writer: Writer = Arc::new(Mutex::new(pair.master.take_writer().expect("pty writer")));
-        let term = Arc::new(Mutex::new(Term::default()));
+        let term = Arc::new(Mutex::new(Term::new()));
         {
             let term = term.clone();
             let writer = writer.clone();
@@ -285,18 +171,9 @@ impl PtyPeer {
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };
-                    let mut answers = Vec::new();
-                    {
-                        let mut t = term.lock().unwrap();
-                        t.raw.extend_from_slice(&buf[..n]);
-                        t.screen.feed(&buf[..n]);
-                        // A terminal answers "where is the cursor?" at once;
-                        // rustyline waits 100 ms for it, reading what comes.
-                        while t.screen.queries > 0 {
-                            t.screen.queries -= 1;
-                            answers.push(t.screen.cursor_report());
-                        }
-                    }
+                    // A terminal answers "where is the cursor?" at once;
+                    // rustyline waits 100 ms for it, reading what comes.
+                    let answers = term.lock().unwrap().feed(&buf[..n]);
                     for answer in answers {
                         let mut w = writer.lock().unwrap();
                         let _ = w.write_all(answer.as_bytes()).and_then(|()| w.flush());
@@ -340,9 +217,9 @@ impl PtyPeer {
         String::from_utf8_lossy(&self.term.lock().unwrap().raw[from..]).into_owned()
     }
 
-    /// The lines on the screen, top to bottom.
+    /// The lines on the screen (scrolled off or not), top to bottom.
     fn screen(&self) -> Vec<String> {
-        self.term.lock().unwrap().screen.text()
+        self.term.lock().unwrap().lines()
     }
 
     /// Where `needle` ends in the output after `from`, waiting for it at
