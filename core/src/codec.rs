@@ -39,6 +39,12 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CodecError> {
     minicbor_serde::from_slice(body).map_err(|e| CodecError::Shape(e.to_string()))
 }
 
+/// How many entries the map that `body` starts with declares; `None` when
+/// it does not start with a definite-length map.
+pub fn map_entries(body: &[u8]) -> Option<u64> {
+    minicbor::Decoder::new(body).map().ok().flatten()
+}
+
 /// Encodes a message body.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     minicbor_serde::to_vec(msg).map_err(|e| CodecError::Encode(e.to_string()))

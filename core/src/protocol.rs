@@ -234,6 +234,9 @@ pub fn decode_first<'a, T: Deserialize<'a>>(
     match codec::decode::<T>(body) {
         Ok(msg) if version_of(&msg) == PROTOCOL_VERSION => Ok(msg),
         Ok(msg) => Err(FirstFrameError::Version(version_of(&msg))),
+        // A map of one entry only: decoded into a map, a repeated message
+        // key would fold into one entry.
+        Err(err) if codec::map_entries(body) != Some(1) => Err(FirstFrameError::Malformed(err)),
         Err(err) => match codec::decode::<std::collections::BTreeMap<String, VersionOnly>>(body) {
             Ok(map) => match map.values().next() {
                 Some(v) if map.len() == 1 && v.version != PROTOCOL_VERSION => {
@@ -360,6 +363,16 @@ mod tests {
         );
         assert!(matches!(
             decode_first(&[0x01], version_of),
+            Err(FirstFrameError::Malformed(_))
+        ));
+        // {"register": {"version": 3}, "register": {"version": 3}}: two
+        // entries are `protocol`, even with the same key.
+        let mut twice = vec![0xa2];
+        for _ in 0..2 {
+            twice.extend_from_slice(&body[1..]);
+        }
+        assert!(matches!(
+            decode_first(&twice, version_of),
             Err(FirstFrameError::Malformed(_))
         ));
     }
