@@ -306,6 +306,29 @@ fn oversized_and_garbage_frames_close_only_that_connection() {
 }
 
 #[test]
+fn frames_before_a_bad_noise_message_in_one_read_still_count() {
+    let reg = Registry::start(&["--max-frame", "256"]);
+    let (mut watcher, _) = Client::register(reg.addr, "watcher", 4001);
+    let (mut leaver, _) = Client::register(reg.addr, "leaver", 4002);
+    assert!(matches!(watcher.recv(), Some(FromRegistry::Update { .. })));
+    // A leave, then a Noise message over the limit, in one write.
+    let leave = codec::encode_frame(&ToRegistry::Leave {}).unwrap();
+    let mut wire = leaver.conn.seal(&leave).unwrap();
+    wire.extend(leaver.conn.seal(&[0u8; 1000]).unwrap());
+    leaver.send_wire(&wire).unwrap();
+    assert_eq!(
+        watcher.recv(),
+        Some(FromRegistry::Update {
+            changes: vec![Change::Left {
+                name: "leaver".into(),
+                reason: "quit".into()
+            }]
+        }),
+        "the leave counts"
+    );
+}
+
+#[test]
 fn a_client_that_half_closes_still_gets_its_answer() {
     let reg = Registry::start(&[]);
     let mut c = Client::connect(reg.addr);

@@ -994,6 +994,10 @@ fn read_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) {
                             }
                             true
                         }
+                        // Whatever came before the bad message in this
+                        // read was authentic: the app gets it first (a
+                        // `leave` then garbage is still a leave).
+                        Err(_) if !was_securing && !deliver_frames(ctx, app, id) => return,
                         Err(SecureError::TooLarge { len, max }) => {
                             // A frame over the limit, seen from its Noise
                             // message: closed as bad framing, so the app
