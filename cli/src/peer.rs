@@ -537,6 +537,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 self.conns.remove(&conn);
                 self.actions.push(Action::Close(conn, message));
                 self.session = Session::Closed;
+                self.quitting = true;
                 self.first_attempt_over = true;
                 return self.exit(2, ErrorCode::KeyMismatch.as_str());
             }
@@ -898,7 +899,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             self.error(
                 ErrorCode::KeyMismatch.as_str(),
                 format!(
-                    "the registry lists {name} with key {key}, but {pinned} is pinned for that name; links to and from {name} are refused. If {name} really has a new key (check with them: /whois {name}), delete the line \"{}\" from {} and start again",
+                    "the registry lists {name} with key {key}, but {pinned} is pinned for that name; links to and from {name} are refused. If {name} really has a new key (check with them: /whois {name}), delete the line \"{}\" (its name in any case) from {} and start again",
                     pin_text("peer", &folded, &pinned),
                     self.config.known_peers
                 ),

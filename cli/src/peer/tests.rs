@@ -2028,7 +2028,7 @@ fn a_peer_that_keeps_retrying_with_a_wrong_key_is_reported_once() {
     let line = format!("peer erin {}", key_of("the erin we met"));
     assert!(
         message.contains(&format!(
-            "delete the line \"{line}\" from /home/alice/known_peers"
+            "delete the line \"{line}\" (its name in any case) from /home/alice/known_peers"
         )),
         "{message}"
     );
