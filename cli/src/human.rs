@@ -439,7 +439,7 @@ fn status_line(event: &Event) -> Option<String> {
             if let Some(ms) = retry_in_ms {
                 let _ = write!(line, "; next attempt in {:.1} s", *ms as f64 / 1000.0);
             }
-            let _ = write!(line, "; {peers} peers known");
+            let _ = write!(line, "; peers known: {peers}");
             line
         }
         Event::Registered { .. }
