@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use peerchat_core::protocol::PeerEntry;
+use unicode_segmentation::UnicodeSegmentation;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 use crate::peer::Event;
@@ -192,7 +193,9 @@ impl View {
                 ..
             } => {
                 let stamp = self.message_stamp(*sent_at, now);
-                let to_me = if *direct { " (to you)" } else { "" };
+                // Inside the brackets, where the sender's text cannot
+                // imitate it.
+                let to_me = if *direct { " \u{2192} you" } else { "" };
                 self.day_line(now, &mut out);
                 self.end_run(now, &mut out);
                 push_message(&mut out, &stamp, from, to_me, text);
@@ -246,7 +249,7 @@ impl View {
         self.end_run(now, &mut out);
         let stamp = Local::at(now).clock();
         let me = self.me.clone();
-        let to = to.map(|to| format!(" (to {})", clean(to)));
+        let to = to.map(|to| format!(" \u{2192} {}", clean(to)));
         push_message(&mut out, &stamp, &me, to.as_deref().unwrap_or(""), text);
         out
     }
@@ -342,27 +345,43 @@ const WRAP_MARK: &str = "           \u{2506} ";
 /// Breaks a line into rows of at most `columns` cells, every row after the
 /// first marked with [`WRAP_MARK`]. The terminal would wrap a long line by
 /// itself, at column 0: a peer could pad its text so that a row it wrote
-/// starts a screen line and reads as another message.
+/// starts a screen line and reads as another message. Terminals disagree
+/// on how wide some text is (emoji sequences, variation selectors,
+/// characters of ambiguous width), so every grapheme counts as the widest
+/// any of them draws it: a row may end early, never late.
 pub fn wrap(line: &str, columns: usize) -> Vec<String> {
-    let mark_width = UnicodeWidthStr::width(WRAP_MARK);
-    if columns <= mark_width + 8 || UnicodeWidthStr::width(line) <= columns {
+    let mark_width = widest(WRAP_MARK);
+    if columns <= mark_width + 8 {
         return vec![line.to_string()];
     }
     let mut rows = Vec::new();
     let mut row = String::new();
     let mut width = 0;
-    for c in line.chars() {
-        let w = UnicodeWidthChar::width(c).unwrap_or(0);
-        if width + w > columns {
+    for grapheme in line.graphemes(true) {
+        let w = widest(grapheme);
+        if width + w > columns && !row.is_empty() {
             rows.push(std::mem::take(&mut row));
             row.push_str(WRAP_MARK);
             width = mark_width;
         }
-        row.push(c);
+        row.push_str(grapheme);
         width += w;
     }
     rows.push(row);
     rows
+}
+
+/// The most cells a terminal may give `text`: its width as one cluster or
+/// as the sum of its characters, counting ambiguous ones as wide, and at
+/// least two cells for a cluster that holds a variation selector.
+fn widest(text: &str) -> usize {
+    let whole = UnicodeWidthStr::width_cjk(text);
+    let each: usize = text
+        .chars()
+        .map(|c| UnicodeWidthChar::width_cjk(c).unwrap_or(0))
+        .sum();
+    let selector = text.chars().any(|c| matches!(c, '\u{FE00}'..='\u{FE0F}'));
+    whole.max(each).max(if selector { 2 } else { 0 })
 }
 
 /// A chat message: its first line after the sender's name, and every
@@ -372,10 +391,10 @@ fn push_message(out: &mut Vec<String>, stamp: &str, from: &str, to: &str, text: 
     let from = clean(from);
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let first = lines.next().unwrap_or("");
-    out.push(format!("[{stamp}] <{from}>{to} {}", clean(first)));
+    out.push(format!("[{stamp}] <{from}{to}> {}", clean(first)));
     let indent = " ".repeat(stamp.chars().count() + 2);
     for line in lines {
-        out.push(format!("{indent} <{from}> \u{2502} {}", clean(line)));
+        out.push(format!("{indent} <{from}{to}> \u{2502} {}", clean(line)));
     }
 }
 

@@ -43,6 +43,9 @@ const MAX_HELD_BYTES_TOTAL: usize = 4 * 1024 * 1024;
 /// we had not pinned with another key than before.
 const KEY_CHANGED: &str = "key_changed";
 
+/// Distinct (name, key) pairs whose refused links are reported.
+const MAX_KEY_WARNINGS: usize = 256;
+
 /// The heartbeat and timeout a registry may set, in milliseconds; values
 /// outside are clamped.
 const HEARTBEAT_MS: (u64, u64) = (10, 3_600_000);
@@ -417,9 +420,12 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     }
 
     /// A `key_mismatch` about a link from `folded` proving `key`: said
-    /// once per name and key, however often that peer retries.
+    /// once per name and key, however often that peer retries. Someone
+    /// making key after key for a pinned name is told of up to
+    /// [`MAX_KEY_WARNINGS`] times, then only logged.
     fn warn_key(&mut self, folded: &str, key: PublicKey, message: String) {
-        if self.key_warnings.insert((folded.to_string(), key)) {
+        let room = self.key_warnings.len() < MAX_KEY_WARNINGS;
+        if room && self.key_warnings.insert((folded.to_string(), key)) {
             self.error(ErrorCode::KeyMismatch.as_str(), message);
         } else {
             tracing::debug!("{message}");

@@ -94,13 +94,24 @@ impl Output {
     }
 
     /// Writes out everything sent so far; the process is about to exit.
+    /// Waits at most a second: the line editor takes printed lines only
+    /// while it waits for a key, and a user in the middle of a history
+    /// search (Ctrl-R) must not keep the process from exiting.
     pub fn finish(&mut self) {
         if let Some(resume) = self.resume.take() {
             resume.close();
         }
         self.lines = None;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+            while !writer.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if writer.is_finished() {
+                let _ = writer.join();
+            } else {
+                tracing::warn!("output still waiting after 1 s at exit; leaving without it");
+            }
         }
     }
 }
@@ -338,7 +349,11 @@ fn restore() {
         libc::tcsetattr(0, libc::TCSANOW, termios);
     }
     if io::stdout().is_terminal() {
+        // Also ends bracketed paste and synchronized output, which the
+        // line editor turns on for each line it reads.
         let mut out = io::stdout().lock();
-        let _ = out.write_all(b"\r\x1b[K").and_then(|()| out.flush());
+        let _ = out
+            .write_all(b"\x1b[?2004l\x1b[?2026l\r\x1b[K")
+            .and_then(|()| out.flush());
     }
 }

@@ -22,8 +22,8 @@ use bytes::Bytes;
 use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{
-    self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
-    FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+    self, decode_first, fold_name, name_skeleton, normalize_name, Change, ErrorCode,
+    FirstFrameError, FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
 use peerchat_core::wire::FrameError;
 
@@ -246,6 +246,24 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 })
             })
             .collect();
+        // A record from before the look-alike rule may hold two names that
+        // read alike: the one kept longest (online ones first) stays, so
+        // that its owner is not refused its own name meanwhile.
+        restored.sort_by_key(|(until, _, _)| std::cmp::Reverse(*until));
+        let mut looks: HashMap<String, String> = HashMap::new();
+        restored.retain(|(_, folded, reservation)| {
+            let look = name_skeleton(folded);
+            match looks.get(&look) {
+                Some(kept) if kept != folded => {
+                    tracing::warn!(name = %reservation.name, "not restored: it reads like another restored name");
+                    false
+                }
+                _ => {
+                    looks.insert(look, folded.clone());
+                    true
+                }
+            }
+        });
         // The queue stays in deadline order: every later reservation gets a
         // full grace from a later time.
         restored.sort_by_key(|(until, _, _)| *until);

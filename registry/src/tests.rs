@@ -728,6 +728,13 @@ fn restored_owners_keep_their_names_from_other_keys() {
         key: owner("dave"),
         reserved_for: Some(Duration::ZERO),
     });
+    // Saved before look-alikes were refused: alice (online, kept longest)
+    // stays, a1ice is left out.
+    with_extra.push(Owner {
+        name: "a1ice".into(),
+        key: owner("a1ice"),
+        reserved_for: Some(Duration::from_secs(100)),
+    });
     sim.reg.restore(with_extra, sim.now);
     assert!(sim.reg.take_owners_changed(), "saved again as reservations");
     assert_eq!(sim.reg.peer_count(), 0);

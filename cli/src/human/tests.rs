@@ -2,6 +2,7 @@
 
 use super::*;
 use peerchat_core::identity::PublicKey;
+use unicode_segmentation::UnicodeSegmentation;
 
 fn at(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
@@ -278,6 +279,44 @@ fn long_lines_wrap_into_marked_rows_so_padding_cannot_start_a_line() {
         assert!(UnicodeWidthStr::width(row.as_str()) <= 40, "{row}");
     }
     assert_eq!(wrap("short", 80), ["short"]);
+    // Text some terminals draw wider than others: no row may run past the
+    // edge on any of them, so forged text never reaches column 0.
+    let family = "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}";
+    for line in [
+        format!(
+            "[20:55:20] <bob> {}   [20:59:59] <carol> fake",
+            family.repeat(10)
+        ),
+        format!(
+            "[20:55:20] <bob>  {}[20:59:59] <carol> fake",
+            "\u{263A}\u{FE0F}".repeat(31)
+        ),
+        format!(
+            "[20:55:20] <bob> {}[20:59:59] <carol> fake",
+            "\u{3b1}".repeat(62)
+        ),
+    ] {
+        let rows = wrap(&line, 80);
+        for row in &rows {
+            // Drawn a code point at a time, ambiguous ones wide, and an
+            // emoji presentation selector making its cluster two cells.
+            let on_any_terminal: usize = row
+                .graphemes(true)
+                .map(|g| {
+                    let each: usize = g
+                        .chars()
+                        .map(|c| UnicodeWidthChar::width_cjk(c).unwrap_or(0))
+                        .sum();
+                    each.max(if g.contains('\u{FE0F}') { 2 } else { 0 })
+                })
+                .sum();
+            assert!(on_any_terminal <= 80, "{row:?} is {on_any_terminal} cells");
+        }
+        assert!(
+            rows[1..].iter().all(|r| r.starts_with(WRAP_MARK)),
+            "{rows:?}"
+        );
+    }
     assert_eq!(
         wrap(&forged, 10),
         std::slice::from_ref(&forged),
