@@ -727,3 +727,79 @@ fn sighup_leaves_as_a_quit_and_exits_zero() {
         tty.dump()
     );
 }
+
+/// 8. A user in the middle of a history search (Ctrl-R), when the line
+///    editor takes no printed lines, still gets out: SIGTERM exits within
+///    a few seconds although messages wait to be shown, and the terminal
+///    is handed back with bracketed paste off.
+#[test]
+fn exit_is_not_held_by_a_history_search_and_leaves_bracketed_paste_off() {
+    let registry = Registry::start(&[]);
+    let mut obs = observer("obs8", registry.addr);
+    let mut tty = PtyPeer::peer("tty8", &registry.addr.to_string());
+    tty.wait_for("registered as tty8 ", LONG);
+    obs.expect("tty8 joined", LONG, |v| {
+        v["event"] == "joined" && v["name"] == "tty8"
+    });
+    tty.write("searched for\r");
+    expect_text(&mut obs, "tty8", "searched for");
+    tty.write("\x12sea");
+    let searching = tty.mark();
+    tty.expect_from(searching, "reverse-i-search", LONG);
+    for n in 0..3 {
+        obs.say(&format!("while searching {n}"));
+    }
+    // Let the messages reach tty8's output thread before the signal.
+    std::thread::sleep(Duration::from_millis(500));
+    tty.signal(libc::SIGTERM);
+    let status = tty
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("tty8 still running after SIGTERM\n{}", tty.dump()));
+    assert_eq!(status.exit_code(), 0, "{}", tty.dump());
+    let raw = tty.raw();
+    let on = raw
+        .windows(8)
+        .rposition(|w| w == b"\x1b[?2004h")
+        .unwrap_or(0);
+    let off = raw.windows(8).rposition(|w| w == b"\x1b[?2004l");
+    assert!(
+        off.is_some_and(|off| off > on),
+        "bracketed paste is left on at exit\n{}",
+        tty.dump()
+    );
+}
+
+/// 9. Text that terminals draw wider than it counts (emoji sequences,
+///    emoji presentation selectors) cannot push a forged line to the start
+///    of a screen line: our wrapping ends rows early instead.
+#[test]
+fn wide_text_cannot_wrap_a_forged_line_to_column_zero() {
+    let registry = Registry::start(&[]);
+    let mut obs = observer("obs9", registry.addr);
+    let mut tty = PtyPeer::peer("tty9", &registry.addr.to_string());
+    tty.wait_for("registered as tty9 ", LONG);
+    obs.expect("tty9 joined", LONG, |v| {
+        v["event"] == "joined" && v["name"] == "tty9"
+    });
+    let family = "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}";
+    let smile = "\u{263A}\u{FE0F}";
+    // "[HH:MM:SS] <obs9> " is 18 cells; drawn a code point at a time each
+    // family is 6 cells and each smile 2, so both forged texts would begin
+    // at cell 200: the first cell of the next screen line.
+    obs.say(&format!(
+        "{}  [20:59:59] <carol> forged one",
+        family.repeat(30)
+    ));
+    obs.say(&format!(
+        "  {}[20:59:59] <carol> forged two",
+        smile.repeat(90)
+    ));
+    tty.wait_for("forged two", LONG);
+    let screen = tty.screen();
+    assert!(
+        !screen.iter().any(|l| l.starts_with("[20:59:59] <carol>")),
+        "a forged line starts a screen line\n{}",
+        tty.dump()
+    );
+    drop(obs);
+}
