@@ -776,7 +776,7 @@ fn exit_is_not_held_by_a_history_search_and_leaves_bracketed_paste_off() {
 fn wide_text_cannot_wrap_a_forged_line_to_column_zero() {
     let registry = Registry::start(&[]);
     let mut obs = observer("obs9", registry.addr);
-    let mut tty = PtyPeer::peer("tty9", &registry.addr.to_string());
+    let tty = PtyPeer::peer("tty9", &registry.addr.to_string());
     tty.wait_for("registered as tty9 ", LONG);
     obs.expect("tty9 joined", LONG, |v| {
         v["event"] == "joined" && v["name"] == "tty9"
