@@ -74,22 +74,11 @@ impl Local {
     fn at(time: SystemTime) -> Local {
         let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let t = libc::time_t::try_from(secs).unwrap_or(0);
-        // SAFETY: localtime_r writes only into the struct we own.
+        // SAFETY: localtime_r and gmtime_r write only into the struct we
+        // own. Without a time zone to be had, the time is shown in UTC.
         let mut tm: libc::tm = unsafe { std::mem::zeroed() };
         if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
-            // No time zone to be had: UTC, from the days since the epoch.
-            let days = i64::try_from(secs / 86_400).unwrap_or(0);
-            let (year, month, day) = civil_from_days(days);
-            let of_day = secs % 86_400;
-            return Local {
-                year,
-                month,
-                day,
-                weekday: usize::try_from((days + 4).rem_euclid(7)).unwrap_or(0),
-                hour: (of_day / 3600) as u32,
-                minute: (of_day / 60 % 60) as u32,
-                second: (of_day % 60) as u32,
-            };
+            unsafe { libc::gmtime_r(&t, &mut tm) };
         }
         Local {
             year: tm.tm_year + 1900,
@@ -120,21 +109,6 @@ impl Local {
             self.day
         )
     }
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian
-/// (Howard Hinnant's algorithm): only for a system without time zones.
-fn civil_from_days(days: i64) -> (i32, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-    (year, month, day)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

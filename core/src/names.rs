@@ -85,12 +85,13 @@ pub fn normalize_name(raw: &str) -> Result<String, NameError> {
     if name.starts_with('-') {
         return invalid("the name starts with '-', which reads as an option".into());
     }
-    if let Some(c) = name.chars().find(|c| reads_as_forbidden(*c)) {
+    let forbidden = |c: char| read_as(c).is_some_and(|a| FORBIDDEN_ASCII.contains(a));
+    if let Some(c) = name.chars().find(|c| forbidden(*c)) {
         return invalid(format!(
             "the name contains {c:?}, or a character that looks like it; names may not hold any of {FORBIDDEN_ASCII}"
         ));
     }
-    if name.chars().next().is_some_and(|c| reads_as(c, '-')) {
+    if name.chars().next().and_then(read_as) == Some('-') {
         return invalid(
             "the name starts with '-' (or a look-alike), which reads as an option".into(),
         );
@@ -103,16 +104,19 @@ pub fn normalize_name(raw: &str) -> Result<String, NameError> {
     Ok(name.to_string())
 }
 
-/// Whether `c` is, or looks like (its TR39 skeleton is), one of
-/// [`FORBIDDEN_ASCII`]: the fullwidth solidus and the ratio sign break
-/// nothing, but read as `/` and `:`.
-fn reads_as_forbidden(c: char) -> bool {
-    FORBIDDEN_ASCII.chars().any(|f| reads_as(c, f))
-}
-
-fn reads_as(c: char, ascii: char) -> bool {
-    c == ascii
-        || (!c.is_ascii() && unicode_security::skeleton(c.encode_utf8(&mut [0; 4])).eq([ascii]))
+/// The ASCII character `c` is, or reads as (its TR39 skeleton is that one
+/// character): the fullwidth solidus and the ratio sign break nothing, but
+/// read as `/` and `:`.
+fn read_as(c: char) -> Option<char> {
+    if c.is_ascii() {
+        return Some(c);
+    }
+    let mut utf8 = [0; 4];
+    let mut look = unicode_security::skeleton(c.encode_utf8(&mut utf8));
+    match (look.next(), look.next()) {
+        (Some(one), None) if one.is_ascii() => Some(one),
+        _ => None,
+    }
 }
 
 /// TR39's "moderately restrictive" rule for mixing scripts: a name is in

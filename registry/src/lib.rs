@@ -270,7 +270,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         for (until, folded, reservation) in restored {
             self.reserved_order.push_back((until, folded.clone()));
             if self.reserved.insert(folded.clone(), reservation).is_none() {
-                self.lookalikes.hold(&folded);
+                self.lookalikes.hold(self.lookalikes.look(&folded));
             }
         }
         self.limit_reservations();
@@ -446,7 +446,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         // A reservation that ran out this turn must not keep its look.
         self.expire_reservations(now);
         let held_itself = self.reserved.contains_key(&folded);
-        if self.lookalikes.taken_by_another(&folded, held_itself) {
+        let look = self.lookalikes.look(&folded);
+        if self.lookalikes.taken_by_another(look, held_itself) {
             return self.reject(
                 conn,
                 ErrorCode::NameConfusable,
@@ -474,7 +475,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         tracing::info!(%name, %addr, %key, "joined");
         // Only now: an owner turned away (a full registry) keeps its name.
         if self.reserved.remove(&folded).is_none() {
-            self.lookalikes.hold(&folded);
+            self.lookalikes.hold(look);
         }
         self.admit(conn, name, folded, addr, key, now);
     }

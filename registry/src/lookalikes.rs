@@ -18,19 +18,23 @@ pub(crate) struct Lookalikes {
     held: HashMap<u64, u32>,
 }
 
+/// What a name looks like, as this table counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Look(u64);
+
 impl Lookalikes {
-    fn look(&self, folded: &str) -> u64 {
-        self.hasher.hash_one(name_skeleton(folded))
+    pub(crate) fn look(&self, folded: &str) -> Look {
+        Look(self.hasher.hash_one(name_skeleton(folded)))
     }
 
-    /// A name starts being held (it was held by nobody).
-    pub(crate) fn hold(&mut self, folded: &str) {
-        *self.held.entry(self.look(folded)).or_default() += 1;
+    /// A name with this look starts being held (it was held by nobody).
+    pub(crate) fn hold(&mut self, look: Look) {
+        *self.held.entry(look.0).or_default() += 1;
     }
 
     /// A name stops being held by anyone.
     pub(crate) fn release(&mut self, folded: &str) {
-        let look = self.look(folded);
+        let look = self.look(folded).0;
         if let Some(count) = self.held.get_mut(&look) {
             *count -= 1;
             if *count == 0 {
@@ -39,10 +43,10 @@ impl Lookalikes {
         }
     }
 
-    /// Whether another held name looks like `folded`; `held_itself` says
-    /// whether `folded` is one of the held names.
-    pub(crate) fn taken_by_another(&self, folded: &str, held_itself: bool) -> bool {
-        let count = self.held.get(&self.look(folded)).copied().unwrap_or(0);
+    /// Whether another held name has this look; `held_itself` says whether
+    /// the name asking is one of the held names.
+    pub(crate) fn taken_by_another(&self, look: Look, held_itself: bool) -> bool {
+        let count = self.held.get(&look.0).copied().unwrap_or(0);
         count > u32::from(held_itself)
     }
 

@@ -257,13 +257,6 @@ fn an_unconfirmed_message_is_not_claimed_lost() {
 }
 
 #[test]
-fn civil_dates_match_known_days() {
-    assert_eq!(civil_from_days(0), (1970, 1, 1));
-    assert_eq!(civil_from_days(20_791), (2026, 12, 4));
-    assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-}
-
-#[test]
 fn long_lines_wrap_into_marked_rows_so_padding_cannot_start_a_line() {
     let forged = format!(
         "[12:00:00] <bob> hi{}[12:00:01] <carol> fake",
