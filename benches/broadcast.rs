@@ -46,6 +46,12 @@
 //! `BROADCAST_SIZES` (comma-separated; the churn bench runs for the sizes
 //! among 100 and 1000) and let criterion sample briefly:
 //! `BROADCAST_SIZES=10,100 cargo bench --bench broadcast -- --quick`.
+//!
+//! Longer than the project's 800-line aim, for now: its own process, wire and
+//! report harness comes first; that harness moves into the shared dev-only
+//! testkit, and the four bench sections then become files of their own. That
+//! split is one step of the planned architecture work (transport, machine
+//! contract, peer rooms, testkit); done here alone, it would be done twice.
 
 #[path = "../tests/common/workspace_bins.rs"]
 mod workspace_bins;

@@ -19,6 +19,12 @@
 //! each other's timings on a two-core machine. Time bounds leave room for a
 //! busy machine: what they catch is a deadline missed by seconds or a
 //! connection kept forever, not a slow turn.
+//!
+//! Longer than the project's 800-line aim, for now: its harness (more than a
+//! thousand lines before the first test) moves into the shared dev-only
+//! testkit, and the cases split along its banners. That split is one step of
+//! the planned architecture work (transport, machine contract, peer rooms,
+//! testkit); done here alone, it would be done twice.
 
 mod common;
 
