@@ -404,6 +404,20 @@ fn expect_text(obs: &mut PeerProc, from: &str, text: &str) -> bool {
     msg["direct"].as_bool().expect("direct is a bool")
 }
 
+/// A registry, a `--json` observer `obsN` and a pty peer `ttyN`, both
+/// registered and the observer told of the pty peer. Keep the registry.
+fn watched_pty_peer(n: u8) -> (Registry, PeerProc, PtyPeer) {
+    let registry = Registry::start(&[]);
+    let mut obs = observer(&format!("obs{n}"), registry.addr);
+    let name = format!("tty{n}");
+    let tty = PtyPeer::peer(&name, &registry.addr.to_string());
+    tty.wait_for(&format!("registered as {name} "), LONG);
+    obs.expect("the pty peer joined", LONG, |v| {
+        v["event"] == "joined" && v["name"] == name.as_str()
+    });
+    (registry, obs, tty)
+}
+
 /// A registry port where nothing listens.
 fn dead_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
@@ -515,13 +529,7 @@ fn a_bracketed_paste_is_taken_line_by_line_commands_included() {
 ///    sender's, so that none can pass for a message of its own.
 #[test]
 fn control_characters_and_forged_lines_from_the_network_are_shown_harmless() {
-    let registry = Registry::start(&[]);
-    let mut obs = observer("obs3", registry.addr);
-    let tty = PtyPeer::peer("tty3", &registry.addr.to_string());
-    tty.wait_for("registered as tty3 ", LONG);
-    obs.expect("tty3 joined", LONG, |v| {
-        v["event"] == "joined" && v["name"] == "tty3"
-    });
+    let (registry, mut obs, tty) = watched_pty_peer(3);
     obs.say("\u{1b}]2;PWNED\u{1b}\\ \u{1b}[31mRED\u{1b}[0m \u{7} bell\rFAKE");
     tty.wait_for("bell", LONG);
 
@@ -706,13 +714,7 @@ fn an_unreachable_registry_is_reported_once_and_status_says_so() {
 ///    quit, and the peer exits 0.
 #[test]
 fn sighup_leaves_as_a_quit_and_exits_zero() {
-    let registry = Registry::start(&[]);
-    let mut obs = observer("obs7", registry.addr);
-    let mut tty = PtyPeer::peer("tty7", &registry.addr.to_string());
-    tty.wait_for("registered as tty7 ", LONG);
-    obs.expect("tty7 joined", LONG, |v| {
-        v["event"] == "joined" && v["name"] == "tty7"
-    });
+    let (_registry, mut obs, mut tty) = watched_pty_peer(7);
     tty.signal(libc::SIGHUP);
     let left = obs.expect("tty7 left", LONG, |v| {
         v["event"] == "left" && v["name"] == "tty7"
@@ -734,13 +736,7 @@ fn sighup_leaves_as_a_quit_and_exits_zero() {
 ///    is handed back with bracketed paste off.
 #[test]
 fn exit_is_not_held_by_a_history_search_and_leaves_bracketed_paste_off() {
-    let registry = Registry::start(&[]);
-    let mut obs = observer("obs8", registry.addr);
-    let mut tty = PtyPeer::peer("tty8", &registry.addr.to_string());
-    tty.wait_for("registered as tty8 ", LONG);
-    obs.expect("tty8 joined", LONG, |v| {
-        v["event"] == "joined" && v["name"] == "tty8"
-    });
+    let (_registry, mut obs, mut tty) = watched_pty_peer(8);
     tty.write("searched for\r");
     expect_text(&mut obs, "tty8", "searched for");
     tty.write("\x12sea");
@@ -774,13 +770,7 @@ fn exit_is_not_held_by_a_history_search_and_leaves_bracketed_paste_off() {
 ///    of a screen line: our wrapping ends rows early instead.
 #[test]
 fn wide_text_cannot_wrap_a_forged_line_to_column_zero() {
-    let registry = Registry::start(&[]);
-    let mut obs = observer("obs9", registry.addr);
-    let tty = PtyPeer::peer("tty9", &registry.addr.to_string());
-    tty.wait_for("registered as tty9 ", LONG);
-    obs.expect("tty9 joined", LONG, |v| {
-        v["event"] == "joined" && v["name"] == "tty9"
-    });
+    let (_registry, mut obs, tty) = watched_pty_peer(9);
     let family = "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}";
     let smile = "\u{263A}\u{FE0F}";
     // "[HH:MM:SS] <obs9> " is 18 cells; drawn a code point at a time each
