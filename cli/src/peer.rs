@@ -261,8 +261,11 @@ pub enum Pin {
 }
 
 enum Session<C> {
-    /// Waiting for the retry timer.
-    Idle,
+    /// Not connected: at start, or waiting for the retry timer after the
+    /// registry was lost (why, and when the next attempt starts).
+    Idle {
+        lost: Option<(String, Instant)>,
+    },
     /// Connecting or registered-and-waiting for the (whole) welcome.
     Registering {
         conn: C,
@@ -377,9 +380,6 @@ pub struct Peer<C> {
     /// A welcome has come at least once: the registry is "lost", not
     /// "unreachable", when it goes.
     ever_registered: bool,
-    /// While the registry is lost: why, and when the next attempt starts.
-    registry_error: Option<String>,
-    retry_at: Option<Instant>,
     /// The (folded name, key) pairs whose refused links were reported.
     key_warnings: HashSet<(String, PublicKey)>,
 }
@@ -397,7 +397,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             rng,
             instance,
             actions: Vec::new(),
-            session: Session::Idle,
+            session: Session::Idle { lost: None },
             epoch: 0,
             my_addr: String::new(),
             heartbeat: Duration::from_secs(5),
@@ -410,8 +410,6 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             quitting: false,
             first_attempt_over: false,
             ever_registered: false,
-            registry_error: None,
-            retry_at: None,
             key_warnings: HashSet::new(),
             exited: false,
         }
@@ -701,7 +699,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     fn session_conn(&self) -> Option<C> {
         match &self.session {
             Session::Registering { conn, .. } | Session::Online { conn, .. } => Some(*conn),
-            Session::Idle | Session::Closed => None,
+            Session::Idle { .. } | Session::Closed => None,
         }
     }
 
@@ -849,8 +847,6 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         let peers = self.peers();
         self.first_attempt_over = true;
         self.ever_registered = true;
-        self.registry_error = None;
-        self.retry_at = None;
         self.emit(Event::Registered {
             name: self.config.name.clone(),
             addr: self.my_addr.clone(),
@@ -1074,14 +1070,14 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                 self.actions.push(Action::Close(conn, error.clone()));
             }
         }
-        self.session = Session::Idle;
-        self.epoch += 1;
         let delay = self.jitter(self.backoff);
+        self.session = Session::Idle {
+            lost: Some((error.clone(), now + delay)),
+        };
+        self.epoch += 1;
         self.backoff = (self.backoff * 2).min(self.config.backoff_max);
         tracing::info!(%error, retry_in = ?delay, "registry lost");
         self.first_attempt_over = true;
-        self.registry_error = Some(error.clone());
-        self.retry_at = Some(now + delay);
         self.emit(Event::RegistryLost {
             error,
             retry_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
@@ -1459,19 +1455,13 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     }
 
     fn status(&mut self, now: Instant) {
-        let (registry, error, retry_at) = match &self.session {
-            Session::Online { .. } => ("registered", None, None),
-            Session::Idle => (
-                if self.ever_registered {
-                    "lost"
-                } else {
-                    "unreachable"
-                },
-                self.registry_error.clone(),
-                self.retry_at,
-            ),
-            _ => ("connecting", None, None),
+        let (registry, lost) = match &self.session {
+            Session::Online { .. } => ("registered", None),
+            Session::Idle { lost } if self.ever_registered => ("lost", lost.clone()),
+            Session::Idle { lost } => ("unreachable", lost.clone()),
+            _ => ("connecting", None),
         };
+        let (error, retry_at) = lost.unzip();
         let retry_in_ms = retry_at.map(|at| {
             u64::try_from(at.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
         });
@@ -1615,7 +1605,10 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     pub fn on_timer(&mut self, timer: Timer<C>, now: Instant) {
         match timer {
             Timer::RegistryRetry(epoch) => {
-                if epoch == self.epoch && matches!(self.session, Session::Idle) && !self.quitting {
+                if epoch == self.epoch
+                    && matches!(self.session, Session::Idle { .. })
+                    && !self.quitting
+                {
                     self.dial_registry();
                 }
             }
