@@ -424,7 +424,11 @@ fn dial(registry: SocketAddr, key: PublicKey, identity: &Identity, open: &mut [u
     stream.set_nodelay(true).unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
     let mut out = Vec::new();
-    let mut channel = SecureChannel::initiator(identity, &mut out);
+    let mut channel = SecureChannel::initiator(
+        identity,
+        &peerchat_core::protocol::noise_prologue(),
+        &mut out,
+    );
     let mut dec = FrameDecoder::new(1 << 20);
     let mut buf = [0u8; 1024];
     while !channel.is_established() {
@@ -1612,7 +1616,11 @@ fn churn_step(conn: &mut ChurnConn, kit: &mut ChurnKit, seq: u64) -> Result<bool
             Err(e) => return Err(format!("connect: {e}")),
         }
         let mut first = Vec::new();
-        conn.channel = Some(SecureChannel::initiator(&kit.identity, &mut first));
+        conn.channel = Some(SecureChannel::initiator(
+            &kit.identity,
+            &peerchat_core::protocol::noise_prologue(),
+            &mut first,
+        ));
         write_whole(&mut conn.stream, &first, "handshake")?;
         conn.state = ChurnState::Handshake;
     }
@@ -2092,7 +2100,10 @@ impl Receivers {
             }
         }
         for (stream, receiver) in accepted {
-            let channel = SecureChannel::responder(&self.identities[receiver]);
+            let channel = SecureChannel::responder(
+                &self.identities[receiver],
+                &peerchat_core::protocol::noise_prologue(),
+            );
             self.add(RxEntry::Link {
                 stream,
                 channel,

@@ -19,8 +19,9 @@ const SIZES: [usize; 3] = [64, 1000, 60_000];
 fn handshake(a: &Identity, b: &Identity) -> (SecureChannel, SecureChannel) {
     let mut scratch = secure::scratch();
     let mut to_b = Vec::new();
-    let mut dialer = SecureChannel::initiator(a, &mut to_b);
-    let mut listener = SecureChannel::responder(b);
+    let mut dialer =
+        SecureChannel::initiator(a, &peerchat_core::protocol::noise_prologue(), &mut to_b);
+    let mut listener = SecureChannel::responder(b, &peerchat_core::protocol::noise_prologue());
     let mut to_a = Vec::new();
     let mut none = |_: &[u8]| {};
     listener

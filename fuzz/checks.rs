@@ -117,7 +117,11 @@ pub fn noise_responder(data: &[u8]) {
         0 => stranger(&[], rest, piece),
         1 => {
             let mut first = Vec::new();
-            SecureChannel::initiator(&keys().0, &mut first);
+            SecureChannel::initiator(
+                &keys().0,
+                &peerchat_core::protocol::noise_prologue(),
+                &mut first,
+            );
             stranger(&first, rest, piece);
         }
         mode => sealed(rest, piece, mode == 3),
@@ -126,7 +130,8 @@ pub fn noise_responder(data: &[u8]) {
 
 /// Mode 0 and 1 of [`noise_responder`]: `prefix`, then `rest`, in pieces.
 fn stranger(prefix: &[u8], rest: &[u8], piece: usize) {
-    let mut responder = SecureChannel::responder(&keys().1);
+    let mut responder =
+        SecureChannel::responder(&keys().1, &peerchat_core::protocol::noise_prologue());
     let mut scratch = secure::scratch();
     let mut replies = Vec::new();
     let mut failed = false;
@@ -171,8 +176,9 @@ fn stranger(prefix: &[u8], rest: &[u8], piece: usize) {
 fn handshake(scratch: &mut [u8]) -> (SecureChannel, SecureChannel) {
     let (a, b) = keys();
     let mut to_b = Vec::new();
-    let mut dialer = SecureChannel::initiator(a, &mut to_b);
-    let mut listener = SecureChannel::responder(b);
+    let mut dialer =
+        SecureChannel::initiator(a, &peerchat_core::protocol::noise_prologue(), &mut to_b);
+    let mut listener = SecureChannel::responder(b, &peerchat_core::protocol::noise_prologue());
     let mut to_a = Vec::new();
     let mut no_plain = |_: &[u8]| panic!("plaintext during a handshake");
     assert!(!listener

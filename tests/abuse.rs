@@ -73,7 +73,8 @@ fn secure_as(stream: TcpStream, identity: &Identity) -> Secure {
         .set_write_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     stream.set_nodelay(true).unwrap();
-    SecureStream::connect(stream, identity).expect("a Noise handshake")
+    SecureStream::connect(stream, identity, &peerchat_core::protocol::noise_prologue())
+        .expect("a Noise handshake")
 }
 
 // ---------------------------------------------------------------------------
@@ -1217,7 +1218,11 @@ fn registry_broken_noise_sessions_close_only_that_connection_without_a_word() {
     // The dialer's first message twice: the registry answers the first
     // with its own handshake message, and the copy fails as the third.
     let mut first = Vec::new();
-    SecureChannel::initiator(&Identity::generate(), &mut first);
+    SecureChannel::initiator(
+        &Identity::generate(),
+        &peerchat_core::protocol::noise_prologue(),
+        &mut first,
+    );
     case.attack_plain(
         "the first message sent twice",
         &[&first[..], &first[..]].concat(),
@@ -1603,7 +1608,11 @@ fn slowloris_connections_are_cut_at_the_handshake_deadline() {
     const SECURED: usize = 10;
     const N: usize = 500;
     let mut first = Vec::new();
-    SecureChannel::initiator(&Identity::generate(), &mut first);
+    SecureChannel::initiator(
+        &Identity::generate(),
+        &peerchat_core::protocol::noise_prologue(),
+        &mut first,
+    );
     let scripts: Vec<Vec<u8>> = (0..SECURED + N)
         .map(|i| {
             if i < SECURED {

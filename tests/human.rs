@@ -446,7 +446,12 @@ fn link_chat(
     let stream = TcpStream::connect(target.addr.as_str()).expect("dial the peer");
     stream.set_read_timeout(Some(LONG)).unwrap();
     stream.set_write_timeout(Some(LONG)).unwrap();
-    let mut link = SecureStream::connect(stream, &client.identity).expect("link handshake");
+    let mut link = SecureStream::connect(
+        stream,
+        &client.identity,
+        &peerchat_core::protocol::noise_prologue(),
+    )
+    .expect("link handshake");
     assert_eq!(
         link.remote_key(),
         target.key,

@@ -548,7 +548,9 @@ fn serve_fake(
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let Ok(mut s) = SecureStream::accept(stream, identity) else {
+    let Ok(mut s) =
+        SecureStream::accept(stream, identity, &peerchat_core::protocol::noise_prologue())
+    else {
         return;
     };
     s.get_ref()
@@ -813,7 +815,12 @@ fn tampered_and_truncated_noise_messages_close_only_their_connection() {
         stream
             .set_read_timeout(Some(Duration::from_secs(3)))
             .unwrap();
-        let mut link = SecureStream::connect(stream, &Identity::generate()).unwrap();
+        let mut link = SecureStream::connect(
+            stream,
+            &Identity::generate(),
+            &peerchat_core::protocol::noise_prologue(),
+        )
+        .unwrap();
         assert_eq!(link.remote_key(), alice.key());
         let mut wire = link.seal(&hello).unwrap();
         if truncated {

@@ -8,13 +8,14 @@ use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use clap::{CommandFactory, Parser};
 use peerchat_core::identity::{self, Identity, PublicKey};
-use peerchat_core::protocol::normalize_name;
+use peerchat_core::protocol::{self, normalize_name};
+use peerchat_core::secure::NoiseConfig;
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 use peerchat_peer::command::{self, Command};
 use peerchat_peer::human::View;
@@ -409,7 +410,10 @@ fn main() -> ExitCode {
 
     let loop_config = LoopConfig {
         handle_signals: true,
-        identity: Some(Arc::new(identity.clone())),
+        noise: Some(NoiseConfig::new(
+            identity.clone(),
+            protocol::noise_prologue(),
+        )),
         ..LoopConfig::default()
     };
     let mut event_loop = match EventLoop::new(loop_config) {

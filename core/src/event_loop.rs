@@ -37,8 +37,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::conn::{Conn, ConnState, Flushed};
-use crate::identity::{Identity, PublicKey};
-use crate::secure::{self, SecureChannel, SecureError};
+use crate::identity::PublicKey;
+use crate::secure::{self, NoiseConfig, SecureChannel, SecureError};
 use crate::timer::{TimerId, TimerWheel};
 use crate::wire::{FrameError, DEFAULT_MAX_FRAME};
 
@@ -128,8 +128,8 @@ pub struct LoopConfig {
     /// Deliver SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH
     /// session) to [`App::on_signal`].
     pub handle_signals: bool,
-    /// Secure every connection with a Noise session under this static key.
-    pub identity: Option<Arc<Identity>>,
+    /// Secure every connection with a Noise session.
+    pub noise: Option<NoiseConfig>,
     /// How long a connection may take to complete its Noise handshake.
     pub handshake_timeout: Duration,
 }
@@ -145,7 +145,7 @@ impl Default for LoopConfig {
             connect_timeout: Duration::from_secs(5),
             close_linger: Duration::from_secs(1),
             handle_signals: false,
-            identity: None,
+            noise: None,
             handshake_timeout: Duration::from_secs(5),
         }
     }
@@ -311,7 +311,7 @@ impl<T> Ctx<T> {
     /// application has not seen.
     pub fn send(&mut self, id: ConnId, frame: Bytes) -> bool {
         let max_queued = self.config.max_queued;
-        let early_ok = self.config.identity.is_none();
+        let early_ok = self.config.noise.is_none();
         let Some(conn) = self.conn_mut(id).filter(|c| match c.state {
             ConnState::Open => true,
             ConnState::Connecting => early_ok,
@@ -452,7 +452,7 @@ impl<T> Ctx<T> {
     /// The TCP connection is up: start its Noise handshake (the dialer
     /// speaks first) under a deadline.
     fn start_securing(&mut self, id: ConnId) {
-        let Some(identity) = self.config.identity.clone() else {
+        let Some(noise) = self.config.noise.clone() else {
             return;
         };
         let deadline = self.now + self.config.handshake_timeout;
@@ -462,11 +462,11 @@ impl<T> Ctx<T> {
         conn.state = ConnState::Securing;
         let mut channel = if conn.announced {
             let mut first = Vec::new();
-            let channel = SecureChannel::initiator(&identity, &mut first);
+            let channel = SecureChannel::initiator(&noise.identity, &noise.prologue, &mut first);
             conn.enqueue_wire(Bytes::from(first));
             channel
         } else {
-            SecureChannel::responder(&identity)
+            SecureChannel::responder(&noise.identity, &noise.prologue)
         };
         channel.set_max_frame(conn.decoder.max_frame());
         conn.secure = Some(channel);
@@ -603,7 +603,7 @@ impl<T> EventLoop<T> {
             None
         };
         let now = Instant::now();
-        let config_secured = config.identity.is_some();
+        let config_secured = config.noise.is_some();
         let ctx = Ctx {
             registry: poll.registry().try_clone()?,
             entries: Slab::new(),
@@ -862,7 +862,7 @@ fn accept_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, key: usize) {
                     }
                     continue;
                 }
-                let secured = ctx.config.identity.is_some();
+                let secured = ctx.config.noise.is_some();
                 let state = if secured {
                     ConnState::Securing
                 } else {
@@ -908,7 +908,7 @@ fn conn_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId, event: &
         if !(event.is_writable() || event.is_error() || event.is_write_closed()) {
             return;
         }
-        let secured = ctx.config.identity.is_some();
+        let secured = ctx.config.noise.is_some();
         let Some(conn) = ctx.conn_mut(id) else { return };
         let outcome = match conn.stream.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),

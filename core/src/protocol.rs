@@ -22,6 +22,12 @@ pub use crate::names::{fold_name, name_skeleton, normalize_name, NameError, MAX_
 /// the Noise prologue binds it.
 pub const PROTOCOL_VERSION: u32 = 2;
 
+/// What every connection's Noise handshake mixes in: two builds that speak
+/// different versions cannot complete one.
+pub fn noise_prologue() -> Vec<u8> {
+    format!("peerchat protocol {PROTOCOL_VERSION}").into_bytes()
+}
+
 /// Peer → registry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -19,12 +19,12 @@
 //! under its usual limit.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use snow::{HandshakeState, TransportState};
 
 use crate::identity::{Identity, PublicKey};
-use crate::protocol::PROTOCOL_VERSION;
 use crate::wire::{FrameDecoder, DEFAULT_MAX_FRAME};
 
 pub const NOISE_PATTERN: &str = "Noise_XX_25519_AESGCM_BLAKE2s";
@@ -39,9 +39,21 @@ pub const MAX_PLAINTEXT: usize = MAX_MESSAGE - TAG_LEN;
 /// anything much larger before the session is up is not a peerchat peer.
 pub const MAX_HANDSHAKE_MESSAGE: usize = 256;
 
-/// The prologue both sides mix into the handshake.
-pub fn prologue() -> Vec<u8> {
-    format!("peerchat protocol {PROTOCOL_VERSION}").into_bytes()
+/// What secures every connection of an event loop: our static key, and
+/// the prologue both sides must mix in.
+#[derive(Debug, Clone)]
+pub struct NoiseConfig {
+    pub identity: Arc<Identity>,
+    pub prologue: Vec<u8>,
+}
+
+impl NoiseConfig {
+    pub fn new(identity: Identity, prologue: Vec<u8>) -> Self {
+        NoiseConfig {
+            identity: Arc::new(identity),
+            prologue,
+        }
+    }
 }
 
 /// Why a session ended. Any of these closes the connection it belongs to.
@@ -88,11 +100,12 @@ fn builder() -> snow::Builder<'static> {
 
 impl SecureChannel {
     /// The dialing side. Its first handshake message is appended to `out`.
-    pub fn initiator(identity: &Identity, out: &mut Vec<u8>) -> Self {
-        let prologue = prologue();
+    /// Both sides must mix in the same `prologue` (the application's
+    /// protocol version) or the handshake fails.
+    pub fn initiator(identity: &Identity, prologue: &[u8], out: &mut Vec<u8>) -> Self {
         let mut hs = builder()
             .local_private_key(identity.private())
-            .and_then(|b| b.prologue(&prologue))
+            .and_then(|b| b.prologue(prologue))
             .and_then(|b| b.build_initiator())
             .expect("a 32-byte key and a prologue always build");
         write_handshake(&mut hs, out).expect("the first XX message always writes");
@@ -104,11 +117,10 @@ impl SecureChannel {
     }
 
     /// The accepting side; it speaks once the dialer's first message is in.
-    pub fn responder(identity: &Identity) -> Self {
-        let prologue = prologue();
+    pub fn responder(identity: &Identity, prologue: &[u8]) -> Self {
         let hs = builder()
             .local_private_key(identity.private())
-            .and_then(|b| b.prologue(&prologue))
+            .and_then(|b| b.prologue(prologue))
             .and_then(|b| b.build_responder())
             .expect("a 32-byte key and a prologue always build");
         SecureChannel {
@@ -310,16 +322,16 @@ pub struct SecureStream<S> {
 
 impl<S: Read + Write> SecureStream<S> {
     /// Runs the handshake as the dialer.
-    pub fn connect(mut stream: S, identity: &Identity) -> io::Result<Self> {
+    pub fn connect(mut stream: S, identity: &Identity, prologue: &[u8]) -> io::Result<Self> {
         let mut first = Vec::new();
-        let channel = SecureChannel::initiator(identity, &mut first);
+        let channel = SecureChannel::initiator(identity, prologue, &mut first);
         stream.write_all(&first)?;
         SecureStream::finish(stream, channel)
     }
 
     /// Runs the handshake as the listener.
-    pub fn accept(stream: S, identity: &Identity) -> io::Result<Self> {
-        SecureStream::finish(stream, SecureChannel::responder(identity))
+    pub fn accept(stream: S, identity: &Identity, prologue: &[u8]) -> io::Result<Self> {
+        SecureStream::finish(stream, SecureChannel::responder(identity, prologue))
     }
 
     fn finish(stream: S, channel: SecureChannel) -> io::Result<Self> {
@@ -419,12 +431,14 @@ pub fn scratch() -> Box<[u8]> {
 mod tests {
     use super::*;
 
+    const PROLOGUE: &[u8] = b"peerchat protocol 2";
+
     /// Runs a handshake through memory; returns (dialer, listener).
     fn pair(a: &Identity, b: &Identity) -> (SecureChannel, SecureChannel) {
         let mut scratch = scratch();
         let mut to_b = Vec::new();
-        let mut dialer = SecureChannel::initiator(a, &mut to_b);
-        let mut listener = SecureChannel::responder(b);
+        let mut dialer = SecureChannel::initiator(a, PROLOGUE, &mut to_b);
+        let mut listener = SecureChannel::responder(b, PROLOGUE);
         let mut nothing = |_: &[u8]| panic!("no plaintext during a handshake");
         let mut to_a = Vec::new();
         assert!(!listener
@@ -557,12 +571,12 @@ mod tests {
         let a = Identity::generate();
         let mut scratch = scratch();
         let mut out = Vec::new();
-        let mut responder = SecureChannel::responder(&a);
+        let mut responder = SecureChannel::responder(&a, PROLOGUE);
         assert_eq!(
             responder.receive(&[0xff, 0xff], &mut scratch, &mut out, &mut |_| {}),
             Err(SecureError::HandshakeTooLarge(0xffff))
         );
-        let mut responder = SecureChannel::responder(&a);
+        let mut responder = SecureChannel::responder(&a, PROLOGUE);
         assert!(matches!(
             responder.receive(&[0, 3, 1, 2, 3], &mut scratch, &mut out, &mut |_| {}),
             Err(SecureError::Handshake(_))
@@ -576,7 +590,7 @@ mod tests {
             .and_then(|b| b.build_initiator())
             .unwrap();
         write_handshake(&mut hs, &mut first).unwrap();
-        let mut responder = SecureChannel::responder(&Identity::generate());
+        let mut responder = SecureChannel::responder(&Identity::generate(), PROLOGUE);
         let mut reply = Vec::new();
         responder
             .receive(&first, &mut scratch, &mut reply, &mut |_| {})
@@ -598,7 +612,7 @@ mod tests {
     #[test]
     fn sealing_before_the_handshake_is_refused() {
         let mut out = Vec::new();
-        let mut dialer = SecureChannel::initiator(&Identity::generate(), &mut out);
+        let mut dialer = SecureChannel::initiator(&Identity::generate(), PROLOGUE, &mut out);
         assert_eq!(
             dialer.seal(b"x", &mut Vec::new()),
             Err(SecureError::NotEstablished)

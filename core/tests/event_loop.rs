@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use peerchat_core::identity::{Identity, PublicKey};
-use peerchat_core::secure::{SecureError, SecureStream};
+use peerchat_core::secure::{NoiseConfig, SecureError, SecureStream};
 use peerchat_core::wire::{encode_frame, FrameDecoder};
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 
@@ -436,7 +436,10 @@ fn what_a_late_close_makes_the_app_send_goes_out_in_the_same_turn() {
 fn secured_connections_prove_keys_echo_and_fail_alone() {
     let server = Identity::generate();
     let config = LoopConfig {
-        identity: Some(std::sync::Arc::new(server.clone())),
+        noise: Some(NoiseConfig::new(
+            server.clone(),
+            peerchat_core::protocol::noise_prologue(),
+        )),
         handshake_timeout: Duration::from_millis(300),
         ..LoopConfig::default()
     };
@@ -445,7 +448,8 @@ fn secured_connections_prove_keys_echo_and_fail_alone() {
     let h = start(config, Some(target.local_addr().unwrap()));
 
     let me = Identity::generate();
-    let mut c = SecureStream::connect(h.client(), &me).unwrap();
+    let mut c =
+        SecureStream::connect(h.client(), &me, &peerchat_core::protocol::noise_prologue()).unwrap();
     assert_eq!(c.remote_key(), server.public());
     assert!(matches!(h.next(), Seen::Key(k) if k == me.public()));
     let Seen::Accepted(_) = h.next() else {
@@ -459,7 +463,8 @@ fn secured_connections_prove_keys_echo_and_fail_alone() {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let other = Identity::generate();
-    let mut dialed = SecureStream::accept(dialed, &other).unwrap();
+    let mut dialed =
+        SecureStream::accept(dialed, &other, &peerchat_core::protocol::noise_prologue()).unwrap();
     assert_eq!(dialed.remote_key(), server.public());
     assert!(matches!(h.next(), Seen::Key(k) if k == other.public()));
     let Seen::Connected = h.next() else { panic!() };
@@ -483,7 +488,12 @@ fn secured_connections_prove_keys_echo_and_fail_alone() {
     assert!(matches!(plain.read(&mut buf), Ok(0) | Err(_)));
 
     // A tampered message closes that connection alone.
-    let mut tamper = SecureStream::connect(h.client(), &Identity::generate()).unwrap();
+    let mut tamper = SecureStream::connect(
+        h.client(),
+        &Identity::generate(),
+        &peerchat_core::protocol::noise_prologue(),
+    )
+    .unwrap();
     let Seen::Key(_) = h.next() else { panic!() };
     let Seen::Accepted(tampered_id) = h.next() else {
         panic!()
@@ -499,7 +509,12 @@ fn secured_connections_prove_keys_echo_and_fail_alone() {
     }
 
     // So does a connection that ends inside a message.
-    let mut cut = SecureStream::connect(h.client(), &Identity::generate()).unwrap();
+    let mut cut = SecureStream::connect(
+        h.client(),
+        &Identity::generate(),
+        &peerchat_core::protocol::noise_prologue(),
+    )
+    .unwrap();
     let Seen::Key(_) = h.next() else { panic!() };
     let Seen::Accepted(cut_id) = h.next() else {
         panic!()

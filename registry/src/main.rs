@@ -5,12 +5,13 @@ use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use clap::{CommandFactory, Parser};
 use peerchat_core::identity::{self, Identity};
+use peerchat_core::protocol;
+use peerchat_core::secure::NoiseConfig;
 use peerchat_core::trusted_file::Lock;
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 use peerchat_registry::names_file::{self, Saver};
@@ -400,7 +401,10 @@ fn main() -> ExitCode {
         max_queued: args.max_queue,
         max_connections,
         handle_signals: true,
-        identity: Some(Arc::new(identity.clone())),
+        noise: Some(NoiseConfig::new(
+            identity.clone(),
+            protocol::noise_prologue(),
+        )),
         handshake_timeout: args.handshake_timeout,
         ..LoopConfig::default()
     };

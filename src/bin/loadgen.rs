@@ -22,7 +22,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,6 +29,7 @@ use clap::Parser;
 use peerchat_core::codec;
 use peerchat_core::identity::Identity;
 use peerchat_core::protocol::{self, Change, FromRegistry, ToRegistry, PROTOCOL_VERSION};
+use peerchat_core::secure::NoiseConfig;
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 
 #[derive(Debug, Parser)]
@@ -563,7 +563,7 @@ fn main() -> ExitCode {
     let loop_config = LoopConfig {
         max_connections: args.peers + 100_000,
         handle_signals: true,
-        identity: Some(Arc::new(identity)),
+        noise: Some(NoiseConfig::new(identity, protocol::noise_prologue())),
         handshake_timeout: args.handshake_timeout,
         ..LoopConfig::default()
     };

@@ -364,7 +364,8 @@ impl Client {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
         stream.set_nodelay(true)?;
-        let conn = SecureStream::connect(stream, identity)?;
+        let conn =
+            SecureStream::connect(stream, identity, &peerchat_core::protocol::noise_prologue())?;
         Ok(Client {
             conn,
             identity: identity.clone(),
