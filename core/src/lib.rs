@@ -23,6 +23,7 @@ pub mod names;
 pub mod protocol;
 pub mod secure;
 pub mod timer;
+pub mod transport;
 pub mod trusted_file;
 pub mod wire;
 
