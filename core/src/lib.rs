@@ -7,7 +7,10 @@
 //! - [`identity`]: static key pairs and their key files.
 //! - [`secure`]: Noise sessions (sans-IO) that every connection runs in.
 //! - [`timer`]: a hashed timer wheel driven by a `now` passed in.
+//! - [`transport`]: one connection's Noise session, framing and queues (sans-IO).
 //! - [`event_loop`]: the single-threaded mio loop that moves bytes and time.
+//! - [`machine`]: the contract of the registry's and the peer's state
+//!   machines, and the driver that runs one on the loop.
 //! - `cli` (feature `cli`): command-line parsing shared by the binaries.
 //! - [`limits`]: raising the process limits that many connections need.
 //! - [`trusted_file`]: files that decide whom we trust, read and replaced safely.
@@ -19,6 +22,7 @@ mod conn;
 pub mod event_loop;
 pub mod identity;
 pub mod limits;
+pub mod machine;
 pub mod names;
 pub mod protocol;
 pub mod secure;

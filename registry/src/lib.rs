@@ -13,6 +13,7 @@
 //! the event loop's `ConnId`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use peerchat_core::codec;
+use peerchat_core::event_loop::CloseReason;
 use peerchat_core::identity::PublicKey;
+use peerchat_core::machine::{LinkId, Machine, Output};
 use peerchat_core::protocol::{
     self, decode_first, fold_name, name_skeleton, normalize_name, Change, ErrorCode,
     FirstFrameError, FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
@@ -48,9 +51,9 @@ pub struct Config {
     /// Largest frame a registered peer may send.
     pub max_frame: usize,
     /// Time a new connection has to register.
-    pub handshake_timeout: Duration,
+    pub register_timeout: Duration,
     /// Largest frame before registration: a register message is small.
-    pub handshake_max_frame: usize,
+    pub unregistered_max_frame: usize,
     /// How long a name stays reserved for its key after its peer left.
     pub name_grace: Duration,
 }
@@ -62,30 +65,21 @@ impl Default for Config {
             timeout: Duration::from_secs(15),
             max_peers: 100_000,
             max_frame: peerchat_core::wire::DEFAULT_MAX_FRAME,
-            handshake_timeout: Duration::from_secs(5),
-            handshake_max_frame: 4096,
+            register_timeout: Duration::from_secs(5),
+            unregistered_max_frame: 4096,
             name_grace: Duration::from_secs(600),
         }
     }
 }
 
-/// What the registry wants done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action<C> {
-    /// Queue this frame (length prefix included) on the connection.
-    Send(C, Bytes),
-    /// Close the connection once what is queued for it is flushed.
-    Close(C, String),
-    /// Accept frames up to this size from the connection from now on.
-    SetMaxFrame(C, usize),
-    /// Call [`Registry::on_timer`] with this timer at (or after) this time.
-    Arm(Instant, Timer<C>),
-}
+/// What the registry wants done: the machine contract's outputs, with no
+/// host outputs (the binary decides on its own when to save names).
+pub type Action<C> = Output<C, Timer<C>, Infallible>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timer<C> {
     /// The connection must have registered by now.
-    Handshake(C),
+    RegisterDeadline(C),
     /// Check whether the peer on this connection has been silent too long.
     Liveness(C),
 }
@@ -121,8 +115,12 @@ struct Session {
     order: u64,
 }
 
-enum ConnState {
-    Handshake { ip: IpAddr, key: PublicKey },
+enum LinkState {
+    /// Secured, not registered yet.
+    Registering {
+        ip: IpAddr,
+        key: PublicKey,
+    },
     Registered(Session),
 }
 
@@ -148,7 +146,7 @@ pub struct Owner {
 
 pub struct Registry<C> {
     config: Config,
-    conns: HashMap<C, ConnState>,
+    conns: HashMap<C, LinkState>,
     /// Folded name → the connection holding it.
     names: HashMap<String, C>,
     /// Folded name → the key it is kept for, after its peer left.
@@ -167,7 +165,7 @@ pub struct Registry<C> {
     /// Sessions admitted this turn → how many of `pending` their welcome
     /// snapshot already reflects. Everyone else gets all of `pending`.
     fresh: HashMap<C, usize>,
-    actions: Vec<Action<C>>,
+    actions: VecDeque<Action<C>>,
     heartbeat_reply: Bytes,
     stats: Stats,
     /// Some name changed owner or state since [`Registry::take_owners_changed`].
@@ -189,7 +187,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             next_order: 0,
             pending: Vec::new(),
             fresh: HashMap::new(),
-            actions: Vec::new(),
+            actions: VecDeque::new(),
             heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
             stats: Stats::default(),
             owners_changed: false,
@@ -306,14 +304,14 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             .collect()
     }
 
-    /// Takes the actions produced so far.
-    pub fn drain_actions(&mut self) -> std::vec::Drain<'_, Action<C>> {
-        self.actions.drain(..)
+    /// The next thing to do, oldest first.
+    pub fn poll_output(&mut self) -> Option<Action<C>> {
+        self.actions.pop_front()
     }
 
     fn session(&self, conn: C) -> Option<&Session> {
         match self.conns.get(&conn) {
-            Some(ConnState::Registered(s)) => Some(s),
+            Some(LinkState::Registered(s)) => Some(s),
             _ => None,
         }
     }
@@ -327,38 +325,40 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 reason: reason.clone(),
             };
             self.actions
-                .push(Action::Send(conn, protocol::frame(&notice)));
+                .push_back(Action::Send(conn, protocol::frame(&notice)));
             self.actions
-                .push(Action::Close(conn, "registry shutting down".into()));
+                .push_back(Action::Close(conn, "registry shutting down".into()));
             return;
         }
         self.conns
-            .insert(conn, ConnState::Handshake { ip: peer.ip(), key });
-        self.actions
-            .push(Action::SetMaxFrame(conn, self.config.handshake_max_frame));
-        self.actions.push(Action::Arm(
-            now + self.config.handshake_timeout,
-            Timer::Handshake(conn),
+            .insert(conn, LinkState::Registering { ip: peer.ip(), key });
+        self.actions.push_back(Action::SetMaxFrame(
+            conn,
+            self.config.unregistered_max_frame,
+        ));
+        self.actions.push_back(Action::Arm(
+            now + self.config.register_timeout,
+            Timer::RegisterDeadline(conn),
         ));
     }
 
     pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
         match self.conns.get_mut(&conn) {
             None => {}
-            Some(ConnState::Handshake { ip, key }) => {
+            Some(LinkState::Registering { ip, key }) => {
                 let (ip, key) = (*ip, *key);
-                self.on_handshake_frame(conn, ip, key, body, now);
+                self.on_register_frame(conn, ip, key, body, now);
             }
-            Some(ConnState::Registered(session)) => {
+            Some(LinkState::Registered(session)) => {
                 session.last_seen = now;
                 match codec::decode::<ToRegistry>(body) {
                     Ok(ToRegistry::Heartbeat {}) => {
                         self.actions
-                            .push(Action::Send(conn, self.heartbeat_reply.clone()));
+                            .push_back(Action::Send(conn, self.heartbeat_reply.clone()));
                     }
                     Ok(ToRegistry::Leave {}) => {
                         self.remove(conn, "quit", now);
-                        self.actions.push(Action::Close(conn, "left".into()));
+                        self.actions.push_back(Action::Close(conn, "left".into()));
                     }
                     Ok(ToRegistry::Register { .. }) => {
                         self.fail(conn, "already registered on this connection".into(), now);
@@ -376,7 +376,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.send_error(conn, ErrorCode::Protocol, reason);
     }
 
-    fn on_handshake_frame(
+    fn on_register_frame(
         &mut self,
         conn: C,
         ip: IpAddr,
@@ -486,7 +486,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// hear of it only if the address or the name's spelling changed. The
     /// old session is told it was replaced, in case it is still alive.
     fn reclaim(&mut self, conn: C, old: C, name: String, addr: SocketAddr, now: Instant) {
-        let Some(ConnState::Registered(previous)) = self.conns.remove(&old) else {
+        let Some(LinkState::Registered(previous)) = self.conns.remove(&old) else {
             return;
         };
         self.order.remove(&previous.order);
@@ -496,9 +496,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             format!("a newer session of this key registered {name:?} from {addr}"),
         );
         self.actions
-            .push(Action::Send(old, protocol::frame(&notice)));
+            .push_back(Action::Send(old, protocol::frame(&notice)));
         self.actions
-            .push(Action::Close(old, "replaced by a new session".into()));
+            .push_back(Action::Close(old, "replaced by a new session".into()));
         // A new spelling of the name is news too: views apply it by the
         // folded name and then show the new one.
         if previous.addr != addr || previous.name != name {
@@ -550,7 +550,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             }
         }
         self.actions
-            .push(Action::SetMaxFrame(conn, self.config.max_frame));
+            .push_back(Action::SetMaxFrame(conn, self.config.max_frame));
         self.actions
             .extend(frames.into_iter().map(|frame| Action::Send(conn, frame)));
         let entry = codec::encode(&PeerEntry {
@@ -567,7 +567,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.names.insert(folded.clone(), conn);
         self.conns.insert(
             conn,
-            ConnState::Registered(Session {
+            LinkState::Registered(Session {
                 name,
                 folded,
                 addr,
@@ -576,7 +576,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 order,
             }),
         );
-        self.actions.push(Action::Arm(
+        self.actions.push_back(Action::Arm(
             now + self.config.timeout,
             Timer::Liveness(conn),
         ));
@@ -591,15 +591,15 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     fn send_error(&mut self, conn: C, code: ErrorCode, reason: String) {
         let frame = protocol::frame(&FromRegistry::error(code, reason.clone()));
-        self.actions.push(Action::Send(conn, frame));
+        self.actions.push_back(Action::Send(conn, frame));
         self.actions
-            .push(Action::Close(conn, format!("{code}: {reason}")));
+            .push_back(Action::Close(conn, format!("{code}: {reason}")));
     }
 
     /// Forgets a connection; if it held a name, everyone hears `left`, and
     /// the name is kept for its key for the grace period.
     fn remove(&mut self, conn: C, reason: &str, now: Instant) {
-        if let Some(ConnState::Registered(s)) = self.conns.remove(&conn) {
+        if let Some(LinkState::Registered(s)) = self.conns.remove(&conn) {
             self.names.remove(&s.folded);
             self.order.remove(&s.order);
             self.stats.leaves += 1;
@@ -667,11 +667,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     FrameError::Empty => ErrorCode::Protocol,
                 };
                 tracing::info!(?conn, %err, "closing a connection that broke the framing");
-                if matches!(self.conns.get(&conn), Some(ConnState::Handshake { .. })) {
+                if matches!(self.conns.get(&conn), Some(LinkState::Registering { .. })) {
                     self.stats.rejections += 1;
                 }
                 let frame = protocol::frame(&FromRegistry::error(code, err.to_string()));
-                self.actions.push(Action::Send(conn, frame));
+                self.actions.push_back(Action::Send(conn, frame));
                 "protocol"
             }
         };
@@ -681,9 +681,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     pub fn on_timer(&mut self, timer: Timer<C>, now: Instant) {
         match timer {
-            Timer::Handshake(conn) => {
-                if let Some(ConnState::Handshake { .. }) = self.conns.get(&conn) {
-                    let secs = self.config.handshake_timeout.as_secs_f64();
+            Timer::RegisterDeadline(conn) => {
+                if let Some(LinkState::Registering { .. }) = self.conns.get(&conn) {
+                    let secs = self.config.register_timeout.as_secs_f64();
                     self.reject(
                         conn,
                         ErrorCode::HandshakeTimeout,
@@ -699,7 +699,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 if now >= deadline {
                     self.stats.evictions += 1;
                     self.remove(conn, "timeout", now);
-                    self.actions.push(Action::Close(
+                    self.actions.push_back(Action::Close(
                         conn,
                         "evicted: silent past the timeout".into(),
                     ));
@@ -707,7 +707,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     // Heartbeats only move `last_seen`; the check re-arms
                     // itself here instead of on every heartbeat.
                     self.actions
-                        .push(Action::Arm(deadline, Timer::Liveness(conn)));
+                        .push_back(Action::Arm(deadline, Timer::Liveness(conn)));
                 }
             }
         }
@@ -715,7 +715,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// End of a loop turn: push this turn's changes, encoded once per
     /// distinct starting point (one for everyone who was already online).
-    pub fn flush(&mut self, now: Instant) {
+    pub fn send_batched(&mut self, now: Instant) {
         self.expire_reservations(now);
         let fresh = std::mem::take(&mut self.fresh);
         if self.pending.is_empty() {
@@ -740,7 +740,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     .collect()
             });
             for frame in frames.iter() {
-                self.actions.push(Action::Send(*conn, frame.clone()));
+                self.actions.push_back(Action::Send(*conn, frame.clone()));
             }
         }
     }
@@ -753,11 +753,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             reason: reason.into(),
         });
         for (conn, state) in self.conns.drain() {
-            if let ConnState::Registered(_) = state {
-                self.actions.push(Action::Send(conn, notice.clone()));
+            if let LinkState::Registered(_) = state {
+                self.actions.push_back(Action::Send(conn, notice.clone()));
             }
             self.actions
-                .push(Action::Close(conn, "registry shutting down".into()));
+                .push_back(Action::Close(conn, "registry shutting down".into()));
         }
         self.names.clear();
         self.order.clear();
@@ -794,6 +794,50 @@ fn entry_of(s: &Session) -> PeerEntry {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The registry on the event loop, through the machine contract.
+impl Machine for Registry<LinkId> {
+    type Timer = Timer<LinkId>;
+    type HostOutput = Infallible;
+
+    fn handle_accepted(&mut self, link: LinkId, addr: SocketAddr, key: PublicKey, now: Instant) {
+        self.on_accept(link, addr, key, now);
+    }
+
+    fn handle_connected(&mut self, link: LinkId, _key: PublicKey, _now: Instant) {
+        // The registry never dials.
+        self.actions
+            .push_back(Action::Close(link, "the registry does not dial".into()));
+    }
+
+    fn handle_frame(&mut self, link: LinkId, body: &[u8], now: Instant) {
+        self.on_frame(link, body, now);
+    }
+
+    fn handle_closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant) {
+        let how = match reason {
+            CloseReason::Slow { queued } => {
+                tracing::warn!(%link, queued, "dropping a slow consumer");
+                Disconnect::Slow
+            }
+            CloseReason::Frame(err) => Disconnect::BadFrame(err.clone()),
+            _ => Disconnect::Lost,
+        };
+        self.on_closed(link, how, now);
+    }
+
+    fn handle_timer(&mut self, timer: Timer<LinkId>, now: Instant) {
+        self.on_timer(timer, now);
+    }
+
+    fn end_turn(&mut self, now: Instant) {
+        self.send_batched(now);
+    }
+
+    fn poll_output(&mut self) -> Option<Action<LinkId>> {
+        Registry::poll_output(self)
+    }
 }
 
 mod lookalikes;

@@ -1,21 +1,22 @@
-//! The `registry` binary: command line, logging, and the adapter that runs
-//! the sans-IO [`Registry`] on the core event loop.
+//! The `registry` binary: command line, logging, and the host around the
+//! sans-IO [`Registry`], which core's driver runs on the event loop.
 
+use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use clap::{CommandFactory, Parser};
 use peerchat_core::identity::{self, Identity};
+use peerchat_core::machine::{Driver, Host, HostCtx, LinkId, Wake};
 use peerchat_core::protocol;
 use peerchat_core::secure::NoiseConfig;
 use peerchat_core::trusted_file::Lock;
-use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
+use peerchat_core::{EventLoop, LoopConfig};
 use peerchat_registry::names_file::{self, Saver};
-use peerchat_registry::{Action, Config, Disconnect, Owner, Registry, Timer};
+use peerchat_registry::{Config, Owner, Registry};
 
 /// The peerchat registry: knows who is online and where, and tells everyone
 /// of every join and leave. Chat never passes through it.
@@ -78,8 +79,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-enum AppTimer {
-    Registry(Timer<ConnId>),
+/// The registry binary's own periodic work.
+enum HostTimer {
     Stats,
     SaveNames,
 }
@@ -87,8 +88,11 @@ enum AppTimer {
 /// How often changed name owners are saved: what a crash can lose.
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
-struct RegistryApp {
-    registry: Registry<ConnId>,
+type RegistryMachine = Registry<LinkId>;
+
+/// What the binary adds around the registry machine: the stats line, saving
+/// name owners, and shutting down on a signal.
+struct RegistryHost {
     stats_interval: Duration,
     /// `None` without `--names`, or when another registry holds the file.
     record: Option<Record>,
@@ -100,65 +104,30 @@ struct RegistryApp {
     at_shutdown: Option<(Vec<Owner>, SystemTime)>,
 }
 
-impl RegistryApp {
-    fn apply(&mut self, ctx: &mut Ctx<AppTimer>) {
-        for action in self.registry.drain_actions() {
-            match action {
-                Action::Send(conn, frame) => {
-                    ctx.send(conn, frame);
-                }
-                Action::Close(conn, reason) => ctx.close(conn, reason),
-                Action::SetMaxFrame(conn, max) => ctx.set_max_frame(conn, max),
-                Action::Arm(at, timer) => {
-                    ctx.arm(at, AppTimer::Registry(timer));
-                }
-            }
-        }
-    }
-}
+impl Host<RegistryMachine> for RegistryHost {
+    type Timer = HostTimer;
 
-impl App for RegistryApp {
-    type Timer = AppTimer;
-
-    fn on_accept(&mut self, ctx: &mut Ctx<AppTimer>, conn: ConnId, peer: SocketAddr) {
-        let Some(key) = ctx.remote_key(conn) else {
-            // The loop is secured, so every accepted connection has a key.
-            ctx.close(conn, "no proven key");
-            return;
-        };
-        self.registry.on_accept(conn, peer, key, ctx.now());
-        self.apply(ctx);
+    fn host_output(
+        &mut self,
+        _ctx: &mut HostCtx<RegistryMachine, Self>,
+        _registry: &mut RegistryMachine,
+        output: Infallible,
+    ) {
+        match output {}
     }
 
-    fn on_frame(&mut self, ctx: &mut Ctx<AppTimer>, conn: ConnId, body: Bytes) {
-        self.registry.on_frame(conn, &body, ctx.now());
-        self.apply(ctx);
-    }
-
-    fn on_closed(&mut self, ctx: &mut Ctx<AppTimer>, conn: ConnId, reason: &CloseReason) {
-        let how = match reason {
-            CloseReason::Slow { queued } => {
-                tracing::warn!(%conn, queued, "dropping a slow consumer");
-                Disconnect::Slow
-            }
-            CloseReason::Frame(err) => Disconnect::BadFrame(err.clone()),
-            _ => Disconnect::Lost,
-        };
-        self.registry.on_closed(conn, how, ctx.now());
-        self.apply(ctx);
-    }
-
-    fn on_timer(&mut self, ctx: &mut Ctx<AppTimer>, timer: AppTimer) {
+    fn on_timer(
+        &mut self,
+        ctx: &mut HostCtx<RegistryMachine, Self>,
+        registry: &mut RegistryMachine,
+        timer: HostTimer,
+    ) {
         match timer {
-            AppTimer::Registry(timer) => {
-                self.registry.on_timer(timer, ctx.now());
-                self.apply(ctx);
-            }
-            AppTimer::Stats => {
+            HostTimer::Stats => {
                 let loop_stats = ctx.stats();
-                let stats = self.registry.stats();
+                let stats = registry.stats();
                 tracing::info!(
-                    peers = self.registry.peer_count(),
+                    peers = registry.peer_count(),
                     connections = ctx.connections(),
                     frames_in = loop_stats.frames_in,
                     frames_out = loop_stats.frames_out,
@@ -168,46 +137,45 @@ impl App for RegistryApp {
                     leaves = stats.leaves,
                     evictions = stats.evictions,
                     rejections = stats.rejections,
-                    reserved = self.registry.reserved_count(),
+                    reserved = registry.reserved_count(),
                     slow = loop_stats.slow_closed,
                     secure_failed = loop_stats.secure_failed,
                     "stats"
                 );
                 release_free_memory();
                 let next = ctx.now() + self.stats_interval;
-                ctx.arm(next, AppTimer::Stats);
+                ctx.arm(next, Wake::Host(HostTimer::Stats));
             }
             // Once stopping, the directory is empty: only the last save,
             // with the owners from before, may be written.
-            AppTimer::SaveNames if self.at_shutdown.is_some() => {}
-            AppTimer::SaveNames => {
+            HostTimer::SaveNames if self.at_shutdown.is_some() => {}
+            HostTimer::SaveNames => {
                 let Some(record) = &self.record else {
                     return;
                 };
                 let failed = record.saver.take_failed();
-                if self.registry.take_owners_changed() || self.save_waiting || failed {
-                    let owners = self.registry.owners(ctx.now());
+                if registry.take_owners_changed() || self.save_waiting || failed {
+                    let owners = registry.owners(ctx.now());
                     self.save_waiting = !record.saver.offer(owners, SystemTime::now());
                 }
                 let next = ctx.now() + SAVE_INTERVAL;
-                ctx.arm(next, AppTimer::SaveNames);
+                ctx.arm(next, Wake::Host(HostTimer::SaveNames));
             }
         }
     }
 
-    fn on_signal(&mut self, ctx: &mut Ctx<AppTimer>, signal: i32) {
-        tracing::info!(signal, peers = self.registry.peer_count(), "shutting down");
+    fn on_signal(
+        &mut self,
+        ctx: &mut HostCtx<RegistryMachine, Self>,
+        registry: &mut RegistryMachine,
+        signal: i32,
+    ) {
+        tracing::info!(signal, peers = registry.peer_count(), "shutting down");
         if self.record.is_some() && self.at_shutdown.is_none() {
-            self.at_shutdown = Some((self.registry.owners(ctx.now()), SystemTime::now()));
+            self.at_shutdown = Some((registry.owners(ctx.now()), SystemTime::now()));
         }
-        self.registry.shutdown("the registry is shutting down");
-        self.apply(ctx);
+        registry.shutdown("the registry is shutting down");
         ctx.stop(Duration::from_secs(1));
-    }
-
-    fn on_turn_end(&mut self, ctx: &mut Ctx<AppTimer>) {
-        self.registry.flush(ctx.now());
-        self.apply(ctx);
     }
 }
 
@@ -378,8 +346,8 @@ fn main() -> ExitCode {
         timeout: args.timeout,
         max_peers: args.max_peers,
         max_frame: args.max_frame as usize,
-        handshake_timeout: args.handshake_timeout,
-        handshake_max_frame: 4096.min(args.max_frame as usize),
+        register_timeout: args.handshake_timeout,
+        unregistered_max_frame: 4096.min(args.max_frame as usize),
         name_grace: args.name_grace,
     };
     let identity = match load_identity(args.key) {
@@ -397,7 +365,7 @@ fn main() -> ExitCode {
         }
     };
     let loop_config = LoopConfig {
-        max_frame: config.handshake_max_frame,
+        max_frame: config.unregistered_max_frame,
         max_queued: args.max_queue,
         max_connections,
         handle_signals: true,
@@ -421,21 +389,21 @@ fn main() -> ExitCode {
     let now = event_loop.ctx().now();
     event_loop
         .ctx()
-        .arm(now + args.stats_interval, AppTimer::Stats);
+        .arm(now + args.stats_interval, Wake::Host(HostTimer::Stats));
     if record.is_some() {
         event_loop
             .ctx()
-            .arm(now + SAVE_INTERVAL, AppTimer::SaveNames);
+            .arm(now + SAVE_INTERVAL, Wake::Host(HostTimer::SaveNames));
     }
     let mut registry = Registry::new(config);
     registry.restore(owners, now);
-    let mut app = RegistryApp {
-        registry,
+    let host = RegistryHost {
         stats_interval: args.stats_interval,
         record,
         save_waiting: false,
         at_shutdown: None,
     };
+    let mut app = Driver::new(registry, host);
     eprintln!("registry key {}", identity.public());
     for local in listening {
         eprintln!("listening on {local}");
@@ -445,10 +413,10 @@ fn main() -> ExitCode {
         eprintln!("registry: the event loop failed: {e}");
         status = ExitCode::FAILURE;
     }
-    if let Some(record) = app.record {
-        let (owners, taken) = match app.at_shutdown {
+    if let Some(record) = app.host.record {
+        let (owners, taken) = match app.host.at_shutdown {
             Some(taken) => taken,
-            None => (app.registry.owners(Instant::now()), SystemTime::now()),
+            None => (app.machine.owners(Instant::now()), SystemTime::now()),
         };
         if let Err(e) = record.saver.finish(owners, taken) {
             eprintln!(

@@ -60,8 +60,7 @@ impl Sim {
     }
 
     fn apply(&mut self) {
-        let actions: Vec<_> = self.reg.drain_actions().collect();
-        for action in actions {
+        while let Some(action) = self.reg.poll_output() {
             match action {
                 Action::Send(c, frame) => {
                     assert!(!self.closed.contains_key(&c), "send to closed {c}");
@@ -82,13 +81,14 @@ impl Sim {
                     self.timer_seq += 1;
                     self.timers.insert((at, self.timer_seq), t);
                 }
+                Action::Dial { .. } | Action::Host(_) => unreachable!("the registry never dials"),
             }
         }
     }
 
     /// One loop turn's end.
     fn flush(&mut self) {
-        self.reg.flush(self.now);
+        self.reg.send_batched(self.now);
         self.apply();
     }
 

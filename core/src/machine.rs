@@ -1,0 +1,241 @@
+//! The contract every peerchat state machine keeps (the registry, the
+//! peer), and the one [`Driver`] that runs any of them on the event loop.
+//!
+//! A machine never touches a socket or reads the clock: inputs come in
+//! through its `handle_*` methods with the time they happened, and what it
+//! wants done comes out of [`Machine::poll_output`] until that says `None`.
+//! Links are named by [`LinkId`]s. A dial's id is minted by the machine
+//! when it asks for the dial, so that it keeps state for the link before
+//! any socket exists and hears of a failed dial like of any other close;
+//! an accepted link's id is minted by the driver.
+//!
+//! What the machine cannot do alone (show an event, write a file, end the
+//! process) comes out as [`Output::Host`], for the binary's [`Host`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::event_loop::{App, CloseReason, ConnId, Ctx};
+use crate::identity::PublicKey;
+
+/// A link as a machine names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinkId {
+    /// Minted by the machine for its [`Output::Dial`].
+    Dialed(u64),
+    /// Minted by the driver for an accepted connection.
+    Accepted(u64),
+}
+
+impl fmt::Display for LinkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkId::Dialed(n) => write!(f, "dialed link {n}"),
+            LinkId::Accepted(n) => write!(f, "accepted link {n}"),
+        }
+    }
+}
+
+/// What a machine wants done, for links named `L` (a [`LinkId`] on the
+/// loop; tests may name them as they like).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output<L, T, H> {
+    /// Connect to `addr`; [`Machine::handle_connected`] or
+    /// [`Machine::handle_closed`] for `link` follows.
+    Dial { link: L, addr: SocketAddr },
+    /// Queue this frame (as made by `codec::encode_frame`) on the link.
+    Send(L, Bytes),
+    /// Close the link once what is queued for it is written.
+    Close(L, String),
+    /// Accept frames up to this size on the link from now on.
+    SetMaxFrame(L, usize),
+    /// Call [`Machine::handle_timer`] with this timer at (or after) this time.
+    Arm(Instant, T),
+    /// For the binary around the machine.
+    Host(H),
+}
+
+/// A sans-IO state machine the [`Driver`] can run.
+pub trait Machine {
+    type Timer;
+    type HostOutput;
+    /// An accepted link is secured: the other side proved `key`.
+    fn handle_accepted(&mut self, link: LinkId, addr: SocketAddr, key: PublicKey, now: Instant);
+    /// A dial is up and secured: the other side proved `key`. Check it
+    /// before sending anything only the right peer may read.
+    fn handle_connected(&mut self, link: LinkId, key: PublicKey, now: Instant);
+    fn handle_frame(&mut self, link: LinkId, body: &[u8], now: Instant);
+    /// Exactly once for every link the machine was given or dialed, however
+    /// it ended (a dial that never connected included). For a graceful close
+    /// ([`CloseReason::Local`], [`CloseReason::Frame`]) the link still takes
+    /// frames during this call: the place to tell the other side why.
+    fn handle_closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant);
+    fn handle_timer(&mut self, timer: Self::Timer, now: Instant);
+    /// Every input of this loop turn is in: the place to send what was
+    /// batched during it.
+    fn end_turn(&mut self, _now: Instant) {}
+    fn poll_output(&mut self) -> Option<Output<LinkId, Self::Timer, Self::HostOutput>>;
+}
+
+/// A timer of the driven loop: the machine's or the host's.
+pub enum Wake<T, U> {
+    Machine(T),
+    Host(U),
+}
+
+/// The context a [`Host`] acts through.
+pub type HostCtx<M, H> = Ctx<Wake<<M as Machine>::Timer, <H as Host<M>>::Timer>>;
+
+/// What a binary adds around its machine: acting on its host outputs,
+/// signals, wake-ups from other threads, and periodic work of its own.
+pub trait Host<M: Machine>: Sized {
+    type Timer;
+    fn host_output(&mut self, ctx: &mut HostCtx<M, Self>, machine: &mut M, output: M::HostOutput);
+    fn on_signal(&mut self, ctx: &mut HostCtx<M, Self>, _machine: &mut M, _signal: i32) {
+        ctx.stop(Duration::ZERO);
+    }
+    fn on_wake(&mut self, _ctx: &mut HostCtx<M, Self>, _machine: &mut M) {}
+    /// A timer the host armed with [`Wake::Host`].
+    fn on_timer(&mut self, _ctx: &mut HostCtx<M, Self>, _machine: &mut M, _timer: Self::Timer) {}
+    /// After the machine's [`Machine::end_turn`].
+    fn end_turn(&mut self, _ctx: &mut HostCtx<M, Self>, _machine: &mut M) {}
+    /// Every output of the machine so far has been acted on.
+    fn settled(&mut self, _ctx: &mut HostCtx<M, Self>, _machine: &mut M) {}
+}
+
+/// Runs a machine on the event loop: turns connections into links and
+/// back, and outputs into loop calls.
+pub struct Driver<M, H> {
+    pub machine: M,
+    pub host: H,
+    links: HashMap<ConnId, LinkId>,
+    conns: HashMap<LinkId, ConnId>,
+    next_accepted: u64,
+}
+
+impl<M: Machine, H: Host<M>> Driver<M, H> {
+    pub fn new(machine: M, host: H) -> Self {
+        Driver {
+            machine,
+            host,
+            links: HashMap::new(),
+            conns: HashMap::new(),
+            next_accepted: 0,
+        }
+    }
+
+    /// Acts on every output the machine has, including those its answers
+    /// to failed dials cause.
+    fn apply(&mut self, ctx: &mut HostCtx<M, H>) {
+        while let Some(output) = self.machine.poll_output() {
+            match output {
+                Output::Dial { link, addr } => match ctx.connect(addr) {
+                    Ok(conn) => {
+                        self.links.insert(conn, link);
+                        self.conns.insert(link, conn);
+                    }
+                    Err(e) => {
+                        let reason = CloseReason::ConnectFailed(e.to_string());
+                        self.machine.handle_closed(link, &reason, ctx.now());
+                    }
+                },
+                Output::Send(link, frame) => {
+                    if let Some(&conn) = self.conns.get(&link) {
+                        ctx.send(conn, frame);
+                    }
+                }
+                Output::Close(link, reason) => {
+                    if let Some(&conn) = self.conns.get(&link) {
+                        ctx.close(conn, reason);
+                    }
+                }
+                Output::SetMaxFrame(link, max) => {
+                    if let Some(&conn) = self.conns.get(&link) {
+                        ctx.set_max_frame(conn, max);
+                    }
+                }
+                Output::Arm(at, timer) => {
+                    ctx.arm(at, Wake::Machine(timer));
+                }
+                Output::Host(output) => self.host.host_output(ctx, &mut self.machine, output),
+            }
+        }
+        self.host.settled(ctx, &mut self.machine);
+    }
+}
+
+impl<M: Machine, H: Host<M>> App for Driver<M, H> {
+    type Timer = Wake<M::Timer, H::Timer>;
+
+    fn on_accept(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, addr: SocketAddr) {
+        let Some(key) = ctx.remote_key(conn) else {
+            // Only a plaintext loop has connections without a proven key,
+            // and machines speak to proven keys only.
+            ctx.close(conn, "no proven key");
+            return;
+        };
+        let link = LinkId::Accepted(self.next_accepted);
+        self.next_accepted += 1;
+        self.links.insert(conn, link);
+        self.conns.insert(link, conn);
+        self.machine.handle_accepted(link, addr, key, ctx.now());
+        self.apply(ctx);
+    }
+
+    fn on_connected(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId) {
+        let Some(&link) = self.links.get(&conn) else {
+            return;
+        };
+        match ctx.remote_key(conn) {
+            Some(key) => self.machine.handle_connected(link, key, ctx.now()),
+            None => ctx.close(conn, "no proven key"),
+        }
+        self.apply(ctx);
+    }
+
+    fn on_frame(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, body: Bytes) {
+        if let Some(&link) = self.links.get(&conn) {
+            self.machine.handle_frame(link, &body, ctx.now());
+            self.apply(ctx);
+        }
+    }
+
+    fn on_closed(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, reason: &CloseReason) {
+        let Some(&link) = self.links.get(&conn) else {
+            return;
+        };
+        self.machine.handle_closed(link, reason, ctx.now());
+        // Still mapped while the machine's last words go out.
+        self.apply(ctx);
+        self.links.remove(&conn);
+        self.conns.remove(&link);
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<Self::Timer>, timer: Self::Timer) {
+        match timer {
+            Wake::Machine(timer) => self.machine.handle_timer(timer, ctx.now()),
+            Wake::Host(timer) => self.host.on_timer(ctx, &mut self.machine, timer),
+        }
+        self.apply(ctx);
+    }
+
+    fn on_signal(&mut self, ctx: &mut Ctx<Self::Timer>, signal: i32) {
+        self.host.on_signal(ctx, &mut self.machine, signal);
+        self.apply(ctx);
+    }
+
+    fn on_wake(&mut self, ctx: &mut Ctx<Self::Timer>) {
+        self.host.on_wake(ctx, &mut self.machine);
+        self.apply(ctx);
+    }
+
+    fn on_turn_end(&mut self, ctx: &mut Ctx<Self::Timer>) {
+        self.machine.end_turn(ctx.now());
+        self.host.end_turn(ctx, &mut self.machine);
+        self.apply(ctx);
+    }
+}
