@@ -4,7 +4,10 @@
 //! A machine never touches a socket or reads the clock: inputs come in
 //! through its `handle_*` methods with the time they happened, and what it
 //! wants done comes out of [`Machine::poll_output`] until that says `None`.
-//! Links are named by [`LinkId`]s. A dial's id is minted by the machine
+//! A machine owns its timers: [`Machine::poll_timeout`] says when it next
+//! wants [`Machine::handle_timeout`], so it can cancel what it no longer
+//! needs instead of guarding against stale timers. Links are named by
+//! [`LinkId`]s. A dial's id is minted by the machine
 //! when it asks for the dial, so that it keeps state for the link before
 //! any socket exists and hears of a failed dial like of any other close;
 //! an accepted link's id is minted by the driver.
@@ -21,6 +24,7 @@ use bytes::Bytes;
 
 use crate::event_loop::{App, CloseReason, ConnId, Ctx};
 use crate::identity::PublicKey;
+use crate::timer::TimerId;
 
 /// A link as a machine names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,7 +47,7 @@ impl fmt::Display for LinkId {
 /// What a machine wants done, for links named `L` (a [`LinkId`] on the
 /// loop; tests may name them as they like).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output<L, T, H> {
+pub enum Output<L, H> {
     /// Connect to `addr`; [`Machine::handle_connected`] or
     /// [`Machine::handle_closed`] for `link` follows.
     Dial { link: L, addr: SocketAddr },
@@ -53,15 +57,12 @@ pub enum Output<L, T, H> {
     Close(L, String),
     /// Accept frames up to this size on the link from now on.
     SetMaxFrame(L, usize),
-    /// Call [`Machine::handle_timer`] with this timer at (or after) this time.
-    Arm(Instant, T),
     /// For the binary around the machine.
     Host(H),
 }
 
 /// A sans-IO state machine the [`Driver`] can run.
 pub trait Machine {
-    type Timer;
     type HostOutput;
     /// An accepted link is secured: the other side proved `key`.
     fn handle_accepted(&mut self, link: LinkId, addr: SocketAddr, key: PublicKey, now: Instant);
@@ -74,21 +75,25 @@ pub trait Machine {
     /// ([`CloseReason::Local`], [`CloseReason::Frame`]) the link still takes
     /// frames during this call: the place to tell the other side why.
     fn handle_closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant);
-    fn handle_timer(&mut self, timer: Self::Timer, now: Instant);
+    /// When [`Machine::handle_timeout`] is due next, if ever.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// Time has reached what [`Machine::poll_timeout`] said (or later).
+    fn handle_timeout(&mut self, now: Instant);
     /// Every input of this loop turn is in: the place to send what was
     /// batched during it.
     fn end_turn(&mut self, _now: Instant) {}
-    fn poll_output(&mut self) -> Option<Output<LinkId, Self::Timer, Self::HostOutput>>;
+    fn poll_output(&mut self) -> Option<Output<LinkId, Self::HostOutput>>;
 }
 
-/// A timer of the driven loop: the machine's or the host's.
-pub enum Wake<T, U> {
-    Machine(T),
+/// A timer of the driven loop: the machine's next timeout, or one of the
+/// host's.
+pub enum Wake<U> {
+    Machine,
     Host(U),
 }
 
 /// The context a [`Host`] acts through.
-pub type HostCtx<M, H> = Ctx<Wake<<M as Machine>::Timer, <H as Host<M>>::Timer>>;
+pub type HostCtx<M, H> = Ctx<Wake<<H as Host<M>>::Timer>>;
 
 /// What a binary adds around its machine: acting on its host outputs,
 /// signals, wake-ups from other threads, and periodic work of its own.
@@ -115,6 +120,8 @@ pub struct Driver<M, H> {
     links: HashMap<ConnId, LinkId>,
     conns: HashMap<LinkId, ConnId>,
     next_accepted: u64,
+    /// The loop timer for the machine's timeout, and when it fires.
+    armed: Option<(Instant, TimerId)>,
 }
 
 impl<M: Machine, H: Host<M>> Driver<M, H> {
@@ -125,6 +132,23 @@ impl<M: Machine, H: Host<M>> Driver<M, H> {
             links: HashMap::new(),
             conns: HashMap::new(),
             next_accepted: 0,
+            armed: None,
+        }
+    }
+
+    /// Arms the loop for the machine's next timeout, if that moved. Done
+    /// once a turn, at its end: the loop reads its timers only between
+    /// turns.
+    fn arm_timeout(&mut self, ctx: &mut HostCtx<M, H>) {
+        let wanted = self.machine.poll_timeout();
+        if wanted == self.armed.map(|(at, _)| at) {
+            return;
+        }
+        if let Some((_, id)) = self.armed.take() {
+            ctx.cancel(id);
+        }
+        if let Some(at) = wanted {
+            self.armed = Some((at, ctx.arm(at, Wake::Machine)));
         }
     }
 
@@ -158,9 +182,6 @@ impl<M: Machine, H: Host<M>> Driver<M, H> {
                         ctx.set_max_frame(conn, max);
                     }
                 }
-                Output::Arm(at, timer) => {
-                    ctx.arm(at, Wake::Machine(timer));
-                }
                 Output::Host(output) => self.host.host_output(ctx, &mut self.machine, output),
             }
         }
@@ -169,7 +190,7 @@ impl<M: Machine, H: Host<M>> Driver<M, H> {
 }
 
 impl<M: Machine, H: Host<M>> App for Driver<M, H> {
-    type Timer = Wake<M::Timer, H::Timer>;
+    type Timer = Wake<H::Timer>;
 
     fn on_accept(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, addr: SocketAddr) {
         let Some(key) = ctx.remote_key(conn) else {
@@ -217,7 +238,10 @@ impl<M: Machine, H: Host<M>> App for Driver<M, H> {
 
     fn on_timer(&mut self, ctx: &mut Ctx<Self::Timer>, timer: Self::Timer) {
         match timer {
-            Wake::Machine(timer) => self.machine.handle_timer(timer, ctx.now()),
+            Wake::Machine => {
+                self.armed = None;
+                self.machine.handle_timeout(ctx.now());
+            }
             Wake::Host(timer) => self.host.on_timer(ctx, &mut self.machine, timer),
         }
         self.apply(ctx);
@@ -237,5 +261,6 @@ impl<M: Machine, H: Host<M>> App for Driver<M, H> {
         self.machine.end_turn(ctx.now());
         self.host.end_turn(ctx, &mut self.machine);
         self.apply(ctx);
+        self.arm_timeout(ctx);
     }
 }

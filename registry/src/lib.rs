@@ -28,6 +28,7 @@ use peerchat_core::protocol::{
     self, decode_first, fold_name, name_skeleton, normalize_name, Change, ErrorCode,
     FirstFrameError, FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
+use peerchat_core::timer::TimerWheel;
 use peerchat_core::wire::FrameError;
 
 use lookalikes::Lookalikes;
@@ -42,6 +43,11 @@ pub const CHUNK: usize = 256;
 /// Bytes of peer entries per snapshot frame, leaving room for the welcome's
 /// other fields under 64 KiB.
 pub const SNAPSHOT_BYTES: usize = 60_000;
+
+/// The registry's timers are only deadlines of seconds: a tick of 10 ms
+/// and a rotation of ~10 s keep the wheel small.
+const TIMER_TICK: Duration = Duration::from_millis(10);
+const TIMER_SLOTS: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -74,10 +80,10 @@ impl Default for Config {
 
 /// What the registry wants done: the machine contract's outputs, with no
 /// host outputs (the binary decides on its own when to save names).
-pub type Action<C> = Output<C, Timer<C>, Infallible>;
+pub type Action<C> = Output<C, Infallible>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Timer<C> {
+enum Timer<C> {
     /// The connection must have registered by now.
     RegisterDeadline(C),
     /// Check whether the peer on this connection has been silent too long.
@@ -166,6 +172,9 @@ pub struct Registry<C> {
     /// snapshot already reflects. Everyone else gets all of `pending`.
     fresh: HashMap<C, usize>,
     actions: VecDeque<Action<C>>,
+    /// Register deadlines and liveness checks. A timer of a connection that
+    /// is gone, or has moved on, finds its state changed and does nothing.
+    timers: TimerWheel<Timer<C>>,
     heartbeat_reply: Bytes,
     stats: Stats,
     /// Some name changed owner or state since [`Registry::take_owners_changed`].
@@ -175,8 +184,10 @@ pub struct Registry<C> {
 }
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
-    pub fn new(config: Config) -> Self {
+    /// `now` is where the registry's timers start counting.
+    pub fn new(config: Config, now: Instant) -> Self {
         Registry {
+            timers: TimerWheel::new(now, TIMER_TICK, TIMER_SLOTS),
             config,
             conns: HashMap::new(),
             names: HashMap::new(),
@@ -336,10 +347,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             conn,
             self.config.unregistered_max_frame,
         ));
-        self.actions.push_back(Action::Arm(
+        self.timers.arm(
             now + self.config.register_timeout,
             Timer::RegisterDeadline(conn),
-        ));
+        );
     }
 
     pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
@@ -576,10 +587,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 order,
             }),
         );
-        self.actions.push_back(Action::Arm(
-            now + self.config.timeout,
-            Timer::Liveness(conn),
-        ));
+        self.timers
+            .arm(now + self.config.timeout, Timer::Liveness(conn));
     }
 
     fn reject(&mut self, conn: C, code: ErrorCode, reason: String) {
@@ -679,7 +688,21 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.conns.remove(&conn);
     }
 
-    pub fn on_timer(&mut self, timer: Timer<C>, now: Instant) {
+    /// When [`Registry::handle_timeout`] is due next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_wake()
+    }
+
+    /// Fires every timer due by `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        self.timers.expire(now, |timer| due.push(timer));
+        for timer in due {
+            self.fire(timer, now);
+        }
+    }
+
+    fn fire(&mut self, timer: Timer<C>, now: Instant) {
         match timer {
             Timer::RegisterDeadline(conn) => {
                 if let Some(LinkState::Registering { .. }) = self.conns.get(&conn) {
@@ -706,8 +729,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 } else {
                     // Heartbeats only move `last_seen`; the check re-arms
                     // itself here instead of on every heartbeat.
-                    self.actions
-                        .push_back(Action::Arm(deadline, Timer::Liveness(conn)));
+                    self.timers.arm(deadline, Timer::Liveness(conn));
                 }
             }
         }
@@ -798,7 +820,6 @@ fn millis(d: Duration) -> u64 {
 
 /// The registry on the event loop, through the machine contract.
 impl Machine for Registry<LinkId> {
-    type Timer = Timer<LinkId>;
     type HostOutput = Infallible;
 
     fn handle_accepted(&mut self, link: LinkId, addr: SocketAddr, key: PublicKey, now: Instant) {
@@ -827,8 +848,12 @@ impl Machine for Registry<LinkId> {
         self.on_closed(link, how, now);
     }
 
-    fn handle_timer(&mut self, timer: Timer<LinkId>, now: Instant) {
-        self.on_timer(timer, now);
+    fn poll_timeout(&self) -> Option<Instant> {
+        Registry::poll_timeout(self)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        Registry::handle_timeout(self, now);
     }
 
     fn end_turn(&mut self, now: Instant) {

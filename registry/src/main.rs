@@ -395,7 +395,7 @@ fn main() -> ExitCode {
             .ctx()
             .arm(now + SAVE_INTERVAL, Wake::Host(HostTimer::SaveNames));
     }
-    let mut registry = Registry::new(config);
+    let mut registry = Registry::new(config, now);
     registry.restore(owners, now);
     let host = RegistryHost {
         stats_interval: args.stats_interval,

@@ -7,7 +7,7 @@
 //! (transport, machine contract, peer rooms, testkit); done here alone, it
 //! would be done twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -28,8 +28,6 @@ struct Sim {
     now: Instant,
     inbox: HashMap<Conn, Vec<FromRegistry>>,
     closed: HashMap<Conn, String>,
-    timers: BTreeMap<(Instant, u64), Timer<Conn>>,
-    timer_seq: u64,
     max_frame: HashMap<Conn, usize>,
 }
 
@@ -48,13 +46,12 @@ fn ip(last: u8) -> IpAddr {
 
 impl Sim {
     fn new(config: Config) -> Self {
+        let now = Instant::now();
         Sim {
-            reg: Registry::new(config),
-            now: Instant::now(),
+            reg: Registry::new(config, now),
+            now,
             inbox: HashMap::new(),
             closed: HashMap::new(),
-            timers: BTreeMap::new(),
-            timer_seq: 0,
             max_frame: HashMap::new(),
         }
     }
@@ -76,10 +73,6 @@ impl Sim {
                 }
                 Action::SetMaxFrame(c, n) => {
                     self.max_frame.insert(c, n);
-                }
-                Action::Arm(at, t) => {
-                    self.timer_seq += 1;
-                    self.timers.insert((at, self.timer_seq), t);
                 }
                 Action::Dial { .. } | Action::Host(_) => unreachable!("the registry never dials"),
             }
@@ -127,13 +120,12 @@ impl Sim {
     /// Advances simulated time, firing timers in order.
     fn advance(&mut self, by: Duration) {
         let until = self.now + by;
-        while let Some((&(at, seq), _)) = self.timers.iter().next() {
+        while let Some(at) = self.reg.poll_timeout() {
             if at > until {
                 break;
             }
-            let timer = self.timers.remove(&(at, seq)).unwrap();
             self.now = self.now.max(at);
-            self.reg.on_timer(timer, self.now);
+            self.reg.handle_timeout(self.now);
             self.apply();
             self.flush();
         }
