@@ -362,7 +362,7 @@ fn trust_paths(args: &Args) -> Result<(PathBuf, PathBuf), String> {
 }
 
 fn main() -> ExitCode {
-    let args: Args = peerchat_core::cli::parse_args();
+    let args: Args = peerchat_core::args::parse_args();
     let logs = init_logs();
     if let Err(why) = normalize_name(&args.name) {
         return fail(

@@ -11,12 +11,12 @@
 //! - [`event_loop`]: the single-threaded mio loop that moves bytes and time.
 //! - [`machine`]: the contract of the registry's and the peer's state
 //!   machines, and the driver that runs one on the loop.
-//! - `cli` (feature `cli`): command-line parsing shared by the binaries.
+//! - `args` (feature `cli`): command-line parsing shared by the binaries.
 //! - [`limits`]: raising the process limits that many connections need.
 //! - [`trusted_file`]: files that decide whom we trust, read and replaced safely.
 
 #[cfg(feature = "cli")]
-pub mod cli;
+pub mod args;
 pub mod codec;
 mod conn;
 pub mod event_loop;

@@ -305,7 +305,7 @@ fn listen_all<T>(event_loop: &mut EventLoop<T>, addrs: &[SocketAddr]) -> Option<
 }
 
 fn main() -> ExitCode {
-    let args: Args = peerchat_core::cli::parse_args();
+    let args: Args = peerchat_core::args::parse_args();
     if args.timeout <= args.heartbeat {
         Args::command()
             .error(
