@@ -147,6 +147,41 @@ pub enum LinkMsg {
     },
 }
 
+/// Why a peer left, as a registry's `left` change says it. Clients meet
+/// other reasons too (the text is open), so this is what a registry sends,
+/// not all a peer may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftReason {
+    /// It sent `leave`.
+    Quit,
+    /// It was silent past the timeout.
+    Timeout,
+    /// Its connection closed or broke.
+    Disconnected,
+    /// It did not read fast enough.
+    Slow,
+    /// It broke the framing or message rules.
+    Protocol,
+}
+
+impl LeftReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeftReason::Quit => "quit",
+            LeftReason::Timeout => "timeout",
+            LeftReason::Disconnected => "disconnected",
+            LeftReason::Slow => "slow",
+            LeftReason::Protocol => "protocol",
+        }
+    }
+}
+
+impl fmt::Display for LeftReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Error codes carried by `error` messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {

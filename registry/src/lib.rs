@@ -7,10 +7,13 @@
 //! registers it, while it is online and for a grace period after it leaves.
 //!
 //! Inputs are connection events with the current time; outputs are
-//! [`Action`]s (send these bytes to that connection, close it, arm a timer).
-//! It never touches a socket or the clock, so tests drive it with simulated
-//! time. Connections are named by any small key type `C`; the binary uses
-//! the event loop's `ConnId`.
+//! [`Action`]s (send these bytes to that connection, close it), and the
+//! registry keeps its own timers (`poll_timeout`, `handle_timeout`). It
+//! never touches a socket or the clock, so tests drive it with simulated
+//! time. Connections are named by any small key type `C`; on the event
+//! loop, by the driver's [`peerchat_core::machine::LinkId`]s (see
+//! `machine.rs`). Name ownership beyond the online peers lives in
+//! `owners.rs`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -21,12 +24,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use peerchat_core::codec;
-use peerchat_core::event_loop::CloseReason;
 use peerchat_core::identity::PublicKey;
-use peerchat_core::machine::{LinkId, Machine, Output};
+use peerchat_core::machine::Output;
 use peerchat_core::protocol::{
-    self, decode_first, fold_name, name_skeleton, normalize_name, Change, ErrorCode,
-    FirstFrameError, FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+    self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
+    FromRegistry, LeftReason, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
 use peerchat_core::timer::TimerWheel;
 use peerchat_core::wire::FrameError;
@@ -34,6 +36,9 @@ use peerchat_core::wire::FrameError;
 use lookalikes::Lookalikes;
 
 pub mod names_file;
+
+pub use owners::Owner;
+use owners::Reservation;
 
 /// Changes per update frame: keeps every frame under the 64 KiB a peer must
 /// accept, even with 32-character names in four-byte scripts and IPv6
@@ -130,26 +135,6 @@ enum LinkState {
     Registered(Session),
 }
 
-/// A name whose peer left, kept for its key until the grace ends.
-struct Reservation {
-    /// As the peer registered it.
-    name: String,
-    key: PublicKey,
-    until: Instant,
-}
-
-/// Who owns a name, in the form that outlives the process: the registry
-/// saves these and restores them at start, so that a restart opens no
-/// window for another key to take a name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    pub name: String,
-    pub key: PublicKey,
-    /// `None` while the owner is online; else how long its name stays
-    /// reserved.
-    pub reserved_for: Option<Duration>,
-}
-
 pub struct Registry<C> {
     config: Config,
     conns: HashMap<C, LinkState>,
@@ -206,88 +191,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
     }
 
-    /// Every name with an owner: the peers online and the reservations
-    /// still running, in no particular order.
-    pub fn owners(&self, now: Instant) -> Vec<Owner> {
-        let online = self.order.values().filter_map(|(c, _)| self.session(*c));
-        let online = online.map(|s| Owner {
-            name: s.name.clone(),
-            key: s.key,
-            reserved_for: None,
-        });
-        let reserved = self.reserved.values().filter(|r| r.until > now);
-        let reserved = reserved.map(|r| Owner {
-            name: r.name.clone(),
-            key: r.key,
-            reserved_for: Some(r.until - now),
-        });
-        online.chain(reserved).collect()
-    }
-
-    /// Whether [`Registry::owners`] has changed since the last call.
-    pub fn take_owners_changed(&mut self) -> bool {
-        std::mem::take(&mut self.owners_changed)
-    }
-
-    /// Takes back the owners saved by an earlier run, before any peer
-    /// registers. Names that were online are reserved for a full grace
-    /// (their peers are probably coming back); no reservation runs longer
-    /// than the grace.
-    pub fn restore(&mut self, owners: Vec<Owner>, now: Instant) {
-        debug_assert!(
-            self.names.is_empty() && self.reserved_order.is_empty(),
-            "restored into a registry already in use"
-        );
-        let grace = self.config.name_grace;
-        let mut restored: Vec<(Instant, String, Reservation)> = owners
-            .into_iter()
-            .filter_map(|o| {
-                let left = o.reserved_for.unwrap_or(grace).min(grace);
-                let until = now + left;
-                (!left.is_zero()).then(|| {
-                    let folded = fold_name(&o.name);
-                    let reservation = Reservation {
-                        name: o.name,
-                        key: o.key,
-                        until,
-                    };
-                    (until, folded, reservation)
-                })
-            })
-            .collect();
-        // A record from before the look-alike rule may hold two names that
-        // read alike: the one kept longest (online ones first) stays, so
-        // that its owner is not refused its own name meanwhile.
-        restored.sort_by_key(|(until, _, _)| std::cmp::Reverse(*until));
-        let mut looks: HashMap<String, String> = HashMap::new();
-        restored.retain(|(_, folded, reservation)| {
-            let look = name_skeleton(folded);
-            match looks.get(&look) {
-                Some(kept) if kept != folded => {
-                    tracing::warn!(name = %reservation.name, "not restored: it reads like another restored name");
-                    false
-                }
-                _ => {
-                    looks.insert(look, folded.clone());
-                    true
-                }
-            }
-        });
-        // The queue stays in deadline order: every later reservation gets a
-        // full grace from a later time.
-        restored.sort_by_key(|(until, _, _)| *until);
-        for (until, folded, reservation) in restored {
-            self.reserved_order.push_back((until, folded.clone()));
-            if self.reserved.insert(folded.clone(), reservation).is_none() {
-                self.lookalikes.hold(self.lookalikes.look(&folded));
-            }
-        }
-        self.limit_reservations();
-        // Saved again at once: the `online` lines are reservations now, and
-        // another crash must not start their grace over.
-        self.owners_changed = true;
-    }
-
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -299,11 +202,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// Registered peers.
     pub fn peer_count(&self) -> usize {
         self.names.len()
-    }
-
-    /// Names kept for the key of a peer that left.
-    pub fn reserved_count(&self) -> usize {
-        self.reserved.len()
     }
 
     /// The directory as the registry holds it, in registration order.
@@ -368,7 +266,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                             .push_back(Action::Send(conn, self.heartbeat_reply.clone()));
                     }
                     Ok(ToRegistry::Leave {}) => {
-                        self.remove(conn, "quit", now);
+                        self.remove(conn, LeftReason::Quit, now);
                         self.actions.push_back(Action::Close(conn, "left".into()));
                     }
                     Ok(ToRegistry::Register { .. }) => {
@@ -383,7 +281,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// A registered peer broke the protocol: tell it why, drop it.
     fn fail(&mut self, conn: C, reason: String, now: Instant) {
         tracing::warn!(?conn, %reason, "closing a peer that broke the protocol");
-        self.remove(conn, "protocol", now);
+        self.remove(conn, LeftReason::Protocol, now);
         self.send_error(conn, ErrorCode::Protocol, reason);
     }
 
@@ -607,12 +505,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// Forgets a connection; if it held a name, everyone hears `left`, and
     /// the name is kept for its key for the grace period.
-    fn remove(&mut self, conn: C, reason: &str, now: Instant) {
+    fn remove(&mut self, conn: C, reason: LeftReason, now: Instant) {
         if let Some(LinkState::Registered(s)) = self.conns.remove(&conn) {
             self.names.remove(&s.folded);
             self.order.remove(&s.order);
             self.stats.leaves += 1;
-            tracing::info!(name = %s.name, addr = %s.addr, reason, "left");
+            tracing::info!(name = %s.name, addr = %s.addr, %reason, "left");
             let until = now + self.config.name_grace;
             self.reserved_order.push_back((until, s.folded.clone()));
             let reservation = Reservation {
@@ -625,42 +523,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.limit_reservations();
             self.pending.push(Change::Left {
                 name: s.name,
-                reason: reason.into(),
+                reason: reason.as_str().into(),
             });
-        }
-    }
-
-    /// Keeps at most `max_peers` reservations, dropping the oldest first:
-    /// a key that registers and leaves name after name cannot grow the
-    /// table past the size of the directory.
-    fn limit_reservations(&mut self) {
-        while self.reserved.len() > self.config.max_peers {
-            let Some((until, folded)) = self.reserved_order.pop_front() else {
-                break;
-            };
-            if self.reserved.get(&folded).is_some_and(|r| r.until == until) {
-                self.reserved.remove(&folded);
-                self.lookalikes.release(&folded);
-                self.owners_changed = true;
-            }
-        }
-    }
-
-    /// Drops the reservations whose grace has ended.
-    fn expire_reservations(&mut self, now: Instant) {
-        while let Some((until, _)) = self.reserved_order.front() {
-            if *until > now {
-                break;
-            }
-            let Some((_, folded)) = self.reserved_order.pop_front() else {
-                break;
-            };
-            // A name reserved again later has a later end; keep that one.
-            if self.reserved.get(&folded).is_some_and(|r| r.until <= now) {
-                self.reserved.remove(&folded);
-                self.lookalikes.release(&folded);
-                self.owners_changed = true;
-            }
         }
     }
 
@@ -668,8 +532,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// for itself finds nothing left to do.
     pub fn on_closed(&mut self, conn: C, how: Disconnect, now: Instant) {
         let reason = match how {
-            Disconnect::Lost => "disconnected",
-            Disconnect::Slow => "slow",
+            Disconnect::Lost => LeftReason::Disconnected,
+            Disconnect::Slow => LeftReason::Slow,
             Disconnect::BadFrame(err) => {
                 let code = match err {
                     FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
@@ -681,7 +545,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 }
                 let frame = protocol::frame(&FromRegistry::error(code, err.to_string()));
                 self.actions.push_back(Action::Send(conn, frame));
-                "protocol"
+                LeftReason::Protocol
             }
         };
         self.remove(conn, reason, now);
@@ -721,7 +585,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 let deadline = session.last_seen + self.config.timeout;
                 if now >= deadline {
                     self.stats.evictions += 1;
-                    self.remove(conn, "timeout", now);
+                    self.remove(conn, LeftReason::Timeout, now);
                     self.actions.push_back(Action::Close(
                         conn,
                         "evicted: silent past the timeout".into(),
@@ -818,53 +682,8 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The registry on the event loop, through the machine contract.
-impl Machine for Registry<LinkId> {
-    type HostOutput = Infallible;
-
-    fn handle_accepted(&mut self, link: LinkId, addr: SocketAddr, key: PublicKey, now: Instant) {
-        self.on_accept(link, addr, key, now);
-    }
-
-    fn handle_connected(&mut self, link: LinkId, _key: PublicKey, _now: Instant) {
-        // The registry never dials.
-        self.actions
-            .push_back(Action::Close(link, "the registry does not dial".into()));
-    }
-
-    fn handle_frame(&mut self, link: LinkId, body: &[u8], now: Instant) {
-        self.on_frame(link, body, now);
-    }
-
-    fn handle_closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant) {
-        let how = match reason {
-            CloseReason::Slow { queued } => {
-                tracing::warn!(%link, queued, "dropping a slow consumer");
-                Disconnect::Slow
-            }
-            CloseReason::Frame(err) => Disconnect::BadFrame(err.clone()),
-            _ => Disconnect::Lost,
-        };
-        self.on_closed(link, how, now);
-    }
-
-    fn poll_timeout(&self) -> Option<Instant> {
-        Registry::poll_timeout(self)
-    }
-
-    fn handle_timeout(&mut self, now: Instant) {
-        Registry::handle_timeout(self, now);
-    }
-
-    fn end_turn(&mut self, now: Instant) {
-        self.send_batched(now);
-    }
-
-    fn poll_output(&mut self) -> Option<Action<LinkId>> {
-        Registry::poll_output(self)
-    }
-}
-
 mod lookalikes;
+mod machine;
+mod owners;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,163 @@
+//! The directory everyone is told: shutdown, and a proptest that every
+//! peer's view, built only from what it was sent, is the registry's.
+
+use super::*;
+
+#[test]
+fn shutdown_notifies_every_peer_and_closes_everything() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001);
+    sim.register(2, "bob", 4002);
+    sim.accept(3, ip(3));
+    sim.take(1);
+    sim.take(2);
+    sim.reg.shutdown("bye");
+    sim.apply();
+    for c in [1, 2] {
+        assert_eq!(
+            sim.take(c),
+            vec![FromRegistry::Shutdown {
+                reason: "bye".into()
+            }]
+        );
+    }
+    assert!(sim.take(3).is_empty());
+    assert!([1, 2, 3].iter().all(|c| sim.closed.contains_key(c)));
+    // A session that finishes its handshake while the registry flushes is
+    // told and closed; nobody takes a name that was online a moment ago.
+    sim.accept_as(4, ip(4), key("stranger"));
+    assert_eq!(
+        sim.take(4),
+        vec![FromRegistry::Shutdown {
+            reason: "bye".into()
+        }]
+    );
+    assert!(sim.closed.contains_key(&4));
+    sim.send(4, &register("alice", 4004));
+    sim.flush();
+    assert_eq!(sim.reg.peer_count(), 0);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Register(u8),
+    Heartbeat(u8),
+    Silence(u16),
+    Disconnect(u8),
+    Leave(u8),
+    /// Another key asks for player i's name.
+    Impostor(u8),
+    /// Another key asks for a name that reads like player i's (Greek rho).
+    Lookalike(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..6).prop_map(Op::Register),
+        (0u8..6).prop_map(Op::Heartbeat),
+        (1u16..1500).prop_map(Op::Silence),
+        (0u8..6).prop_map(Op::Disconnect),
+        (0u8..6).prop_map(Op::Leave),
+        (0u8..6).prop_map(Op::Impostor),
+        (0u8..6).prop_map(Op::Lookalike),
+    ]
+}
+
+/// What one peer believes the directory is, built only from what it was sent.
+fn apply_view(view: &mut Vec<PeerEntry>, msg: &FromRegistry) {
+    match msg {
+        FromRegistry::Welcome { peers, .. } => *view = peers.clone(),
+        FromRegistry::Snapshot { peers, .. } => view.extend(peers.iter().cloned()),
+        FromRegistry::Update { changes } => {
+            for change in changes {
+                match change {
+                    Change::Joined { name, addr, key } => view.push(PeerEntry {
+                        name: name.clone(),
+                        addr: addr.clone(),
+                        key: *key,
+                    }),
+                    Change::Left { name, .. } => view.retain(|e| &e.name != name),
+                    Change::Moved { name, addr } => {
+                        for e in view.iter_mut().filter(|e| &e.name == name) {
+                            e.addr = addr.clone();
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+proptest! {
+    /// After every flush, every registered peer's view (its welcome plus
+    /// the updates it got) equals the registry's table without itself, and
+    /// no name ever passes to another key.
+    #[test]
+    fn every_view_matches_the_table(ops in prop::collection::vec(op(), 1..60)) {
+        let mut sim = Sim::new(config());
+        let mut next_conn: Conn = 100;
+        // Player i's current connection.
+        let mut conn_of: HashMap<u8, Conn> = HashMap::new();
+        let mut views: HashMap<Conn, Vec<PeerEntry>> = HashMap::new();
+        let mut first_key: HashMap<String, PublicKey> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Register(p) | Op::Impostor(p) => {
+                    next_conn += 1;
+                    let c = next_conn;
+                    let name = format!("p{p}");
+                    let key = if matches!(op, Op::Register(_)) { owner(&name) } else { key("impostor") };
+                    sim.accept_as(c, ip(p), key);
+                    sim.send(c, &register(&name, 4000 + i64::from(next_conn % 3)));
+                    if matches!(op, Op::Register(_)) {
+                        conn_of.insert(p, c);
+                    }
+                }
+                Op::Lookalike(p) => {
+                    next_conn += 1;
+                    let name = format!("\u{3c1}{p}");
+                    sim.accept_as(next_conn, ip(p), owner(&name));
+                    sim.send(next_conn, &register(&name, 4000));
+                }
+                Op::Heartbeat(p) => if let Some(&c) = conn_of.get(&p) { sim.send(c, &ToRegistry::Heartbeat {}) },
+                Op::Silence(ms) => sim.advance(Duration::from_millis(u64::from(ms))),
+                Op::Disconnect(p) => if let Some(c) = conn_of.remove(&p) { sim.reg.on_closed(c, Disconnect::Lost, sim.now); sim.apply(); },
+                Op::Leave(p) => if let Some(&c) = conn_of.get(&p) { sim.send(c, &ToRegistry::Leave {}) },
+            }
+            sim.flush();
+            for (c, msgs) in sim.inbox.drain() {
+                let view = views.entry(c).or_default();
+                for m in &msgs {
+                    apply_view(view, m);
+                }
+            }
+            let table = sim.reg.directory();
+            prop_assert_eq!(
+                sim.reg.lookalikes.len(),
+                sim.reg.names.len() + sim.reg.reserved.len(),
+                "every name held has its look counted once"
+            );
+            for entry in &table {
+                let look = peerchat_core::protocol::name_skeleton(&entry.name);
+                let alike = table.iter().filter(|e| peerchat_core::protocol::name_skeleton(&e.name) == look);
+                prop_assert_eq!(alike.count(), 1, "{} has a look-alike online", &entry.name);
+            }
+            // The grace (10 minutes) outlasts the whole run: whichever key
+            // got a name first keeps it.
+            for entry in &table {
+                let first = *first_key.entry(entry.name.clone()).or_insert(entry.key);
+                prop_assert_eq!(entry.key, first, "{} changed hands", &entry.name);
+            }
+            for (c, _) in sim.reg.order.values() {
+                let me = sim.reg.session(*c).unwrap().name.clone();
+                let expected: Vec<PeerEntry> = table.iter().filter(|e| e.name != me).cloned().collect();
+                let mut got = views.get(c).cloned().unwrap_or_default();
+                let mut want = expected.clone();
+                got.sort_by(|a, b| a.name.cmp(&b.name));
+                want.sort_by(|a, b| a.name.cmp(&b.name));
+                prop_assert_eq!(got, want, "view of {}", me);
+            }
+        }
+    }
+}
