@@ -2,12 +2,10 @@
 //! same checks the cargo-fuzz targets run, so every `cargo test` on stable
 //! exercises them. New crashes found by fuzzing go into the corpus as files.
 
-#[path = "../fuzz/checks.rs"]
-mod checks;
-
 use std::path::Path;
 
 use peerchat_core::protocol::{FromRegistry, LinkMsg, ToRegistry};
+use peerchat_testkit::checks;
 
 /// Runs `check` on every file of one target's corpus; returns how many.
 fn replay(target: &str, check: fn(&[u8])) -> usize {

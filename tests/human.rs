@@ -8,8 +8,6 @@
 //! would see; it answers the cursor-position query that rustyline sends when
 //! it starts a line, as a real terminal does.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::num::NonZeroU16;
@@ -17,10 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{bin, Client, DataDir, PeerProc, Registry, LONG};
 use peerchat_core::codec;
 use peerchat_core::protocol::{FromRegistry, LinkMsg, PROTOCOL_VERSION};
-use peerchat_core::secure::SecureStream;
+use peerchat_testkit::bins::bin;
+use peerchat_testkit::client::{handshake, Client, Secure};
+use peerchat_testkit::launch::{PeerProc, Registry, LONG};
+use peerchat_testkit::process::DataDir;
 use portable_pty::{native_pty_system, CommandBuilder, MasterPty, PtySize};
 use serde_json::Value;
 
@@ -429,12 +429,7 @@ fn dead_port() -> u16 {
 /// lists, says hello and sends `text` (which may hold newlines, which a
 /// `--json` peer's line-based input cannot). Returns the registry session
 /// and the link, to keep them open.
-fn link_chat(
-    registry: SocketAddr,
-    me: &str,
-    to: &str,
-    text: &str,
-) -> (Client, SecureStream<TcpStream>) {
+fn link_chat(registry: SocketAddr, me: &str, to: &str, text: &str) -> (Client, Secure) {
     let (client, welcome) = Client::register(registry, me, 1);
     let FromRegistry::Welcome { peers, .. } = welcome else {
         panic!("{me}: no welcome: {welcome:?}");
@@ -446,12 +441,7 @@ fn link_chat(
     let stream = TcpStream::connect(target.addr.as_str()).expect("dial the peer");
     stream.set_read_timeout(Some(LONG)).unwrap();
     stream.set_write_timeout(Some(LONG)).unwrap();
-    let mut link = SecureStream::connect(
-        stream,
-        &client.identity,
-        &peerchat_core::protocol::noise_prologue(),
-    )
-    .expect("link handshake");
+    let mut link = handshake(stream, &client.identity).expect("link handshake");
     assert_eq!(
         link.remote_key(),
         target.key,

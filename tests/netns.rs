@@ -4,12 +4,10 @@
 //! and eviction when a cable is cut without a FIN. Needs root and `ip`; it
 //! says so and skips where namespaces cannot be made.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{PeerProc, Registry, EVICT_AFTER, LONG};
+use peerchat_testkit::launch::{PeerProc, Registry, EVICT_AFTER, LONG};
 
 /// The namespaces and links of one test run, removed on drop.
 struct Net {

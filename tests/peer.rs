@@ -1,18 +1,13 @@
 //! The real `peer --json` processes with a real registry on 127.0.0.1:
 //! delivery and acks, faults, and the exit contract.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
 
-use common::{bin, DataDir, PeerProc, Registry, EVICT_AFTER, LONG};
+use peerchat_testkit::bins::bin;
+use peerchat_testkit::launch::{is, PeerProc, Registry, EVICT_AFTER, LONG};
+use peerchat_testkit::process::DataDir;
 use serde_json::Value;
-
-fn is(event: &str, key: &str, value: &str) -> impl Fn(&Value) -> bool {
-    let (event, key, value) = (event.to_string(), key.to_string(), value.to_string());
-    move |v: &Value| v["event"] == event.as_str() && v[key.as_str()] == value.as_str()
-}
 
 /// Starts peers one after another, each registered before the next.
 fn start_peers(reg: &Registry, names: &[&str]) -> Vec<PeerProc> {

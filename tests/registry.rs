@@ -1,22 +1,16 @@
 //! The real `registry` binary on 127.0.0.1, driven by raw-protocol clients.
 
-mod common;
-
 use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, register_msg, Client, DataDir, Next, Registry, EVICT_AFTER};
 use peerchat_core::codec;
 use peerchat_core::identity::Identity;
 use peerchat_core::protocol::{Change, FromRegistry, PeerEntry, ToRegistry};
-
-fn code_of(msg: Option<FromRegistry>) -> String {
-    match msg {
-        Some(FromRegistry::Error { code, .. }) => code,
-        other => panic!("expected an error, got {other:?}"),
-    }
-}
+use peerchat_testkit::bins::bin;
+use peerchat_testkit::client::{code_of, register_msg, Client, Next};
+use peerchat_testkit::launch::{Registry, EVICT_AFTER};
+use peerchat_testkit::process::DataDir;
 
 #[test]
 fn welcome_then_deltas_in_order() {
@@ -39,7 +33,7 @@ fn welcome_then_deltas_in_order() {
     assert_eq!(
         (heartbeat_ms, timeout_ms),
         (200, 5000),
-        "the settings tests start it with (common::HEARTBEAT, common::TIMEOUT)"
+        "the settings tests start it with (launch::HEARTBEAT, launch::TIMEOUT)"
     );
     assert_eq!(version, 2);
     assert!(peers.is_empty());

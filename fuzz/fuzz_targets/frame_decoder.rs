@@ -1,6 +1,5 @@
 #![no_main]
 
-#[path = "../checks.rs"]
-mod checks;
+use peerchat_testkit::checks;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::frame_decoder(data));

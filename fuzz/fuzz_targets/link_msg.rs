@@ -1,7 +1,6 @@
 #![no_main]
 
-#[path = "../checks.rs"]
-mod checks;
+use peerchat_testkit::checks;
 
 libfuzzer_sys::fuzz_target!(
     |data: &[u8]| checks::message::<peerchat_core::protocol::LinkMsg>(data)

@@ -31,6 +31,7 @@ use peerchat_core::identity::Identity;
 use peerchat_core::protocol::{self, Change, FromRegistry, ToRegistry, PROTOCOL_VERSION};
 use peerchat_core::secure::NoiseConfig;
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
+use peerchat_testkit::stats::percentile;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -156,14 +157,6 @@ fn cpu_share(a: ProcSample, b: ProcSample) -> f64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let wall = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
     (b.cpu_ticks.saturating_sub(a.cpu_ticks)) as f64 / hz / wall
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 struct LoadGen {
@@ -339,14 +332,14 @@ impl LoadGen {
             "churn: {} joins at {}/s; join-to-every-probe propagation p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({probes} probes; {incomplete} joins did not reach every probe)",
             self.joins.len(),
             self.args.churn,
-            percentile(&complete, 0.5).as_secs_f64() * 1e3,
-            percentile(&complete, 0.99).as_secs_f64() * 1e3,
+            percentile(&complete, 50.0).as_secs_f64() * 1e3,
+            percentile(&complete, 99.0).as_secs_f64() * 1e3,
             complete.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         ));
         self.report.push(format!(
             "churn: the same from each join's connect (TCP connect and Noise handshake included): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            percentile(&from_open, 0.5).as_secs_f64() * 1e3,
-            percentile(&from_open, 0.99).as_secs_f64() * 1e3,
+            percentile(&from_open, 50.0).as_secs_f64() * 1e3,
+            percentile(&from_open, 99.0).as_secs_f64() * 1e3,
             from_open.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         ));
         if self.churn_started.is_some() {

@@ -1,9 +1,6 @@
-// Each fuzz target uses one of these checks; the replay test uses all.
-#![allow(dead_code)]
-
-//! The properties the fuzz targets check. Shared, through `#[path]`, by the
-//! cargo-fuzz targets and by the corpus replay in `tests/fuzz_corpus.rs`, so
-//! that an ordinary `cargo test` exercises the same code on stable.
+//! The properties the fuzz targets check. Shared by the cargo-fuzz targets
+//! and by the corpus replay in `tests/fuzz_corpus.rs`, so that an ordinary
+//! `cargo test` exercises the same code on stable.
 
 use std::fmt::Debug;
 use std::sync::OnceLock;

@@ -1,13 +1,24 @@
-//! Builds the workspace's `registry` and `peer` binaries for a test or a
-//! bench: they belong to other packages of the workspace, so Cargo does not
-//! build them for this package's targets by itself.
+//! The workspace's `registry` and `peer` binaries, for a test or a bench:
+//! they belong to other packages of the workspace, so Cargo does not build
+//! them for the root package's targets by itself.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
-/// Builds both binaries in the profile this process was built in (release
-/// for benches) and returns the directory that holds them.
-pub fn build() -> PathBuf {
+/// Path of a workspace binary, built once per test or bench process.
+pub fn bin(name: &str) -> PathBuf {
+    dir().join(name)
+}
+
+/// The directory that holds both binaries, built on first use in the
+/// profile this process was built in (release for benches).
+pub fn dir() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(build)
+}
+
+fn build() -> PathBuf {
     let exe = std::env::current_exe().expect("own executable path");
     // target/<profile>/deps/<test> → target/<profile>
     let profile_dir = exe
