@@ -55,6 +55,14 @@ fn key_of(name: &str) -> PublicKey {
     PublicKey::from_slice(&bytes).unwrap()
 }
 
+/// Trust in nothing but `key` for `name`, as if `known_peers` said so.
+fn pinning(name: &str, key: PublicKey) -> Trust {
+    Trust {
+        peers: HashMap::from([(name.into(), key)]),
+        ..Trust::default()
+    }
+}
+
 fn registry_key() -> PublicKey {
     key_of("the registry")
 }
@@ -241,9 +249,9 @@ struct Sim {
 }
 
 impl Sim {
-    fn with(config: Config, seed: u64) -> Self {
+    fn with(config: Config, trust: Trust) -> Self {
         Sim {
-            peer: Peer::new(config, seed),
+            peer: Peer::new(config, trust, 7),
             now: Instant::now(),
             next_conn: 0,
             registry_dials: DialMode::Answer,
@@ -267,7 +275,11 @@ impl Sim {
     }
 
     fn new() -> Self {
-        Sim::with(config(), 7)
+        Sim::trusting(Trust::default())
+    }
+
+    fn trusting(trust: Trust) -> Self {
+        Sim::with(config(), trust)
     }
 
     /// Registered with `peers` online, everything so far taken.
@@ -942,8 +954,9 @@ fn absurd_heartbeat_settings_are_clamped() {
         more: false,
         peers: Vec::new(),
     });
-    assert_eq!(sim.peer.heartbeat, Duration::from_secs(3600));
-    assert_eq!(sim.peer.timeout, Duration::from_millis(3_600_010));
+    let (heartbeat, timeout) = sim.peer.session.timings();
+    assert_eq!(heartbeat, Duration::from_secs(3600));
+    assert_eq!(timeout, Duration::from_millis(3_600_010));
 }
 
 #[test]
@@ -1900,10 +1913,13 @@ fn the_first_registry_key_is_pinned_and_a_pinned_one_is_enforced() {
     assert_eq!(sim.pins, vec![Pin::Registry(registry_key())]);
 
     let mut config = config();
-    config.registry_trust = RegistryTrust::Pinned(key_of("the real registry"));
     config.registry_name = "chat.example:7000".into();
     config.known_peers = "/home/alice/known_peers".into();
-    let mut sim = Sim::with(config, 7);
+    let trust = Trust {
+        registry: RegistryTrust::Pinned(key_of("the real registry")),
+        ..Trust::default()
+    };
+    let mut sim = Sim::with(config, trust);
     let reg = sim.start();
     assert!(sim.take_reg(reg).is_empty(), "no register to an impostor");
     assert!(sim.gone.contains(&reg));
@@ -1923,9 +1939,11 @@ fn the_first_registry_key_is_pinned_and_a_pinned_one_is_enforced() {
 
 #[test]
 fn a_registry_key_given_up_front_is_enforced_then_pinned() {
-    let mut config = config();
-    config.registry_trust = RegistryTrust::Given(key_of("the real registry"));
-    let mut sim = Sim::with(config.clone(), 7);
+    let trust = Trust {
+        registry: RegistryTrust::Given(key_of("the real registry")),
+        ..Trust::default()
+    };
+    let mut sim = Sim::trusting(trust.clone());
     let reg = sim.start();
     assert!(sim.take_reg(reg).is_empty(), "no register to an impostor");
     let message = the_error(&sim.take_events(), "key_mismatch");
@@ -1937,7 +1955,7 @@ fn a_registry_key_given_up_front_is_enforced_then_pinned() {
     assert!(sim.pins.is_empty(), "an impostor's key is not pinned");
 
     // The real one is accepted, and pinned.
-    let mut sim = Sim::with(config, 7);
+    let mut sim = Sim::trusting(trust);
     sim.imposters
         .insert(String::new(), key_of("the real registry"));
     let reg = sim.start();
@@ -2003,9 +2021,7 @@ fn an_inbound_link_must_prove_the_listed_key() {
 
 #[test]
 fn whois_names_the_pin_that_differs() {
-    let mut config = config();
-    config.pins.insert("erin".into(), key_of("the erin we met"));
-    let mut sim = Sim::with(config, 7);
+    let mut sim = Sim::trusting(pinning("erin", key_of("the erin we met")));
     sim.start();
     sim.registry_says(&welcome(&["erin"], false));
     sim.take_events();
@@ -2025,9 +2041,8 @@ fn whois_names_the_pin_that_differs() {
 #[test]
 fn a_peer_that_keeps_retrying_with_a_wrong_key_is_reported_once() {
     let mut config = config();
-    config.pins.insert("erin".into(), key_of("the erin we met"));
     config.known_peers = "/home/alice/known_peers".into();
-    let mut sim = Sim::with(config, 7);
+    let mut sim = Sim::with(config, pinning("erin", key_of("the erin we met")));
     sim.start();
     sim.registry_says(&welcome(&["erin"], false));
     let message = the_error(&sim.take_events(), "key_mismatch");
@@ -2055,9 +2070,7 @@ fn a_peer_that_keeps_retrying_with_a_wrong_key_is_reported_once() {
 
 #[test]
 fn a_directory_key_unlike_the_pin_is_reported_and_refused_both_ways() {
-    let mut config = config();
-    config.pins.insert("bob".into(), key_of("the bob we met"));
-    let mut sim = Sim::with(config, 7);
+    let mut sim = Sim::trusting(pinning("bob", key_of("the bob we met")));
     sim.start();
     sim.registry_says(&welcome(&["bob", "carol"], false));
     let events = sim.take_events();
@@ -2123,9 +2136,7 @@ fn messages_waiting_for_a_name_whose_key_changes_are_not_sent_to_the_new_key() {
 
     // Pinned: the new key disagrees with the pin, and what waits is
     // undelivered at once, as a mismatch.
-    let mut config = config();
-    config.pins.insert("bob".into(), key_of("bob"));
-    let mut sim = Sim::with(config, 7);
+    let mut sim = Sim::trusting(pinning("bob", key_of("bob")));
     sim.start();
     sim.registry_says(&welcome(&["bob"], false));
     sim.link_dials = DialMode::Defer;
@@ -2299,7 +2310,7 @@ fn run_op(sim: &mut Sim, op: Op) {
             if let Some(at) = sim.retry_at() {
                 sim.advance_to(at);
             }
-            if sim.registry_open() && matches!(sim.peer.session, Session::Registering { .. }) {
+            if sim.registry_open() && sim.peer.session.is_registering() {
                 let names: Vec<&str> = NAMES
                     .iter()
                     .enumerate()
