@@ -14,8 +14,8 @@
 //! clock, so tests run it with simulated time.
 //!
 //! [`Peer`] is a facade over four rooms, each owning its state: the
-//! [`session`] with the registry, the [`directory`], the [`outbox`] of our
-//! links and the [`inbox`] of links to us. The facade routes each input to
+//! `session` with the registry, the `directory`, the `outbox` of our
+//! links and the `inbox` of links to us. The facade routes each input to
 //! the room that owns the connection or timer, and coordinates the rooms
 //! where one's news is another's business (a peer leaving the directory
 //! settles its messages and closes its links).

@@ -191,7 +191,8 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
 
     /// Our link is up and proved `key`: if that is the key the directory
     /// lists, say `hello` and send what waits, in order.
-    #[allow(clippy::too_many_arguments)] // One room's input, and the rooms it touches.
+    // The hello comes from the session, the key check from the directory.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_connected(
         &mut self,
         conn: C,
