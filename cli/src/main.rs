@@ -19,7 +19,7 @@ use peerchat_core::secure::NoiseConfig;
 use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
 use peerchat_peer::command::{self, Command};
 use peerchat_peer::human::View;
-use peerchat_peer::peer::{Action, Config, Event, Peer, Pin, RegistryTrust, Timer};
+use peerchat_peer::peer::{Action, Config, Event, Peer, Pin, RegistryTrust, Timer, Trust};
 use peerchat_peer::trust::{self, KnownPeers};
 use terminal::{Input, Output, TerminalGuard};
 
@@ -444,17 +444,19 @@ fn main() -> ExitCode {
         local.port(),
         identity.public(),
     );
-    config.registry_trust = match (pinned_registry, args.registry_key) {
-        (Some(pinned), _) => RegistryTrust::Pinned(pinned),
-        (None, Some(given)) => RegistryTrust::Given(given),
-        (None, None) => RegistryTrust::FirstUse,
+    let trust = Trust {
+        registry: match (pinned_registry, args.registry_key) {
+            (Some(pinned), _) => RegistryTrust::Pinned(pinned),
+            (None, Some(given)) => RegistryTrust::Given(given),
+            (None, None) => RegistryTrust::FirstUse,
+        },
+        peers: known.peers,
     };
-    config.pins = known.peers;
     config.registry_name = registry_name.clone();
     config.known_peers = known_peers_path.display().to_string();
     let view = (!args.json).then(|| View::new(&config.name, &registry_name, config.backoff_max));
     let mut app = PeerApp {
-        peer: Peer::new(config, seed()),
+        peer: Peer::new(config, trust, seed()),
         out,
         view,
         input: rx,

@@ -1,0 +1,168 @@
+//! What the peer tells the user, and the closed sets of words it tells it
+//! with.
+//!
+//! [`Event`] is the peer's whole output to a person or a script; its serde
+//! form is the `--json` line format. Reasons and error codes are enums
+//! inside the peer, so that the rooms cannot misspell them, and become the
+//! same text as always once they reach an event.
+
+use std::fmt;
+
+use peerchat_core::identity::PublicKey;
+use peerchat_core::protocol::{ErrorCode, PeerEntry};
+use serde::Serialize;
+
+/// What the user sees. The `--json` front end prints these as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Registered {
+        name: String,
+        addr: String,
+        /// Our own key: its fingerprint.
+        key: PublicKey,
+        peers: Vec<PeerEntry>,
+    },
+    Joined {
+        name: String,
+        addr: String,
+        key: PublicKey,
+    },
+    Left {
+        name: String,
+        reason: String,
+    },
+    /// A peer re-registered from another address.
+    Moved {
+        name: String,
+        addr: String,
+    },
+    Peers {
+        peers: Vec<PeerEntry>,
+    },
+    Sent {
+        id: u64,
+        to: Vec<String>,
+    },
+    Message {
+        from: String,
+        text: String,
+        direct: bool,
+        id: u64,
+        /// The sender's clock when it sent the message (Unix milliseconds),
+        /// if it said.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sent_at: Option<u64>,
+    },
+    Delivered {
+        id: u64,
+        to: String,
+    },
+    Undelivered {
+        id: u64,
+        to: String,
+        reason: String,
+    },
+    RegistryLost {
+        error: String,
+        retry_in_ms: u64,
+    },
+    /// Answer to `/whois`: the key the directory lists for a peer, and
+    /// whether it is the one pinned in `known_peers`.
+    Whois {
+        name: String,
+        key: PublicKey,
+        /// True when `known_peers` holds this key for the name, and for
+        /// our own name.
+        pinned: bool,
+        /// The name is ours.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        you: bool,
+        /// The key `known_peers` pins for the name, when it is another one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pinned_key: Option<PublicKey>,
+    },
+    /// Answer to `/status`: the registry session as it stands.
+    Status {
+        /// `registered`, `connecting`, `lost` (it was reached, then lost)
+        /// or `unreachable` (never reached since start).
+        registry: String,
+        /// Why it is lost or unreachable.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        /// When the next attempt starts.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_in_ms: Option<u64>,
+        /// Peers online (as far as we know).
+        peers: usize,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+/// Why a peer left the directory, or why messages were given up: the
+/// `reason` of `left` and `undelivered` events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Reason {
+    /// The registry's reason for a `left`, passed on as it said it: the
+    /// protocol lets registries add reasons.
+    Left(String),
+    /// Missing from the registry's list after we re-registered, past the
+    /// grace.
+    Gone,
+    /// Not acknowledged within the send timeout.
+    NoAck,
+    /// We quit before it was acknowledged.
+    Quit,
+    /// The name is listed with another key than the one it was sent to.
+    KeyChanged,
+    /// A protocol error ended it: a key that disagrees with a pin, or the
+    /// registry refusing or replacing us.
+    Code(ErrorCode),
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reason::Left(reason) => reason,
+            Reason::Gone => "gone",
+            Reason::NoAck => "no_ack",
+            Reason::Quit => "quit",
+            Reason::KeyChanged => Code::KeyChanged.as_str(),
+            Reason::Code(code) => code.as_str(),
+        })
+    }
+}
+
+/// The code of an `error` event: one of the protocol's, or one that only
+/// this peer reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Code {
+    Protocol(ErrorCode),
+    /// The directory lists a name we had not pinned with another key than
+    /// before.
+    KeyChanged,
+    /// A command that cannot be carried out as typed.
+    BadCommand,
+    /// A message too long for one frame.
+    TooLong,
+}
+
+impl Code {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Code::Protocol(code) => code.as_str(),
+            Code::KeyChanged => "key_changed",
+            Code::BadCommand => "bad_command",
+            Code::TooLong => "too_long",
+        }
+    }
+}
+
+impl From<ErrorCode> for Code {
+    fn from(code: ErrorCode) -> Self {
+        Code::Protocol(code)
+    }
+}

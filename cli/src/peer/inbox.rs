@@ -1,0 +1,418 @@
+//! The inbox: links other peers opened to us, from their hello to the chats
+//! they carry, each shown once and every one acknowledged.
+//!
+//! Separate because a link to us is trusted only once the directory lists
+//! its sender under the key the link proved, which may come after the
+//! link: until then the link is held, and what it sends waits (within
+//! limits, since anyone can connect) to be shown after the sender's join.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use peerchat_core::codec;
+use peerchat_core::identity::PublicKey;
+use peerchat_core::protocol::{
+    self, decode_first, fold_name, normalize_name, ErrorCode, FirstFrameError, LinkMsg,
+    PROTOCOL_VERSION,
+};
+use peerchat_core::wire::FrameError;
+
+use super::directory::Directory;
+use super::{Actions, Config, Event, Timer};
+
+/// Chats held from a link whose sender the directory does not list yet:
+/// per link, in messages and in bytes of text, and in bytes over all such
+/// links, so that unregistered senders cannot fill our memory.
+const MAX_HELD: usize = 1024;
+const MAX_HELD_BYTES: usize = 256 * 1024;
+const MAX_HELD_BYTES_TOTAL: usize = 4 * 1024 * 1024;
+
+/// Distinct (name, key) pairs whose refused links are reported.
+const MAX_KEY_WARNINGS: usize = 256;
+
+/// A chat message as it arrived on a link.
+struct Chat {
+    id: u64,
+    text: String,
+    direct: bool,
+    sent_at: Option<u64>,
+}
+
+enum InLink {
+    /// Proved `key`; its hello is due.
+    AwaitHello {
+        key: PublicKey,
+    },
+    /// Said hello as a peer the directory does not list (yet).
+    Pending {
+        folded: String,
+        key: PublicKey,
+        instance: u64,
+        held: Vec<Chat>,
+    },
+    Verified {
+        folded: String,
+        instance: u64,
+    },
+}
+
+pub(super) struct Inbox<C> {
+    links: HashMap<C, InLink>,
+    /// Per sender (folded): its instance and the highest id delivered.
+    seen: HashMap<String, (u64, u64)>,
+    /// The (folded name, key) pairs whose refused links were reported.
+    key_warnings: HashSet<(String, PublicKey)>,
+    hello_timeout: Duration,
+}
+
+impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
+    pub(super) fn new(config: &Config) -> Self {
+        Inbox {
+            links: HashMap::new(),
+            seen: HashMap::new(),
+            key_warnings: HashSet::new(),
+            hello_timeout: config.hello_timeout,
+        }
+    }
+
+    pub(super) fn has(&self, conn: C) -> bool {
+        self.links.contains_key(&conn)
+    }
+
+    pub(super) fn on_accept(
+        &mut self,
+        conn: C,
+        key: PublicKey,
+        now: Instant,
+        actions: &mut Actions<C>,
+    ) {
+        self.links.insert(conn, InLink::AwaitHello { key });
+        actions.arm(now + self.hello_timeout, Timer::HelloDeadline(conn));
+    }
+
+    /// `conn` broke the framing rules: if it is a link to us, it is told why
+    /// before it closes.
+    pub(super) fn on_bad_frame(&mut self, conn: C, error: &FrameError, actions: &mut Actions<C>) {
+        if self.has(conn) {
+            let code = match error {
+                FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                FrameError::Empty => ErrorCode::Protocol,
+            };
+            let frame = protocol::frame(&LinkMsg::error(code, error.to_string()));
+            actions.send(conn, frame);
+        }
+    }
+
+    pub(super) fn on_closed(&mut self, conn: C) {
+        self.links.remove(&conn);
+    }
+
+    pub(super) fn on_hello_deadline(&mut self, conn: C, actions: &mut Actions<C>) {
+        match self.links.get(&conn) {
+            Some(InLink::AwaitHello { .. }) => {
+                let reason = "no hello in time".into();
+                self.refuse(conn, ErrorCode::HandshakeTimeout, reason, actions);
+            }
+            Some(InLink::Pending { folded, .. }) => {
+                let reason = format!("{folded:?} is not in the directory");
+                self.refuse(conn, ErrorCode::UnknownPeer, reason, actions);
+            }
+            _ => {}
+        }
+    }
+
+    fn refuse(&mut self, conn: C, code: ErrorCode, reason: String, actions: &mut Actions<C>) {
+        tracing::warn!(?conn, %code, %reason, "refusing a link");
+        self.links.remove(&conn);
+        let frame = protocol::frame(&LinkMsg::error(code, reason.clone()));
+        actions.send(conn, frame);
+        actions.close(conn, reason);
+    }
+
+    /// A `key_mismatch` about a link from `folded` proving `key`: said
+    /// once per name and key, however often that peer retries. Someone
+    /// making key after key for a pinned name is told of up to
+    /// [`MAX_KEY_WARNINGS`] times, then only logged.
+    fn warn_key(
+        &mut self,
+        folded: &str,
+        key: PublicKey,
+        message: String,
+        actions: &mut Actions<C>,
+    ) {
+        let room = self.key_warnings.len() < MAX_KEY_WARNINGS;
+        if room && self.key_warnings.insert((folded.to_string(), key)) {
+            actions.error(ErrorCode::KeyMismatch, message);
+        } else {
+            tracing::debug!("{message}");
+        }
+    }
+
+    pub(super) fn on_frame(
+        &mut self,
+        conn: C,
+        body: &[u8],
+        dir: &mut Directory,
+        actions: &mut Actions<C>,
+    ) {
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        if let InLink::AwaitHello { key } = *link {
+            let version_of = |m: &LinkMsg| match m {
+                LinkMsg::Hello { version, .. } => *version,
+                _ => PROTOCOL_VERSION,
+            };
+            return match decode_first(body, version_of) {
+                Ok(LinkMsg::Hello { name, instance, .. }) => {
+                    self.on_hello(conn, key, name, instance, dir, actions)
+                }
+                Ok(_) => self.refuse(
+                    conn,
+                    ErrorCode::Protocol,
+                    "a link starts with hello".into(),
+                    actions,
+                ),
+                Err(FirstFrameError::Version(v)) => self.refuse(
+                    conn,
+                    ErrorCode::UnsupportedVersion,
+                    format!("protocol version {v} is not supported; this peer speaks {PROTOCOL_VERSION}"),
+                    actions,
+                ),
+                Err(FirstFrameError::Malformed(e)) => self.refuse(
+                    conn,
+                    ErrorCode::Protocol,
+                    format!("undecodable hello: {e}"),
+                    actions,
+                ),
+            };
+        }
+        match codec::decode::<LinkMsg>(body) {
+            Ok(LinkMsg::Chat {
+                id,
+                text,
+                direct,
+                sent_at,
+            }) => {
+                let chat = Chat {
+                    id,
+                    text,
+                    direct,
+                    sent_at,
+                };
+                match link {
+                    InLink::Pending { held, .. } => {
+                        let link_bytes: usize =
+                            held.iter().map(|h| h.text.len()).sum::<usize>() + chat.text.len();
+                        let over = held.len() >= MAX_HELD
+                            || link_bytes > MAX_HELD_BYTES
+                            || self.held_bytes() + chat.text.len() > MAX_HELD_BYTES_TOTAL;
+                        if over {
+                            self.refuse(
+                                conn,
+                                ErrorCode::UnknownPeer,
+                                "too much held from a peer the directory does not list".into(),
+                                actions,
+                            );
+                        } else if let Some(InLink::Pending { held, .. }) = self.links.get_mut(&conn)
+                        {
+                            held.push(chat);
+                        }
+                    }
+                    InLink::Verified { folded, instance } => {
+                        let (folded, instance) = (folded.clone(), *instance);
+                        self.deliver(conn, &folded, instance, chat, dir, actions);
+                    }
+                    InLink::AwaitHello { .. } => {}
+                }
+            }
+            Ok(LinkMsg::Error { code, reason }) => {
+                tracing::warn!(?conn, %code, %reason, "error from a linked peer");
+                self.links.remove(&conn);
+                actions.close(conn, format!("{code}: {reason}"));
+            }
+            Ok(_) => self.refuse(
+                conn,
+                ErrorCode::Protocol,
+                "only chat is expected after hello".into(),
+                actions,
+            ),
+            Err(e) => self.refuse(
+                conn,
+                ErrorCode::Protocol,
+                format!("undecodable message: {e}"),
+                actions,
+            ),
+        }
+    }
+
+    fn on_hello(
+        &mut self,
+        conn: C,
+        key: PublicKey,
+        name: String,
+        instance: u64,
+        dir: &mut Directory,
+        actions: &mut Actions<C>,
+    ) {
+        let name = match normalize_name(&name) {
+            Ok(name) => name,
+            Err(why) => return self.refuse(conn, why.code(), why.to_string(), actions),
+        };
+        let folded = fold_name(&name);
+        if dir.is_me(&folded) {
+            let reason = format!("{name:?} is this peer's own name");
+            return self.refuse(conn, ErrorCode::Protocol, reason, actions);
+        }
+        if let Some(pinned) = dir.pinned(&folded).filter(|k| *k != key) {
+            let reason =
+                format!("{name} is pinned to key {pinned} in known_peers; this link proved {key}");
+            self.warn_key(&folded, key, reason.clone(), actions);
+            return self.refuse(conn, ErrorCode::KeyMismatch, reason, actions);
+        }
+        self.links.insert(
+            conn,
+            InLink::Pending {
+                folded: folded.clone(),
+                key,
+                instance,
+                held: Vec::new(),
+            },
+        );
+        if dir.contains(&folded) {
+            self.admit(&folded, dir, actions);
+        } else {
+            tracing::debug!(%name, "hello from a peer not in the directory yet; holding the link");
+        }
+    }
+
+    /// Text held, over all links waiting for their sender to be listed.
+    fn held_bytes(&self) -> usize {
+        self.links
+            .values()
+            .map(|link| match link {
+                InLink::Pending { held, .. } => held.iter().map(|h| h.text.len()).sum(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// The senders that links wait on to be listed (folded names).
+    pub(super) fn waiting(&self) -> HashSet<String> {
+        self.links
+            .values()
+            .filter_map(|link| match link {
+                InLink::Pending { folded, .. } => Some(folded.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The directory now lists `folded`: links that said hello under that
+    /// name and proved its key are verified, and what they sent meanwhile is
+    /// delivered. Links with another key are refused, unread.
+    pub(super) fn admit(&mut self, folded: &str, dir: &mut Directory, actions: &mut Actions<C>) {
+        let Some(known) = dir.get(folded) else {
+            return;
+        };
+        let (listed_key, mismatch, name) = (known.key, known.mismatch, known.name.clone());
+        let waiting: Vec<C> = self
+            .links
+            .iter()
+            .filter(|(_, link)| matches!(link, InLink::Pending { folded: f, .. } if f == folded))
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in waiting {
+            let Some(InLink::Pending {
+                instance,
+                held,
+                key,
+                ..
+            }) = self.links.remove(&conn)
+            else {
+                continue;
+            };
+            if key != listed_key || mismatch {
+                let reason = if mismatch {
+                    format!("{name}'s listed key is not the one pinned in known_peers")
+                } else {
+                    format!("the registry lists {name} with key {listed_key}, not {key}")
+                };
+                self.warn_key(folded, key, reason.clone(), actions);
+                self.refuse(conn, ErrorCode::KeyMismatch, reason, actions);
+                continue;
+            }
+            dir.pin(folded, key, actions);
+            let verified = InLink::Verified {
+                folded: folded.to_string(),
+                instance,
+            };
+            self.links.insert(conn, verified);
+            for chat in held {
+                self.deliver(conn, folded, instance, chat, dir, actions);
+            }
+        }
+    }
+
+    /// Shows a chat unless it is a resend, and acknowledges it either way.
+    fn deliver(
+        &mut self,
+        conn: C,
+        folded: &str,
+        instance: u64,
+        chat: Chat,
+        dir: &Directory,
+        actions: &mut Actions<C>,
+    ) {
+        let Chat {
+            id,
+            text,
+            direct,
+            sent_at,
+        } = chat;
+        let seen = self.seen.entry(folded.to_string()).or_insert((instance, 0));
+        if seen.0 != instance {
+            // The sender restarted: its ids begin again.
+            *seen = (instance, 0);
+        }
+        if id > seen.1 {
+            seen.1 = id;
+            actions.emit(Event::Message {
+                from: dir.display_name(folded),
+                text,
+                direct,
+                id,
+                sent_at,
+            });
+        }
+        actions.send(conn, protocol::frame(&LinkMsg::Ack { id }));
+    }
+
+    /// Another key holds `folded`'s name now: its links close, and its
+    /// message ids start afresh.
+    pub(super) fn forget_sender(&mut self, folded: &str, actions: &mut Actions<C>) {
+        self.seen.remove(folded);
+        self.close_from(folded, "the peer's key changed", actions);
+    }
+
+    /// Closes every link that said hello as `folded`.
+    pub(super) fn close_from(&mut self, folded: &str, reason: &str, actions: &mut Actions<C>) {
+        let from: Vec<C> = self
+            .links
+            .iter()
+            .filter(|(_, link)| match link {
+                InLink::Verified { folded: f, .. } | InLink::Pending { folded: f, .. } => {
+                    f == folded
+                }
+                InLink::AwaitHello { .. } => false,
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in from {
+            self.links.remove(&conn);
+            actions.close(conn, reason);
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! The registry session: connecting and registering, the heartbeats that
+//! keep us listed, and reconnecting with a jittered backoff when the
+//! registry is lost.
+//!
+//! Separate because it is the peer's one conversation with the registry,
+//! with a lifecycle and timers of its own: losing the registry leaves the
+//! directory and the links alone, and nothing outside this room knows the
+//! epochs that tell a live timer from one of an earlier connection. What
+//! the registry says about other peers is handed to the facade as
+//! [`Heard`], for the directory.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use peerchat_core::codec;
+use peerchat_core::identity::PublicKey;
+use peerchat_core::protocol::{
+    self, Change, ErrorCode, FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+};
+
+use super::{pin_text, Action, Actions, Config, Dial, Event, Pin, RegistryTrust, Rng, Timer};
+
+/// The heartbeat and timeout a registry may set, in milliseconds; values
+/// outside are clamped.
+const HEARTBEAT_MS: (u64, u64) = (10, 3_600_000);
+const TIMEOUT_MS_MAX: u64 = 86_400_000;
+
+/// The registry's refusals of a registration: retrying would only be
+/// refused again.
+const REFUSALS: [ErrorCode; 5] = [
+    ErrorCode::NameTaken,
+    ErrorCode::NameConfusable,
+    ErrorCode::BadName,
+    ErrorCode::BadPort,
+    ErrorCode::UnsupportedVersion,
+];
+
+/// What the registry said that concerns more than the session.
+pub(super) enum Heard {
+    Nothing,
+    /// The whole welcome came: who is online.
+    Registered(Vec<PeerEntry>),
+    Changes(Vec<Change>),
+    /// The registry refused us, replaced us or proved a key we do not
+    /// trust: the peer exits with status 2, reporting this code.
+    Ended(ErrorCode),
+}
+
+enum State<C> {
+    /// Not connected: at start, or waiting for the retry timer after the
+    /// registry was lost (why, and when the next attempt starts).
+    Idle {
+        lost: Option<(String, Instant)>,
+    },
+    /// Connecting or registered-and-waiting for the (whole) welcome.
+    Registering {
+        conn: C,
+        snapshot: Vec<PeerEntry>,
+    },
+    Online {
+        conn: C,
+        last_heard: Instant,
+    },
+    /// Over for good.
+    Closed,
+}
+
+pub(super) struct Session<C> {
+    state: State<C>,
+    /// The name we register as: the one asked for, then as the registry
+    /// last welcomed it.
+    name: String,
+    /// Our address as the registry observed it.
+    addr: String,
+    trust: RegistryTrust,
+    /// The peer is quitting, or the registry ended it: never reconnect.
+    ending: bool,
+    /// Bumped per registry connection, so timers of an old one do nothing.
+    epoch: u64,
+    backoff: Duration,
+    heartbeat: Duration,
+    timeout: Duration,
+    /// The first registration attempt has ended, one way or the other.
+    first_attempt_over: bool,
+    /// A welcome has come at least once: the registry is "lost", not
+    /// "unreachable", when it goes.
+    ever_registered: bool,
+    registry: SocketAddr,
+    registry_name: String,
+    known_peers: String,
+    listen_port: u16,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    register_timeout: Duration,
+}
+
+impl<C: Copy + Eq> Session<C> {
+    pub(super) fn new(config: &Config, trust: RegistryTrust) -> Self {
+        Session {
+            state: State::Idle { lost: None },
+            name: config.name.clone(),
+            addr: String::new(),
+            trust,
+            ending: false,
+            epoch: 0,
+            backoff: config.backoff_min,
+            heartbeat: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+            first_attempt_over: false,
+            ever_registered: false,
+            registry: config.registry,
+            registry_name: config.registry_name.clone(),
+            known_peers: config.known_peers.clone(),
+            listen_port: config.listen_port,
+            backoff_min: config.backoff_min,
+            backoff_max: config.backoff_max,
+            register_timeout: config.register_timeout,
+        }
+    }
+
+    pub(super) fn conn(&self) -> Option<C> {
+        match &self.state {
+            State::Registering { conn, .. } | State::Online { conn, .. } => Some(*conn),
+            State::Idle { .. } | State::Closed => None,
+        }
+    }
+
+    pub(super) fn is_online(&self) -> bool {
+        matches!(self.state, State::Online { .. })
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(super) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub(super) fn is_ending(&self) -> bool {
+        self.ending
+    }
+
+    pub(super) fn first_attempt_over(&self) -> bool {
+        self.first_attempt_over
+    }
+
+    pub(super) fn dial(&self, actions: &mut Actions<C>) {
+        actions.push(Action::Dial(self.registry, Dial::Registry));
+    }
+
+    pub(super) fn dial_started(&mut self, conn: C, now: Instant, actions: &mut Actions<C>) {
+        if self.ending {
+            actions.close(conn, "quitting");
+            return;
+        }
+        self.epoch += 1;
+        self.state = State::Registering {
+            conn,
+            snapshot: Vec::new(),
+        };
+        // The deadline covers the connect and the handshake too.
+        actions.arm(
+            now + self.register_timeout,
+            Timer::RegisterDeadline(self.epoch),
+        );
+    }
+
+    pub(super) fn dial_failed(
+        &mut self,
+        error: &str,
+        now: Instant,
+        rng: &mut Rng,
+        actions: &mut Actions<C>,
+    ) {
+        self.lost(format!("cannot connect: {error}"), now, rng, actions);
+    }
+
+    /// The registry proved `key`: register if it is the one we trust.
+    pub(super) fn on_connected(
+        &mut self,
+        conn: C,
+        key: PublicKey,
+        actions: &mut Actions<C>,
+    ) -> Heard {
+        match self.trust {
+            RegistryTrust::Given(expected) | RegistryTrust::Pinned(expected) if expected != key => {
+                let fix = match self.trust {
+                    RegistryTrust::Given(_) => format!(
+                        "--registry-key gave {expected}; if the registry's key really changed (ask its operator), start again with --registry-key {key}"
+                    ),
+                    _ => format!(
+                        "{expected} is pinned for it; if the registry's key really changed (ask its operator), delete the line \"{}\" from {} and start again",
+                        pin_text("registry", &self.registry_name, &expected),
+                        self.known_peers
+                    ),
+                };
+                let message = format!(
+                    "the registry at {} proved key {key}: not the registry you trust, so this peer stops. {fix}",
+                    self.registry
+                );
+                actions.error(ErrorCode::KeyMismatch, message.clone());
+                actions.close(conn, message);
+                self.state = State::Closed;
+                self.ending = true;
+                self.first_attempt_over = true;
+                return Heard::Ended(ErrorCode::KeyMismatch);
+            }
+            RegistryTrust::Pinned(_) => {}
+            RegistryTrust::FirstUse | RegistryTrust::Given(_) => {
+                self.trust = RegistryTrust::Pinned(key);
+                actions.push(Action::Pin(Pin::Registry(key)));
+            }
+        }
+        let register = ToRegistry::Register {
+            version: PROTOCOL_VERSION,
+            name: self.name.clone(),
+            port: i64::from(self.listen_port),
+        };
+        actions.send(conn, protocol::frame(&register));
+        Heard::Nothing
+    }
+
+    pub(super) fn on_frame(
+        &mut self,
+        conn: C,
+        body: &[u8],
+        now: Instant,
+        rng: &mut Rng,
+        actions: &mut Actions<C>,
+    ) -> Heard {
+        let msg = match codec::decode::<FromRegistry>(body) {
+            Ok(msg) => msg,
+            Err(e) => {
+                let why = format!("undecodable message from the registry: {e}");
+                return self.hang_up(conn, why, now, rng, actions);
+            }
+        };
+        if let State::Online { last_heard, .. } = &mut self.state {
+            *last_heard = now;
+        }
+        match msg {
+            FromRegistry::Welcome {
+                version,
+                name,
+                addr,
+                heartbeat_ms,
+                timeout_ms,
+                peers,
+                more,
+            } => {
+                let State::Registering { snapshot, .. } = &mut self.state else {
+                    return self.hang_up(conn, "unexpected welcome".into(), now, rng, actions);
+                };
+                if version != PROTOCOL_VERSION {
+                    let why = format!("registry speaks version {version}");
+                    return self.hang_up(conn, why, now, rng, actions);
+                }
+                snapshot.extend(peers);
+                let heartbeat_ms = heartbeat_ms.clamp(HEARTBEAT_MS.0, HEARTBEAT_MS.1);
+                self.heartbeat = Duration::from_millis(heartbeat_ms);
+                self.timeout =
+                    Duration::from_millis(timeout_ms.clamp(heartbeat_ms + 10, TIMEOUT_MS_MAX));
+                self.name = name;
+                self.addr = addr;
+                self.welcome_part_done(conn, more, now)
+            }
+            FromRegistry::Snapshot { peers, more } => {
+                let State::Registering { snapshot, .. } = &mut self.state else {
+                    return self.hang_up(conn, "unexpected snapshot".into(), now, rng, actions);
+                };
+                snapshot.extend(peers);
+                self.welcome_part_done(conn, more, now)
+            }
+            FromRegistry::Update { changes } => Heard::Changes(changes),
+            FromRegistry::Heartbeat {} => Heard::Nothing,
+            FromRegistry::Error { code, reason } if code == ErrorCode::Replaced.as_str() => {
+                // Another process holding our key took our name over; two
+                // of us would only keep replacing each other.
+                let message = format!("this session was replaced: {reason}");
+                actions.error(ErrorCode::Replaced, message);
+                self.state = State::Closed;
+                self.ending = true;
+                actions.close(conn, "replaced");
+                Heard::Ended(ErrorCode::Replaced)
+            }
+            FromRegistry::Error { code, reason } => {
+                let refusal = REFUSALS.into_iter().find(|r| r.as_str() == code);
+                match refusal {
+                    Some(refusal) if matches!(self.state, State::Registering { .. }) => {
+                        let message = format!("the registry refused us: {reason}");
+                        actions.error(refusal, message);
+                        self.state = State::Closed;
+                        self.ending = true;
+                        actions.close(conn, "refused");
+                        Heard::Ended(refusal)
+                    }
+                    _ => {
+                        let why = format!("registry error {code}: {reason}");
+                        self.hang_up(conn, why, now, rng, actions)
+                    }
+                }
+            }
+            FromRegistry::Shutdown { reason } => {
+                let why = format!("the registry shut down: {reason}");
+                self.hang_up(conn, why, now, rng, actions)
+            }
+        }
+    }
+
+    /// After each part of the welcome: the last one makes us registered.
+    fn welcome_part_done(&mut self, conn: C, more: bool, now: Instant) -> Heard {
+        if more {
+            return Heard::Nothing;
+        }
+        let online = State::Online {
+            conn,
+            last_heard: now,
+        };
+        let snapshot = match std::mem::replace(&mut self.state, online) {
+            State::Registering { snapshot, .. } => snapshot,
+            _ => Vec::new(),
+        };
+        self.backoff = self.backoff_min;
+        self.first_attempt_over = true;
+        self.ever_registered = true;
+        Heard::Registered(snapshot)
+    }
+
+    /// Called once the rest of the peer has taken the welcome in, so that
+    /// the first heartbeat is armed after whatever that armed.
+    pub(super) fn start_heartbeats(&self, now: Instant, actions: &mut Actions<C>) {
+        actions.arm(now + self.heartbeat, Timer::Heartbeat(self.epoch));
+    }
+
+    pub(super) fn on_heartbeat(
+        &mut self,
+        epoch: u64,
+        now: Instant,
+        rng: &mut Rng,
+        actions: &mut Actions<C>,
+    ) {
+        let State::Online { conn, last_heard } = self.state else {
+            return;
+        };
+        if epoch != self.epoch {
+            return;
+        }
+        let silent = now.saturating_duration_since(last_heard);
+        if silent >= self.timeout {
+            let why = format!("the registry was silent for {} ms", silent.as_millis());
+            self.hang_up(conn, why, now, rng, actions);
+            return;
+        }
+        actions.send(conn, protocol::frame(&ToRegistry::Heartbeat {}));
+        actions.arm(now + self.heartbeat, Timer::Heartbeat(epoch));
+    }
+
+    pub(super) fn on_retry(&self, epoch: u64, actions: &mut Actions<C>) {
+        if epoch == self.epoch && matches!(self.state, State::Idle { .. }) && !self.ending {
+            self.dial(actions);
+        }
+    }
+
+    pub(super) fn on_register_deadline(
+        &mut self,
+        epoch: u64,
+        now: Instant,
+        rng: &mut Rng,
+        actions: &mut Actions<C>,
+    ) {
+        if epoch != self.epoch {
+            return;
+        }
+        if let State::Registering { conn, .. } = self.state {
+            let secs = self.register_timeout.as_secs_f64();
+            self.hang_up(
+                conn,
+                format!("no welcome within {secs}s"),
+                now,
+                rng,
+                actions,
+            );
+        }
+    }
+
+    /// The registry connection closed, whoever closed it.
+    pub(super) fn on_closed(
+        &mut self,
+        reason: String,
+        now: Instant,
+        rng: &mut Rng,
+        actions: &mut Actions<C>,
+    ) {
+        self.lost(reason, now, rng, actions);
+    }
+
+    /// The peer quits. Online, we stay listed until [`Session::leave`]: a
+    /// peer checks our hello against its directory, so leaving first would
+    /// cost the messages still on their way. A registration not yet done is
+    /// dropped.
+    pub(super) fn quit(&mut self, actions: &mut Actions<C>) {
+        self.ending = true;
+        if !self.is_online() {
+            self.close(actions);
+        }
+    }
+
+    /// The last of the session: tell the registry we leave, if registered.
+    pub(super) fn leave(&mut self, actions: &mut Actions<C>) {
+        if let State::Online { conn, .. } = self.state {
+            actions.send(conn, protocol::frame(&ToRegistry::Leave {}));
+        }
+        self.close(actions);
+    }
+
+    fn close(&mut self, actions: &mut Actions<C>) {
+        if let Some(conn) = self.conn() {
+            actions.close(conn, "quit");
+        }
+        self.state = State::Closed;
+    }
+
+    fn hang_up(
+        &mut self,
+        conn: C,
+        reason: String,
+        now: Instant,
+        rng: &mut Rng,
+        actions: &mut Actions<C>,
+    ) -> Heard {
+        actions.close(conn, reason.clone());
+        self.lost(reason, now, rng, actions);
+        Heard::Nothing
+    }
+
+    /// The registry connection failed, went quiet or was closed: say so and
+    /// retry after a capped, jittered, doubling delay. The connection is
+    /// closed already.
+    fn lost(&mut self, error: String, now: Instant, rng: &mut Rng, actions: &mut Actions<C>) {
+        if self.ending {
+            self.state = State::Closed;
+            return;
+        }
+        let delay = rng.jitter(self.backoff);
+        self.state = State::Idle {
+            lost: Some((error.clone(), now + delay)),
+        };
+        self.epoch += 1;
+        self.backoff = (self.backoff * 2).min(self.backoff_max);
+        tracing::info!(%error, retry_in = ?delay, "registry lost");
+        self.first_attempt_over = true;
+        actions.emit(Event::RegistryLost {
+            error,
+            retry_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        });
+        actions.arm(now + delay, Timer::RegistryRetry(self.epoch));
+    }
+
+    /// The answer to `/status`.
+    pub(super) fn status(&self, now: Instant, peers: usize) -> Event {
+        let (registry, lost) = match &self.state {
+            State::Online { .. } => ("registered", None),
+            State::Idle { lost } if self.ever_registered => ("lost", lost.clone()),
+            State::Idle { lost } => ("unreachable", lost.clone()),
+            _ => ("connecting", None),
+        };
+        let (error, retry_at) = lost.unzip();
+        let retry_in_ms = retry_at.map(|at| {
+            u64::try_from(at.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+        });
+        Event::Status {
+            registry: registry.into(),
+            error,
+            retry_in_ms,
+            peers,
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn is_registering(&self) -> bool {
+        matches!(self.state, State::Registering { .. })
+    }
+
+    /// The heartbeat interval and the silence timeout, as last welcomed.
+    #[cfg(test)]
+    pub(super) fn timings(&self) -> (Duration, Duration) {
+        (self.heartbeat, self.timeout)
+    }
+}

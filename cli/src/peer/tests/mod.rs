@@ -1,0 +1,617 @@
+//! The peer's rules, driven with simulated time and no sockets, in one
+//! file per room of the peer (and one for quitting, which spans the outbox
+//! and the session, and one for the invariant over random runs).
+//!
+//! [`Sim`] plays the event loop: it feeds the peer its inputs, answers each
+//! dial (or fails or defers it), decodes every frame the peer sends, records
+//! closes (and, like the real loop, reports the peer's own closes back with
+//! `on_closed`), keeps the emitted events and exits, and fires armed timers
+//! in order as simulated time advances. The tests drive the whole [`Peer`],
+//! not a room alone: what the user sees comes from the rooms together.
+
+mod directory;
+mod inbox;
+mod invariant;
+mod outbox;
+mod quit;
+mod session;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use peerchat_core::codec;
+use peerchat_core::protocol::{Change, FromRegistry, LinkMsg, PeerEntry, ToRegistry};
+use peerchat_core::wire::{FrameDecoder, DEFAULT_MAX_FRAME};
+
+use super::*;
+
+type Conn = u32;
+
+/// The interval and timeout every test registry hands out.
+const HEARTBEAT: Duration = Duration::from_millis(200);
+const TIMEOUT: Duration = Duration::from_secs(1);
+/// Where the test registry says others reach us.
+const MY_ADDR: &str = "10.0.0.100:4000";
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn registry_addr() -> SocketAddr {
+    "10.0.0.1:7000".parse().unwrap()
+}
+
+fn config() -> Config {
+    Config::new("alice".into(), registry_addr(), 4000, key_of("alice"))
+}
+
+/// The key each test peer (and the registry) proves: the peer only compares
+/// keys, so any 32 bytes will do.
+fn key_of(name: &str) -> PublicKey {
+    let mut bytes = [0u8; 32];
+    for (i, b) in name.bytes().enumerate() {
+        bytes[i % 32] ^= b;
+    }
+    bytes[31] = name.len() as u8;
+    PublicKey::from_slice(&bytes).unwrap()
+}
+
+/// Trust in nothing but `key` for `name`, as if `known_peers` said so.
+fn pinning(name: &str, key: PublicKey) -> Trust {
+    Trust {
+        peers: HashMap::from([(name.into(), key)]),
+        ..Trust::default()
+    }
+}
+
+fn registry_key() -> PublicKey {
+    key_of("the registry")
+}
+
+/// Each test peer's listening address.
+fn addr(name: &str) -> String {
+    match name {
+        "bob" => "10.0.0.2:4002",
+        "carol" => "10.0.0.3:4003",
+        "dave" => "10.0.0.4:4004",
+        "erin" => "10.0.0.5:4005",
+        "alice" => MY_ADDR,
+        other => panic!("no address for {other}"),
+    }
+    .into()
+}
+
+fn entries(names: &[&str]) -> Vec<PeerEntry> {
+    names
+        .iter()
+        .map(|n| PeerEntry {
+            name: (*n).into(),
+            addr: addr(n),
+            key: key_of(n),
+        })
+        .collect()
+}
+
+fn welcome(peers: &[&str], more: bool) -> FromRegistry {
+    welcome_listing(entries(peers), more)
+}
+
+fn welcome_listing(peers: Vec<PeerEntry>, more: bool) -> FromRegistry {
+    FromRegistry::Welcome {
+        version: PROTOCOL_VERSION,
+        name: "alice".into(),
+        addr: MY_ADDR.into(),
+        heartbeat_ms: HEARTBEAT.as_millis() as u64,
+        timeout_ms: TIMEOUT.as_millis() as u64,
+        peers,
+        more,
+    }
+}
+
+/// An entry listing `name` at its usual address with another key.
+fn entry_keyed(name: &str, key: PublicKey) -> PeerEntry {
+    PeerEntry {
+        name: name.into(),
+        addr: addr(name),
+        key,
+    }
+}
+
+fn register() -> ToRegistry {
+    ToRegistry::Register {
+        version: PROTOCOL_VERSION,
+        name: "alice".into(),
+        port: 4000,
+    }
+}
+
+fn joined(name: &str) -> Change {
+    Change::Joined {
+        name: name.into(),
+        addr: addr(name),
+        key: key_of(name),
+    }
+}
+
+fn left(name: &str, reason: &str) -> Change {
+    Change::Left {
+        name: name.into(),
+        reason: reason.into(),
+    }
+}
+
+/// What every chat made by [`chat`] says it was sent at: the wall-clock
+/// time of every command in these tests ([`wall`]).
+const WALL_MS: u64 = 1_796_000_000_123;
+
+fn wall() -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(WALL_MS)
+}
+
+fn chat(id: u64, text: &str, direct: bool) -> LinkMsg {
+    LinkMsg::Chat {
+        id,
+        text: text.into(),
+        direct,
+        sent_at: Some(WALL_MS),
+    }
+}
+
+fn hello(name: &str, instance: u64) -> LinkMsg {
+    LinkMsg::Hello {
+        version: PROTOCOL_VERSION,
+        name: name.into(),
+        instance,
+    }
+}
+
+fn sent(id: u64, to: &[&str]) -> Event {
+    Event::Sent {
+        id,
+        to: to.iter().map(|t| (*t).to_string()).collect(),
+    }
+}
+
+fn delivered(id: u64, to: &str) -> Event {
+    Event::Delivered { id, to: to.into() }
+}
+
+fn undelivered(id: u64, to: &str, reason: &str) -> Event {
+    Event::Undelivered {
+        id,
+        to: to.into(),
+        reason: reason.into(),
+    }
+}
+
+fn message(from: &str, text: &str, direct: bool, id: u64) -> Event {
+    Event::Message {
+        from: from.into(),
+        text: text.into(),
+        direct,
+        id,
+        sent_at: Some(WALL_MS),
+    }
+}
+
+/// The body of a full frame, checking that a send is exactly one frame.
+fn body_of(frame: &[u8]) -> Bytes {
+    let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    dec.push(frame);
+    let body = dec
+        .next_frame()
+        .expect("the peer sends valid frames")
+        .expect("the peer sends whole frames");
+    assert_eq!(dec.buffered(), 0, "one frame per send");
+    body
+}
+
+/// How the simulated loop answers a dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DialMode {
+    /// `dial_started` at once, with a fresh connection id.
+    Answer,
+    /// `dial_failed` at once.
+    Fail,
+    /// Keep it until the test calls [`Sim::answer_deferred`].
+    Defer,
+}
+
+struct Sim {
+    peer: Peer<Conn>,
+    now: Instant,
+    next_conn: Conn,
+    registry_dials: DialMode,
+    link_dials: DialMode,
+    /// The simulated registry answers each heartbeat at once.
+    registry_answers: bool,
+    /// Every dial the peer asked for, in order.
+    dials: Vec<(Instant, SocketAddr, Dial)>,
+    deferred: Vec<Dial>,
+    /// The connections opened for the peer's dials, in order.
+    dialed: Vec<(Conn, Dial)>,
+    /// Every frame sent, per connection, with its time.
+    frames: HashMap<Conn, Vec<(Instant, Bytes)>>,
+    /// How many of each connection's frames the test has taken.
+    read: HashMap<Conn, usize>,
+    /// Closes the peer asked for, with the reason.
+    closes: HashMap<Conn, String>,
+    /// Connections closed by either side.
+    gone: HashSet<Conn>,
+    events: Vec<Event>,
+    events_read: usize,
+    exits: Vec<i32>,
+    timers: BTreeMap<(Instant, u64), Timer<Conn>>,
+    timer_seq: u64,
+    /// Keys proved instead of the right ones, per dialed peer (folded
+    /// name; "" for the registry).
+    imposters: HashMap<String, PublicKey>,
+    pins: Vec<Pin>,
+}
+
+impl Sim {
+    fn with(config: Config, trust: Trust) -> Self {
+        Sim {
+            peer: Peer::new(config, trust, 7),
+            now: Instant::now(),
+            next_conn: 0,
+            registry_dials: DialMode::Answer,
+            link_dials: DialMode::Answer,
+            registry_answers: true,
+            dials: Vec::new(),
+            deferred: Vec::new(),
+            dialed: Vec::new(),
+            frames: HashMap::new(),
+            read: HashMap::new(),
+            closes: HashMap::new(),
+            gone: HashSet::new(),
+            events: Vec::new(),
+            events_read: 0,
+            exits: Vec::new(),
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            imposters: HashMap::new(),
+            pins: Vec::new(),
+        }
+    }
+
+    fn new() -> Self {
+        Sim::trusting(Trust::default())
+    }
+
+    fn trusting(trust: Trust) -> Self {
+        Sim::with(config(), trust)
+    }
+
+    /// Registered with `peers` online, everything so far taken.
+    fn online(peers: &[&str]) -> Self {
+        let mut sim = Sim::new();
+        sim.start();
+        sim.registry_says(&welcome(peers, false));
+        assert!(sim.peer.is_online());
+        sim.take_all();
+        sim
+    }
+
+    fn fresh_conn(&mut self) -> Conn {
+        self.next_conn += 1;
+        self.next_conn
+    }
+
+    /// Connects, and completes the handshake with the key the other side
+    /// proves: the right one unless `imposters` names another.
+    fn answer(&mut self, dial: Dial) {
+        let c = self.fresh_conn();
+        self.dialed.push((c, dial.clone()));
+        let key = match &dial {
+            Dial::Registry => self.imposters.get("").copied().unwrap_or_else(registry_key),
+            Dial::Link(folded) => self
+                .imposters
+                .get(folded)
+                .copied()
+                .unwrap_or_else(|| key_of(folded)),
+        };
+        self.peer.dial_started(dial, c, self.now);
+        self.peer.on_connected(c, key, self.now);
+    }
+
+    /// Moves the peer's actions into the record until it has none left.
+    fn apply(&mut self) {
+        loop {
+            let actions: Vec<_> = self.peer.drain_actions().collect();
+            if actions.is_empty() {
+                return;
+            }
+            let mut closed_now = Vec::new();
+            let mut answer_heartbeat = None;
+            for action in actions {
+                match action {
+                    Action::Dial(addr, dial) => {
+                        self.dials.push((self.now, addr, dial.clone()));
+                        let mode = match dial {
+                            Dial::Registry => self.registry_dials,
+                            Dial::Link(_) => self.link_dials,
+                        };
+                        match mode {
+                            DialMode::Answer => self.answer(dial),
+                            DialMode::Fail => {
+                                self.peer
+                                    .dial_failed(dial, "connection refused".into(), self.now)
+                            }
+                            DialMode::Defer => self.deferred.push(dial),
+                        }
+                    }
+                    Action::Send(c, frame) => {
+                        let body = body_of(&frame);
+                        if self.registry_answers
+                            && self.dialed.contains(&(c, Dial::Registry))
+                            && codec::decode::<ToRegistry>(&body) == Ok(ToRegistry::Heartbeat {})
+                        {
+                            answer_heartbeat = Some(c);
+                        }
+                        self.frames.entry(c).or_default().push((self.now, frame));
+                    }
+                    Action::Close(c, reason) => {
+                        if self.gone.insert(c) {
+                            self.closes.insert(c, reason.clone());
+                            closed_now.push((c, reason));
+                        }
+                    }
+                    Action::Arm(at, timer) => {
+                        assert!(at >= self.now, "{timer:?} armed in the past");
+                        self.timer_seq += 1;
+                        self.timers.insert((at, self.timer_seq), timer);
+                    }
+                    Action::Emit(event) => self.events.push(event),
+                    Action::Pin(pin) => self.pins.push(pin),
+                    Action::Exit(code) => self.exits.push(code),
+                }
+            }
+            if let Some(c) = answer_heartbeat.filter(|c| !self.gone.contains(c)) {
+                let body = codec::encode(&FromRegistry::Heartbeat {}).unwrap();
+                self.peer.on_frame(c, &body, self.now);
+            }
+            // The event loop tells the application of every close, its own too.
+            for (c, reason) in closed_now {
+                self.peer.on_closed(c, reason, self.now);
+            }
+        }
+    }
+
+    fn answer_deferred(&mut self) {
+        for dial in std::mem::take(&mut self.deferred) {
+            self.answer(dial);
+        }
+        self.apply();
+    }
+
+    /// `start`, with the registry dial answered; returns its connection.
+    fn start(&mut self) -> Conn {
+        self.peer.start();
+        self.apply();
+        self.reg_conn()
+    }
+
+    fn reg_conn(&self) -> Conn {
+        self.dialed
+            .iter()
+            .rev()
+            .find(|(_, d)| *d == Dial::Registry)
+            .map(|(c, _)| *c)
+            .expect("a registry connection")
+    }
+
+    fn registry_dial_count(&self) -> usize {
+        self.dials
+            .iter()
+            .filter(|(_, _, d)| *d == Dial::Registry)
+            .count()
+    }
+
+    fn link_dials_to(&self, folded: &str) -> Vec<SocketAddr> {
+        self.dials
+            .iter()
+            .filter(|(_, _, d)| *d == Dial::Link(folded.into()))
+            .map(|(_, a, _)| *a)
+            .collect()
+    }
+
+    /// The latest connection opened for a link to `folded`.
+    fn link_conn(&self, folded: &str) -> Conn {
+        self.dialed
+            .iter()
+            .rev()
+            .find(|(_, d)| *d == Dial::Link(folded.into()))
+            .map(|(c, _)| *c)
+            .unwrap_or_else(|| panic!("no link to {folded}"))
+    }
+
+    fn registry_says(&mut self, msg: &FromRegistry) {
+        let c = self.reg_conn();
+        assert!(!self.gone.contains(&c), "registry connection {c} is closed");
+        let body = codec::encode(msg).unwrap();
+        self.peer.on_frame(c, &body, self.now);
+        self.apply();
+    }
+
+    fn update(&mut self, changes: Vec<Change>) {
+        self.registry_says(&FromRegistry::Update { changes });
+    }
+
+    fn command(&mut self, command: Command) {
+        self.peer.command(command, self.now, wall());
+        self.apply();
+    }
+
+    fn say(&mut self, text: &str) {
+        self.command(Command::Broadcast(text.into()));
+    }
+
+    fn msg(&mut self, to: &str, text: &str) {
+        self.command(Command::Direct {
+            to: to.into(),
+            text: text.into(),
+        });
+    }
+
+    /// An accepted link from someone whose key no test peer has.
+    fn accept(&mut self) -> Conn {
+        self.accept_as(key_of("a stranger"))
+    }
+
+    fn accept_as(&mut self, key: PublicKey) -> Conn {
+        let c = self.fresh_conn();
+        self.peer.on_accept(c, key, self.now);
+        self.apply();
+        c
+    }
+
+    fn link_in(&mut self, c: Conn, msg: &LinkMsg) {
+        let body = codec::encode(msg).unwrap();
+        self.raw_in(c, &body);
+    }
+
+    fn raw_in(&mut self, c: Conn, body: &[u8]) {
+        assert!(!self.gone.contains(&c), "connection {c} is closed");
+        self.peer.on_frame(c, body, self.now);
+        self.apply();
+    }
+
+    /// The other side (or the network) closed `c`.
+    fn remote_close(&mut self, c: Conn, reason: &str) {
+        assert!(self.gone.insert(c), "connection {c} was already closed");
+        self.peer.on_closed(c, reason.into(), self.now);
+        self.apply();
+    }
+
+    /// Advances simulated time, firing due timers in order.
+    fn advance(&mut self, by: Duration) {
+        self.advance_to(self.now + by);
+    }
+
+    fn advance_to(&mut self, until: Instant) {
+        while let Some((&(at, seq), _)) = self.timers.iter().next() {
+            if at > until {
+                break;
+            }
+            let timer = self.timers.remove(&(at, seq)).unwrap();
+            self.now = self.now.max(at);
+            self.peer.on_timer(timer, self.now);
+            self.apply();
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// When the latest registry retry is armed for.
+    fn retry_at(&self) -> Option<Instant> {
+        self.timers
+            .iter()
+            .filter(|(_, t)| matches!(t, Timer::RegistryRetry(_)))
+            .max_by_key(|((_, seq), _)| *seq)
+            .map(|((at, _), _)| *at)
+    }
+
+    /// When the latest retry of a link to `folded` is armed for.
+    fn link_retry_at(&self, folded: &str) -> Option<Instant> {
+        self.timers
+            .iter()
+            .filter(|(_, t)| matches!(t, Timer::LinkRetry(f) if f == folded))
+            .max_by_key(|((_, seq), _)| *seq)
+            .map(|((at, _), _)| *at)
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        let out = self.events[self.events_read..].to_vec();
+        self.events_read = self.events.len();
+        out
+    }
+
+    fn take_timed(&mut self, c: Conn) -> Vec<(Instant, Bytes)> {
+        let all = self.frames.get(&c).map(Vec::as_slice).unwrap_or_default();
+        let read = self.read.entry(c).or_default();
+        let out = all[*read..].to_vec();
+        *read = all.len();
+        out
+    }
+
+    /// The full frames sent on `c` since last taken.
+    fn take_frames(&mut self, c: Conn) -> Vec<Bytes> {
+        self.take_timed(c).into_iter().map(|(_, f)| f).collect()
+    }
+
+    fn take_reg_timed(&mut self, c: Conn) -> Vec<(Instant, ToRegistry)> {
+        self.take_timed(c)
+            .into_iter()
+            .map(|(t, f)| (t, codec::decode(&body_of(&f)).unwrap()))
+            .collect()
+    }
+
+    fn take_reg(&mut self, c: Conn) -> Vec<ToRegistry> {
+        self.take_reg_timed(c).into_iter().map(|(_, m)| m).collect()
+    }
+
+    fn take_link(&mut self, c: Conn) -> Vec<LinkMsg> {
+        self.take_frames(c)
+            .iter()
+            .map(|f| codec::decode(&body_of(f)).unwrap())
+            .collect()
+    }
+
+    fn take_all(&mut self) {
+        self.take_events();
+        let conns: Vec<Conn> = self.frames.keys().copied().collect();
+        for c in conns {
+            self.take_frames(c);
+        }
+    }
+
+    fn my_hello(&self) -> LinkMsg {
+        hello("alice", self.peer.instance)
+    }
+
+    /// An accepted link that said hello as `name`.
+    fn inbound(&mut self, name: &str, instance: u64) -> Conn {
+        let c = self.accept_as(key_of(name));
+        self.link_in(c, &hello(name, instance));
+        c
+    }
+
+    fn error_code_on(&mut self, c: Conn) -> String {
+        match self.take_link(c).as_slice() {
+            [LinkMsg::Error { code, .. }] => {
+                assert!(
+                    self.closes.contains_key(&c),
+                    "an error frame is followed by a close"
+                );
+                code.clone()
+            }
+            other => panic!("expected one error frame, got {other:?}"),
+        }
+    }
+}
+
+fn is_registry_lost(e: &Event) -> bool {
+    matches!(e, Event::RegistryLost { .. })
+}
+
+fn errors_with_code(events: &[Event], wanted: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Error { code, .. } if code == wanted))
+        .count()
+}
+
+/// The one error event among `events`, with its code.
+fn the_error(events: &[Event], wanted: &str) -> String {
+    let messages: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Error { code, message } if code == wanted => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(messages.len(), 1, "{events:?}");
+    messages[0].clone()
+}
