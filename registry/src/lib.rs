@@ -510,7 +510,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.names.remove(&s.folded);
             self.order.remove(&s.order);
             self.stats.leaves += 1;
-            tracing::info!(name = %s.name, addr = %s.addr, %reason, "left");
+            tracing::info!(name = %s.name, addr = %s.addr, reason = reason.as_str(), "left");
             let until = now + self.config.name_grace;
             self.reserved_order.push_back((until, s.folded.clone()));
             let reservation = Reservation {
