@@ -21,3 +21,5 @@ pub mod launch;
 pub mod process;
 #[cfg(feature = "harness")]
 pub mod procfs;
+#[cfg(feature = "harness")]
+pub mod world;

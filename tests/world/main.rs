@@ -1,0 +1,6 @@
+//! Scenarios in the simulated world (`peerchat_testkit::world`): the real
+//! registry and peer machines, real framing, CBOR and Noise, simulated time
+//! and faults. Each runs in well under a second.
+
+mod registrar;
+mod registry;
