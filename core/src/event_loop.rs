@@ -3,7 +3,7 @@
 //!
 //! Every turn does the same steps: compute the timeout from the next timer,
 //! poll, dispatch readiness (accept and read until `WouldBlock`), fire due
-//! timers, let the application finish the turn, then flush every connection
+//! timers, let the application finish the turn, then write every connection
 //! that has something queued. Applications plug in through [`App`]: they get
 //! frames, timers and closes, and act through [`Ctx`]; they never see a socket.
 //!
@@ -11,12 +11,12 @@
 //! end of a turn, so neither a late event nor a stale id can reach a
 //! connection that reused a slot.
 //!
-//! Given an [`Identity`], the loop secures every connection with a Noise
+//! Given a [`NoiseConfig`], the loop secures every connection with a Noise
 //! session ([`crate::secure`]) before the application hears of it: an
 //! accepted connection reaches [`App::on_accept`], a dialed one
 //! [`App::on_connected`], only once the handshake is done, and
 //! [`Ctx::remote_key`] then names the key the other side proved. Frames are
-//! plaintext to the application and sealed per connection at flush time.
+//! plaintext to the application and sealed per connection when written.
 //!
 //! Each connection's Noise session, framing and queues live in its
 //! [`crate::transport::Transport`]; the loop only moves bytes, readiness
@@ -103,7 +103,9 @@ impl fmt::Display for CloseReason {
 
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
-    /// Largest frame body accepted on a new connection.
+    /// Largest frame body a new connection accepts, until the application
+    /// sets its own ([`Ctx::set_max_frame`]). The connection's transport
+    /// holds the limit from then on, for its frames and its Noise messages.
     pub max_frame: usize,
     /// Bytes that may wait in one connection's queue before it is closed as
     /// a slow consumer.
