@@ -80,8 +80,8 @@ fn messages_sent_while_the_link_is_dialing_follow_hello_in_order() {
     );
 }
 
-/// The dial contract lets the loop answer later; sends meanwhile must not
-/// start more dials.
+/// A dialed link connects when the loop gets to it; sends meanwhile must
+/// not start more dials, and go out once it is up.
 #[test]
 fn a_dial_answered_later_is_still_requested_only_once() {
     let mut sim = Sim::online(&["bob"]);
