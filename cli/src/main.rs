@@ -1,9 +1,11 @@
 //! The `peer` binary: command line, the front ends (human or `--json`), and
-//! the adapter that runs the sans-IO [`Peer`] on the core event loop.
+//! the host around the sans-IO [`Peer`], which core's driver runs on the
+//! event loop.
 
 mod terminal;
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -11,15 +13,15 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use clap::{CommandFactory, Parser};
 use peerchat_core::identity::{self, Identity, PublicKey};
+use peerchat_core::machine::{Driver, Host, HostCtx};
 use peerchat_core::protocol::{self, normalize_name};
 use peerchat_core::secure::NoiseConfig;
-use peerchat_core::{App, CloseReason, ConnId, Ctx, EventLoop, LoopConfig};
+use peerchat_core::{EventLoop, LoopConfig};
 use peerchat_peer::command::{self, Command};
 use peerchat_peer::human::View;
-use peerchat_peer::peer::{Action, Config, Event, Peer, Pin, RegistryTrust, Timer, Trust};
+use peerchat_peer::peer::{Config, Event, HostOutput, Peer, Pin, RegistryTrust, Trust};
 use peerchat_peer::trust::{self, KnownPeers};
 use terminal::{Input, Output, TerminalGuard};
 
@@ -61,12 +63,9 @@ struct Args {
     known_peers: Option<PathBuf>,
 }
 
-/// Lines taken from the input per loop turn: a long paste or pipe must not
-/// hold up heartbeats and acks.
-const INPUT_PER_TURN: usize = 256;
-
-struct PeerApp {
-    peer: Peer<ConnId>,
+/// What the binary adds around the peer machine: the input thread's lines,
+/// the front end, the pins file and the exit status.
+struct PeerHost {
     out: Output,
     /// The text view; `None` with `--json`.
     view: Option<View>,
@@ -83,7 +82,7 @@ struct PeerApp {
     registry_name: String,
 }
 
-impl PeerApp {
+impl PeerHost {
     fn show(&mut self, event: &Event) {
         let Some(view) = &mut self.view else {
             match serde_json::to_string(event) {
@@ -107,42 +106,6 @@ impl PeerApp {
         }
     }
 
-    fn apply(&mut self, ctx: &mut Ctx<Timer<ConnId>>) {
-        loop {
-            let actions: Vec<_> = self.peer.drain_actions().collect();
-            if actions.is_empty() {
-                if !self.input_open && self.peer.takes_input() {
-                    self.input_open = true;
-                    wake(ctx);
-                }
-                return;
-            }
-            let now = ctx.now();
-            for action in actions {
-                match action {
-                    Action::Dial(addr, dial) => match ctx.connect(addr) {
-                        Ok(conn) => self.peer.dial_started(dial, conn, now),
-                        Err(e) => self.peer.dial_failed(dial, e.to_string(), now),
-                    },
-                    Action::Send(conn, frame) => {
-                        ctx.send(conn, frame);
-                    }
-                    Action::Close(conn, reason) => ctx.close(conn, reason),
-                    Action::Arm(at, timer) => {
-                        ctx.arm(at, timer);
-                    }
-                    Action::Emit(event) => self.show(&event),
-                    Action::Pin(pin) => self.save_pin(&pin),
-                    Action::Exit(code) => {
-                        self.exit.get_or_insert(code);
-                        // Long enough to flush a leave message, no longer.
-                        ctx.stop(Duration::from_millis(500));
-                    }
-                }
-            }
-        }
-    }
-
     fn save_pin(&mut self, pin: &Pin) {
         let line = match pin {
             Pin::Peer { name, key } => trust::pin_line("peer", name, key),
@@ -163,7 +126,7 @@ impl PeerApp {
         }
     }
 
-    fn on_line(&mut self, line: &str, now: std::time::Instant) {
+    fn on_line(&mut self, peer: &mut Peer, line: &str, now: std::time::Instant) {
         match command::parse(line) {
             Ok(None) => {}
             Ok(Some(cmd)) => {
@@ -172,7 +135,7 @@ impl PeerApp {
                     Command::Direct { to, text } => Some((text.clone(), Some(to.clone()))),
                     _ => None,
                 };
-                self.peer.command(cmd, now, SystemTime::now());
+                peer.command(cmd, now, SystemTime::now());
             }
             Err(err) => self.show(&Event::Error {
                 code: err.code.into(),
@@ -182,84 +145,68 @@ impl PeerApp {
     }
 }
 
-impl App for PeerApp {
-    type Timer = Timer<ConnId>;
+impl Host<Peer> for PeerHost {
+    type Timer = Infallible;
 
-    fn on_accept(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, _peer: SocketAddr) {
-        match ctx.remote_key(conn) {
-            Some(key) => self.peer.on_accept(conn, key, ctx.now()),
-            None => ctx.close(conn, "no proven key"),
+    fn host_output(&mut self, ctx: &mut HostCtx<Peer, Self>, _peer: &mut Peer, output: HostOutput) {
+        match output {
+            HostOutput::Show(event) => self.show(&event),
+            HostOutput::Pin(pin) => self.save_pin(&pin),
+            HostOutput::Exit(code) => {
+                self.exit.get_or_insert(code);
+                // Long enough to flush a leave message, no longer.
+                ctx.stop(Duration::from_millis(500));
+            }
         }
-        self.apply(ctx);
     }
 
-    fn on_connected(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId) {
-        match ctx.remote_key(conn) {
-            Some(key) => self.peer.on_connected(conn, key, ctx.now()),
-            None => ctx.close(conn, "no proven key"),
-        }
-        self.apply(ctx);
+    fn on_signal(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer, _signal: i32) {
+        peer.quit(ctx.now());
     }
 
-    fn on_frame(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, body: Bytes) {
-        self.peer.on_frame(conn, &body, ctx.now());
-        self.apply(ctx);
-    }
-
-    fn on_closed(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, reason: &CloseReason) {
-        match reason {
-            CloseReason::Frame(err) => self.peer.on_bad_frame(conn, err, ctx.now()),
-            _ => self.peer.on_closed(conn, reason.to_string(), ctx.now()),
-        }
-        self.apply(ctx);
-    }
-
-    fn on_timer(&mut self, ctx: &mut Ctx<Self::Timer>, timer: Self::Timer) {
-        self.peer.on_timer(timer, ctx.now());
-        self.apply(ctx);
-    }
-
-    fn on_signal(&mut self, ctx: &mut Ctx<Self::Timer>, _signal: i32) {
-        self.peer.quit(ctx.now());
-        self.apply(ctx);
-    }
-
-    fn on_wake(&mut self, ctx: &mut Ctx<Self::Timer>) {
+    /// Takes one line a wake-up, so that the driver acts on what the peer
+    /// made of it (its echo above all) before the next is read, and
+    /// sockets get their turn within a long paste or pipe.
+    fn on_wake(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer) {
         // Until the peer takes input, what comes waits here in order; only
-        // Ctrl-C or Ctrl-D at a terminal acts at once. `apply` wakes the
+        // Ctrl-C or Ctrl-D at a terminal acts at once. `settled` wakes the
         // loop again when input opens.
-        while !self.peer.takes_input() {
+        while !peer.takes_input() {
             match self.input.try_recv() {
                 Ok(Input::Interrupt) => {
-                    self.peer.quit(ctx.now());
-                    self.apply(ctx);
+                    peer.quit(ctx.now());
+                    wake(ctx);
+                    return;
                 }
                 Ok(input) => self.held.push_back(input),
                 Err(_) => return,
             }
         }
-        for _ in 0..INPUT_PER_TURN {
-            let Some(input) = self.held.pop_front().or_else(|| self.input.try_recv().ok()) else {
-                return;
-            };
-            let now = ctx.now();
-            match input {
-                Input::Line(line) => self.on_line(&line, now),
-                Input::Garbled => self.show(&Event::Error {
-                    code: "bad_input".into(),
-                    message: "that line was not UTF-8 text; it was ignored".into(),
-                }),
-                Input::Eof | Input::Interrupt => self.peer.quit(now),
-            }
-            self.apply(ctx);
+        let Some(input) = self.held.pop_front().or_else(|| self.input.try_recv().ok()) else {
+            return;
+        };
+        let now = ctx.now();
+        match input {
+            Input::Line(line) => self.on_line(peer, &line, now),
+            Input::Garbled => self.show(&Event::Error {
+                code: "bad_input".into(),
+                message: "that line was not UTF-8 text; it was ignored".into(),
+            }),
+            Input::Eof | Input::Interrupt => peer.quit(now),
         }
-        // Sockets get their turn before the rest of a long burst.
         wake(ctx);
+    }
+
+    fn settled(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer) {
+        if !self.input_open && peer.takes_input() {
+            self.input_open = true;
+            wake(ctx);
+        }
     }
 }
 
 /// Makes the loop call `on_wake` again: to take input that waited.
-fn wake(ctx: &Ctx<Timer<ConnId>>) {
+fn wake(ctx: &HostCtx<Peer, PeerHost>) {
     if let Err(e) = ctx.waker().wake() {
         tracing::error!(error = %e, "cannot wake the event loop; input may wait");
     }
@@ -455,8 +402,8 @@ fn main() -> ExitCode {
     config.registry_name = registry_name.clone();
     config.known_peers = known_peers_path.display().to_string();
     let view = (!args.json).then(|| View::new(&config.name, &registry_name, config.backoff_max));
-    let mut app = PeerApp {
-        peer: Peer::new(config, trust, seed()),
+    let peer = Peer::new(config, trust, seed());
+    let mut host = PeerHost {
         out,
         view,
         input: rx,
@@ -467,26 +414,27 @@ fn main() -> ExitCode {
         known_peers: known_peers_path,
         registry_name,
     };
-    if let Some(view) = &mut app.view {
+    if let Some(view) = &mut host.view {
         let note = format!("your key fingerprint: {}", identity.public());
         for line in view.note(&note, SystemTime::now()) {
-            app.out.line(&line);
+            host.out.line(&line);
         }
     }
-    app.peer.start();
-    {
-        let ctx = event_loop.ctx();
-        app.apply(ctx);
-    }
+    let mut app = Driver::new(peer, host);
+    let ctx = event_loop.ctx();
+    app.machine.start(ctx.now());
+    // The driver acts on the peer's outputs (the registry dial) when the
+    // loop first calls it: at once, for this wake-up.
+    wake(ctx);
     let result = event_loop.run(&mut app);
-    app.out.finish();
+    app.host.out.finish();
     drop(terminal_guard);
     if let Err(e) = result {
         return fail(args.json, "io", format!("the event loop failed: {e}"));
     }
     drop(logs);
     // The input thread may still be blocked reading; leave without it.
-    std::process::exit(app.exit.unwrap_or(0));
+    std::process::exit(app.host.exit.unwrap_or(0));
 }
 
 #[cfg(test)]

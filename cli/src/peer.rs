@@ -9,9 +9,11 @@
 //! pinned for that name in `known_peers` (trust on first use), or the link
 //! is refused.
 //!
-//! Inputs are commands, connection events and timers, each with `now`;
-//! outputs are [`Action`]s. Nothing here touches a socket, a terminal or the
-//! clock, so tests run it with simulated time.
+//! [`Peer`] keeps core's machine contract
+//! ([`Machine`](peerchat_core::machine::Machine)): inputs are
+//! commands, link events and its own timers, each with `now`; outputs are
+//! [`Action`]s, with [`HostOutput`]s for the binary. Nothing here touches a
+//! socket, a terminal or the clock, so tests run it with simulated time.
 //!
 //! [`Peer`] is a facade over four rooms, each owning its state: the
 //! `session` with the registry, the `directory`, the `outbox` of our
@@ -23,21 +25,18 @@
 mod directory;
 mod event;
 mod inbox;
+mod machine;
 mod outbox;
 mod session;
 
-use std::collections::{HashMap, HashSet};
-use std::fmt::Debug;
-use std::hash::Hash;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use peerchat_core::identity::PublicKey;
-use peerchat_core::protocol::{
-    fold_name, normalize_name, Change, ErrorCode, LinkMsg, PeerEntry, PROTOCOL_VERSION,
-};
-use peerchat_core::wire::FrameError;
+use peerchat_core::machine::{LinkId, Output};
+use peerchat_core::protocol::{fold_name, normalize_name, Change, ErrorCode, PeerEntry};
 
 use crate::command::Command;
 use crate::trust;
@@ -100,7 +99,7 @@ impl Config {
 
 /// The keys trusted at start, from `known_peers` and the command line. The
 /// peer adds to them as keys are first proved, and says so with
-/// [`Action::Pin`].
+/// [`HostOutput::Pin`].
 #[derive(Debug, Clone, Default)]
 pub struct Trust {
     /// What the registry's key is checked against.
@@ -122,45 +121,19 @@ pub enum RegistryTrust {
     Pinned(PublicKey),
 }
 
-/// Who a dial is for.
+/// What only the binary around the peer can do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Dial {
-    Registry,
-    /// A link to this peer (folded name).
-    Link(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Timer<C> {
-    RegistryRetry(u64),
-    RegisterDeadline(u64),
-    Heartbeat(u64),
-    LinkRetry(String),
-    HelloDeadline(C),
-    /// The oldest unacknowledged message to `target` may be overdue. One
-    /// such timer per link at a time, for the front of its queue.
-    SendDeadline {
-        target: String,
-        at: Instant,
-    },
-    StaleCheck,
-    QuitDeadline,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action<C> {
-    /// Start a connection; answer with [`Peer::dial_started`] or
-    /// [`Peer::dial_failed`].
-    Dial(SocketAddr, Dial),
-    Send(C, Bytes),
-    Close(C, String),
-    Arm(Instant, Timer<C>),
-    Emit(Event),
+pub enum HostOutput {
+    /// Show this to the user.
+    Show(Event),
     /// Remember this key for good (append it to `known_peers`).
     Pin(Pin),
     /// Flush and end the process with this status.
     Exit(i32),
 }
+
+/// What the peer wants done, on links it names by [`LinkId`].
+pub type Action = Output<LinkId, HostOutput>;
 
 /// A key seen for the first time, to be trusted from now on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,17 +142,56 @@ pub enum Pin {
     Registry(PublicKey),
 }
 
-/// The actions the rooms ask for, in the order they ask: the one queue
-/// [`Peer::drain_actions`] hands out.
-struct Actions<C>(Vec<Action<C>>);
+/// What the peer waits for. Each room cancels its timers once they no
+/// longer apply, so a timer that fires is always current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Timer {
+    RegistryRetry,
+    RegisterDeadline,
+    Heartbeat,
+    LinkRetry(String),
+    HelloDeadline(LinkId),
+    /// The oldest unacknowledged message to this target (folded) is due.
+    SendDeadline(String),
+    StaleCheck,
+    QuitDeadline,
+}
 
-impl<C> Actions<C> {
-    fn push(&mut self, action: Action<C>) {
-        self.0.push(action);
+/// An armed timer, to cancel it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct TimerKey {
+    at: Instant,
+    /// Arming order: timers due at the same instant fire in it.
+    seq: u64,
+}
+
+/// The outputs the rooms ask for, in the order they ask, and the timers
+/// they arm: the one queue [`Peer::poll_output`] hands out, and the one
+/// clock [`Peer::poll_timeout`] reads.
+///
+/// Timers are an ordered map, not core's `TimerWheel`: the peer has only a
+/// few at a time, and the wheel rounds deadlines up to its tick, while the
+/// peer's (retries from 50 ms, register and send deadlines) must fire
+/// exactly when due.
+struct Actions {
+    queue: VecDeque<Action>,
+    timers: BTreeMap<TimerKey, Timer>,
+    timer_seq: u64,
+    /// The number of the next link we dial: minted here, for every room.
+    next_dial: u64,
+}
+
+impl Actions {
+    fn push(&mut self, action: Action) {
+        self.queue.push_back(action);
     }
 
     fn emit(&mut self, event: Event) {
-        self.push(Action::Emit(event));
+        self.push(Output::Host(HostOutput::Show(event)));
+    }
+
+    fn host(&mut self, output: HostOutput) {
+        self.push(Output::Host(output));
     }
 
     fn error(&mut self, code: impl Into<Code>, message: String) {
@@ -197,16 +209,50 @@ impl<C> Actions<C> {
         });
     }
 
-    fn send(&mut self, conn: C, frame: Bytes) {
-        self.push(Action::Send(conn, frame));
+    fn send(&mut self, link: LinkId, frame: Bytes) {
+        self.push(Output::Send(link, frame));
     }
 
-    fn close(&mut self, conn: C, reason: impl Into<String>) {
-        self.push(Action::Close(conn, reason.into()));
+    fn close(&mut self, link: LinkId, reason: impl Into<String>) {
+        self.push(Output::Close(link, reason.into()));
     }
 
-    fn arm(&mut self, at: Instant, timer: Timer<C>) {
-        self.push(Action::Arm(at, timer));
+    /// Asks for a connection to `addr`, under a link id of our own, so that
+    /// the link has its state before any socket exists.
+    fn dial(&mut self, addr: SocketAddr) -> LinkId {
+        let link = LinkId::Dialed(self.next_dial);
+        self.next_dial += 1;
+        self.push(Output::Dial { link, addr });
+        link
+    }
+
+    fn arm(&mut self, at: Instant, timer: Timer) -> TimerKey {
+        self.timer_seq += 1;
+        let key = TimerKey {
+            at,
+            seq: self.timer_seq,
+        };
+        self.timers.insert(key, timer);
+        key
+    }
+
+    /// Cancels a timer, if one is given; one that fired already is gone.
+    fn cancel(&mut self, key: Option<TimerKey>) {
+        if let Some(key) = key {
+            self.timers.remove(&key);
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
+        self.timers.first_key_value().map(|(key, _)| key.at)
+    }
+
+    /// The first timer due by `now`, taken off.
+    fn due(&mut self, now: Instant) -> Option<Timer> {
+        match self.timers.first_entry() {
+            Some(entry) if entry.key().at <= now => Some(entry.remove()),
+            _ => None,
+        }
     }
 }
 
@@ -237,23 +283,25 @@ impl Rng {
     }
 }
 
-pub struct Peer<C> {
-    session: Session<C>,
+pub struct Peer {
+    session: Session,
     directory: Directory,
-    outbox: Outbox<C>,
-    inbox: Inbox<C>,
-    actions: Actions<C>,
+    outbox: Outbox,
+    inbox: Inbox,
+    actions: Actions,
     rng: Rng,
     /// Said in our hello, so that a peer tells our restart from a resend.
     instance: u64,
     /// Our own static key (the public half).
     key: PublicKey,
     quit_grace: Duration,
+    quit_deadline: Option<TimerKey>,
     exited: bool,
 }
 
-impl<C: Copy + Eq + Hash + Debug> Peer<C> {
-    /// `seed` drives the reconnect jitter and the instance id.
+impl Peer {
+    /// `seed` drives the reconnect jitter and the instance id. Nothing
+    /// happens before [`Peer::start`].
     pub fn new(config: Config, trust: Trust, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let instance = rng.next();
@@ -262,17 +310,19 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             directory: Directory::new(&config, trust.peers),
             outbox: Outbox::new(&config),
             inbox: Inbox::new(&config),
-            actions: Actions(Vec::new()),
+            actions: Actions {
+                queue: VecDeque::new(),
+                timers: BTreeMap::new(),
+                timer_seq: 0,
+                next_dial: 0,
+            },
             rng,
             instance,
             key: config.key,
             quit_grace: config.quit_grace,
+            quit_deadline: None,
             exited: false,
         }
-    }
-
-    pub fn drain_actions(&mut self) -> std::vec::Drain<'_, Action<C>> {
-        self.actions.0.drain(..)
     }
 
     /// The directory, sorted by name.
@@ -303,93 +353,8 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     }
 
     /// Begins: connect to the registry.
-    pub fn start(&mut self) {
-        self.session.dial(&mut self.actions);
-    }
-
-    pub fn dial_started(&mut self, dial: Dial, conn: C, now: Instant) {
-        match dial {
-            Dial::Registry => self.session.dial_started(conn, now, &mut self.actions),
-            Dial::Link(target) => self.outbox.dial_started(target, conn, &mut self.actions),
-        }
-    }
-
-    pub fn dial_failed(&mut self, dial: Dial, error: String, now: Instant) {
-        match dial {
-            Dial::Registry => {
-                self.session
-                    .dial_failed(&error, now, &mut self.rng, &mut self.actions)
-            }
-            Dial::Link(target) => {
-                self.outbox
-                    .dial_failed(&target, &error, now, &mut self.rng, &mut self.actions)
-            }
-        }
-    }
-
-    /// A dialed connection is up and proved `key`: check it, then speak.
-    pub fn on_connected(&mut self, conn: C, key: PublicKey, now: Instant) {
-        if self.session.conn() == Some(conn) {
-            let heard = self.session.on_connected(conn, key, &mut self.actions);
-            self.on_heard(heard, now);
-        } else if self.outbox.has(conn) {
-            let hello = LinkMsg::Hello {
-                version: PROTOCOL_VERSION,
-                name: self.session.name().trim().to_string(),
-                instance: self.instance,
-            };
-            self.outbox.on_connected(
-                conn,
-                key,
-                &hello,
-                now,
-                &mut self.directory,
-                &mut self.rng,
-                &mut self.actions,
-            );
-        }
-    }
-
-    /// An inbound link whose handshake proved `key`.
-    pub fn on_accept(&mut self, conn: C, key: PublicKey, now: Instant) {
-        self.inbox.on_accept(conn, key, now, &mut self.actions);
-    }
-
-    pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
-        if self.session.conn() == Some(conn) {
-            let heard = self
-                .session
-                .on_frame(conn, body, now, &mut self.rng, &mut self.actions);
-            self.on_heard(heard, now);
-        } else if self.outbox.has(conn) {
-            self.outbox
-                .on_frame(conn, body, &self.directory, &mut self.actions);
-            self.maybe_finish_quit();
-        } else if self.inbox.has(conn) {
-            self.inbox
-                .on_frame(conn, body, &mut self.directory, &mut self.actions);
-        }
-    }
-
-    /// The connection broke the framing rules and is closing; it still
-    /// takes one frame, so a linked peer is told why (as the protocol asks).
-    pub fn on_bad_frame(&mut self, conn: C, error: &FrameError, now: Instant) {
-        tracing::warn!(?conn, %error, "closing a connection that broke the framing");
-        self.inbox.on_bad_frame(conn, error, &mut self.actions);
-        self.on_closed(conn, error.to_string(), now);
-    }
-
-    /// The connection is gone, whoever closed it.
-    pub fn on_closed(&mut self, conn: C, reason: String, now: Instant) {
-        if self.session.conn() == Some(conn) {
-            self.session
-                .on_closed(reason, now, &mut self.rng, &mut self.actions);
-        } else if self.outbox.has(conn) {
-            self.outbox
-                .on_closed(conn, &reason, now, &mut self.rng, &mut self.actions);
-        } else {
-            self.inbox.on_closed(conn);
-        }
+    pub fn start(&mut self, now: Instant) {
+        self.session.dial(now, &mut self.actions);
     }
 
     fn on_heard(&mut self, heard: Heard, now: Instant) {
@@ -627,7 +592,8 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
             return;
         }
         self.session.quit(&mut self.actions);
-        self.actions.arm(now + self.quit_grace, Timer::QuitDeadline);
+        let deadline = self.actions.arm(now + self.quit_grace, Timer::QuitDeadline);
+        self.quit_deadline = Some(deadline);
         self.maybe_finish_quit();
     }
 
@@ -638,6 +604,7 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
     }
 
     fn finish_quit(&mut self) {
+        self.actions.cancel(self.quit_deadline.take());
         self.session.leave(&mut self.actions);
         self.exit(0, &Reason::Quit);
     }
@@ -650,22 +617,20 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
         }
         self.outbox
             .give_up(reason, &self.directory, &mut self.actions);
-        self.actions.push(Action::Exit(status));
+        self.actions.host(HostOutput::Exit(status));
     }
 
-    pub fn on_timer(&mut self, timer: Timer<C>, now: Instant) {
+    fn fire(&mut self, timer: Timer, now: Instant) {
         let (rng, actions) = (&mut self.rng, &mut self.actions);
         match timer {
-            Timer::RegistryRetry(epoch) => self.session.on_retry(epoch, actions),
-            Timer::RegisterDeadline(epoch) => {
-                self.session.on_register_deadline(epoch, now, rng, actions)
-            }
-            Timer::Heartbeat(epoch) => self.session.on_heartbeat(epoch, now, rng, actions),
+            Timer::RegistryRetry => self.session.on_retry(now, actions),
+            Timer::RegisterDeadline => self.session.on_register_deadline(now, rng, actions),
+            Timer::Heartbeat => self.session.on_heartbeat(now, rng, actions),
             Timer::LinkRetry(target) => self.outbox.on_retry(&target, &self.directory, actions),
-            Timer::HelloDeadline(conn) => self.inbox.on_hello_deadline(conn, actions),
-            Timer::SendDeadline { target, at } => {
+            Timer::HelloDeadline(link) => self.inbox.on_hello_deadline(link, actions),
+            Timer::SendDeadline(target) => {
                 self.outbox
-                    .on_deadline(&target, at, now, &self.directory, actions);
+                    .on_deadline(&target, now, &self.directory, actions);
                 self.maybe_finish_quit();
             }
             Timer::StaleCheck => {
@@ -678,7 +643,10 @@ impl<C: Copy + Eq + Hash + Debug> Peer<C> {
                     self.forget(&folded, &Reason::Gone);
                 }
             }
-            Timer::QuitDeadline => self.finish_quit(),
+            Timer::QuitDeadline => {
+                self.quit_deadline = None;
+                self.finish_quit();
+            }
         }
     }
 }

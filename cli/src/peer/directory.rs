@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{fold_name, ErrorCode, PeerEntry};
 
-use super::{pin_text, Action, Actions, Code, Config, Pin, Reason, Timer};
+use super::{pin_text, Actions, Code, Config, HostOutput, Pin, Reason, Timer};
 
 pub(super) struct Known {
     pub(super) name: String,
@@ -108,24 +108,24 @@ impl Directory {
     }
 
     /// Trusts `key` for a peer from now on, if nothing was pinned for it.
-    pub(super) fn pin<C>(&mut self, folded: &str, key: PublicKey, actions: &mut Actions<C>) {
+    pub(super) fn pin(&mut self, folded: &str, key: PublicKey, actions: &mut Actions) {
         if self.pins.contains_key(folded) {
             return;
         }
         self.pins.insert(folded.to_string(), key);
         let name = self.display_name(folded);
-        actions.push(Action::Pin(Pin::Peer { name, key }));
+        actions.host(HostOutput::Pin(Pin::Peer { name, key }));
     }
 
     /// Adds or refreshes an entry. A key other than the pinned one, or
     /// another key than before, is reported here, once.
-    pub(super) fn learn<C>(
+    pub(super) fn learn(
         &mut self,
         folded: &str,
         name: String,
         addr: SocketAddr,
         key: PublicKey,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) -> Learned {
         let mismatch = self.pins.get(folded).is_some_and(|k| *k != key);
         let (moved, renamed, rekeyed, newly_mismatched) = match self.known.get_mut(folded) {
@@ -187,11 +187,11 @@ impl Directory {
 
     /// Marks the peers a new registration did not list, and checks on them
     /// once the grace has passed.
-    pub(super) fn mark_missing<C>(
+    pub(super) fn mark_missing(
         &mut self,
         listed: &HashSet<String>,
         now: Instant,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let mut any_stale = false;
         for (folded, known) in self.known.iter_mut() {

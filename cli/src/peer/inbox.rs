@@ -7,12 +7,11 @@
 //! limits, since anyone can connect) to be shown after the sender's join.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Debug;
-use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
+use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{
     self, decode_first, fold_name, normalize_name, ErrorCode, FirstFrameError, LinkMsg,
     PROTOCOL_VERSION,
@@ -20,7 +19,7 @@ use peerchat_core::protocol::{
 use peerchat_core::wire::FrameError;
 
 use super::directory::Directory;
-use super::{Actions, Config, Event, Timer};
+use super::{Actions, Config, Event, Timer, TimerKey};
 
 /// Chats held from a link whose sender the directory does not list yet:
 /// per link, in messages and in bytes of text, and in bytes over all such
@@ -58,8 +57,10 @@ enum InLink {
     },
 }
 
-pub(super) struct Inbox<C> {
-    links: HashMap<C, InLink>,
+pub(super) struct Inbox {
+    links: HashMap<LinkId, InLink>,
+    /// The deadline of each link not verified yet.
+    hello_deadlines: HashMap<LinkId, TimerKey>,
     /// Per sender (folded): its instance and the highest id delivered.
     seen: HashMap<String, (u64, u64)>,
     /// The (folded name, key) pairs whose refused links were reported.
@@ -67,34 +68,42 @@ pub(super) struct Inbox<C> {
     hello_timeout: Duration,
 }
 
-impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
+impl Inbox {
     pub(super) fn new(config: &Config) -> Self {
         Inbox {
             links: HashMap::new(),
+            hello_deadlines: HashMap::new(),
             seen: HashMap::new(),
             key_warnings: HashSet::new(),
             hello_timeout: config.hello_timeout,
         }
     }
 
-    pub(super) fn has(&self, conn: C) -> bool {
+    pub(super) fn has(&self, conn: LinkId) -> bool {
         self.links.contains_key(&conn)
     }
 
     pub(super) fn on_accept(
         &mut self,
-        conn: C,
+        conn: LinkId,
         key: PublicKey,
         now: Instant,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         self.links.insert(conn, InLink::AwaitHello { key });
-        actions.arm(now + self.hello_timeout, Timer::HelloDeadline(conn));
+        let deadline = actions.arm(now + self.hello_timeout, Timer::HelloDeadline(conn));
+        self.hello_deadlines.insert(conn, deadline);
+    }
+
+    /// Forgets a link, and its hello deadline with it.
+    fn unlink(&mut self, conn: LinkId, actions: &mut Actions) -> Option<InLink> {
+        actions.cancel(self.hello_deadlines.remove(&conn));
+        self.links.remove(&conn)
     }
 
     /// `conn` broke the framing rules: if it is a link to us, it is told why
     /// before it closes.
-    pub(super) fn on_bad_frame(&mut self, conn: C, error: &FrameError, actions: &mut Actions<C>) {
+    pub(super) fn on_bad_frame(&mut self, conn: LinkId, error: &FrameError, actions: &mut Actions) {
         if self.has(conn) {
             let code = match error {
                 FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
@@ -105,11 +114,12 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
         }
     }
 
-    pub(super) fn on_closed(&mut self, conn: C) {
-        self.links.remove(&conn);
+    pub(super) fn on_closed(&mut self, conn: LinkId, actions: &mut Actions) {
+        self.unlink(conn, actions);
     }
 
-    pub(super) fn on_hello_deadline(&mut self, conn: C, actions: &mut Actions<C>) {
+    pub(super) fn on_hello_deadline(&mut self, conn: LinkId, actions: &mut Actions) {
+        self.hello_deadlines.remove(&conn);
         match self.links.get(&conn) {
             Some(InLink::AwaitHello { .. }) => {
                 let reason = "no hello in time".into();
@@ -123,9 +133,9 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
         }
     }
 
-    fn refuse(&mut self, conn: C, code: ErrorCode, reason: String, actions: &mut Actions<C>) {
-        tracing::warn!(?conn, %code, %reason, "refusing a link");
-        self.links.remove(&conn);
+    fn refuse(&mut self, conn: LinkId, code: ErrorCode, reason: String, actions: &mut Actions) {
+        tracing::warn!(%conn, %code, %reason, "refusing a link");
+        self.unlink(conn, actions);
         let frame = protocol::frame(&LinkMsg::error(code, reason.clone()));
         actions.send(conn, frame);
         actions.close(conn, reason);
@@ -135,13 +145,7 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
     /// once per name and key, however often that peer retries. Someone
     /// making key after key for a pinned name is told of up to
     /// [`MAX_KEY_WARNINGS`] times, then only logged.
-    fn warn_key(
-        &mut self,
-        folded: &str,
-        key: PublicKey,
-        message: String,
-        actions: &mut Actions<C>,
-    ) {
+    fn warn_key(&mut self, folded: &str, key: PublicKey, message: String, actions: &mut Actions) {
         let room = self.key_warnings.len() < MAX_KEY_WARNINGS;
         if room && self.key_warnings.insert((folded.to_string(), key)) {
             actions.error(ErrorCode::KeyMismatch, message);
@@ -152,10 +156,10 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
 
     pub(super) fn on_frame(
         &mut self,
-        conn: C,
+        conn: LinkId,
         body: &[u8],
         dir: &mut Directory,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let Some(link) = self.links.get_mut(&conn) else {
             return;
@@ -229,8 +233,8 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
                 }
             }
             Ok(LinkMsg::Error { code, reason }) => {
-                tracing::warn!(?conn, %code, %reason, "error from a linked peer");
-                self.links.remove(&conn);
+                tracing::warn!(%conn, %code, %reason, "error from a linked peer");
+                self.unlink(conn, actions);
                 actions.close(conn, format!("{code}: {reason}"));
             }
             Ok(_) => self.refuse(
@@ -250,12 +254,12 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
 
     fn on_hello(
         &mut self,
-        conn: C,
+        conn: LinkId,
         key: PublicKey,
         name: String,
         instance: u64,
         dir: &mut Directory,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let name = match normalize_name(&name) {
             Ok(name) => name,
@@ -313,12 +317,12 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
     /// The directory now lists `folded`: links that said hello under that
     /// name and proved its key are verified, and what they sent meanwhile is
     /// delivered. Links with another key are refused, unread.
-    pub(super) fn admit(&mut self, folded: &str, dir: &mut Directory, actions: &mut Actions<C>) {
+    pub(super) fn admit(&mut self, folded: &str, dir: &mut Directory, actions: &mut Actions) {
         let Some(known) = dir.get(folded) else {
             return;
         };
         let (listed_key, mismatch, name) = (known.key, known.mismatch, known.name.clone());
-        let waiting: Vec<C> = self
+        let waiting: Vec<LinkId> = self
             .links
             .iter()
             .filter(|(_, link)| matches!(link, InLink::Pending { folded: f, .. } if f == folded))
@@ -330,7 +334,7 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
                 held,
                 key,
                 ..
-            }) = self.links.remove(&conn)
+            }) = self.unlink(conn, actions)
             else {
                 continue;
             };
@@ -359,12 +363,12 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
     /// Shows a chat unless it is a resend, and acknowledges it either way.
     fn deliver(
         &mut self,
-        conn: C,
+        conn: LinkId,
         folded: &str,
         instance: u64,
         chat: Chat,
         dir: &Directory,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let Chat {
             id,
@@ -392,14 +396,14 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
 
     /// Another key holds `folded`'s name now: its links close, and its
     /// message ids start afresh.
-    pub(super) fn forget_sender(&mut self, folded: &str, actions: &mut Actions<C>) {
+    pub(super) fn forget_sender(&mut self, folded: &str, actions: &mut Actions) {
         self.seen.remove(folded);
         self.close_from(folded, "the peer's key changed", actions);
     }
 
     /// Closes every link that said hello as `folded`.
-    pub(super) fn close_from(&mut self, folded: &str, reason: &str, actions: &mut Actions<C>) {
-        let from: Vec<C> = self
+    pub(super) fn close_from(&mut self, folded: &str, reason: &str, actions: &mut Actions) {
+        let from: Vec<LinkId> = self
             .links
             .iter()
             .filter(|(_, link)| match link {
@@ -411,7 +415,7 @@ impl<C: Copy + Eq + Hash + Debug> Inbox<C> {
             .map(|(c, _)| *c)
             .collect();
         for conn in from {
-            self.links.remove(&conn);
+            self.unlink(conn, actions);
             actions.close(conn, reason);
         }
     }

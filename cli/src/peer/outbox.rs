@@ -8,18 +8,17 @@
 //! when the peer exits. Dials and the state of our links live here alone.
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Debug;
-use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
+use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, ErrorCode, LinkMsg};
 use peerchat_core::wire::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 
 use super::directory::Directory;
-use super::{Action, Actions, Code, Config, Dial, Event, Reason, Rng, Timer};
+use super::{Actions, Code, Config, Event, Reason, Rng, Timer, TimerKey};
 
 /// A chat as the user typed it, before it has an id.
 pub(super) struct Draft {
@@ -36,43 +35,40 @@ struct Outgoing {
     deadline: Instant,
 }
 
-struct OutLink<C> {
-    conn: Option<C>,
-    /// A dial was asked for and not answered yet.
-    dialing: bool,
+#[derive(Default)]
+struct OutLink {
+    /// Our link to the target, from the dial on.
+    conn: Option<LinkId>,
+    /// The link proved the listed key and said hello: chats go on it.
+    up: bool,
     backoff: Duration,
-    retry_armed: bool,
+    /// The redial, while we back off.
+    retry: Option<TimerKey>,
     queue: VecDeque<Outgoing>,
-    /// When the armed send-deadline timer fires, if one is armed.
-    deadline_armed: Option<Instant>,
+    /// The deadline of the front of the queue.
+    deadline: Option<TimerKey>,
 }
 
-impl<C> Default for OutLink<C> {
-    fn default() -> Self {
-        OutLink {
-            conn: None,
-            dialing: false,
-            backoff: Duration::ZERO,
-            retry_armed: false,
-            queue: VecDeque::new(),
-            deadline_armed: None,
-        }
+impl OutLink {
+    /// Cancels the link's timers: it is done with.
+    fn disarm(&mut self, actions: &mut Actions) {
+        actions.cancel(self.retry.take());
+        actions.cancel(self.deadline.take());
     }
 }
 
-pub(super) struct Outbox<C> {
+pub(super) struct Outbox {
     /// By target (folded name).
-    links: HashMap<String, OutLink<C>>,
-    /// Every connection we dialed for a link, to whom, until it closes:
-    /// also those a link no longer uses.
-    conns: HashMap<C, String>,
+    links: HashMap<String, OutLink>,
+    /// Every link we dialed, to whom, until it closes or we let it go.
+    conns: HashMap<LinkId, String>,
     next_id: u64,
     backoff_min: Duration,
     backoff_max: Duration,
     send_timeout: Duration,
 }
 
-impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
+impl Outbox {
     pub(super) fn new(config: &Config) -> Self {
         Outbox {
             links: HashMap::new(),
@@ -84,7 +80,7 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
         }
     }
 
-    pub(super) fn has(&self, conn: C) -> bool {
+    pub(super) fn has(&self, conn: LinkId) -> bool {
         self.conns.contains_key(&conn)
     }
 
@@ -101,7 +97,7 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
         draft: Draft,
         now: Instant,
         dir: &Directory,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let id = self.next_id;
         let frame = protocol::frame(&LinkMsg::Chat {
@@ -134,59 +130,33 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
                 frame: frame.clone(),
                 deadline,
             });
-            let arm = link.deadline_armed.is_none();
-            if arm {
-                link.deadline_armed = Some(deadline);
-            }
+            let arm = link.deadline.is_none();
             match link.conn {
-                Some(conn) => actions.send(conn, frame.clone()),
+                Some(conn) if link.up => actions.send(conn, frame.clone()),
+                // Sent with the rest of the queue once the link is up.
+                Some(_) => {}
                 None => self.ensure_link(&target, dir, actions),
             }
             if arm {
-                let timer = Timer::SendDeadline {
-                    target,
-                    at: deadline,
-                };
-                actions.arm(deadline, timer);
+                let key = actions.arm(deadline, Timer::SendDeadline(target.clone()));
+                if let Some(link) = self.links.get_mut(&target) {
+                    link.deadline = Some(key);
+                }
             }
         }
     }
 
     /// Dials `folded` if messages wait for it and nothing is under way.
-    fn ensure_link(&mut self, folded: &str, dir: &Directory, actions: &mut Actions<C>) {
+    fn ensure_link(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
         let Some(addr) = dir.get(folded).filter(|k| !k.mismatch).map(|k| k.addr) else {
             return;
         };
         let link = self.links.entry(folded.to_string()).or_default();
-        if link.conn.is_none() && !link.dialing && !link.retry_armed && !link.queue.is_empty() {
-            link.dialing = true;
-            actions.push(Action::Dial(addr, Dial::Link(folded.to_string())));
+        if link.conn.is_none() && link.retry.is_none() && !link.queue.is_empty() {
+            let conn = actions.dial(addr);
+            link.conn = Some(conn);
+            self.conns.insert(conn, folded.to_string());
         }
-    }
-
-    pub(super) fn dial_started(&mut self, target: String, conn: C, actions: &mut Actions<C>) {
-        let Some(link) = self.links.get_mut(&target).filter(|l| l.conn.is_none()) else {
-            actions.close(conn, "no longer needed");
-            return;
-        };
-        link.dialing = false;
-        link.conn = Some(conn);
-        self.conns.insert(conn, target);
-    }
-
-    pub(super) fn dial_failed(
-        &mut self,
-        target: &str,
-        error: &str,
-        now: Instant,
-        rng: &mut Rng,
-        actions: &mut Actions<C>,
-    ) {
-        tracing::debug!(%target, %error, "link dial failed");
-        if let Some(link) = self.links.get_mut(target) {
-            link.dialing = false;
-        }
-        self.schedule_redial(target, now, rng, actions);
     }
 
     /// Our link is up and proved `key`: if that is the key the directory
@@ -195,13 +165,13 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_connected(
         &mut self,
-        conn: C,
+        conn: LinkId,
         key: PublicKey,
         hello: &LinkMsg,
         now: Instant,
         dir: &mut Directory,
         rng: &mut Rng,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let Some(target) = self.conns.get(&conn).cloned() else {
             return;
@@ -233,7 +203,8 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
         }
         dir.pin(&target, key, actions);
         actions.send(conn, protocol::frame(hello));
-        if let Some(link) = self.links.get(&target) {
+        if let Some(link) = self.links.get_mut(&target) {
+            link.up = true;
             for out in &link.queue {
                 actions.send(conn, out.frame.clone());
             }
@@ -241,19 +212,20 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
     }
 
     /// Forgets `conn`, which we close, as the link to `target`.
-    fn drop_conn(&mut self, conn: C, target: &str) {
+    fn drop_conn(&mut self, conn: LinkId, target: &str) {
         self.conns.remove(&conn);
         if let Some(link) = self.links.get_mut(target) {
             link.conn = None;
+            link.up = false;
         }
     }
 
     pub(super) fn on_frame(
         &mut self,
-        conn: C,
+        conn: LinkId,
         body: &[u8],
         dir: &Directory,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let Some(target) = self.conns.get(&conn) else {
             return;
@@ -267,6 +239,14 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
                     return; // A second ack for a resent message.
                 };
                 link.queue.remove(pos);
+                if pos == 0 {
+                    // The deadline was the acknowledged message's.
+                    actions.cancel(link.deadline.take());
+                    if let Some(next) = link.queue.front().map(|o| o.deadline) {
+                        let timer = Timer::SendDeadline(target.clone());
+                        link.deadline = Some(actions.arm(next, timer));
+                    }
+                }
                 link.backoff = self.backoff_min;
                 let to = dir.display_name(target);
                 actions.emit(Event::Delivered { id, to });
@@ -287,11 +267,11 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
 
     pub(super) fn on_closed(
         &mut self,
-        conn: C,
+        conn: LinkId,
         reason: &str,
         now: Instant,
         rng: &mut Rng,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let Some(target) = self.conns.remove(&conn) else {
             return;
@@ -300,6 +280,7 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
         if let Some(link) = self.links.get_mut(&target) {
             if link.conn == Some(conn) {
                 link.conn = None;
+                link.up = false;
                 if !link.queue.is_empty() {
                     self.schedule_redial(&target, now, rng, actions);
                 }
@@ -312,56 +293,47 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
         folded: &str,
         now: Instant,
         rng: &mut Rng,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let Some(link) = self.links.get_mut(folded) else {
             return;
         };
-        if link.retry_armed || link.queue.is_empty() {
+        if link.retry.is_some() || link.queue.is_empty() {
             return;
         }
-        link.retry_armed = true;
         let base = link.backoff.max(self.backoff_min);
         link.backoff = (base * 2).min(self.backoff_max);
         let delay = rng.jitter(base);
-        actions.arm(now + delay, Timer::LinkRetry(folded.to_string()));
+        link.retry = Some(actions.arm(now + delay, Timer::LinkRetry(folded.to_string())));
     }
 
-    pub(super) fn on_retry(&mut self, target: &str, dir: &Directory, actions: &mut Actions<C>) {
+    pub(super) fn on_retry(&mut self, target: &str, dir: &Directory, actions: &mut Actions) {
         if let Some(link) = self.links.get_mut(target) {
-            link.retry_armed = false;
+            link.retry = None;
         }
         self.ensure_link(target, dir, actions);
     }
 
-    /// The send-deadline timer armed for `at`: what is overdue by now is
+    /// The front of the queue is due: what is overdue by now is
     /// undelivered, and the timer is armed again for the next in line.
     pub(super) fn on_deadline(
         &mut self,
         target: &str,
-        at: Instant,
         now: Instant,
         dir: &Directory,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let Some(link) = self.links.get_mut(target) else {
             return;
         };
-        if link.deadline_armed != Some(at) {
-            return; // A timer of an earlier link to the same peer.
-        }
-        link.deadline_armed = None;
+        link.deadline = None;
         let mut overdue = Vec::new();
         while link.queue.front().is_some_and(|o| o.deadline <= now) {
             overdue.extend(link.queue.pop_front().map(|o| o.id));
         }
         if let Some(next) = link.queue.front().map(|o| o.deadline) {
-            link.deadline_armed = Some(next);
-            let timer = Timer::SendDeadline {
-                target: target.to_string(),
-                at: next,
-            };
-            actions.arm(next, timer);
+            let timer = Timer::SendDeadline(target.to_string());
+            link.deadline = Some(actions.arm(next, timer));
         }
         let to = dir.display_name(target);
         for id in overdue {
@@ -376,13 +348,13 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
         folded: &str,
         reason: &Reason,
         dir: &Directory,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         let Some(link) = self.links.get_mut(folded) else {
             return;
         };
         let queue = std::mem::take(&mut link.queue);
-        link.deadline_armed = None;
+        actions.cancel(link.deadline.take());
         let to = dir.display_name(folded);
         for out in queue {
             actions.undelivered(out.id, to.clone(), reason);
@@ -391,10 +363,13 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
 
     /// The directory has `folded` at another address or key: the link we
     /// have goes, and a new one is dialed if anything waits.
-    pub(super) fn redial(&mut self, folded: &str, dir: &Directory, actions: &mut Actions<C>) {
-        if let Some(conn) = self.links.get_mut(folded).and_then(|l| l.conn.take()) {
-            self.conns.remove(&conn);
-            actions.close(conn, "the peer moved");
+    pub(super) fn redial(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
+        if let Some(link) = self.links.get_mut(folded) {
+            link.up = false;
+            if let Some(conn) = link.conn.take() {
+                self.conns.remove(&conn);
+                actions.close(conn, "the peer moved");
+            }
         }
         self.ensure_link(folded, dir, actions);
     }
@@ -406,11 +381,12 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
         folded: &str,
         name: &str,
         reason: &Reason,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
-        let Some(link) = self.links.remove(folded) else {
+        let Some(mut link) = self.links.remove(folded) else {
             return;
         };
+        link.disarm(actions);
         for out in link.queue {
             actions.undelivered(out.id, name.to_string(), reason);
         }
@@ -422,10 +398,11 @@ impl<C: Copy + Eq + Hash + Debug> Outbox<C> {
 
     /// The peer exits: everything unacknowledged is undelivered for
     /// `reason`, by target in name order.
-    pub(super) fn give_up(&mut self, reason: &Reason, dir: &Directory, actions: &mut Actions<C>) {
-        let mut links: Vec<(String, OutLink<C>)> = self.links.drain().collect();
+    pub(super) fn give_up(&mut self, reason: &Reason, dir: &Directory, actions: &mut Actions) {
+        let mut links: Vec<(String, OutLink)> = self.links.drain().collect();
         links.sort_by(|a, b| a.0.cmp(&b.0));
-        for (folded, link) in links {
+        for (folded, mut link) in links {
+            link.disarm(actions);
             let to = dir.display_name(&folded);
             for out in link.queue {
                 actions.undelivered(out.id, to.clone(), reason);

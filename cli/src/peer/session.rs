@@ -4,21 +4,22 @@
 //!
 //! Separate because it is the peer's one conversation with the registry,
 //! with a lifecycle and timers of its own: losing the registry leaves the
-//! directory and the links alone, and nothing outside this room knows the
-//! epochs that tell a live timer from one of an earlier connection. What
-//! the registry says about other peers is handed to the facade as
-//! [`Heard`], for the directory.
+//! directory and the links alone. What the registry says about other peers
+//! is handed to the facade as [`Heard`], for the directory.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
+use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{
     self, Change, ErrorCode, FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
 
-use super::{pin_text, Action, Actions, Config, Dial, Event, Pin, RegistryTrust, Rng, Timer};
+use super::{
+    pin_text, Actions, Config, Event, HostOutput, Pin, RegistryTrust, Rng, Timer, TimerKey,
+};
 
 /// The heartbeat and timeout a registry may set, in milliseconds; values
 /// outside are clamped.
@@ -46,7 +47,7 @@ pub(super) enum Heard {
     Ended(ErrorCode),
 }
 
-enum State<C> {
+enum State {
     /// Not connected: at start, or waiting for the retry timer after the
     /// registry was lost (why, and when the next attempt starts).
     Idle {
@@ -54,19 +55,19 @@ enum State<C> {
     },
     /// Connecting or registered-and-waiting for the (whole) welcome.
     Registering {
-        conn: C,
+        conn: LinkId,
         snapshot: Vec<PeerEntry>,
     },
     Online {
-        conn: C,
+        conn: LinkId,
         last_heard: Instant,
     },
     /// Over for good.
     Closed,
 }
 
-pub(super) struct Session<C> {
-    state: State<C>,
+pub(super) struct Session {
+    state: State,
     /// The name we register as: the one asked for, then as the registry
     /// last welcomed it.
     name: String,
@@ -75,8 +76,9 @@ pub(super) struct Session<C> {
     trust: RegistryTrust,
     /// The peer is quitting, or the registry ended it: never reconnect.
     ending: bool,
-    /// Bumped per registry connection, so timers of an old one do nothing.
-    epoch: u64,
+    /// The one timer of the current state: the retry while idle, the
+    /// register deadline while registering, the heartbeat while online.
+    timer: Option<TimerKey>,
     backoff: Duration,
     heartbeat: Duration,
     timeout: Duration,
@@ -94,7 +96,7 @@ pub(super) struct Session<C> {
     register_timeout: Duration,
 }
 
-impl<C: Copy + Eq> Session<C> {
+impl Session {
     pub(super) fn new(config: &Config, trust: RegistryTrust) -> Self {
         Session {
             state: State::Idle { lost: None },
@@ -102,7 +104,7 @@ impl<C: Copy + Eq> Session<C> {
             addr: String::new(),
             trust,
             ending: false,
-            epoch: 0,
+            timer: None,
             backoff: config.backoff_min,
             heartbeat: Duration::from_secs(5),
             timeout: Duration::from_secs(15),
@@ -118,7 +120,7 @@ impl<C: Copy + Eq> Session<C> {
         }
     }
 
-    pub(super) fn conn(&self) -> Option<C> {
+    pub(super) fn conn(&self) -> Option<LinkId> {
         match &self.state {
             State::Registering { conn, .. } | State::Online { conn, .. } => Some(*conn),
             State::Idle { .. } | State::Closed => None,
@@ -145,43 +147,33 @@ impl<C: Copy + Eq> Session<C> {
         self.first_attempt_over
     }
 
-    pub(super) fn dial(&self, actions: &mut Actions<C>) {
-        actions.push(Action::Dial(self.registry, Dial::Registry));
+    /// Arms `timer` as the one of the state just entered, in place of the
+    /// last state's.
+    fn set_timer(&mut self, at: Instant, timer: Timer, actions: &mut Actions) {
+        actions.cancel(self.timer.take());
+        self.timer = Some(actions.arm(at, timer));
     }
 
-    pub(super) fn dial_started(&mut self, conn: C, now: Instant, actions: &mut Actions<C>) {
-        if self.ending {
-            actions.close(conn, "quitting");
-            return;
-        }
-        self.epoch += 1;
+    pub(super) fn dial(&mut self, now: Instant, actions: &mut Actions) {
+        let conn = actions.dial(self.registry);
         self.state = State::Registering {
             conn,
             snapshot: Vec::new(),
         };
         // The deadline covers the connect and the handshake too.
-        actions.arm(
+        self.set_timer(
             now + self.register_timeout,
-            Timer::RegisterDeadline(self.epoch),
+            Timer::RegisterDeadline,
+            actions,
         );
-    }
-
-    pub(super) fn dial_failed(
-        &mut self,
-        error: &str,
-        now: Instant,
-        rng: &mut Rng,
-        actions: &mut Actions<C>,
-    ) {
-        self.lost(format!("cannot connect: {error}"), now, rng, actions);
     }
 
     /// The registry proved `key`: register if it is the one we trust.
     pub(super) fn on_connected(
         &mut self,
-        conn: C,
+        conn: LinkId,
         key: PublicKey,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) -> Heard {
         match self.trust {
             RegistryTrust::Given(expected) | RegistryTrust::Pinned(expected) if expected != key => {
@@ -201,15 +193,14 @@ impl<C: Copy + Eq> Session<C> {
                 );
                 actions.error(ErrorCode::KeyMismatch, message.clone());
                 actions.close(conn, message);
-                self.state = State::Closed;
-                self.ending = true;
+                self.end(actions);
                 self.first_attempt_over = true;
                 return Heard::Ended(ErrorCode::KeyMismatch);
             }
             RegistryTrust::Pinned(_) => {}
             RegistryTrust::FirstUse | RegistryTrust::Given(_) => {
                 self.trust = RegistryTrust::Pinned(key);
-                actions.push(Action::Pin(Pin::Registry(key)));
+                actions.host(HostOutput::Pin(Pin::Registry(key)));
             }
         }
         let register = ToRegistry::Register {
@@ -223,11 +214,11 @@ impl<C: Copy + Eq> Session<C> {
 
     pub(super) fn on_frame(
         &mut self,
-        conn: C,
+        conn: LinkId,
         body: &[u8],
         now: Instant,
         rng: &mut Rng,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) -> Heard {
         let msg = match codec::decode::<FromRegistry>(body) {
             Ok(msg) => msg,
@@ -279,8 +270,7 @@ impl<C: Copy + Eq> Session<C> {
                 // of us would only keep replacing each other.
                 let message = format!("this session was replaced: {reason}");
                 actions.error(ErrorCode::Replaced, message);
-                self.state = State::Closed;
-                self.ending = true;
+                self.end(actions);
                 actions.close(conn, "replaced");
                 Heard::Ended(ErrorCode::Replaced)
             }
@@ -290,8 +280,7 @@ impl<C: Copy + Eq> Session<C> {
                     Some(refusal) if matches!(self.state, State::Registering { .. }) => {
                         let message = format!("the registry refused us: {reason}");
                         actions.error(refusal, message);
-                        self.state = State::Closed;
-                        self.ending = true;
+                        self.end(actions);
                         actions.close(conn, "refused");
                         Heard::Ended(refusal)
                     }
@@ -309,7 +298,7 @@ impl<C: Copy + Eq> Session<C> {
     }
 
     /// After each part of the welcome: the last one makes us registered.
-    fn welcome_part_done(&mut self, conn: C, more: bool, now: Instant) -> Heard {
+    fn welcome_part_done(&mut self, conn: LinkId, more: bool, now: Instant) -> Heard {
         if more {
             return Heard::Nothing;
         }
@@ -329,23 +318,15 @@ impl<C: Copy + Eq> Session<C> {
 
     /// Called once the rest of the peer has taken the welcome in, so that
     /// the first heartbeat is armed after whatever that armed.
-    pub(super) fn start_heartbeats(&self, now: Instant, actions: &mut Actions<C>) {
-        actions.arm(now + self.heartbeat, Timer::Heartbeat(self.epoch));
+    pub(super) fn start_heartbeats(&mut self, now: Instant, actions: &mut Actions) {
+        self.set_timer(now + self.heartbeat, Timer::Heartbeat, actions);
     }
 
-    pub(super) fn on_heartbeat(
-        &mut self,
-        epoch: u64,
-        now: Instant,
-        rng: &mut Rng,
-        actions: &mut Actions<C>,
-    ) {
+    pub(super) fn on_heartbeat(&mut self, now: Instant, rng: &mut Rng, actions: &mut Actions) {
+        self.timer = None;
         let State::Online { conn, last_heard } = self.state else {
             return;
         };
-        if epoch != self.epoch {
-            return;
-        }
         let silent = now.saturating_duration_since(last_heard);
         if silent >= self.timeout {
             let why = format!("the registry was silent for {} ms", silent.as_millis());
@@ -353,25 +334,23 @@ impl<C: Copy + Eq> Session<C> {
             return;
         }
         actions.send(conn, protocol::frame(&ToRegistry::Heartbeat {}));
-        actions.arm(now + self.heartbeat, Timer::Heartbeat(epoch));
+        self.set_timer(now + self.heartbeat, Timer::Heartbeat, actions);
     }
 
-    pub(super) fn on_retry(&self, epoch: u64, actions: &mut Actions<C>) {
-        if epoch == self.epoch && matches!(self.state, State::Idle { .. }) && !self.ending {
-            self.dial(actions);
+    pub(super) fn on_retry(&mut self, now: Instant, actions: &mut Actions) {
+        self.timer = None;
+        if matches!(self.state, State::Idle { .. }) && !self.ending {
+            self.dial(now, actions);
         }
     }
 
     pub(super) fn on_register_deadline(
         &mut self,
-        epoch: u64,
         now: Instant,
         rng: &mut Rng,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
-        if epoch != self.epoch {
-            return;
-        }
+        self.timer = None;
         if let State::Registering { conn, .. } = self.state {
             let secs = self.register_timeout.as_secs_f64();
             self.hang_up(
@@ -390,7 +369,7 @@ impl<C: Copy + Eq> Session<C> {
         reason: String,
         now: Instant,
         rng: &mut Rng,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) {
         self.lost(reason, now, rng, actions);
     }
@@ -399,7 +378,7 @@ impl<C: Copy + Eq> Session<C> {
     /// peer checks our hello against its directory, so leaving first would
     /// cost the messages still on their way. A registration not yet done is
     /// dropped.
-    pub(super) fn quit(&mut self, actions: &mut Actions<C>) {
+    pub(super) fn quit(&mut self, actions: &mut Actions) {
         self.ending = true;
         if !self.is_online() {
             self.close(actions);
@@ -407,27 +386,36 @@ impl<C: Copy + Eq> Session<C> {
     }
 
     /// The last of the session: tell the registry we leave, if registered.
-    pub(super) fn leave(&mut self, actions: &mut Actions<C>) {
+    pub(super) fn leave(&mut self, actions: &mut Actions) {
         if let State::Online { conn, .. } = self.state {
             actions.send(conn, protocol::frame(&ToRegistry::Leave {}));
         }
         self.close(actions);
     }
 
-    fn close(&mut self, actions: &mut Actions<C>) {
+    fn close(&mut self, actions: &mut Actions) {
         if let Some(conn) = self.conn() {
             actions.close(conn, "quit");
         }
         self.state = State::Closed;
+        actions.cancel(self.timer.take());
+    }
+
+    /// Over for good: the registry refused or replaced us, or proved a key
+    /// we do not trust.
+    fn end(&mut self, actions: &mut Actions) {
+        self.state = State::Closed;
+        self.ending = true;
+        actions.cancel(self.timer.take());
     }
 
     fn hang_up(
         &mut self,
-        conn: C,
+        conn: LinkId,
         reason: String,
         now: Instant,
         rng: &mut Rng,
-        actions: &mut Actions<C>,
+        actions: &mut Actions,
     ) -> Heard {
         actions.close(conn, reason.clone());
         self.lost(reason, now, rng, actions);
@@ -437,16 +425,16 @@ impl<C: Copy + Eq> Session<C> {
     /// The registry connection failed, went quiet or was closed: say so and
     /// retry after a capped, jittered, doubling delay. The connection is
     /// closed already.
-    fn lost(&mut self, error: String, now: Instant, rng: &mut Rng, actions: &mut Actions<C>) {
+    fn lost(&mut self, error: String, now: Instant, rng: &mut Rng, actions: &mut Actions) {
         if self.ending {
             self.state = State::Closed;
+            actions.cancel(self.timer.take());
             return;
         }
         let delay = rng.jitter(self.backoff);
         self.state = State::Idle {
             lost: Some((error.clone(), now + delay)),
         };
-        self.epoch += 1;
         self.backoff = (self.backoff * 2).min(self.backoff_max);
         tracing::info!(%error, retry_in = ?delay, "registry lost");
         self.first_attempt_over = true;
@@ -454,7 +442,7 @@ impl<C: Copy + Eq> Session<C> {
             error,
             retry_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
         });
-        actions.arm(now + delay, Timer::RegistryRetry(self.epoch));
+        self.set_timer(now + delay, Timer::RegistryRetry, actions);
     }
 
     /// The answer to `/status`.

@@ -212,7 +212,7 @@ fn messages_waiting_for_a_name_whose_key_changes_are_not_sent_to_the_new_key() {
     // Not pinned: bob was never reached. The registry restarts and lists
     // another key for bob while a message still waits for the old one.
     let mut sim = Sim::online(&["bob"]);
-    sim.link_dials = DialMode::Defer;
+    sim.link_dials = DialMode::Pending;
     sim.msg("bob", "for the old bob");
     sim.take_events();
     let reg = sim.reg_conn();
@@ -232,7 +232,7 @@ fn messages_waiting_for_a_name_whose_key_changes_are_not_sent_to_the_new_key() {
     let mut sim = Sim::trusting(pinning("bob", key_of("bob")));
     sim.start();
     sim.registry_says(&welcome(&["bob"], false));
-    sim.link_dials = DialMode::Defer;
+    sim.link_dials = DialMode::Pending;
     sim.msg("bob", "for the pinned bob");
     sim.take_events();
     let reg = sim.reg_conn();

@@ -2,12 +2,14 @@
 //! file per room of the peer (and one for quitting, which spans the outbox
 //! and the session, and one for the invariant over random runs).
 //!
-//! [`Sim`] plays the event loop: it feeds the peer its inputs, answers each
-//! dial (or fails or defers it), decodes every frame the peer sends, records
-//! closes (and, like the real loop, reports the peer's own closes back with
-//! `on_closed`), keeps the emitted events and exits, and fires armed timers
-//! in order as simulated time advances. The tests drive the whole [`Peer`],
-//! not a room alone: what the user sees comes from the rooms together.
+//! [`Sim`] plays core's driver: it feeds the peer its inputs through the
+//! machine contract, answers each dial by its link id (connects it, fails
+//! it, or leaves it connecting), decodes every frame the peer sends,
+//! records closes (and, like the real loop, reports the peer's own closes
+//! back with `handle_closed`), keeps the host outputs, and calls
+//! `handle_timeout` whenever `poll_timeout` comes due as simulated time
+//! advances. The tests drive the whole [`Peer`], not a room alone: what the
+//! user sees comes from the rooms together.
 
 mod directory;
 mod inbox;
@@ -22,12 +24,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use peerchat_core::codec;
-use peerchat_core::protocol::{Change, FromRegistry, LinkMsg, PeerEntry, ToRegistry};
+use peerchat_core::event_loop::CloseReason;
+use peerchat_core::machine::Machine;
+use peerchat_core::protocol::{
+    Change, FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+};
 use peerchat_core::wire::{FrameDecoder, DEFAULT_MAX_FRAME};
 
 use super::*;
 
-type Conn = u32;
+type Conn = LinkId;
 
 /// The interval and timeout every test registry hands out.
 const HEARTBEAT: Duration = Duration::from_millis(200);
@@ -208,43 +214,51 @@ fn body_of(frame: &[u8]) -> Bytes {
     body
 }
 
+/// Who a dial is for, as the simulated loop tells by its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Dial {
+    Registry,
+    /// A link to this peer (folded name).
+    Link(String),
+}
+
 /// How the simulated loop answers a dial.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DialMode {
-    /// `dial_started` at once, with a fresh connection id.
+    /// Connected at once, the handshake done.
     Answer,
-    /// `dial_failed` at once.
+    /// Failed at once, as the driver reports a connect that fails.
     Fail,
-    /// Keep it until the test calls [`Sim::answer_deferred`].
-    Defer,
+    /// Still connecting until the test calls [`Sim::connect_pending`].
+    Pending,
 }
 
 struct Sim {
-    peer: Peer<Conn>,
+    peer: Peer,
+    /// Where the peer dials the registry.
+    registry: SocketAddr,
     now: Instant,
-    next_conn: Conn,
+    next_accepted: u64,
     registry_dials: DialMode,
     link_dials: DialMode,
     /// The simulated registry answers each heartbeat at once.
     registry_answers: bool,
     /// Every dial the peer asked for, in order.
     dials: Vec<(Instant, SocketAddr, Dial)>,
-    deferred: Vec<Dial>,
-    /// The connections opened for the peer's dials, in order.
+    pending: Vec<(Conn, Dial)>,
+    /// The dialed links that connected, in order.
     dialed: Vec<(Conn, Dial)>,
-    /// Every frame sent, per connection, with its time.
+    /// Every frame sent, per link, with its time.
     frames: HashMap<Conn, Vec<(Instant, Bytes)>>,
-    /// How many of each connection's frames the test has taken.
+    /// How many of each link's frames the test has taken.
     read: HashMap<Conn, usize>,
     /// Closes the peer asked for, with the reason.
     closes: HashMap<Conn, String>,
-    /// Connections closed by either side.
+    /// Links closed by either side.
     gone: HashSet<Conn>,
     events: Vec<Event>,
     events_read: usize,
     exits: Vec<i32>,
-    timers: BTreeMap<(Instant, u64), Timer<Conn>>,
-    timer_seq: u64,
     /// Keys proved instead of the right ones, per dialed peer (folded
     /// name; "" for the registry).
     imposters: HashMap<String, PublicKey>,
@@ -254,14 +268,15 @@ struct Sim {
 impl Sim {
     fn with(config: Config, trust: Trust) -> Self {
         Sim {
+            registry: config.registry,
             peer: Peer::new(config, trust, 7),
             now: Instant::now(),
-            next_conn: 0,
+            next_accepted: 0,
             registry_dials: DialMode::Answer,
             link_dials: DialMode::Answer,
             registry_answers: true,
             dials: Vec::new(),
-            deferred: Vec::new(),
+            pending: Vec::new(),
             dialed: Vec::new(),
             frames: HashMap::new(),
             read: HashMap::new(),
@@ -270,8 +285,6 @@ impl Sim {
             events: Vec::new(),
             events_read: 0,
             exits: Vec::new(),
-            timers: BTreeMap::new(),
-            timer_seq: 0,
             imposters: HashMap::new(),
             pins: Vec::new(),
         }
@@ -295,16 +308,27 @@ impl Sim {
         sim
     }
 
-    fn fresh_conn(&mut self) -> Conn {
-        self.next_conn += 1;
-        self.next_conn
+    /// Who a dial to `addr` is for: the registry, or whoever the directory
+    /// lists there.
+    fn dial_for(&self, addr: SocketAddr) -> Dial {
+        if addr == self.registry {
+            return Dial::Registry;
+        }
+        let listed = self
+            .peer
+            .peers()
+            .into_iter()
+            .find(|p| p.addr == addr.to_string());
+        match listed {
+            Some(entry) => Dial::Link(fold_name(&entry.name)),
+            None => panic!("a dial to {addr}, where nobody is listed"),
+        }
     }
 
     /// Connects, and completes the handshake with the key the other side
     /// proves: the right one unless `imposters` names another.
-    fn answer(&mut self, dial: Dial) {
-        let c = self.fresh_conn();
-        self.dialed.push((c, dial.clone()));
+    fn answer(&mut self, link: Conn, dial: Dial) {
+        self.dialed.push((link, dial.clone()));
         let key = match &dial {
             Dial::Registry => self.imposters.get("").copied().unwrap_or_else(registry_key),
             Dial::Link(folded) => self
@@ -313,37 +337,38 @@ impl Sim {
                 .copied()
                 .unwrap_or_else(|| key_of(folded)),
         };
-        self.peer.dial_started(dial, c, self.now);
-        self.peer.on_connected(c, key, self.now);
+        self.peer.handle_connected(link, key, self.now);
     }
 
-    /// Moves the peer's actions into the record until it has none left.
+    /// Moves the peer's outputs into the record until it has none left.
     fn apply(&mut self) {
         loop {
-            let actions: Vec<_> = self.peer.drain_actions().collect();
-            if actions.is_empty() {
-                return;
+            let outputs: Vec<_> = std::iter::from_fn(|| self.peer.poll_output()).collect();
+            if outputs.is_empty() {
+                break;
             }
             let mut closed_now = Vec::new();
             let mut answer_heartbeat = None;
-            for action in actions {
-                match action {
-                    Action::Dial(addr, dial) => {
+            for output in outputs {
+                match output {
+                    Output::Dial { link, addr } => {
+                        let dial = self.dial_for(addr);
                         self.dials.push((self.now, addr, dial.clone()));
                         let mode = match dial {
                             Dial::Registry => self.registry_dials,
                             Dial::Link(_) => self.link_dials,
                         };
                         match mode {
-                            DialMode::Answer => self.answer(dial),
+                            DialMode::Answer => self.answer(link, dial),
                             DialMode::Fail => {
-                                self.peer
-                                    .dial_failed(dial, "connection refused".into(), self.now)
+                                let refused =
+                                    CloseReason::ConnectFailed("connection refused".into());
+                                self.peer.handle_closed(link, &refused, self.now);
                             }
-                            DialMode::Defer => self.deferred.push(dial),
+                            DialMode::Pending => self.pending.push((link, dial)),
                         }
                     }
-                    Action::Send(c, frame) => {
+                    Output::Send(c, frame) => {
                         let body = body_of(&frame);
                         if self.registry_answers
                             && self.dialed.contains(&(c, Dial::Registry))
@@ -353,43 +378,44 @@ impl Sim {
                         }
                         self.frames.entry(c).or_default().push((self.now, frame));
                     }
-                    Action::Close(c, reason) => {
+                    Output::Close(c, reason) => {
                         if self.gone.insert(c) {
                             self.closes.insert(c, reason.clone());
                             closed_now.push((c, reason));
                         }
                     }
-                    Action::Arm(at, timer) => {
-                        assert!(at >= self.now, "{timer:?} armed in the past");
-                        self.timer_seq += 1;
-                        self.timers.insert((at, self.timer_seq), timer);
-                    }
-                    Action::Emit(event) => self.events.push(event),
-                    Action::Pin(pin) => self.pins.push(pin),
-                    Action::Exit(code) => self.exits.push(code),
+                    Output::SetMaxFrame(c, max) => panic!("the peer set {max} on {c}"),
+                    Output::Host(HostOutput::Show(event)) => self.events.push(event),
+                    Output::Host(HostOutput::Pin(pin)) => self.pins.push(pin),
+                    Output::Host(HostOutput::Exit(code)) => self.exits.push(code),
                 }
             }
             if let Some(c) = answer_heartbeat.filter(|c| !self.gone.contains(c)) {
                 let body = codec::encode(&FromRegistry::Heartbeat {}).unwrap();
-                self.peer.on_frame(c, &body, self.now);
+                self.peer.handle_frame(c, &body, self.now);
             }
-            // The event loop tells the application of every close, its own too.
+            // The event loop tells the machine of every close, its own too.
             for (c, reason) in closed_now {
-                self.peer.on_closed(c, reason, self.now);
+                self.peer
+                    .handle_closed(c, &CloseReason::Local(reason), self.now);
             }
+        }
+        if let Some(at) = self.peer.poll_timeout() {
+            assert!(at >= self.now, "a timer armed in the past, for {at:?}");
         }
     }
 
-    fn answer_deferred(&mut self) {
-        for dial in std::mem::take(&mut self.deferred) {
-            self.answer(dial);
+    /// The dials left connecting connect now.
+    fn connect_pending(&mut self) {
+        for (link, dial) in std::mem::take(&mut self.pending) {
+            self.answer(link, dial);
         }
         self.apply();
     }
 
-    /// `start`, with the registry dial answered; returns its connection.
+    /// `start`, with the registry dial answered; returns its link.
     fn start(&mut self) -> Conn {
-        self.peer.start();
+        self.peer.start(self.now);
         self.apply();
         self.reg_conn()
     }
@@ -418,7 +444,7 @@ impl Sim {
             .collect()
     }
 
-    /// The latest connection opened for a link to `folded`.
+    /// The latest link dialed to `folded` that connected.
     fn link_conn(&self, folded: &str) -> Conn {
         self.dialed
             .iter()
@@ -432,7 +458,7 @@ impl Sim {
         let c = self.reg_conn();
         assert!(!self.gone.contains(&c), "registry connection {c} is closed");
         let body = codec::encode(msg).unwrap();
-        self.peer.on_frame(c, &body, self.now);
+        self.peer.handle_frame(c, &body, self.now);
         self.apply();
     }
 
@@ -462,8 +488,10 @@ impl Sim {
     }
 
     fn accept_as(&mut self, key: PublicKey) -> Conn {
-        let c = self.fresh_conn();
-        self.peer.on_accept(c, key, self.now);
+        let c = LinkId::Accepted(self.next_accepted);
+        self.next_accepted += 1;
+        let from = "10.0.0.9:5000".parse().unwrap();
+        self.peer.handle_accepted(c, from, key, self.now);
         self.apply();
         c
     }
@@ -474,15 +502,16 @@ impl Sim {
     }
 
     fn raw_in(&mut self, c: Conn, body: &[u8]) {
-        assert!(!self.gone.contains(&c), "connection {c} is closed");
-        self.peer.on_frame(c, body, self.now);
+        assert!(!self.gone.contains(&c), "{c} is closed");
+        self.peer.handle_frame(c, body, self.now);
         self.apply();
     }
 
-    /// The other side (or the network) closed `c`.
-    fn remote_close(&mut self, c: Conn, reason: &str) {
-        assert!(self.gone.insert(c), "connection {c} was already closed");
-        self.peer.on_closed(c, reason.into(), self.now);
+    /// The network broke `c`, with this error.
+    fn remote_close(&mut self, c: Conn, error: &str) {
+        assert!(self.gone.insert(c), "{c} was already closed");
+        let reason = CloseReason::Io(error.into());
+        self.peer.handle_closed(c, &reason, self.now);
         self.apply();
     }
 
@@ -492,34 +521,28 @@ impl Sim {
     }
 
     fn advance_to(&mut self, until: Instant) {
-        while let Some((&(at, seq), _)) = self.timers.iter().next() {
-            if at > until {
-                break;
-            }
-            let timer = self.timers.remove(&(at, seq)).unwrap();
+        while let Some(at) = self.peer.poll_timeout().filter(|at| *at <= until) {
             self.now = self.now.max(at);
-            self.peer.on_timer(timer, self.now);
+            self.peer.handle_timeout(self.now);
             self.apply();
         }
         self.now = self.now.max(until);
     }
 
-    /// When the latest registry retry is armed for.
-    fn retry_at(&self) -> Option<Instant> {
-        self.timers
-            .iter()
-            .filter(|(_, t)| matches!(t, Timer::RegistryRetry(_)))
-            .max_by_key(|((_, seq), _)| *seq)
-            .map(|((at, _), _)| *at)
+    /// When the armed timer `wanted` picks fires, if one is armed.
+    fn armed(&self, wanted: impl Fn(&Timer) -> bool) -> Option<Instant> {
+        let mut armed = self.peer.actions.timers.iter();
+        armed.find(|(_, t)| wanted(t)).map(|(key, _)| key.at)
     }
 
-    /// When the latest retry of a link to `folded` is armed for.
+    /// When the registry retry is armed for.
+    fn retry_at(&self) -> Option<Instant> {
+        self.armed(|t| *t == Timer::RegistryRetry)
+    }
+
+    /// When the retry of a link to `folded` is armed for.
     fn link_retry_at(&self, folded: &str) -> Option<Instant> {
-        self.timers
-            .iter()
-            .filter(|(_, t)| matches!(t, Timer::LinkRetry(f) if f == folded))
-            .max_by_key(|((_, seq), _)| *seq)
-            .map(|((at, _), _)| *at)
+        self.armed(|t| matches!(t, Timer::LinkRetry(f) if f == folded))
     }
 
     fn take_events(&mut self) -> Vec<Event> {

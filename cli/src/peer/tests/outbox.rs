@@ -80,12 +80,12 @@ fn messages_sent_while_the_link_is_dialing_follow_hello_in_order() {
     );
 }
 
-/// The dial contract lets the loop answer later; sends meanwhile must not
-/// start more dials.
+/// A dialed link connects when the loop gets to it; sends meanwhile must
+/// not start more dials, and go out once it is up.
 #[test]
 fn a_dial_answered_later_is_still_requested_only_once() {
     let mut sim = Sim::online(&["bob"]);
-    sim.link_dials = DialMode::Defer;
+    sim.link_dials = DialMode::Pending;
     sim.msg("bob", "one");
     sim.msg("bob", "two");
     sim.msg("bob", "three");
@@ -94,7 +94,7 @@ fn a_dial_answered_later_is_still_requested_only_once() {
         1,
         "one dial for one link while it is pending"
     );
-    sim.answer_deferred();
+    sim.connect_pending();
     let b = sim.link_conn("bob");
     assert_eq!(
         sim.take_link(b),

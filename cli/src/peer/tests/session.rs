@@ -6,7 +6,7 @@ use super::*;
 #[test]
 fn start_dials_the_registry_and_registers_with_version_name_and_port() {
     let mut sim = Sim::new();
-    sim.peer.start();
+    sim.peer.start(sim.now);
     sim.apply();
     assert_eq!(sim.dials.len(), 1);
     assert_eq!(sim.dials[0].1, registry_addr());
@@ -168,7 +168,7 @@ fn silent_registry_is_dropped_at_the_timeout_and_reported_lost() {
 fn registry_retries_back_off_doubling_from_100ms_to_a_5s_cap_with_jitter() {
     let mut sim = Sim::new();
     sim.registry_dials = DialMode::Fail;
-    sim.peer.start();
+    sim.peer.start(sim.now);
     sim.apply();
     let bases = [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000];
     let mut delays = Vec::new();
@@ -204,7 +204,7 @@ fn registry_retries_back_off_doubling_from_100ms_to_a_5s_cap_with_jitter() {
 fn backoff_resets_after_a_successful_registration() {
     let mut sim = Sim::new();
     sim.registry_dials = DialMode::Fail;
-    sim.peer.start();
+    sim.peer.start(sim.now);
     sim.apply();
     // Failures with bases 100, 200, 400 and 800 ms.
     for _ in 0..4 {
@@ -435,7 +435,10 @@ fn status_tells_whether_the_registry_was_ever_reached_and_when_it_is_tried_next(
         panic!("{events:?}")
     };
     assert_eq!(registry, "unreachable");
-    assert_eq!(error.as_deref(), Some("connection refused"));
+    assert_eq!(
+        error.as_deref(),
+        Some("connection error: connection refused")
+    );
     assert!(
         *retry <= 80,
         "the first retry is due within 100 ms: {retry}"
