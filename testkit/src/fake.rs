@@ -1,6 +1,6 @@
 //! Servers a test runs on its own threads: a recording relay on the path
-//! to a real process, and a registry that says what the test scripts. Both
-//! stand on one accept loop.
+//! to a real process, on an accept loop of its own. (A registry that lies
+//! is a scenario of the simulated world now: `tests/world/liar.rs`.)
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -8,11 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-
-use peerchat_core::codec;
-use peerchat_core::identity::{Identity, PublicKey};
-use peerchat_core::protocol::{self, FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION};
-use peerchat_core::secure::SecureStream;
 
 use crate::client::is_timeout;
 
@@ -179,99 +174,3 @@ fn pump(
 // ---------------------------------------------------------------------------
 // A scripted registry
 // ---------------------------------------------------------------------------
-
-/// What a fake registry tells every peer that registers with it.
-#[derive(Clone)]
-pub struct Script {
-    /// The directory every welcome lists.
-    pub peers: Vec<PeerEntry>,
-}
-
-/// A registry written here: a real Noise session under its own key, and a
-/// directory of its choosing, to see what a peer does with a lying one.
-pub struct FakeRegistry {
-    /// Where it listens.
-    pub addr: SocketAddr,
-    /// The key it proves.
-    pub key: PublicKey,
-    /// Registrations it welcomed so far.
-    pub registrations: Arc<AtomicUsize>,
-    _server: Server,
-}
-
-impl FakeRegistry {
-    /// Listens on a free port of 127.0.0.1 under a new key.
-    pub fn start(script: Script) -> FakeRegistry {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let identity = Identity::generate();
-        let key = identity.public();
-        let registrations = Arc::new(AtomicUsize::new(0));
-        let server = {
-            let registrations = registrations.clone();
-            Server::start(listener, move |stream, stop| {
-                let (identity, script) = (identity.clone(), script.clone());
-                let (registrations, stop) = (registrations.clone(), stop.clone());
-                vec![thread::spawn(move || {
-                    serve_fake(stream, &identity, &script, &registrations, &stop)
-                })]
-            })
-        };
-        FakeRegistry {
-            addr,
-            key,
-            registrations,
-            _server: server,
-        }
-    }
-}
-
-fn serve_fake(
-    stream: TcpStream,
-    identity: &Identity,
-    script: &Script,
-    registrations: &AtomicUsize,
-    stop: &AtomicBool,
-) {
-    stream.set_nonblocking(false).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let Ok(mut s) = SecureStream::accept(stream, identity, &protocol::noise_prologue()) else {
-        return;
-    };
-    s.get_ref()
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let observed = s.get_ref().peer_addr().unwrap().ip();
-    for _ in 0..10_000 {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let body = match s.read_frame() {
-            Ok(Some(body)) => body,
-            Ok(None) => return,
-            Err(e) if is_timeout(&e) => continue,
-            Err(_) => return,
-        };
-        let reply = match codec::decode::<ToRegistry>(&body) {
-            Ok(ToRegistry::Register { name, port, .. }) => {
-                registrations.fetch_add(1, Ordering::Relaxed);
-                FromRegistry::Welcome {
-                    version: PROTOCOL_VERSION,
-                    name,
-                    addr: SocketAddr::new(observed, port as u16).to_string(),
-                    heartbeat_ms: 200,
-                    timeout_ms: 5000,
-                    more: false,
-                    peers: script.peers.clone(),
-                }
-            }
-            Ok(ToRegistry::Heartbeat {}) => FromRegistry::Heartbeat {},
-            Ok(ToRegistry::Leave {}) | Err(_) => return,
-        };
-        if s.write_plain(&protocol::frame(&reply)).is_err() {
-            return;
-        }
-    }
-}

@@ -282,6 +282,15 @@ impl World {
         result
     }
 
+    /// The host outputs a node made so far (of its host output type), in
+    /// order, kept until [`World::take_host`].
+    pub fn host<H: 'static>(&self, node: NodeId) -> impl Iterator<Item = &H> {
+        self.nodes[node].host.iter().map(|h| {
+            h.downcast_ref()
+                .expect("the node makes another kind of host output")
+        })
+    }
+
     /// Takes the host outputs a node made so far (of its host output type).
     pub fn take_host<H: 'static>(&mut self, node: NodeId) -> Vec<H> {
         std::mem::take(&mut self.nodes[node].host)

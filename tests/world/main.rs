@@ -2,5 +2,9 @@
 //! registry and peer machines, real framing, CBOR and Noise, simulated time
 //! and faults. Each runs in well under a second.
 
+mod liar;
+mod random;
 mod registrar;
 mod registry;
+mod scenarios;
+mod town;
