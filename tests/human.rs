@@ -734,8 +734,9 @@ fn exit_is_not_held_by_a_history_search_and_leaves_bracketed_paste_off() {
     let (_registry, mut obs, mut tty) = watched_pty_peer(8);
     tty.write("searched for\r");
     expect_text(&mut obs, "tty8", "searched for");
-    tty.write("\x12sea");
+    // Marked before the keys go in: the search may be drawn at once.
     let searching = tty.mark();
+    tty.write("\x12sea");
     tty.expect_from(searching, "reverse-i-search", LONG);
     for n in 0..3 {
         obs.say(&format!("while searching {n}"));
