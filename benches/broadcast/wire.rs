@@ -150,7 +150,8 @@ pub struct Shapes {
     pub welcome_prefix: Vec<u8>,
     /// An `error` body's first bytes.
     pub error_prefix: Vec<u8>,
-    /// A `chat` body up to its `id` value: `{"chat": {"id": …`.
+    /// A `chat` body up to its fields: `{"chat": {` (three of them, or four
+    /// with `sent_at`), which `id` leads.
     pub chat_prefix: Vec<u8>,
 }
 
@@ -179,7 +180,7 @@ impl Shapes {
             update_prefix,
             welcome_prefix: welcome[..9].to_vec(),
             error_prefix: error[..7].to_vec(),
-            chat_prefix: b"\xa1\x64chat\xa3\x62id".to_vec(),
+            chat_prefix: b"\xa1\x64chat".to_vec(),
         };
         assert_eq!(&shapes.welcome_prefix[2..], b"welcome");
         assert_eq!(&shapes.error_prefix[2..], b"error");
@@ -225,6 +226,14 @@ impl Shapes {
             })
             .unwrap();
             assert_eq!(self.chat_id(&body), Some(id), "chat id {id}");
+            let unstamped = codec::encode(&LinkMsg::Chat {
+                id,
+                text: TEXT.into(),
+                direct: false,
+                sent_at: None,
+            })
+            .unwrap();
+            assert_eq!(self.chat_id(&unstamped), Some(id), "unstamped chat id {id}");
         }
         let hb = codec::encode(&ToRegistry::Heartbeat {}).unwrap();
         assert_eq!(hb, self.heartbeat);
@@ -266,6 +275,9 @@ impl Shapes {
     /// The id of a `chat` body; `None` for any other message.
     pub fn chat_id(&self, body: &[u8]) -> Option<u64> {
         let rest = body.strip_prefix(self.chat_prefix.as_slice())?;
+        let rest = rest
+            .strip_prefix(b"\xa3\x62id")
+            .or_else(|| rest.strip_prefix(b"\xa4\x62id"))?;
         let (&head, rest) = rest.split_first()?;
         let be = |n: usize| {
             rest.get(..n)
