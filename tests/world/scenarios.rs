@@ -91,21 +91,11 @@ fn quit_reports_what_is_still_unacknowledged() {
     let (alice, bob) = (peers[0], peers[1]);
     town.world.freeze(bob);
     town.say_to(alice, "bob", "are you there");
-    let Event::Sent { id, .. } = town.wait(alice, "sent", |e| matches!(e, Event::Sent { .. }))
-    else {
-        unreachable!()
-    };
+    let id = sent_id(&mut town, alice);
     town.command(alice, Command::Quit);
-    let undelivered = town.wait(alice, "undelivered", |e| {
-        matches!(e, Event::Undelivered { .. })
-    });
     assert_eq!(
-        undelivered,
-        Event::Undelivered {
-            id,
-            to: "bob".into(),
-            reason: "quit".into()
-        }
+        first_undelivered(&mut town, alice),
+        (id, "bob".into(), "quit".into())
     );
     assert!(town.world.run_until(Duration::from_secs(5), |w| w
         .host::<HostOutput>(alice)
@@ -220,20 +210,10 @@ fn a_registry_that_lies_about_a_key_is_caught_by_the_pin() {
         "the error names both keys: {message}"
     );
     town.say_to(alice, "bob", "are you really bob?");
-    let Event::Sent { id, .. } = town.wait(alice, "sent", |e| matches!(e, Event::Sent { .. }))
-    else {
-        unreachable!()
-    };
-    let undelivered = town.wait(alice, "undelivered", |e| {
-        matches!(e, Event::Undelivered { .. })
-    });
+    let id = sent_id(&mut town, alice);
     assert_eq!(
-        undelivered,
-        Event::Undelivered {
-            id,
-            to: "bob".into(),
-            reason: "key_mismatch".into()
-        }
+        first_undelivered(&mut town, alice),
+        (id, "bob".into(), "key_mismatch".into())
     );
     town.command(alice, Command::Whois("bob".into()));
     let whois = town.wait(alice, "whois", |e| matches!(e, Event::Whois { .. }));
@@ -251,6 +231,27 @@ fn a_registry_that_lies_about_a_key_is_caught_by_the_pin() {
         .host::<HostOutput>(alice)
         .any(|h| matches!(h, HostOutput::Pin(Pin::Peer { key, .. }) if *key == wrong));
     assert!(!pinned_wrong, "the lie was not pinned");
+}
+
+/// The id of the first message the peer reported sent.
+fn sent_id(town: &mut Town, node: peerchat_testkit::world::NodeId) -> u64 {
+    match town.wait(node, "sent", |e| matches!(e, Event::Sent { .. })) {
+        Event::Sent { id, .. } => id,
+        _ => unreachable!("waited for a sent event"),
+    }
+}
+
+/// The first undelivered report: id, target and reason.
+fn first_undelivered(
+    town: &mut Town,
+    node: peerchat_testkit::world::NodeId,
+) -> (u64, String, String) {
+    match town.wait(node, "undelivered", |e| {
+        matches!(e, Event::Undelivered { .. })
+    }) {
+        Event::Undelivered { id, to, reason } => (id, to, reason),
+        _ => unreachable!("waited for an undelivered event"),
+    }
 }
 
 /// Swaps bob's key for `wrong` wherever the registry lists him.
