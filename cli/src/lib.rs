@@ -3,5 +3,7 @@
 
 pub mod command;
 pub mod human;
+pub mod journal;
 pub mod peer;
+pub mod store;
 pub mod trust;
