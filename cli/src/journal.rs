@@ -98,10 +98,7 @@ pub struct Saved {
 pub enum Query {
     /// The last `limit` messages of a conversation: everyone's (`None`) or
     /// the direct one with the peer of that key.
-    History {
-        with: Option<Party>,
-        limit: usize,
-    },
+    History { with: Option<Party>, limit: usize },
     /// The last `limit` messages whose text matches (SQLite FTS5 syntax,
     /// words quoted so that any text is a valid query).
     Search { text: String, limit: usize },
