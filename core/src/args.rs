@@ -1,7 +1,18 @@
 //! What both binaries' command lines share (behind the `cli` feature, so
 //! the core library itself does not pull in clap).
 
+use std::time::Duration;
+
 use clap::Parser;
+
+/// A duration flag's value (`200ms`, `5s`, `7days`): longer than zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (write durations like 200ms, 5s or 1m)")),
+    }
+}
 
 /// Parses the command line. On a bad one, prints clap's error with the
 /// usage line (clap omits it for some errors, such as an invalid value) in

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::{CommandFactory, Parser};
+use peerchat_core::args::parse_duration;
 use peerchat_core::identity::{self, Identity};
 use peerchat_core::machine::{Driver, Host, HostCtx, LinkId, Wake};
 use peerchat_core::protocol;
@@ -69,14 +70,6 @@ struct Args {
     /// How often to log a stats line.
     #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
     stats_interval: Duration,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(s) {
-        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(format!("{e} (write durations like 200ms, 5s or 1m)")),
-    }
 }
 
 /// The registry binary's own periodic work.
