@@ -13,9 +13,21 @@ pub enum Command {
     Whois(String),
     /// `/status`: the registry session, and when it is tried again.
     Status,
+    /// `/history [NAME] [N]`: the last N messages of everyone's
+    /// conversation, or of the direct one with NAME.
+    History { with: Option<String>, limit: usize },
+    /// `/search TEXT`: messages that contain the words.
+    Search { text: String, limit: usize },
+    /// `/outbox`: what waits for an acknowledgement.
+    Outbox,
     /// `/quit`, or the end of input.
     Quit,
 }
+
+/// `/history` and `/search` show this many messages unless told.
+pub const HISTORY_DEFAULT: usize = 20;
+/// The most they show.
+pub const HISTORY_MAX: usize = 1000;
 
 /// A line that is not a command, with the code `--json` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +36,7 @@ pub struct CommandError {
     pub message: String,
 }
 
-pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /peers, /whois NAME, /status, /quit; start a line with // to send one beginning with /";
+pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /peers, /whois NAME, /status, /history [NAME] [N], /search TEXT, /outbox, /quit; start a line with // to send one beginning with /";
 
 /// Parses one input line. Blank lines mean nothing (`Ok(None)`).
 pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
@@ -64,12 +76,44 @@ pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
                 message: "usage: /whois NAME".into(),
             }),
         },
+        "history" => parse_history(args).map(Some),
+        "search" => match args.trim() {
+            "" => Err(CommandError {
+                code: "bad_command",
+                message: "usage: /search TEXT".into(),
+            }),
+            text => Ok(Some(Command::Search {
+                text: text.to_string(),
+                limit: HISTORY_DEFAULT,
+            })),
+        },
+        "outbox" => Ok(Some(Command::Outbox)),
         "quit" => Ok(Some(Command::Quit)),
         _ => Err(CommandError {
             code: "unknown_command",
             message: format!("unknown command /{word}; {HELP}"),
         }),
     }
+}
+
+/// `/history`, `/history N`, `/history NAME` or `/history NAME N`.
+fn parse_history(args: &str) -> Result<Command, CommandError> {
+    let usage = || CommandError {
+        code: "bad_command",
+        message: format!("usage: /history [NAME] [N], N from 1 to {HISTORY_MAX}"),
+    };
+    let count = |word: &str| match word.parse::<usize>() {
+        Ok(n) if (1..=HISTORY_MAX).contains(&n) => Ok(n),
+        _ => Err(usage()),
+    };
+    let (with, limit) = match args.split_whitespace().collect::<Vec<_>>()[..] {
+        [] => (None, HISTORY_DEFAULT),
+        [word] if word.bytes().all(|b| b.is_ascii_digit()) => (None, count(word)?),
+        [name] => (Some(name.to_string()), HISTORY_DEFAULT),
+        [name, n] => (Some(name.to_string()), count(n)?),
+        _ => return Err(usage()),
+    };
+    Ok(Command::History { with, limit })
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use peerchat_core::protocol::PeerEntry;
 use unicode_segmentation::UnicodeSegmentation;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
+use crate::journal::Entry;
 use crate::peer::Event;
 
 /// A sender's clock that differs from ours by more than this is shown next
@@ -207,6 +208,36 @@ impl View {
                 self.status(line, now, &mut out);
             }
             Event::Sent { .. } | Event::Delivered { .. } => {}
+            Event::History { with, messages } => {
+                let title = match with {
+                    Some(name) => format!("your messages with {name}"),
+                    None => "messages to everyone".into(),
+                };
+                self.listing(&title, messages, now, &mut out);
+            }
+            Event::Search { text, messages } => {
+                let title = format!("messages with {text:?}");
+                self.listing(&title, messages, now, &mut out);
+            }
+            Event::Outbox { messages } => {
+                let line = match messages.len() {
+                    0 => "* the outbox is empty: everything sent was acknowledged".into(),
+                    n => format!("* {n} messages wait for an acknowledgement:"),
+                };
+                self.status(line, now, &mut out);
+                for m in messages {
+                    let state = if m.online { "on its way" } else { "away" };
+                    let when = Local::at(UNIX_EPOCH + Duration::from_millis(m.sent_at));
+                    out.push(format!(
+                        "    #{} to {} ({state}), sent {} {}: {}",
+                        m.id,
+                        clean(&m.to),
+                        when.long_date(),
+                        when.clock(),
+                        clean(&one_line(&m.text))
+                    ));
+                }
+            }
             other => {
                 if let Some(line) = status_line(other) {
                     self.status(line, now, &mut out);
@@ -233,6 +264,38 @@ impl View {
         let mut out = Vec::new();
         self.status(line.to_string(), now, &mut out);
         out
+    }
+
+    /// Messages from the history, each stamped with its date, and for ours
+    /// the targets that have not had it yet.
+    fn listing(&mut self, title: &str, messages: &[Entry], now: SystemTime, out: &mut Vec<String>) {
+        let line = match messages.len() {
+            0 => format!("* no {title}"),
+            n => format!("* {title}, the last {n}:"),
+        };
+        self.status(line, now, out);
+        for m in messages {
+            let when = Local::at(UNIX_EPOCH + Duration::from_millis(m.received_at));
+            let stamp = format!("{} {}", when.long_date(), when.clock());
+            let to = match (&m.with, m.outgoing) {
+                (Some(with), true) => format!(" \u{2192} {}", clean(with)),
+                (Some(_), false) => " \u{2192} you".into(),
+                (None, _) => String::new(),
+            };
+            push_message(out, &stamp, &m.from, &to, &m.text);
+            let pending: Vec<String> = m
+                .targets
+                .iter()
+                .filter(|t| t.state != "delivered")
+                .map(|t| match &t.reason {
+                    Some(reason) => format!("{} {} ({reason})", clean(&t.to), t.state),
+                    None => format!("{} {}", clean(&t.to), t.state),
+                })
+                .collect();
+            if !pending.is_empty() {
+                out.push(format!("    ({})", pending.join(", ")));
+            }
+        }
     }
 
     fn message_stamp(&self, sent_at: Option<u64>, now: SystemTime) -> String {
@@ -372,6 +435,15 @@ fn push_message(out: &mut Vec<String>, stamp: &str, from: &str, to: &str, text: 
     }
 }
 
+/// A message's text on one line, for a list: its line breaks shown.
+fn one_line(text: &str) -> Cow<'_, str> {
+    if text.contains('\n') {
+        Cow::Owned(text.replace("\r\n", "\n").replace('\n', " \u{21b5} "))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
 fn seconds(d: Duration) -> String {
     if d.subsec_millis() == 0 {
         format!("{} s", d.as_secs())
@@ -405,6 +477,12 @@ fn status_line(event: &Event) -> Option<String> {
             "! message {id} to {to} was not confirmed ({reason}); it may or may not have arrived"
         ),
         Event::Error { code, message } => format!("! {code}: {message}"),
+        Event::Queued { id, to, reason } if reason == "exit" => {
+            format!("* message {id} to {to} is kept: it is sent when you are both online")
+        }
+        Event::Queued { id, to, reason } => format!(
+            "* message {id} waits for {to}, who is away ({reason}): it is sent when they are back"
+        ),
         Event::Whois {
             name,
             key,
@@ -439,7 +517,10 @@ fn status_line(event: &Event) -> Option<String> {
         | Event::RegistryLost { .. }
         | Event::Message { .. }
         | Event::Sent { .. }
-        | Event::Delivered { .. } => return None,
+        | Event::Delivered { .. }
+        | Event::History { .. }
+        | Event::Search { .. }
+        | Event::Outbox { .. } => return None,
     })
 }
 

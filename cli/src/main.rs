@@ -4,7 +4,7 @@
 
 mod terminal;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -14,6 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use clap::{CommandFactory, Parser};
+use peerchat_core::args::parse_duration;
 use peerchat_core::identity::{self, Identity, PublicKey};
 use peerchat_core::machine::{Driver, Host, HostCtx};
 use peerchat_core::protocol::{self, normalize_name};
@@ -21,7 +22,9 @@ use peerchat_core::secure::NoiseConfig;
 use peerchat_core::{EventLoop, LoopConfig};
 use peerchat_peer::command::{self, Command};
 use peerchat_peer::human::View;
+use peerchat_peer::journal::{Query, Saved};
 use peerchat_peer::peer::{Config, Event, HostOutput, Peer, Pin, RegistryTrust, Trust};
+use peerchat_peer::store::{self, Reply, Store, StoreThread};
 use peerchat_peer::trust::{self, KnownPeers};
 use terminal::{Input, Output, TerminalGuard};
 
@@ -61,6 +64,23 @@ struct Args {
     /// key files.
     #[arg(long, value_name = "PATH")]
     known_peers: Option<PathBuf>,
+    /// The database of history and of messages waiting for delivery,
+    /// created (mode 0600) if missing. Default: beside the key file, named
+    /// like it with `.db`.
+    #[arg(long, value_name = "PATH")]
+    store: Option<PathBuf>,
+    /// Record no history: the store keeps only what waits for delivery,
+    /// and what was shown (so that nothing is shown twice).
+    #[arg(long)]
+    no_history: bool,
+    /// Keep nothing on disk: no history, and what waits for delivery is
+    /// reported undelivered at exit instead of kept for the next run.
+    #[arg(long, conflicts_with_all = ["store", "no_history"])]
+    no_store: bool,
+    /// How long a message waits for its target (online or not) before it
+    /// is given up as undelivered (`expired`).
+    #[arg(long, value_name = "DUR", default_value = "7days", value_parser = parse_duration)]
+    outbox_ttl: Duration,
 }
 
 /// What the binary adds around the peer machine: the input thread's lines,
@@ -74,8 +94,14 @@ struct PeerHost {
     held: VecDeque<Input>,
     /// The peer has taken input since the first registration attempt ended.
     input_open: bool,
-    /// What the user just typed, echoed once the peer accepts it.
-    echo: Option<(String, Option<String>)>,
+    /// What the user typed, by the id the peer gave it: echoed with its
+    /// `sent`, once it is recorded.
+    echo: HashMap<u64, (String, Option<String>)>,
+    /// The store's thread; `None` with `--no-store`.
+    store: Option<StoreThread>,
+    /// Queries asked of the store, by tag, to show their answers as.
+    queries: HashMap<u64, Query>,
+    next_query: u64,
     exit: Option<i32>,
     known_peers: PathBuf,
     /// The registry as named on the command line: its pin's subject.
@@ -92,8 +118,8 @@ impl PeerHost {
             return;
         };
         let now = SystemTime::now();
-        if let Event::Sent { to, .. } = event {
-            if let Some((text, direct_to)) = self.echo.take() {
+        if let Event::Sent { id, to } = event {
+            if let Some((text, direct_to)) = self.echo.remove(id) {
                 if !to.is_empty() {
                     for line in view.echo(&text, direct_to.as_deref(), now) {
                         self.out.line(&line);
@@ -130,12 +156,15 @@ impl PeerHost {
         match command::parse(line) {
             Ok(None) => {}
             Ok(Some(cmd)) => {
-                self.echo = match &cmd {
+                let echo = match &cmd {
                     Command::Broadcast(text) => Some((text.clone(), None)),
                     Command::Direct { to, text } => Some((text.clone(), Some(to.clone()))),
                     _ => None,
                 };
-                peer.command(cmd, now, SystemTime::now());
+                let id = peer.command(cmd, now, SystemTime::now());
+                if let (Some(id), Some(echo)) = (id, echo) {
+                    self.echo.insert(id, echo);
+                }
             }
             Err(err) => self.show(&Event::Error {
                 code: err.code.into(),
@@ -145,18 +174,74 @@ impl PeerHost {
     }
 }
 
+impl PeerHost {
+    /// Ends the run with `code` (the first one given stands).
+    fn stop(&mut self, ctx: &mut HostCtx<Peer, Self>, code: i32) {
+        self.exit.get_or_insert(code);
+        // Long enough to flush a leave message, no longer.
+        ctx.stop(Duration::from_millis(500));
+    }
+
+    fn take_replies(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer) {
+        while let Some(reply) = self.store.as_ref().and_then(StoreThread::try_reply) {
+            match reply {
+                Reply::Committed(batch) => peer.committed(batch, ctx.now()),
+                Reply::Answer { tag, result } => {
+                    let Some(query) = self.queries.remove(&tag) else {
+                        continue;
+                    };
+                    let event = match (result, query) {
+                        (Ok(messages), Query::History { with, .. }) => Event::History {
+                            with: with.map(|p| p.name),
+                            messages,
+                        },
+                        (Ok(messages), Query::Search { text, .. }) => {
+                            Event::Search { text, messages }
+                        }
+                        (Err(message), _) => Event::Error {
+                            code: "store".into(),
+                            message,
+                        },
+                    };
+                    self.show(&event);
+                }
+                Reply::Failed(message) => {
+                    // Nothing more can be recorded, so nothing more may be
+                    // shown or sent: what was recorded is kept.
+                    self.show(&Event::Error {
+                        code: "store".into(),
+                        message: format!("{message}; exiting"),
+                    });
+                    self.stop(ctx, 2);
+                }
+            }
+        }
+    }
+}
+
 impl Host<Peer> for PeerHost {
     type Timer = Infallible;
 
-    fn host_output(&mut self, ctx: &mut HostCtx<Peer, Self>, _peer: &mut Peer, output: HostOutput) {
+    fn host_output(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer, output: HostOutput) {
         match output {
             HostOutput::Show(event) => self.show(&event),
             HostOutput::Pin(pin) => self.save_pin(&pin),
-            HostOutput::Exit(code) => {
-                self.exit.get_or_insert(code);
-                // Long enough to flush a leave message, no longer.
-                ctx.stop(Duration::from_millis(500));
-            }
+            HostOutput::Exit(code) => self.stop(ctx, code),
+            HostOutput::Record { batch, records } => match &self.store {
+                Some(store) => store.write(batch, records),
+                None => peer.committed(batch, ctx.now()),
+            },
+            HostOutput::Query(query) => match &self.store {
+                Some(store) => {
+                    self.next_query += 1;
+                    store.query(self.next_query, query.clone());
+                    self.queries.insert(self.next_query, query);
+                }
+                None => self.show(&Event::Error {
+                    code: "no_store".into(),
+                    message: "this peer keeps no history (it runs with --no-store)".into(),
+                }),
+            },
         }
     }
 
@@ -164,10 +249,11 @@ impl Host<Peer> for PeerHost {
         peer.quit(ctx.now());
     }
 
-    /// Takes one line a wake-up, so that the driver acts on what the peer
-    /// made of it (its echo above all) before the next is read, and
-    /// sockets get their turn within a long paste or pipe.
+    /// Takes what the store answered, then one line a wake-up, so that the
+    /// driver acts on what the peer made of it before the next is read,
+    /// and sockets get their turn within a long paste or pipe.
     fn on_wake(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer) {
+        self.take_replies(ctx, peer);
         // Until the peer takes input, what comes waits here in order; only
         // Ctrl-C or Ctrl-D at a terminal acts at once. `settled` wakes the
         // loop again when input opens.
@@ -336,6 +422,23 @@ fn main() -> ExitCode {
         Ok(known) => known,
         Err(e) => return fail(args.json, "known_peers", e),
     };
+    let opened = if args.no_store {
+        None
+    } else {
+        let options = store::Options {
+            path: args
+                .store
+                .clone()
+                .unwrap_or_else(|| key_file.with_extension("db")),
+            owner: identity.public(),
+            name: args.name.trim().to_string(),
+            history: !args.no_history,
+        };
+        match Store::open(options) {
+            Ok(opened) => Some(opened),
+            Err(e) => return fail(args.json, "store", e.to_string()),
+        }
+    };
     let registry_name = args.registry.trim().to_string();
     let pinned_registry = known.registries.get(&registry_name).copied();
     if let (Some(given), Some(pinned)) = (args.registry_key, pinned_registry) {
@@ -401,23 +504,55 @@ fn main() -> ExitCode {
     };
     config.registry_name = registry_name.clone();
     config.known_peers = known_peers_path.display().to_string();
+    config.outbox_ttl = args.outbox_ttl;
+    config.persistent = opened.is_some();
     let view = (!args.json).then(|| View::new(&config.name, &registry_name, config.backoff_max));
-    let peer = Peer::new(config, trust, seed());
+    let (store, saved) = match opened {
+        Some((store, saved)) => {
+            let waker = event_loop.waker();
+            let notify = move || {
+                if let Err(e) = waker.wake() {
+                    tracing::error!(error = %e, "cannot wake the event loop for the store");
+                }
+            };
+            (Some(store.spawn(notify)), saved)
+        }
+        None => (None, Saved::default()),
+    };
+    let peer = Peer::new(
+        config,
+        trust,
+        saved,
+        seed(),
+        event_loop.ctx().now(),
+        SystemTime::now(),
+    );
     let mut host = PeerHost {
         out,
         view,
         input: rx,
         held: VecDeque::new(),
         input_open: false,
-        echo: None,
+        echo: HashMap::new(),
+        store,
+        queries: HashMap::new(),
+        next_query: 0,
         exit: None,
         known_peers: known_peers_path,
         registry_name,
     };
     if let Some(view) = &mut host.view {
-        let note = format!("your key fingerprint: {}", identity.public());
-        for line in view.note(&note, SystemTime::now()) {
-            host.out.line(&line);
+        let mut notes = vec![format!("your key fingerprint: {}", identity.public())];
+        match peer.outbox_len() {
+            0 => {}
+            n => notes.push(format!(
+                "{n} messages from an earlier run wait for delivery (/outbox lists them)"
+            )),
+        }
+        for note in notes {
+            for line in view.note(&note, SystemTime::now()) {
+                host.out.line(&line);
+            }
         }
     }
     let mut app = Driver::new(peer, host);
@@ -427,10 +562,14 @@ fn main() -> ExitCode {
     // loop first calls it: at once, for this wake-up.
     wake(ctx);
     let result = event_loop.run(&mut app);
+    let closed = app.host.store.take().map(StoreThread::close);
     app.host.out.finish();
     drop(terminal_guard);
     if let Err(e) = result {
         return fail(args.json, "io", format!("the event loop failed: {e}"));
+    }
+    if let Some(Err(e)) = closed {
+        return fail(args.json, "store", e);
     }
     drop(logs);
     // The input thread may still be blocked reading; leave without it.

@@ -39,10 +39,11 @@ use peerchat_core::machine::{LinkId, Output};
 use peerchat_core::protocol::{fold_name, normalize_name, Change, ErrorCode, PeerEntry};
 
 use crate::command::Command;
+use crate::journal::{Party, Query, Record, Saved};
 use crate::trust;
 use directory::Directory;
-pub use event::Event;
 use event::{Code, Reason};
+pub use event::{Event, Waiting};
 use inbox::Inbox;
 use outbox::Outbox;
 use session::{Heard, Session};
@@ -67,8 +68,16 @@ pub struct Config {
     /// After re-registering, how long a peer the new snapshot lacks is kept
     /// (it is probably re-registering too) before it counts as gone.
     pub stale_grace: Duration,
-    /// A message not acknowledged by then is reported undelivered.
-    pub send_timeout: Duration,
+    /// A message still unacknowledged this long after it was sent is
+    /// given up as `expired`.
+    pub outbox_ttl: Duration,
+    /// What the outbox holds at most, per target and in all.
+    pub outbox_limits: OutboxLimits,
+    /// A store keeps what the peer records: what it shows and sends waits
+    /// for the host to say each batch is written ([`Peer::committed`]), and
+    /// what is unacknowledged at exit is kept for the next run. Without
+    /// one, nothing is recorded and it is reported undelivered at exit.
+    pub persistent: bool,
     /// Our own static key (the public half).
     pub key: PublicKey,
     /// The registry as named on the command line: the subject of its pin.
@@ -92,7 +101,31 @@ impl Config {
             register_timeout: Duration::from_secs(5),
             hello_timeout: Duration::from_secs(5),
             stale_grace: Duration::from_secs(15),
-            send_timeout: Duration::from_secs(30),
+            outbox_ttl: Duration::from_secs(7 * 24 * 3600),
+            outbox_limits: OutboxLimits::default(),
+            persistent: false,
+        }
+    }
+}
+
+/// The most the outbox holds: messages and bytes of text, waiting for one
+/// target and for all of them together. A message beyond them is refused
+/// (`outbox_full`); nothing already queued is dropped to make room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxLimits {
+    pub per_target: usize,
+    pub per_target_bytes: usize,
+    pub total: usize,
+    pub total_bytes: usize,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        OutboxLimits {
+            per_target: 10_000,
+            per_target_bytes: 64 << 20,
+            total: 100_000,
+            total_bytes: 256 << 20,
         }
     }
 }
@@ -130,6 +163,11 @@ pub enum HostOutput {
     Pin(Pin),
     /// Flush and end the process with this status.
     Exit(i32),
+    /// Write these records as one transaction, then call
+    /// [`Peer::committed`] with `batch`. Batches come numbered in order.
+    Record { batch: u64, records: Vec<Record> },
+    /// Ask the history; show the answer as the event this query is for.
+    Query(Query),
 }
 
 /// What the peer wants done, on links it names by [`LinkId`].
@@ -141,6 +179,9 @@ pub enum Pin {
     Peer { name: String, key: PublicKey },
     Registry(PublicKey),
 }
+
+/// `/outbox` lists at most this many messages.
+const OUTBOX_LISTED: usize = 1000;
 
 /// What the peer waits for. Each room cancels its timers once they no
 /// longer apply, so a timer that fires is always current.
@@ -179,6 +220,33 @@ struct Actions {
     timer_seq: u64,
     /// The number of the next link we dial: minted here, for every room.
     next_dial: u64,
+    /// Whether records are kept (see [`Config::persistent`]).
+    persistent: bool,
+    /// The wall clock at an instant, from `start` on: records carry the
+    /// time, and the machine reads no clock.
+    clock: Option<(Instant, SystemTime)>,
+    /// The instant of the input being handled.
+    now: Option<Instant>,
+    /// This turn's records: one batch, handed out at the turn's end.
+    journal: Vec<Record>,
+    /// This turn's acknowledgement marks: only the highest per target
+    /// counts.
+    acks: BTreeMap<PublicKey, u64>,
+    /// The number the batch being made will have.
+    batch: u64,
+    /// The highest batch the host said is written.
+    durable: u64,
+    /// What must not happen before a batch is written, in order, each with
+    /// the batch it waits for.
+    held: VecDeque<(u64, Held)>,
+}
+
+/// What waits for the store: nobody may see a message, an outcome or an
+/// acknowledgement that a crash could take back.
+enum Held {
+    Output(Action),
+    /// The message is recorded: it may go out.
+    Release(u64),
 }
 
 impl Actions {
@@ -201,8 +269,83 @@ impl Actions {
         });
     }
 
+    /// The wall-clock time of the input being handled, in Unix
+    /// milliseconds.
+    fn wall_ms(&self) -> u64 {
+        let wall = match (self.clock, self.now) {
+            (Some((at, wall)), Some(now)) => wall + now.saturating_duration_since(at),
+            (Some((_, wall)), None) => wall,
+            _ => UNIX_EPOCH,
+        };
+        unix_ms(wall)
+    }
+
+    /// Shown once what was recorded so far is written.
+    fn emit_recorded(&mut self, event: Event) {
+        self.hold(Held::Output(Output::Host(HostOutput::Show(event))));
+    }
+
+    /// Sent once what was recorded so far is written.
+    fn send_recorded(&mut self, link: LinkId, frame: Bytes) {
+        self.hold(Held::Output(Output::Send(link, frame)));
+    }
+
+    fn hold(&mut self, held: Held) {
+        self.held.push_back((self.batch, held));
+    }
+
+    fn record(&mut self, record: Record) {
+        if self.persistent {
+            self.journal.push(record);
+        }
+    }
+
+    /// `target` acknowledged our messages up to `through`.
+    fn record_ack(&mut self, target: PublicKey, through: u64) {
+        if self.persistent {
+            let mark = self.acks.entry(target).or_insert(through);
+            *mark = (*mark).max(through);
+        }
+    }
+
+    /// Ends the turn's batch: handed to the host if anything was recorded.
+    /// What was held this turn with nothing recorded waits on nothing new.
+    fn seal(&mut self) {
+        let acks = std::mem::take(&mut self.acks);
+        self.journal.extend(
+            acks.into_iter()
+                .map(|(target, through)| Record::Acked { target, through }),
+        );
+        if !self.persistent {
+            self.durable = self.batch;
+        } else if self.journal.is_empty() {
+            let current = self.batch;
+            for (waits_for, _) in self.held.iter_mut().rev() {
+                if *waits_for != current {
+                    break;
+                }
+                *waits_for = current - 1;
+            }
+        } else {
+            let records = std::mem::take(&mut self.journal);
+            let batch = self.batch;
+            self.host(HostOutput::Record { batch, records });
+            self.batch += 1;
+        }
+    }
+
+    /// The first held item whose batch is written.
+    fn ready(&mut self) -> Option<Held> {
+        match self.held.front() {
+            Some((waits_for, _)) if *waits_for <= self.durable => {
+                self.held.pop_front().map(|(_, held)| held)
+            }
+            _ => None,
+        }
+    }
+
     fn undelivered(&mut self, id: u64, to: String, reason: &Reason) {
-        self.emit(Event::Undelivered {
+        self.emit_recorded(Event::Undelivered {
             id,
             to,
             reason: reason.to_string(),
@@ -283,6 +426,14 @@ impl Rng {
     }
 }
 
+/// Milliseconds since the Unix epoch; 0 for a clock set before it.
+fn unix_ms(wall: SystemTime) -> u64 {
+    wall.duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .unwrap_or(0)
+}
+
 pub struct Peer {
     session: Session,
     directory: Directory,
@@ -297,24 +448,46 @@ pub struct Peer {
     quit_grace: Duration,
     quit_deadline: Option<TimerKey>,
     exited: bool,
+    persistent: bool,
 }
 
 impl Peer {
-    /// `seed` drives the reconnect jitter and the instance id. Nothing
-    /// happens before [`Peer::start`].
-    pub fn new(config: Config, trust: Trust, seed: u64) -> Self {
+    /// A peer that carries on from `saved` (the store as the last run left
+    /// it; `Saved::default()` without one). `seed` drives the reconnect
+    /// jitter, and the instance id when `saved` has none. `now` and `wall`
+    /// are the same moment on both clocks. Nothing happens before
+    /// [`Peer::start`].
+    pub fn new(
+        config: Config,
+        trust: Trust,
+        saved: Saved,
+        seed: u64,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Self {
         let mut rng = Rng::new(seed);
-        let instance = rng.next();
+        let instance = match saved.instance {
+            0 => rng.next(),
+            kept => kept,
+        };
         Peer {
             session: Session::new(&config, trust.registry),
             directory: Directory::new(&config, trust.peers),
-            outbox: Outbox::new(&config),
-            inbox: Inbox::new(&config),
+            outbox: Outbox::new(&config, saved.outbox, saved.next_id, now, unix_ms(wall)),
+            inbox: Inbox::new(&config, saved.seen),
             actions: Actions {
                 queue: VecDeque::new(),
                 timers: BTreeMap::new(),
                 timer_seq: 0,
                 next_dial: 0,
+                persistent: config.persistent,
+                clock: Some((now, wall)),
+                now: Some(now),
+                journal: Vec::new(),
+                acks: BTreeMap::new(),
+                batch: 1,
+                durable: 0,
+                held: VecDeque::new(),
             },
             rng,
             instance,
@@ -322,7 +495,13 @@ impl Peer {
             quit_grace: config.quit_grace,
             quit_deadline: None,
             exited: false,
+            persistent: config.persistent,
         }
+    }
+
+    /// Messages from earlier runs (and this one) waiting for a target.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.waiting()
     }
 
     /// The directory, sorted by name.
@@ -352,9 +531,36 @@ impl Peer {
         self.session.is_ending()
     }
 
-    /// Begins: connect to the registry.
+    /// Begins: connect to the registry; what the store left waits for
+    /// its targets.
     pub fn start(&mut self, now: Instant) {
+        self.actions.now = Some(now);
+        self.outbox.start(&mut self.actions);
         self.session.dial(now, &mut self.actions);
+    }
+
+    /// The host wrote every batch up to `batch`: what waited for them goes
+    /// out, in order.
+    pub fn committed(&mut self, batch: u64, now: Instant) {
+        self.actions.now = Some(now);
+        self.actions.durable = self.actions.durable.max(batch);
+        self.release();
+    }
+
+    /// Acts on what waited for batches now written.
+    fn release(&mut self) {
+        while let Some(held) = self.actions.ready() {
+            match held {
+                Held::Output(action) => self.actions.push(action),
+                Held::Release(id) => self.outbox.release(id, &mut self.actions),
+            }
+        }
+    }
+
+    /// The turn is over: its records become a batch.
+    fn finish_turn(&mut self) {
+        self.actions.seal();
+        self.release();
     }
 
     fn on_heard(&mut self, heard: Heard, now: Instant) {
@@ -470,9 +676,7 @@ impl Peer {
             .directory
             .learn(&folded, name, addr, key, &mut self.actions);
         if let Some(reason) = &learned.give_up {
-            self.outbox
-                .fail_queued(&folded, reason, &self.directory, &mut self.actions);
-            self.maybe_finish_quit();
+            self.outbox.fail_queued(&folded, reason, &mut self.actions);
         }
         if learned.rekeyed {
             self.inbox.forget_sender(&folded, &mut self.actions);
@@ -481,32 +685,33 @@ impl Peer {
             self.outbox
                 .redial(&folded, &self.directory, &mut self.actions);
         }
+        self.outbox
+            .on_listed(&folded, key, &self.directory, &mut self.actions);
+        self.maybe_finish_quit();
         learned.moved
     }
 
-    /// A peer is gone: everything still queued for it is undelivered, and
+    /// A peer is gone: what waits for it is kept until it is back, and
     /// its links close.
     fn forget(&mut self, folded: &str, reason: &Reason) {
         let Some(known) = self.directory.remove(folded) else {
             return;
         };
-        self.outbox
-            .forget(folded, &known.name, reason, &mut self.actions);
+        self.outbox.away(folded, reason, &mut self.actions);
         let why = format!("{} left", known.name);
         self.inbox.close_from(folded, &why, &mut self.actions);
         self.maybe_finish_quit();
     }
 
     /// Runs a user command; `wall` is the wall-clock time, which chat
-    /// messages carry for their readers.
-    pub fn command(&mut self, command: Command, now: Instant, wall: SystemTime) {
+    /// messages carry for their readers. Returns the id a chat was given,
+    /// if it was accepted: its `sent` comes once it is recorded.
+    pub fn command(&mut self, command: Command, now: Instant, wall: SystemTime) -> Option<u64> {
+        self.actions.now = Some(now);
         if self.quitting() {
-            return;
+            return None;
         }
-        let sent_at = wall
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .and_then(|d| u64::try_from(d.as_millis()).ok());
+        let sent_at = unix_ms(wall);
         match command {
             Command::Broadcast(text) => {
                 let chat = outbox::Draft {
@@ -514,8 +719,9 @@ impl Peer {
                     direct: false,
                     sent_at,
                 };
-                let targets = self.directory.names();
-                self.outbox
+                let targets = self.directory.targets();
+                return self
+                    .outbox
                     .send(targets, chat, now, &self.directory, &mut self.actions);
             }
             Command::Direct { to, .. } if self.directory.is_me(&fold_name(&to)) => {
@@ -525,21 +731,50 @@ impl Peer {
                 );
             }
             Command::Direct { to, text } => {
-                let folded = fold_name(&to);
-                if self.directory.contains(&folded) {
-                    let chat = outbox::Draft {
-                        text,
-                        direct: true,
-                        sent_at,
-                    };
-                    self.outbox
-                        .send(vec![folded], chat, now, &self.directory, &mut self.actions);
-                } else {
+                let Some(target) = self.target(&to) else {
                     self.actions.error(
                         ErrorCode::UnknownPeer,
-                        format!("no peer named {to:?} is online (see /peers)"),
+                        format!("no peer named {to:?} is online or was met before (see /peers)"),
                     );
-                }
+                    return None;
+                };
+                let chat = outbox::Draft {
+                    text,
+                    direct: true,
+                    sent_at,
+                };
+                return self.outbox.send(
+                    vec![target],
+                    chat,
+                    now,
+                    &self.directory,
+                    &mut self.actions,
+                );
+            }
+            Command::History { with, limit } => {
+                let with = match with {
+                    None => None,
+                    Some(name) => match self.target(&name) {
+                        Some(target) => Some(target.party),
+                        None => {
+                            self.actions.error(
+                                ErrorCode::UnknownPeer,
+                                format!("no peer named {name:?} is online or was met before"),
+                            );
+                            return None;
+                        }
+                    },
+                };
+                let query = Query::History { with, limit };
+                self.actions.host(HostOutput::Query(query));
+            }
+            Command::Search { text, limit } => {
+                self.actions
+                    .host(HostOutput::Query(Query::Search { text, limit }));
+            }
+            Command::Outbox => {
+                let messages = self.outbox.list(&self.directory, OUTBOX_LISTED);
+                self.actions.emit(Event::Outbox { messages });
             }
             Command::Peers => {
                 let peers = self.peers();
@@ -552,6 +787,31 @@ impl Peer {
             }
             Command::Quit => self.quit(now),
         }
+        None
+    }
+
+    /// Whom `name` means: the peer online under it, else the key pinned
+    /// for it (someone met before, who may be away now).
+    fn target(&self, name: &str) -> Option<outbox::Target> {
+        let folded = fold_name(name.trim());
+        if self.directory.is_me(&folded) {
+            return None;
+        }
+        if let Some(known) = self.directory.get(&folded) {
+            return Some(outbox::Target {
+                party: Party {
+                    key: known.key,
+                    name: known.name.clone(),
+                },
+                folded,
+            });
+        }
+        let key = self.directory.pinned(&folded)?;
+        let name = normalize_name(name).ok()?;
+        Some(outbox::Target {
+            folded,
+            party: Party { key, name },
+        })
     }
 
     fn whois(&mut self, name: &str) {
@@ -598,7 +858,7 @@ impl Peer {
     }
 
     fn maybe_finish_quit(&mut self) {
-        if self.quitting() && self.outbox.is_settled() {
+        if self.quitting() && self.outbox.is_settled(&self.directory) {
             self.finish_quit();
         }
     }
@@ -609,15 +869,18 @@ impl Peer {
         self.exit(0, &Reason::Quit);
     }
 
-    /// Reports what is still unacknowledged as undelivered for `reason`,
-    /// then exits with `status`; only the first call does anything.
+    /// Keeps what is still unacknowledged for the next run (without a
+    /// store: reports it undelivered for `reason`), then exits with
+    /// `status`, once the last records are written; only the first call
+    /// does anything.
     fn exit(&mut self, status: i32, reason: &Reason) {
         if std::mem::replace(&mut self.exited, true) {
             return;
         }
         self.outbox
-            .give_up(reason, &self.directory, &mut self.actions);
-        self.actions.host(HostOutput::Exit(status));
+            .exit(self.persistent, reason, &self.directory, &mut self.actions);
+        let exit = Output::Host(HostOutput::Exit(status));
+        self.actions.hold(Held::Output(exit));
     }
 
     fn fire(&mut self, timer: Timer, now: Instant) {
@@ -629,8 +892,7 @@ impl Peer {
             Timer::LinkRetry(target) => self.outbox.on_retry(&target, &self.directory, actions),
             Timer::HelloDeadline(link) => self.inbox.on_hello_deadline(link, actions),
             Timer::SendDeadline(target) => {
-                self.outbox
-                    .on_deadline(&target, now, &self.directory, actions);
+                self.outbox.on_deadline(&target, now, actions);
                 self.maybe_finish_quit();
             }
             Timer::StaleCheck => {

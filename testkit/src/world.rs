@@ -44,6 +44,8 @@ pub struct NewNode {
     /// Where it accepts links (port 0 if it does not listen).
     pub addr: SocketAddr,
     pub now: Instant,
+    /// The wall clock at `now`.
+    pub wall: SystemTime,
 }
 
 /// A [`Machine`] with its host outputs kept as they are, for the test to
@@ -237,6 +239,7 @@ impl World {
             key: identity.public(),
             addr: SocketAddr::new(ip, listen_port.unwrap_or(0)),
             now: self.now,
+            wall: self.wall(),
         };
         let machine = make(&new);
         self.nodes.push(Slot {
@@ -410,6 +413,7 @@ impl World {
             key: self.key(node),
             addr: self.nodes[node].addr,
             now: self.now,
+            wall: self.wall(),
         };
         let slot = &mut self.nodes[node];
         slot.machine = Box::new(make(&new));

@@ -146,7 +146,16 @@ fn the_same_key_starting_again_replaces_the_old_session() {
     let old_addr = first.registered()["addr"].as_str().unwrap().to_string();
     bob.expect("alice joined", LONG, is("joined", "name", "alice"));
 
-    let mut second = PeerProc::start_again(&first.data, "alice", &reg.addr.to_string(), &[]);
+    // The same key file, as a second machine would have it; a store is
+    // one process's, so this one names its own.
+    let store = first.data.unique("second.db");
+    let store = store.to_str().unwrap();
+    let mut second = PeerProc::start_again(
+        &first.data,
+        "alice",
+        &reg.addr.to_string(),
+        &["--store", store],
+    );
     let registered = second.registered();
     assert_eq!(second.key(), first.key(), "the same key file");
     let new_addr = registered["addr"].as_str().unwrap().to_string();

@@ -35,6 +35,40 @@ fn a_frozen_peer_is_evicted_and_comes_back() {
 }
 
 #[test]
+fn a_message_to_a_frozen_peer_waits_and_is_delivered_once_it_thaws() {
+    let (mut town, peers) = Town::with(&["alice", "bob"]);
+    let (alice, bob) = (peers[0], peers[1]);
+    town.world.freeze(bob);
+    town.say_to(alice, "bob", "while frozen");
+    let id = sent_id(&mut town, alice);
+    town.wait(alice, "bob's timeout", left("bob", "timeout"));
+    town.wait(
+        alice,
+        "the message queued",
+        |e| matches!(e, Event::Queued { id: i, reason, .. } if *i == id && reason == "timeout"),
+    );
+    town.world.thaw(bob);
+    town.wait(
+        alice,
+        "the message delivered",
+        |e| matches!(e, Event::Delivered { id: i, .. } if *i == id),
+    );
+    town.world.run_for(Duration::from_secs(10));
+    assert_eq!(
+        town.count(
+            bob,
+            |e| matches!(e, Event::Message { text, .. } if text == "while frozen")
+        ),
+        1,
+        "shown once, though it was sent twice"
+    );
+    let outcomes = town.count(alice, |e| {
+        matches!(e, Event::Delivered { id: i, .. } | Event::Undelivered { id: i, .. } if *i == id)
+    });
+    assert_eq!(outcomes, 1, "one outcome: delivered");
+}
+
+#[test]
 fn chat_survives_the_registry_and_peers_reregister() {
     let (mut town, peers) = Town::with(&["alice", "bob"]);
     let (alice, bob) = (peers[0], peers[1]);

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use peerchat_core::machine::LinkId;
 use peerchat_peer::command::Command;
+use peerchat_peer::journal::Saved;
 use peerchat_peer::peer::{Config, Event, HostOutput, Peer, Trust};
 use peerchat_registry::Registry;
 use peerchat_testkit::world::{NodeId, World};
@@ -60,7 +61,7 @@ impl Town {
         let seed = self.seed;
         let node = self.world.add(Some(LINK_PORT), |n| {
             let config = Config::new(name.into(), registry, LINK_PORT, n.key);
-            let mut peer = Peer::new(config, trust, seed);
+            let mut peer = Peer::new(config, trust, Saved::default(), seed, n.now, n.wall);
             peer.start(n.now);
             peer
         });
@@ -122,8 +123,9 @@ impl Town {
 
     pub fn command(&mut self, node: NodeId, command: Command) {
         let wall = self.world.wall();
-        self.world
-            .with::<Peer, _>(node, |peer, now| peer.command(command, now, wall));
+        self.world.with::<Peer, _>(node, |peer, now| {
+            peer.command(command, now, wall);
+        });
     }
 
     pub fn say_to(&mut self, node: NodeId, to: &str, text: &str) {

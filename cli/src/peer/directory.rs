@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{fold_name, ErrorCode, PeerEntry};
 
-use super::{pin_text, Actions, Code, Config, HostOutput, Pin, Reason, Timer};
+use super::outbox::Target;
+use super::{pin_text, Actions, Code, Config, HostOutput, Party, Pin, Reason, Timer};
 
 pub(super) struct Known {
     pub(super) name: String,
@@ -78,9 +79,18 @@ impl Directory {
         self.known.len()
     }
 
-    /// Every folded name listed, sorted.
-    pub(super) fn names(&self) -> Vec<String> {
-        self.known.keys().cloned().collect()
+    /// Everyone listed, as targets of a message to all, sorted by name.
+    pub(super) fn targets(&self) -> Vec<Target> {
+        self.known
+            .iter()
+            .map(|(folded, k)| Target {
+                folded: folded.clone(),
+                party: Party {
+                    key: k.key,
+                    name: k.name.clone(),
+                },
+            })
+            .collect()
     }
 
     /// The directory, sorted by name.

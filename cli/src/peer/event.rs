@@ -12,6 +12,8 @@ use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{ErrorCode, PeerEntry};
 use serde::Serialize;
 
+use crate::journal::Entry;
+
 /// What the user sees. The `--json` front end prints these as they are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -63,6 +65,30 @@ pub enum Event {
         to: String,
         reason: String,
     },
+    /// The message waits for `to`, who is away (`reason`: `offline` when it
+    /// was sent, the `left` reason, or `exit` when we exit first); it is
+    /// kept, across restarts, until `delivered` or `undelivered`.
+    Queued {
+        id: u64,
+        to: String,
+        reason: String,
+    },
+    /// Answer to `/history`: a conversation's last messages, oldest first.
+    History {
+        /// The peer of a direct conversation; absent for everyone's.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        with: Option<String>,
+        messages: Vec<Entry>,
+    },
+    /// Answer to `/search`: the last messages that match, oldest first.
+    Search {
+        text: String,
+        messages: Vec<Entry>,
+    },
+    /// Answer to `/outbox`: what waits for an acknowledgement, by target.
+    Outbox {
+        messages: Vec<Waiting>,
+    },
     RegistryLost {
         error: String,
         retry_in_ms: u64,
@@ -102,6 +128,18 @@ pub enum Event {
     },
 }
 
+/// One message waiting for one target, as `/outbox` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Waiting {
+    pub id: u64,
+    pub to: String,
+    pub text: String,
+    /// When it was sent (Unix milliseconds).
+    pub sent_at: u64,
+    /// The target is online and linked: it is on its way.
+    pub online: bool,
+}
+
 /// Why a peer left the directory, or why messages were given up: the
 /// `reason` of `left` and `undelivered` events.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,8 +150,12 @@ pub(super) enum Reason {
     /// Missing from the registry's list after we re-registered, past the
     /// grace.
     Gone,
-    /// Not acknowledged within the send timeout.
-    NoAck,
+    /// Still unacknowledged when the outbox's time to live ran out.
+    Expired,
+    /// Sent to a target who is not online now.
+    Offline,
+    /// We exit before the target acknowledged it.
+    Exit,
     /// We quit before it was acknowledged.
     Quit,
     /// The name is listed with another key than the one it was sent to.
@@ -128,7 +170,9 @@ impl fmt::Display for Reason {
         f.write_str(match self {
             Reason::Left(reason) => reason,
             Reason::Gone => "gone",
-            Reason::NoAck => "no_ack",
+            Reason::Expired => "expired",
+            Reason::Offline => "offline",
+            Reason::Exit => "exit",
             Reason::Quit => "quit",
             Reason::KeyChanged => Code::KeyChanged.as_str(),
             Reason::Code(code) => code.as_str(),
@@ -148,6 +192,8 @@ pub(super) enum Code {
     BadCommand,
     /// A message too long for one frame.
     TooLong,
+    /// The outbox holds as much as it may for a target, or in all.
+    OutboxFull,
 }
 
 impl Code {
@@ -157,6 +203,7 @@ impl Code {
             Code::KeyChanged => "key_changed",
             Code::BadCommand => "bad_command",
             Code::TooLong => "too_long",
+            Code::OutboxFull => "outbox_full",
         }
     }
 }

@@ -19,7 +19,8 @@ use peerchat_core::protocol::{
 use peerchat_core::wire::FrameError;
 
 use super::directory::Directory;
-use super::{Actions, Config, Event, Timer, TimerKey};
+use super::{Actions, Config, Event, Party, Record, Timer, TimerKey};
+use crate::journal::Incoming;
 
 /// Chats held from a link whose sender the directory does not list yet:
 /// per link, in messages and in bytes of text, and in bytes over all such
@@ -41,9 +42,7 @@ struct Chat {
 
 enum InLink {
     /// Proved `key`; its hello is due.
-    AwaitHello {
-        key: PublicKey,
-    },
+    AwaitHello { key: PublicKey },
     /// Said hello as a peer the directory does not list (yet).
     Pending {
         folded: String,
@@ -53,6 +52,7 @@ enum InLink {
     },
     Verified {
         folded: String,
+        key: PublicKey,
         instance: u64,
     },
 }
@@ -61,19 +61,20 @@ pub(super) struct Inbox {
     links: HashMap<LinkId, InLink>,
     /// The deadline of each link not verified yet.
     hello_deadlines: HashMap<LinkId, TimerKey>,
-    /// Per sender (folded): its instance and the highest id delivered.
-    seen: HashMap<String, (u64, u64)>,
+    /// Per sender key: its instance and the highest id shown. Kept in the
+    /// store, so that a resend after either side restarted is shown once.
+    seen: HashMap<PublicKey, (u64, u64)>,
     /// The (folded name, key) pairs whose refused links were reported.
     key_warnings: HashSet<(String, PublicKey)>,
     hello_timeout: Duration,
 }
 
 impl Inbox {
-    pub(super) fn new(config: &Config) -> Self {
+    pub(super) fn new(config: &Config, seen: HashMap<PublicKey, (u64, u64)>) -> Self {
         Inbox {
             links: HashMap::new(),
             hello_deadlines: HashMap::new(),
-            seen: HashMap::new(),
+            seen,
             key_warnings: HashSet::new(),
             hello_timeout: config.hello_timeout,
         }
@@ -225,9 +226,13 @@ impl Inbox {
                             held.push(chat);
                         }
                     }
-                    InLink::Verified { folded, instance } => {
-                        let (folded, instance) = (folded.clone(), *instance);
-                        self.deliver(conn, &folded, instance, chat, dir, actions);
+                    InLink::Verified {
+                        folded,
+                        key,
+                        instance,
+                    } => {
+                        let (folded, key, instance) = (folded.clone(), *key, *instance);
+                        self.deliver(conn, &folded, key, instance, chat, dir, actions);
                     }
                     InLink::AwaitHello { .. } => {}
                 }
@@ -351,20 +356,26 @@ impl Inbox {
             dir.pin(folded, key, actions);
             let verified = InLink::Verified {
                 folded: folded.to_string(),
+                key,
                 instance,
             };
             self.links.insert(conn, verified);
             for chat in held {
-                self.deliver(conn, folded, instance, chat, dir, actions);
+                self.deliver(conn, folded, key, instance, chat, dir, actions);
             }
         }
     }
 
-    /// Shows a chat unless it is a resend, and acknowledges it either way.
+    /// Shows a chat unless it is a resend, and acknowledges it either way:
+    /// both once its record is written, so that a crash cannot show it
+    /// twice or acknowledge it unseen.
+    // The chat's sender in three parts, as the link knows it.
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
         conn: LinkId,
         folded: &str,
+        key: PublicKey,
         instance: u64,
         chat: Chat,
         dir: &Directory,
@@ -376,28 +387,40 @@ impl Inbox {
             direct,
             sent_at,
         } = chat;
-        let seen = self.seen.entry(folded.to_string()).or_insert((instance, 0));
+        let seen = self.seen.entry(key).or_insert((instance, 0));
         if seen.0 != instance {
-            // The sender restarted: its ids begin again.
+            // Another store (or, without one, another process) of the
+            // sender: its ids begin again.
             *seen = (instance, 0);
         }
         if id > seen.1 {
             seen.1 = id;
-            actions.emit(Event::Message {
-                from: dir.display_name(folded),
+            let from = dir.display_name(folded);
+            actions.record(Record::Received(Incoming {
+                from: Party {
+                    key,
+                    name: from.clone(),
+                },
+                instance,
+                id,
+                text: text.clone(),
+                direct,
+                sent_at,
+                received_at: actions.wall_ms(),
+            }));
+            actions.emit_recorded(Event::Message {
+                from,
                 text,
                 direct,
                 id,
                 sent_at,
             });
         }
-        actions.send(conn, protocol::frame(&LinkMsg::Ack { id }));
+        actions.send_recorded(conn, protocol::frame(&LinkMsg::Ack { id }));
     }
 
-    /// Another key holds `folded`'s name now: its links close, and its
-    /// message ids start afresh.
+    /// Another key holds `folded`'s name now: its links close.
     pub(super) fn forget_sender(&mut self, folded: &str, actions: &mut Actions) {
-        self.seen.remove(folded);
         self.close_from(folded, "the peer's key changed", actions);
     }
 

@@ -4,8 +4,14 @@
 //! Separate because it keeps the promise the user relies on, exactly one
 //! `delivered` or `undelivered` per target of every `sent`, and owns all
 //! that can break it: dialing and redialing with backoff, resending what
-//! is unacknowledged over a new link, send deadlines, and what is left
+//! is unacknowledged over a new link, keeping messages for targets who are
+//! away until they return (or the time to live runs out), and what is left
 //! when the peer exits. Dials and the state of our links live here alone.
+//!
+//! With a store, every message is recorded before it goes out, and every
+//! outcome before it is reported: a message waits for its record to be
+//! written (its [`Held::Release`](super::Held)), and a queue holds
+//! messages in id order, so the released ones are always its front.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -14,29 +20,45 @@ use bytes::Bytes;
 use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::LinkId;
-use peerchat_core::protocol::{self, ErrorCode, LinkMsg};
+use peerchat_core::protocol::{self, fold_name, ErrorCode, LinkMsg};
 use peerchat_core::wire::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 
 use super::directory::Directory;
-use super::{Actions, Code, Config, Event, Reason, Rng, Timer, TimerKey};
+use super::{
+    Actions, Code, Config, Event, Held, OutboxLimits, Party, Reason, Record, Rng, Timer, TimerKey,
+    Waiting,
+};
+use crate::journal;
 
 /// A chat as the user typed it, before it has an id.
 pub(super) struct Draft {
     pub(super) text: String,
     pub(super) direct: bool,
     /// The wall-clock time it was typed (Unix milliseconds).
-    pub(super) sent_at: Option<u64>,
+    pub(super) sent_at: u64,
+}
+
+/// Whom a message is for: the name (folded) and the key it must reach.
+pub(super) struct Target {
+    pub(super) folded: String,
+    pub(super) party: Party,
 }
 
 struct Outgoing {
     id: u64,
     frame: Bytes,
-    /// Undelivered (`no_ack`) if not acknowledged by then.
+    /// Bytes of text, counted against the limits.
+    text_len: usize,
+    sent_at: u64,
+    /// Given up as `expired` if not acknowledged by then.
     deadline: Instant,
+    /// Its record is written: it may be sent.
+    released: bool,
 }
 
-#[derive(Default)]
 struct OutLink {
+    /// The key the queued messages are for, and the name they were sent to.
+    party: Party,
     /// Our link to the target, from the dial on.
     conn: Option<LinkId>,
     /// The link proved the listed key and said hello: chats go on it.
@@ -45,15 +67,39 @@ struct OutLink {
     /// The redial, while we back off.
     retry: Option<TimerKey>,
     queue: VecDeque<Outgoing>,
+    /// Text bytes in the queue.
+    bytes: usize,
     /// The deadline of the front of the queue.
     deadline: Option<TimerKey>,
 }
 
 impl OutLink {
+    fn new(party: Party) -> Self {
+        OutLink {
+            party,
+            conn: None,
+            up: false,
+            backoff: Duration::ZERO,
+            retry: None,
+            queue: VecDeque::new(),
+            bytes: 0,
+            deadline: None,
+        }
+    }
+
     /// Cancels the link's timers: it is done with.
     fn disarm(&mut self, actions: &mut Actions) {
         actions.cancel(self.retry.take());
         actions.cancel(self.deadline.take());
+    }
+
+    /// Arms the deadline of the front of the queue, if none is armed.
+    fn arm_deadline(&mut self, folded: &str, actions: &mut Actions) {
+        if self.deadline.is_none() {
+            if let Some(at) = self.queue.front().map(|o| o.deadline) {
+                self.deadline = Some(actions.arm(at, Timer::SendDeadline(folded.to_string())));
+            }
+        }
     }
 }
 
@@ -62,86 +108,250 @@ pub(super) struct Outbox {
     links: HashMap<String, OutLink>,
     /// Every link we dialed, to whom, until it closes or we let it go.
     conns: HashMap<LinkId, String>,
+    /// Per message: how many targets have no outcome yet.
+    open: HashMap<u64, usize>,
+    /// Per message not released yet: its targets (folded).
+    unreleased: HashMap<u64, Vec<String>>,
+    /// Messages and text bytes in all queues.
+    total: usize,
+    total_bytes: usize,
     next_id: u64,
+    limits: OutboxLimits,
     backoff_min: Duration,
     backoff_max: Duration,
-    send_timeout: Duration,
+    ttl: Duration,
 }
 
 impl Outbox {
-    pub(super) fn new(config: &Config) -> Self {
-        Outbox {
+    /// The outbox as the store left it: `saved` messages wait for their
+    /// targets; their deadlines count from when they were sent (`wall`
+    /// is now, in Unix milliseconds). Nothing is armed before
+    /// [`Outbox::start`].
+    pub(super) fn new(
+        config: &Config,
+        saved: Vec<journal::Outgoing>,
+        next_id: u64,
+        now: Instant,
+        wall: u64,
+    ) -> Self {
+        let mut outbox = Outbox {
             links: HashMap::new(),
             conns: HashMap::new(),
-            next_id: 1,
+            open: HashMap::new(),
+            unreleased: HashMap::new(),
+            total: 0,
+            total_bytes: 0,
+            next_id: next_id.max(1),
+            limits: config.outbox_limits,
             backoff_min: config.backoff_min,
             backoff_max: config.backoff_max,
-            send_timeout: config.send_timeout,
+            ttl: config.outbox_ttl,
+        };
+        for message in saved {
+            let frame = chat_frame(
+                message.id,
+                message.text.clone(),
+                message.direct,
+                message.sent_at,
+            );
+            let age = Duration::from_millis(wall.saturating_sub(message.sent_at));
+            let deadline = now + outbox.ttl.saturating_sub(age);
+            outbox.open.insert(message.id, message.targets.len());
+            outbox.next_id = outbox.next_id.max(message.id + 1);
+            for party in message.targets {
+                let folded = fold_name(&party.name);
+                outbox.enqueue(
+                    &folded,
+                    party,
+                    Outgoing {
+                        id: message.id,
+                        frame: frame.clone(),
+                        text_len: message.text.len(),
+                        sent_at: message.sent_at,
+                        deadline,
+                        released: true,
+                    },
+                );
+            }
         }
+        outbox
+    }
+
+    /// Arms the deadlines of what the store left: the first expire at once
+    /// if their time ran out while the peer was not running.
+    pub(super) fn start(&mut self, actions: &mut Actions) {
+        for (folded, link) in &mut self.links {
+            link.arm_deadline(folded, actions);
+        }
+    }
+
+    /// Messages waiting for a target, in all.
+    pub(super) fn waiting(&self) -> usize {
+        self.links.values().map(|l| l.queue.len()).sum()
+    }
+
+    fn enqueue(&mut self, folded: &str, party: Party, out: Outgoing) {
+        self.total += 1;
+        self.total_bytes += out.text_len;
+        let link = self
+            .links
+            .entry(folded.to_string())
+            .or_insert_with(|| OutLink::new(party));
+        link.bytes += out.text_len;
+        link.queue.push_back(out);
     }
 
     pub(super) fn has(&self, conn: LinkId) -> bool {
         self.conns.contains_key(&conn)
     }
 
-    /// Nothing waits for an acknowledgement.
-    pub(super) fn is_settled(&self) -> bool {
-        self.links.values().all(|l| l.queue.is_empty())
+    /// Nothing waits for an acknowledgement from a peer online: what waits
+    /// for peers away is kept, not waited for.
+    pub(super) fn is_settled(&self, dir: &Directory) -> bool {
+        self.links
+            .iter()
+            .all(|(folded, l)| l.queue.is_empty() || !dir.contains(folded))
     }
 
-    /// Gives the chat the next id and sends it to each of `targets`, or
-    /// queues it until their link is up.
+    /// Why a message of `text_len` bytes cannot be queued for `targets`, if
+    /// it cannot.
+    fn over_limits(&self, targets: &[Target], text_len: usize) -> Option<String> {
+        let limits = &self.limits;
+        if self.total + targets.len() > limits.total
+            || self.total_bytes + targets.len() * text_len > limits.total_bytes
+        {
+            return Some(format!(
+                "the outbox holds {} messages ({} bytes) waiting; at most {} ({} bytes) fit; wait for deliveries or /outbox to see what waits",
+                self.total, self.total_bytes, limits.total, limits.total_bytes
+            ));
+        }
+        targets.iter().find_map(|t| {
+            let link = self.links.get(&t.folded)?;
+            let full = link.queue.len() + 1 > limits.per_target
+                || link.bytes + text_len > limits.per_target_bytes;
+            full.then(|| {
+                format!(
+                    "{} messages ({} bytes) already wait for {}; at most {} ({} bytes) fit",
+                    link.queue.len(),
+                    link.bytes,
+                    t.party.name,
+                    limits.per_target,
+                    limits.per_target_bytes
+                )
+            })
+        })
+    }
+
+    /// Gives the chat the next id, records it, and sends it to each of
+    /// `targets` once the record is written (at once if their link is up,
+    /// else when it is). Returns the id, or `None` if it was refused.
     pub(super) fn send(
         &mut self,
-        targets: Vec<String>,
+        targets: Vec<Target>,
         draft: Draft,
         now: Instant,
         dir: &Directory,
         actions: &mut Actions,
-    ) {
+    ) -> Option<u64> {
         let id = self.next_id;
-        let frame = protocol::frame(&LinkMsg::Chat {
-            id,
-            text: draft.text,
-            direct: draft.direct,
-            sent_at: draft.sent_at,
-        });
+        let text_len = draft.text.len();
+        let frame = chat_frame(id, draft.text.clone(), draft.direct, draft.sent_at);
         let body_len = frame.len() - PREFIX_LEN;
         if body_len > DEFAULT_MAX_FRAME {
             actions.error(
                 Code::TooLong,
                 format!("the message is {body_len} bytes encoded; at most {DEFAULT_MAX_FRAME} fit in a frame"),
             );
-            return;
+            return None;
+        }
+        if let Some(why) = self.over_limits(&targets, text_len) {
+            actions.error(Code::OutboxFull, why);
+            return None;
         }
         self.next_id += 1;
-        let to = targets.iter().map(|t| dir.display_name(t)).collect();
-        actions.emit(Event::Sent { id, to });
-        for target in targets {
-            if dir.get(&target).is_some_and(|k| k.mismatch) {
+        actions.record(Record::Sent(journal::Outgoing {
+            id,
+            text: draft.text,
+            direct: draft.direct,
+            sent_at: draft.sent_at,
+            targets: targets.iter().map(|t| t.party.clone()).collect(),
+        }));
+        let to = targets.iter().map(|t| t.party.name.clone()).collect();
+        actions.emit_recorded(Event::Sent { id, to });
+        let mut open = 0;
+        let mut waiting_for = Vec::new();
+        for Target { folded, party } in targets {
+            let refused = dir.get(&folded).is_some_and(|k| k.mismatch)
+                || dir.pinned(&folded).is_some_and(|k| k != party.key);
+            if refused {
                 let reason = Reason::Code(ErrorCode::KeyMismatch);
-                actions.undelivered(id, dir.display_name(&target), &reason);
+                self.record_failure(id, party.key, &reason, actions);
+                actions.undelivered(id, party.name, &reason);
                 continue;
             }
-            let deadline = now + self.send_timeout;
-            let link = self.links.entry(target.clone()).or_default();
-            link.queue.push_back(Outgoing {
-                id,
-                frame: frame.clone(),
-                deadline,
-            });
-            let arm = link.deadline.is_none();
-            match link.conn {
-                Some(conn) if link.up => actions.send(conn, frame.clone()),
-                // Sent with the rest of the queue once the link is up.
-                Some(_) => {}
-                None => self.ensure_link(&target, dir, actions),
-            }
-            if arm {
-                let key = actions.arm(deadline, Timer::SendDeadline(target.clone()));
-                if let Some(link) = self.links.get_mut(&target) {
-                    link.deadline = Some(key);
+            if self
+                .links
+                .get(&folded)
+                .is_some_and(|l| l.party.key != party.key)
+            {
+                // What still waits was for a key the name no longer has.
+                self.fail_queued(&folded, &Reason::KeyChanged, actions);
+                if let Some(link) = self.links.get_mut(&folded) {
+                    link.party = party.clone();
                 }
+            }
+            let name = party.name.clone();
+            self.enqueue(
+                &folded,
+                party,
+                Outgoing {
+                    id,
+                    frame: frame.clone(),
+                    text_len,
+                    sent_at: draft.sent_at,
+                    deadline: now + self.ttl,
+                    released: false,
+                },
+            );
+            open += 1;
+            if let Some(link) = self.links.get_mut(&folded) {
+                link.arm_deadline(&folded, actions);
+            }
+            if dir.contains(&folded) {
+                self.ensure_link(&folded, dir, actions);
+            } else {
+                actions.emit_recorded(Event::Queued {
+                    id,
+                    to: name,
+                    reason: Reason::Offline.to_string(),
+                });
+            }
+            waiting_for.push(folded);
+        }
+        if open == 0 {
+            actions.record(Record::Settled { id });
+        } else {
+            self.open.insert(id, open);
+            self.unreleased.insert(id, waiting_for);
+            actions.hold(Held::Release(id));
+        }
+        Some(id)
+    }
+
+    /// The record of message `id` is written: it goes out on the links
+    /// that are up, and on the others once they are.
+    pub(super) fn release(&mut self, id: u64, actions: &mut Actions) {
+        for folded in self.unreleased.remove(&id).unwrap_or_default() {
+            let Some(link) = self.links.get_mut(&folded) else {
+                continue;
+            };
+            // Unreleased messages are the newest: look from the back.
+            let Some(out) = link.queue.iter_mut().rev().find(|o| o.id == id) else {
+                continue;
+            };
+            out.released = true;
+            if let Some(conn) = link.conn.filter(|_| link.up) {
+                actions.send(conn, out.frame.clone());
             }
         }
     }
@@ -151,12 +361,39 @@ impl Outbox {
         let Some(addr) = dir.get(folded).filter(|k| !k.mismatch).map(|k| k.addr) else {
             return;
         };
-        let link = self.links.entry(folded.to_string()).or_default();
+        let Some(link) = self.links.get_mut(folded) else {
+            return;
+        };
         if link.conn.is_none() && link.retry.is_none() && !link.queue.is_empty() {
             let conn = actions.dial(addr);
             link.conn = Some(conn);
             self.conns.insert(conn, folded.to_string());
         }
+    }
+
+    /// The directory lists `folded` under `key`: what waits for that key
+    /// goes (a link is dialed); what waits for another key never will.
+    pub(super) fn on_listed(
+        &mut self,
+        folded: &str,
+        key: PublicKey,
+        dir: &Directory,
+        actions: &mut Actions,
+    ) {
+        let Some(link) = self.links.get(folded) else {
+            return;
+        };
+        if !link.queue.is_empty() && link.party.key != key {
+            actions.error(
+                Code::KeyChanged,
+                format!(
+                    "{} is back with another key, {key}; the messages waiting for the old one are not sent",
+                    link.party.name
+                ),
+            );
+            self.fail_queued(folded, &Reason::KeyChanged, actions);
+        }
+        self.ensure_link(folded, dir, actions);
     }
 
     /// Our link is up and proved `key`: if that is the key the directory
@@ -181,7 +418,8 @@ impl Outbox {
             actions.close(conn, "no longer listed");
             return;
         };
-        if known.key != key || known.mismatch {
+        let queued_for = self.links.get(&target).map(|l| l.party.key);
+        if known.key != key || known.mismatch || queued_for.is_some_and(|k| k != key) {
             // Whoever is at that address now is not the peer the directory
             // lists (or not the one we pinned): never hand it the chats.
             let message = if known.mismatch {
@@ -205,7 +443,7 @@ impl Outbox {
         actions.send(conn, protocol::frame(hello));
         if let Some(link) = self.links.get_mut(&target) {
             link.up = true;
-            for out in &link.queue {
+            for out in link.queue.iter().take_while(|o| o.released) {
                 actions.send(conn, out.frame.clone());
             }
         }
@@ -220,37 +458,12 @@ impl Outbox {
         }
     }
 
-    pub(super) fn on_frame(
-        &mut self,
-        conn: LinkId,
-        body: &[u8],
-        dir: &Directory,
-        actions: &mut Actions,
-    ) {
-        let Some(target) = self.conns.get(&conn) else {
+    pub(super) fn on_frame(&mut self, conn: LinkId, body: &[u8], actions: &mut Actions) {
+        let Some(target) = self.conns.get(&conn).cloned() else {
             return;
         };
         match codec::decode::<LinkMsg>(body) {
-            Ok(LinkMsg::Ack { id }) => {
-                let Some(link) = self.links.get_mut(target) else {
-                    return;
-                };
-                let Some(pos) = link.queue.iter().position(|o| o.id == id) else {
-                    return; // A second ack for a resent message.
-                };
-                link.queue.remove(pos);
-                if pos == 0 {
-                    // The deadline was the acknowledged message's.
-                    actions.cancel(link.deadline.take());
-                    if let Some(next) = link.queue.front().map(|o| o.deadline) {
-                        let timer = Timer::SendDeadline(target.clone());
-                        link.deadline = Some(actions.arm(next, timer));
-                    }
-                }
-                link.backoff = self.backoff_min;
-                let to = dir.display_name(target);
-                actions.emit(Event::Delivered { id, to });
-            }
+            Ok(LinkMsg::Ack { id }) => self.on_ack(&target, id, actions),
             Ok(LinkMsg::Error { code, reason }) => {
                 tracing::warn!(peer = %target, %code, %reason, "the peer refused our link");
             }
@@ -263,6 +476,59 @@ impl Outbox {
                 actions.close(conn, format!("undecodable frame: {e}"));
             }
         }
+    }
+
+    /// A link delivers in order, so an ack covers every message sent before
+    /// it on the link: the queue's front, up to `id`. Only released
+    /// messages were sent; an ack for anything else covers nothing.
+    fn on_ack(&mut self, target: &str, id: u64, actions: &mut Actions) {
+        let Some(link) = self.links.get_mut(target) else {
+            return;
+        };
+        let mut delivered = Vec::new();
+        while link.queue.front().is_some_and(|o| o.id <= id && o.released) {
+            if let Some(out) = link.queue.pop_front() {
+                link.bytes -= out.text_len;
+                delivered.push(out);
+            }
+        }
+        let Some(last) = delivered.last().map(|o| o.id) else {
+            return; // A second ack for a resent message.
+        };
+        actions.cancel(link.deadline.take());
+        link.arm_deadline(target, actions);
+        link.backoff = self.backoff_min;
+        let party = link.party.clone();
+        actions.record_ack(party.key, last);
+        for out in delivered {
+            self.total -= 1;
+            self.total_bytes -= out.text_len;
+            actions.emit_recorded(Event::Delivered {
+                id: out.id,
+                to: party.name.clone(),
+            });
+            self.settle_one(out.id, actions);
+        }
+    }
+
+    /// One more target of message `id` has its outcome.
+    fn settle_one(&mut self, id: u64, actions: &mut Actions) {
+        if let Some(open) = self.open.get_mut(&id) {
+            *open -= 1;
+            if *open == 0 {
+                self.open.remove(&id);
+                actions.record(Record::Settled { id });
+            }
+        }
+    }
+
+    fn record_failure(&self, id: u64, target: PublicKey, reason: &Reason, actions: &mut Actions) {
+        actions.record(Record::Failed {
+            id,
+            target,
+            reason: reason.to_string(),
+            at: actions.wall_ms(),
+        });
     }
 
     pub(super) fn on_closed(
@@ -314,50 +580,54 @@ impl Outbox {
         self.ensure_link(target, dir, actions);
     }
 
-    /// The front of the queue is due: what is overdue by now is
-    /// undelivered, and the timer is armed again for the next in line.
-    pub(super) fn on_deadline(
-        &mut self,
-        target: &str,
-        now: Instant,
-        dir: &Directory,
-        actions: &mut Actions,
-    ) {
+    /// The front of the queue is due: what is overdue by now expired, and
+    /// the timer is armed again for the next in line.
+    pub(super) fn on_deadline(&mut self, target: &str, now: Instant, actions: &mut Actions) {
         let Some(link) = self.links.get_mut(target) else {
             return;
         };
         link.deadline = None;
         let mut overdue = Vec::new();
         while link.queue.front().is_some_and(|o| o.deadline <= now) {
-            overdue.extend(link.queue.pop_front().map(|o| o.id));
+            if let Some(out) = link.queue.pop_front() {
+                link.bytes -= out.text_len;
+                overdue.push(out);
+            }
         }
-        if let Some(next) = link.queue.front().map(|o| o.deadline) {
-            let timer = Timer::SendDeadline(target.to_string());
-            link.deadline = Some(actions.arm(next, timer));
-        }
-        let to = dir.display_name(target);
-        for id in overdue {
-            tracing::info!(id, %to, "no acknowledgement in time");
-            actions.undelivered(id, to.clone(), &Reason::NoAck);
+        link.arm_deadline(target, actions);
+        let party = link.party.clone();
+        for out in overdue {
+            tracing::info!(id = out.id, to = %party.name, "no acknowledgement within the outbox's time to live");
+            self.drop_failed(out, &party, &Reason::Expired, actions);
         }
     }
 
-    /// Reports every message waiting for `folded` as undelivered.
-    pub(super) fn fail_queued(
+    /// Reports a message taken off a queue as undelivered to `party`.
+    fn drop_failed(
         &mut self,
-        folded: &str,
+        out: Outgoing,
+        party: &Party,
         reason: &Reason,
-        dir: &Directory,
         actions: &mut Actions,
     ) {
+        self.total -= 1;
+        self.total_bytes -= out.text_len;
+        self.record_failure(out.id, party.key, reason, actions);
+        actions.undelivered(out.id, party.name.clone(), reason);
+        self.settle_one(out.id, actions);
+    }
+
+    /// Reports every message waiting for `folded` as undelivered.
+    pub(super) fn fail_queued(&mut self, folded: &str, reason: &Reason, actions: &mut Actions) {
         let Some(link) = self.links.get_mut(folded) else {
             return;
         };
         let queue = std::mem::take(&mut link.queue);
+        link.bytes = 0;
         actions.cancel(link.deadline.take());
-        let to = dir.display_name(folded);
+        let party = link.party.clone();
         for out in queue {
-            actions.undelivered(out.id, to.clone(), reason);
+            self.drop_failed(out, &party, reason, actions);
         }
     }
 
@@ -374,39 +644,92 @@ impl Outbox {
         self.ensure_link(folded, dir, actions);
     }
 
-    /// `folded`, shown as `name`, is gone: what waits for it is undelivered
-    /// for `reason`, and our link to it closes.
-    pub(super) fn forget(
-        &mut self,
-        folded: &str,
-        name: &str,
-        reason: &Reason,
-        actions: &mut Actions,
-    ) {
-        let Some(mut link) = self.links.remove(folded) else {
+    /// `folded` is away (it left for `reason`): our link to it closes, and
+    /// what waits for it is kept until it is back.
+    pub(super) fn away(&mut self, folded: &str, reason: &Reason, actions: &mut Actions) {
+        let Some(link) = self.links.get_mut(folded) else {
             return;
         };
-        link.disarm(actions);
-        for out in link.queue {
-            actions.undelivered(out.id, name.to_string(), reason);
-        }
-        if let Some(conn) = link.conn {
+        actions.cancel(link.retry.take());
+        link.up = false;
+        link.backoff = Duration::ZERO;
+        if let Some(conn) = link.conn.take() {
             self.conns.remove(&conn);
-            actions.close(conn, format!("{name} left"));
+            actions.close(conn, format!("{} left", link.party.name));
+        }
+        for out in &link.queue {
+            actions.emit_recorded(Event::Queued {
+                id: out.id,
+                to: link.party.name.clone(),
+                reason: reason.to_string(),
+            });
         }
     }
 
-    /// The peer exits: everything unacknowledged is undelivered for
-    /// `reason`, by target in name order.
-    pub(super) fn give_up(&mut self, reason: &Reason, dir: &Directory, actions: &mut Actions) {
+    /// What waits, target by target in name order, at most `limit` entries.
+    pub(super) fn list(&self, dir: &Directory, limit: usize) -> Vec<Waiting> {
+        let mut links: Vec<(&String, &OutLink)> = self.links.iter().collect();
+        links.sort_by(|a, b| a.0.cmp(b.0));
+        links
+            .into_iter()
+            .flat_map(|(folded, link)| {
+                let online = link.up && dir.contains(folded);
+                link.queue.iter().map(move |out| Waiting {
+                    id: out.id,
+                    to: link.party.name.clone(),
+                    text: chat_text(&out.frame),
+                    sent_at: out.sent_at,
+                    online,
+                })
+            })
+            .take(limit)
+            .collect()
+    }
+
+    /// The peer exits. With a store, what is unacknowledged is kept for
+    /// the next run: said (`queued`, reason `exit`) for the targets online;
+    /// those away were told of already. Without one, it is undelivered for
+    /// `reason`. By target in name order.
+    pub(super) fn exit(
+        &mut self,
+        persistent: bool,
+        reason: &Reason,
+        dir: &Directory,
+        actions: &mut Actions,
+    ) {
         let mut links: Vec<(String, OutLink)> = self.links.drain().collect();
         links.sort_by(|a, b| a.0.cmp(&b.0));
         for (folded, mut link) in links {
             link.disarm(actions);
-            let to = dir.display_name(&folded);
+            let online = dir.contains(&folded);
             for out in link.queue {
-                actions.undelivered(out.id, to.clone(), reason);
+                if !persistent {
+                    actions.undelivered(out.id, link.party.name.clone(), reason);
+                } else if online {
+                    actions.emit_recorded(Event::Queued {
+                        id: out.id,
+                        to: link.party.name.clone(),
+                        reason: Reason::Exit.to_string(),
+                    });
+                }
             }
         }
+    }
+}
+
+fn chat_frame(id: u64, text: String, direct: bool, sent_at: u64) -> Bytes {
+    protocol::frame(&LinkMsg::Chat {
+        id,
+        text,
+        direct,
+        sent_at: Some(sent_at),
+    })
+}
+
+/// The text of a chat frame we made.
+fn chat_text(frame: &Bytes) -> String {
+    match codec::decode::<LinkMsg>(&frame[PREFIX_LEN..]) {
+        Ok(LinkMsg::Chat { text, .. }) => text,
+        _ => String::new(),
     }
 }

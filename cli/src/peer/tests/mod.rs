@@ -17,6 +17,7 @@ mod invariant;
 mod outbox;
 mod quit;
 mod session;
+mod store;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -192,6 +193,14 @@ fn undelivered(id: u64, to: &str, reason: &str) -> Event {
     }
 }
 
+fn queued(id: u64, to: &str, reason: &str) -> Event {
+    Event::Queued {
+        id,
+        to: to.into(),
+        reason: reason.into(),
+    }
+}
+
 fn message(from: &str, text: &str, direct: bool, id: u64) -> Event {
     Event::Message {
         from: from.into(),
@@ -263,14 +272,27 @@ struct Sim {
     /// name; "" for the registry).
     imposters: HashMap<String, PublicKey>,
     pins: Vec<Pin>,
+    /// Every record the peer asked to write, in order, and the batches
+    /// not committed yet.
+    records: Vec<Record>,
+    uncommitted: Vec<u64>,
+    /// Batches are committed as soon as they come, unless this is set.
+    hold_commits: bool,
+    queries: Vec<Query>,
 }
 
 impl Sim {
     fn with(config: Config, trust: Trust) -> Self {
+        Sim::resuming(config, trust, Saved::default())
+    }
+
+    /// A peer that starts from what a store kept.
+    fn resuming(config: Config, trust: Trust, saved: Saved) -> Self {
+        let now = Instant::now();
         Sim {
             registry: config.registry,
-            peer: Peer::new(config, trust, 7),
-            now: Instant::now(),
+            peer: Peer::new(config, trust, saved, 7, now, wall()),
+            now,
             next_accepted: 0,
             registry_dials: DialMode::Answer,
             link_dials: DialMode::Answer,
@@ -287,7 +309,19 @@ impl Sim {
             exits: Vec::new(),
             imposters: HashMap::new(),
             pins: Vec::new(),
+            records: Vec::new(),
+            uncommitted: Vec::new(),
+            hold_commits: false,
+            queries: Vec::new(),
         }
+    }
+
+    /// Commits every batch written so far, as a store thread would.
+    fn commit(&mut self) {
+        if let Some(batch) = self.uncommitted.drain(..).max() {
+            self.peer.committed(batch, self.now);
+        }
+        self.apply();
     }
 
     fn new() -> Self {
@@ -343,6 +377,7 @@ impl Sim {
     /// Moves the peer's outputs into the record until it has none left.
     fn apply(&mut self) {
         loop {
+            self.peer.end_turn(self.now);
             let outputs: Vec<_> = std::iter::from_fn(|| self.peer.poll_output()).collect();
             if outputs.is_empty() {
                 break;
@@ -388,6 +423,15 @@ impl Sim {
                     Output::Host(HostOutput::Show(event)) => self.events.push(event),
                     Output::Host(HostOutput::Pin(pin)) => self.pins.push(pin),
                     Output::Host(HostOutput::Exit(code)) => self.exits.push(code),
+                    Output::Host(HostOutput::Record { batch, records }) => {
+                        self.records.extend(records);
+                        if self.hold_commits {
+                            self.uncommitted.push(batch);
+                        } else {
+                            self.peer.committed(batch, self.now);
+                        }
+                    }
+                    Output::Host(HostOutput::Query(query)) => self.queries.push(query),
                 }
             }
             if let Some(c) = answer_heartbeat.filter(|c| !self.gone.contains(c)) {

@@ -176,7 +176,7 @@ fn a_failed_link_dial_is_retried() {
 }
 
 #[test]
-fn a_target_that_leaves_turns_each_unacked_message_into_one_undelivered() {
+fn a_target_that_leaves_keeps_its_messages_queued_until_it_is_back() {
     let mut sim = Sim::online(&["bob", "carol"]);
     sim.msg("bob", "one");
     sim.say("two");
@@ -193,38 +193,156 @@ fn a_target_that_leaves_turns_each_unacked_message_into_one_undelivered() {
                 name: "bob".into(),
                 reason: "timeout".into()
             },
-            undelivered(2, "bob", "timeout"),
-            undelivered(3, "bob", "timeout"),
+            queued(2, "bob", "timeout"),
+            queued(3, "bob", "timeout"),
         ]
     );
     assert!(sim.closes.contains_key(&b), "the link to bob closes");
     assert!(!sim.gone.contains(&c), "carol's link stays");
     sim.link_in(c, &LinkMsg::Ack { id: 2 });
     assert_eq!(sim.take_events(), vec![delivered(2, "carol")]);
+
+    sim.advance(Duration::from_secs(60));
+    sim.update(vec![joined("bob")]);
+    let b = sim.link_conn("bob");
+    assert_eq!(
+        sim.take_link(b),
+        vec![
+            sim.my_hello(),
+            chat(2, "two", false),
+            chat(3, "three", true)
+        ],
+        "what waited goes, in order, once bob is back"
+    );
+    sim.link_in(b, &LinkMsg::Ack { id: 3 });
+    let events = sim.take_events();
+    assert_eq!(
+        events[1..],
+        [delivered(2, "bob"), delivered(3, "bob")],
+        "one ack covers what was sent before it: {events:?}"
+    );
+}
+
+#[test]
+fn a_target_back_with_another_key_gets_nothing_that_waited() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.msg("bob", "one");
+    sim.update(vec![left("bob", "quit")]);
+    sim.take_all();
+    let impostor = key_of("not bob");
+    sim.update(vec![Change::Joined {
+        name: "bob".into(),
+        addr: addr("bob"),
+        key: impostor,
+    }]);
+    let events = sim.take_events();
+    // The link to bob succeeded once, so bob's key is pinned.
+    assert_eq!(errors_with_code(&events, "key_mismatch"), 1, "{events:?}");
+    assert!(
+        events.contains(&undelivered(1, "bob", "key_mismatch")),
+        "{events:?}"
+    );
+    assert_eq!(sim.link_dials_to("bob").len(), 1, "no dial for the new key");
+}
+
+#[test]
+fn a_target_never_reached_and_back_with_another_key_fails_as_key_changed() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.link_dials = DialMode::Pending;
+    sim.msg("bob", "one");
+    sim.update(vec![left("bob", "quit")]);
+    sim.take_all();
+    sim.update(vec![Change::Joined {
+        name: "bob".into(),
+        addr: addr("bob"),
+        key: key_of("not bob"),
+    }]);
+    let events = sim.take_events();
+    assert_eq!(errors_with_code(&events, "key_changed"), 1, "{events:?}");
+    assert!(
+        events.contains(&undelivered(1, "bob", "key_changed")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn the_outbox_ttl_turns_an_unacked_message_into_expired() {
+    let mut config = config();
+    config.outbox_ttl = Duration::from_secs(30);
+    let mut sim = Sim::with(config, Trust::default());
+    sim.start();
+    sim.registry_says(&welcome(&["bob"], false));
+    sim.take_all();
+    sim.msg("bob", "one");
+    sim.advance(Duration::from_secs(1));
+    sim.msg("bob", "two");
+    let b = sim.link_conn("bob");
+    sim.take_all();
+    sim.advance(Duration::from_secs(29) - ms(1));
+    assert!(sim.take_events().is_empty());
+    sim.advance(ms(1));
+    assert_eq!(sim.take_events(), vec![undelivered(1, "bob", "expired")]);
+    sim.link_in(b, &LinkMsg::Ack { id: 1 });
+    assert!(sim.take_events().is_empty(), "a late ack changes nothing");
+    sim.link_in(b, &LinkMsg::Ack { id: 2 });
+    assert_eq!(sim.take_events(), vec![delivered(2, "bob")]);
     sim.advance(Duration::from_secs(60));
     assert!(sim.take_events().is_empty(), "never a second outcome");
 }
 
 #[test]
-fn send_timeout_turns_an_unacked_message_into_undelivered() {
-    let mut sim = Sim::online(&["bob"]);
+fn a_message_to_someone_met_before_but_away_is_queued() {
+    let mut sim = Sim::trusting(pinning("bob", key_of("bob")));
+    sim.start();
+    sim.registry_says(&welcome(&[], false));
+    sim.take_all();
+    sim.msg("Bob", "later");
+    assert_eq!(
+        sim.take_events(),
+        vec![sent(1, &["Bob"]), queued(1, "Bob", "offline")]
+    );
+    assert!(sim.link_dials_to("bob").is_empty());
+    sim.update(vec![joined("bob")]);
+    let b = sim.link_conn("bob");
+    assert_eq!(
+        sim.take_link(b),
+        vec![sim.my_hello(), chat(1, "later", true)]
+    );
+}
+
+#[test]
+fn the_outbox_refuses_beyond_its_limits_and_drops_nothing() {
+    let mut config = config();
+    config.outbox_limits = OutboxLimits {
+        per_target: 2,
+        per_target_bytes: 1000,
+        total: 3,
+        total_bytes: 1000,
+    };
+    let mut sim = Sim::with(config, Trust::default());
+    sim.start();
+    sim.registry_says(&welcome(&["bob", "carol"], false));
+    sim.take_all();
     sim.msg("bob", "one");
-    sim.advance(Duration::from_secs(1));
     sim.msg("bob", "two");
+    sim.msg("bob", "three");
+    let events = sim.take_events();
+    assert!(
+        the_error(&events, "outbox_full").contains("bob"),
+        "{events:?}"
+    );
+    sim.msg("carol", "four");
+    sim.msg("carol", "five");
+    let events = sim.take_events();
+    assert_eq!(errors_with_code(&events, "outbox_full"), 1, "{events:?}");
     let b = sim.link_conn("bob");
     sim.link_in(b, &LinkMsg::Ack { id: 2 });
-    sim.take_all();
-    sim.advance(Duration::from_secs(29) - ms(1));
-    assert!(sim.take_events().is_empty());
-    sim.advance(ms(1));
-    let events = sim.take_events();
-    let [Event::Undelivered { id: 1, to, reason }] = events.as_slice() else {
-        panic!("{events:?}")
-    };
-    assert_eq!((to.as_str(), reason.as_str()), ("bob", "no_ack"));
-    sim.link_in(b, &LinkMsg::Ack { id: 1 });
-    sim.advance(Duration::from_secs(60));
-    assert!(sim.take_events().is_empty(), "a late ack changes nothing");
+    assert_eq!(
+        sim.take_events(),
+        vec![delivered(1, "bob"), delivered(2, "bob")]
+    );
+    sim.msg("carol", "six");
+    assert_eq!(sim.take_events(), vec![sent(4, &["carol"])], "room again");
 }
 
 #[test]
