@@ -46,6 +46,8 @@
 //! `BROADCAST_SIZES` (comma-separated; the churn bench runs for the sizes
 //! among 100 and 1000) and let criterion sample briefly:
 //! `BROADCAST_SIZES=10,100 cargo bench --bench broadcast -- --quick`.
+//! `BROADCAST_PEER_ARGS` adds arguments to the peer's command line:
+//! `BROADCAST_PEER_ARGS=--no-store` measures section 3 without the store.
 //!
 //! One bench binary: its process, wire and report harness (what other
 //! benches and tests share is in the testkit), and one module per section.

@@ -421,6 +421,18 @@ pub struct PeerProc {
     pub sent_after: Option<Duration>,
 }
 
+/// Names the peer's extra arguments (whitespace-separated), e.g.
+/// `--no-store` to measure the fan-out without the store.
+const PEER_ARGS_VAR: &str = "BROADCAST_PEER_ARGS";
+
+fn extra_args() -> Vec<String> {
+    std::env::var(PEER_ARGS_VAR)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
 impl PeerProc {
     /// Starts a peer with its own data directory (key file, known_peers)
     /// under `data_home`, pinned to the registry's key from the start.
@@ -437,6 +449,7 @@ impl PeerProc {
             "--listen",
             "127.0.0.1:0",
         ])
+        .args(extra_args())
         .env("XDG_DATA_HOME", data_home)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())

@@ -222,6 +222,7 @@ impl View {
             Event::Outbox { messages } => {
                 let line = match messages.len() {
                     0 => "* the outbox is empty: everything sent was acknowledged".into(),
+                    1 => "* 1 message waits for an acknowledgement:".into(),
                     n => format!("* {n} messages wait for an acknowledgement:"),
                 };
                 self.status(line, now, &mut out);

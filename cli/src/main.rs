@@ -205,17 +205,19 @@ impl PeerHost {
                     };
                     self.show(&event);
                 }
-                Reply::Failed(message) => {
-                    // Nothing more can be recorded, so nothing more may be
-                    // shown or sent: what was recorded is kept.
-                    self.show(&Event::Error {
-                        code: "store".into(),
-                        message: format!("{message}; exiting"),
-                    });
-                    self.stop(ctx, 2);
-                }
+                Reply::Failed(message) => self.store_failed(ctx, message),
             }
         }
+    }
+
+    /// Nothing more can be recorded, so nothing more may be shown or sent:
+    /// the peer exits, and what was recorded is kept for its next run.
+    fn store_failed(&mut self, ctx: &mut HostCtx<Peer, Self>, message: String) {
+        self.show(&Event::Error {
+            code: "store".into(),
+            message: format!("{message}; exiting"),
+        });
+        self.stop(ctx, 2);
     }
 }
 
@@ -228,14 +230,22 @@ impl Host<Peer> for PeerHost {
             HostOutput::Pin(pin) => self.save_pin(&pin),
             HostOutput::Exit(code) => self.stop(ctx, code),
             HostOutput::Record { batch, records } => match &self.store {
-                Some(store) => store.write(batch, records),
+                Some(store) => {
+                    if let Err(e) = store.write(batch, records) {
+                        self.store_failed(ctx, e.to_string());
+                    }
+                }
                 None => peer.committed(batch, ctx.now()),
             },
             HostOutput::Query(query) => match &self.store {
                 Some(store) => {
                     self.next_query += 1;
-                    store.query(self.next_query, query.clone());
-                    self.queries.insert(self.next_query, query);
+                    match store.query(self.next_query, query.clone()) {
+                        Ok(()) => {
+                            self.queries.insert(self.next_query, query);
+                        }
+                        Err(e) => self.store_failed(ctx, e.to_string()),
+                    }
                 }
                 None => self.show(&Event::Error {
                     code: "no_store".into(),

@@ -934,6 +934,11 @@ pub struct StoreThread {
     thread: thread::JoinHandle<Result<(), String>>,
 }
 
+/// The store's thread stopped taking requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the store's thread stopped")]
+pub struct ThreadGone;
+
 #[derive(Debug)]
 pub enum Reply {
     /// Every write up to this batch is committed.
@@ -954,13 +959,18 @@ enum Request {
 }
 
 impl StoreThread {
-    pub fn write(&self, batch: u64, records: Vec<Record>) {
-        // A thread that is gone says why in `close`.
-        let _ = self.requests.send(Request::Write(batch, records));
+    /// Fails only if the thread is gone (it panicked): nothing more can be
+    /// written, and `close` says why.
+    pub fn write(&self, batch: u64, records: Vec<Record>) -> Result<(), ThreadGone> {
+        self.requests
+            .send(Request::Write(batch, records))
+            .map_err(|_| ThreadGone)
     }
 
-    pub fn query(&self, tag: u64, query: Query) {
-        let _ = self.requests.send(Request::Query(tag, query));
+    pub fn query(&self, tag: u64, query: Query) -> Result<(), ThreadGone> {
+        self.requests
+            .send(Request::Query(tag, query))
+            .map_err(|_| ThreadGone)
     }
 
     pub fn try_reply(&self) -> Option<Reply> {
@@ -1568,25 +1578,33 @@ mod tests {
             let _ = entered.send(());
             let _ = released.recv();
         });
-        thread.write(1, vec![sent(1, "one", false, &[&a])]);
+        thread.write(1, vec![sent(1, "one", false, &[&a])]).unwrap();
         notified.recv().unwrap();
-        thread.write(2, vec![sent(2, "two", false, &[&a])]);
-        thread.write(
-            3,
-            vec![Record::Acked {
-                target: a.key,
-                through: 1,
-            }],
-        );
-        thread.query(
-            7,
-            Query::History {
-                with: None,
-                limit: 10,
-            },
-        );
-        thread.write(4, vec![sent(4, "four", false, &[&a])]);
-        thread.write(5, vec![sent(5, "five", false, &[&a])]);
+        thread.write(2, vec![sent(2, "two", false, &[&a])]).unwrap();
+        thread
+            .write(
+                3,
+                vec![Record::Acked {
+                    target: a.key,
+                    through: 1,
+                }],
+            )
+            .unwrap();
+        thread
+            .query(
+                7,
+                Query::History {
+                    with: None,
+                    limit: 10,
+                },
+            )
+            .unwrap();
+        thread
+            .write(4, vec![sent(4, "four", false, &[&a])])
+            .unwrap();
+        thread
+            .write(5, vec![sent(5, "five", false, &[&a])])
+            .unwrap();
         drop(release);
         for _ in 0..3 {
             notified.recv().unwrap();
@@ -1619,8 +1637,10 @@ mod tests {
             [(1, "delivered"), (2, "queued")]
         );
 
-        thread.write(6, vec![sent(6, "six", false, &[&a])]);
-        thread.write(7, vec![sent(7, "seven", false, &[&a])]);
+        thread.write(6, vec![sent(6, "six", false, &[&a])]).unwrap();
+        thread
+            .write(7, vec![sent(7, "seven", false, &[&a])])
+            .unwrap();
         thread.close().unwrap();
         let saved = open(&options).1;
         assert_eq!(
@@ -1642,25 +1662,29 @@ mod tests {
         let thread = store.spawn(move || {
             let _ = notify.send(());
         });
-        thread.write(
-            1,
-            vec![
-                sent(1, "lost", false, &[&a]),
-                Record::Failed {
-                    id: 1,
-                    target: a.key,
-                    reason: "expired".into(),
-                    at: 5,
-                },
-            ],
-        );
+        thread
+            .write(
+                1,
+                vec![
+                    sent(1, "lost", false, &[&a]),
+                    Record::Failed {
+                        id: 1,
+                        target: a.key,
+                        reason: "expired".into(),
+                        at: 5,
+                    },
+                ],
+            )
+            .unwrap();
         notified.recv().unwrap();
         let reply = thread.try_reply();
         assert!(
             matches!(&reply, Some(Reply::Failed(why)) if why.contains("no such table")),
             "{reply:?}"
         );
-        thread.write(2, vec![sent(2, "dropped", false, &[&a])]);
+        thread
+            .write(2, vec![sent(2, "dropped", false, &[&a])])
+            .unwrap();
         let why = thread.close().unwrap_err();
         assert!(why.contains("no such table"), "{why}");
         let saved = open(&options).1;

@@ -316,3 +316,104 @@ fn long_lines_wrap_into_marked_rows_so_padding_cannot_start_a_line() {
         "too narrow to wrap: left to the terminal"
     );
 }
+
+#[test]
+fn history_is_dated_marks_what_is_not_delivered_and_stays_inert() {
+    use crate::journal::{Entry, TargetState};
+    let now = at(1_800_000_000);
+    let hostile = "hi\u{1b}[2J\u{202e}there\nsecond line";
+    let history = Event::History {
+        with: None,
+        messages: vec![
+            Entry {
+                id: 3,
+                from: "bob".into(),
+                outgoing: false,
+                with: None,
+                text: hostile.into(),
+                sent_at: Some(1_799_000_000_000),
+                received_at: 1_799_000_000_500,
+                targets: Vec::new(),
+            },
+            Entry {
+                id: 7,
+                from: "alice".into(),
+                outgoing: true,
+                with: None,
+                text: "to all".into(),
+                sent_at: Some(1_799_000_100_000),
+                received_at: 1_799_000_100_000,
+                targets: vec![
+                    TargetState {
+                        to: "bob".into(),
+                        state: "delivered",
+                        reason: None,
+                    },
+                    TargetState {
+                        to: "carol".into(),
+                        state: "undelivered",
+                        reason: Some("expired".into()),
+                    },
+                ],
+            },
+        ],
+    };
+    let lines = view().event(&history, now);
+    assert!(lines.iter().all(|l| inert(l)), "{lines:?}");
+    let day = Local::at(UNIX_EPOCH + Duration::from_millis(1_799_000_000_500)).long_date();
+    assert!(
+        lines[0].ends_with("* messages to everyone, the last 2:"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].contains(&day) && lines[1].contains("<bob> hi"),
+        "{lines:?}"
+    );
+    assert!(lines[2].contains("<bob> \u{2502} second line"), "{lines:?}");
+    assert!(lines[3].contains("<alice> to all"), "{lines:?}");
+    assert_eq!(
+        lines[4], "    (carol undelivered (expired))",
+        "delivered is not listed"
+    );
+    assert_eq!(lines.len(), 5);
+}
+
+#[test]
+fn queued_messages_and_the_outbox_say_who_is_away() {
+    let now = at(1_800_000_000);
+    let mut view = view();
+    let queued = Event::Queued {
+        id: 4,
+        to: "bob".into(),
+        reason: "timeout".into(),
+    };
+    let lines = view.event(&queued, now);
+    assert!(
+        lines[0].ends_with(
+            "* message 4 waits for bob, who is away (timeout): it is sent when they are back"
+        ),
+        "{lines:?}"
+    );
+    let outbox = Event::Outbox {
+        messages: vec![crate::peer::Waiting {
+            id: 4,
+            to: "bob".into(),
+            text: "two\nlines\u{7}".into(),
+            sent_at: 1_799_999_000_000,
+            online: false,
+        }],
+    };
+    let lines = view.event(&outbox, now);
+    assert!(
+        lines[0].ends_with("* 1 message waits for an acknowledgement:"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("    #4 to bob (away), sent "),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].ends_with(": two \u{21b5} lines\u{2407}"),
+        "{lines:?}"
+    );
+}
