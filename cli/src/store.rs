@@ -1097,6 +1097,22 @@ mod tests {
         }
     }
 
+    fn acked(target: &Party, through: u64) -> Record {
+        Record::Acked {
+            target: target.key,
+            through,
+        }
+    }
+
+    fn failed(id: u64, target: &Party, reason: &str, at: u64) -> Record {
+        Record::Failed {
+            id,
+            target: target.key,
+            reason: reason.into(),
+            at,
+        }
+    }
+
     fn sent(id: u64, text: &str, direct: bool, targets: &[&Party]) -> Record {
         Record::Sent(Outgoing {
             id,
@@ -1214,23 +1230,10 @@ mod tests {
 
         store
             .write(&[
-                Record::Acked {
-                    target: a.key,
-                    through: 1,
-                },
-                Record::Failed {
-                    id: 1,
-                    target: b.key,
-                    reason: "expired".into(),
-                    at: 5,
-                },
+                acked(&a, 1),
+                failed(1, &b, "expired", 5),
                 // Again: no harm.
-                Record::Failed {
-                    id: 1,
-                    target: b.key,
-                    reason: "expired".into(),
-                    at: 6,
-                },
+                failed(1, &b, "expired", 6),
                 // Nobody we know: ignored.
                 Record::Acked {
                     target: key(9),
@@ -1247,12 +1250,7 @@ mod tests {
 
         let (mut store, _) = open(&options);
         // Bob's acknowledgement delivers message 2; message 1 failed him already.
-        store
-            .write(&[Record::Acked {
-                target: b.key,
-                through: 2,
-            }])
-            .unwrap();
+        store.write(&[acked(&b, 2)]).unwrap();
         drop(store);
         assert_eq!(outbox_of(&options), [(1, vec!["carol2".into()])]);
 
@@ -1273,12 +1271,7 @@ mod tests {
             .write(&[
                 sent(1, "mine", false, &[&a]),
                 received(&a, 40, 8, "secret", false),
-                Record::Failed {
-                    id: 1,
-                    target: a.key,
-                    reason: "expired".into(),
-                    at: 5,
-                },
+                failed(1, &a, "expired", 5),
             ])
             .unwrap();
         // The outbox keeps its text until it settles.
@@ -1351,16 +1344,8 @@ mod tests {
                 received(&a, 1, 9, "hi me, privately", true),
                 sent(2, "reply to alice", true, &[&a]),
                 received(&b, 1, 4, r#"bob says "quoted" AND NEAR(x) col:umn*"#, false),
-                Record::Acked {
-                    target: a.key,
-                    through: 1,
-                },
-                Record::Failed {
-                    id: 1,
-                    target: b.key,
-                    reason: "expired".into(),
-                    at: 5,
-                },
+                acked(&a, 1),
+                failed(1, &b, "expired", 5),
             ])
             .unwrap();
 
@@ -1581,15 +1566,7 @@ mod tests {
         thread.write(1, vec![sent(1, "one", false, &[&a])]).unwrap();
         notified.recv().unwrap();
         thread.write(2, vec![sent(2, "two", false, &[&a])]).unwrap();
-        thread
-            .write(
-                3,
-                vec![Record::Acked {
-                    target: a.key,
-                    through: 1,
-                }],
-            )
-            .unwrap();
+        thread.write(3, vec![acked(&a, 1)]).unwrap();
         thread
             .query(
                 7,
@@ -1665,15 +1642,7 @@ mod tests {
         thread
             .write(
                 1,
-                vec![
-                    sent(1, "lost", false, &[&a]),
-                    Record::Failed {
-                        id: 1,
-                        target: a.key,
-                        reason: "expired".into(),
-                        at: 5,
-                    },
-                ],
+                vec![sent(1, "lost", false, &[&a]), failed(1, &a, "expired", 5)],
             )
             .unwrap();
         notified.recv().unwrap();
