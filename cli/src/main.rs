@@ -102,6 +102,10 @@ struct PeerHost {
     /// Queries asked of the store, by tag, to show their answers as.
     queries: HashMap<u64, Query>,
     next_query: u64,
+    /// Lines or records went to the store's thread this turn: it is told
+    /// when the turn ends.
+    store_dirty: bool,
+    turn_ending: bool,
     exit: Option<i32>,
     known_peers: PathBuf,
     /// The registry as named on the command line: its pin's subject.
@@ -110,25 +114,43 @@ struct PeerHost {
 
 impl PeerHost {
     fn show(&mut self, event: &Event) {
-        let Some(view) = &mut self.view else {
-            match serde_json::to_string(event) {
-                Ok(line) => self.out.line(&line),
-                Err(e) => tracing::error!(error = %e, "cannot encode an event"),
-            }
-            return;
-        };
-        let now = SystemTime::now();
-        if let Event::Sent { id, to } = event {
-            if let Some((text, direct_to)) = self.echo.remove(id) {
-                if !to.is_empty() {
-                    for line in view.echo(&text, direct_to.as_deref(), now) {
-                        self.out.line(&line);
+        let lines = match &mut self.view {
+            None => match serde_json::to_string(event) {
+                Ok(line) => vec![line],
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode an event");
+                    return;
+                }
+            },
+            Some(view) => {
+                let now = SystemTime::now();
+                let mut lines = Vec::new();
+                if let Event::Sent { id, to } = event {
+                    if let Some((text, direct_to)) = self.echo.remove(id) {
+                        if !to.is_empty() {
+                            lines.extend(view.echo(&text, direct_to.as_deref(), now));
+                        }
                     }
                 }
+                lines.extend(view.event(event, now));
+                lines
             }
+        };
+        for line in lines {
+            self.line(line);
         }
-        for line in view.event(event, now) {
-            self.out.line(&line);
+    }
+
+    /// Through the store's thread when there is one, so that a line follows
+    /// the records of its turn (see `store`).
+    fn line(&mut self, line: String) {
+        match &self.store {
+            Some(store) => match store.print(line) {
+                Ok(()) => self.store_dirty = true,
+                // The thread is gone, and the next write says so.
+                Err(line) => self.out.line(&line),
+            },
+            None => self.out.line(&line),
         }
     }
 
@@ -231,6 +253,7 @@ impl Host<Peer> for PeerHost {
             HostOutput::Exit(code) => self.stop(ctx, code),
             HostOutput::Record { batch, records } => match &self.store {
                 Some(store) => {
+                    self.store_dirty = true;
                     if let Err(e) = store.write(batch, records) {
                         self.store_failed(ctx, e.to_string());
                     }
@@ -293,7 +316,18 @@ impl Host<Peer> for PeerHost {
         wake(ctx);
     }
 
+    fn end_turn(&mut self, _ctx: &mut HostCtx<Peer, Self>, _peer: &mut Peer) {
+        self.turn_ending = true;
+    }
+
     fn settled(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer) {
+        // The machine's batch for the turn came in the outputs just acted
+        // on: the turn is complete for the store's thread.
+        if std::mem::take(&mut self.turn_ending) && std::mem::take(&mut self.store_dirty) {
+            if let Some(Err(e)) = self.store.as_ref().map(StoreThread::barrier) {
+                self.store_failed(ctx, e.to_string());
+            }
+        }
         if !self.input_open && peer.takes_input() {
             self.input_open = true;
             wake(ctx);
@@ -525,7 +559,7 @@ fn main() -> ExitCode {
                     tracing::error!(error = %e, "cannot wake the event loop for the store");
                 }
             };
-            (Some(store.spawn(notify)), saved)
+            (Some(store.spawn(out.printer(), notify)), saved)
         }
         None => (None, Saved::default()),
     };
@@ -547,6 +581,8 @@ fn main() -> ExitCode {
         store,
         queries: HashMap::new(),
         next_query: 0,
+        store_dirty: false,
+        turn_ending: false,
         exit: None,
         known_peers: known_peers_path,
         registry_name,
@@ -559,10 +595,12 @@ fn main() -> ExitCode {
                 "{n} messages from an earlier run wait for delivery (/outbox lists them)"
             )),
         }
-        for note in notes {
-            for line in view.note(&note, SystemTime::now()) {
-                host.out.line(&line);
-            }
+        let lines: Vec<String> = notes
+            .iter()
+            .flat_map(|note| view.note(note, SystemTime::now()))
+            .collect();
+        for line in lines {
+            host.line(line);
         }
     }
     let mut app = Driver::new(peer, host);

@@ -73,10 +73,11 @@ pub struct Config {
     pub outbox_ttl: Duration,
     /// What the outbox holds at most, per target and in all.
     pub outbox_limits: OutboxLimits,
-    /// A store keeps what the peer records: what it shows and sends waits
-    /// for the host to say each batch is written ([`Peer::committed`]), and
-    /// what is unacknowledged at exit is kept for the next run. Without
-    /// one, nothing is recorded and it is reported undelivered at exit.
+    /// A store keeps what the peer records: what it sends waits for the
+    /// host to say each batch is written ([`Peer::committed`]), the host
+    /// shows events only after their turn's batch, and what is
+    /// unacknowledged at exit is kept for the next run. Without one,
+    /// nothing is recorded and it is reported undelivered at exit.
     pub persistent: bool,
     /// Our own static key (the public half).
     pub key: PublicKey,
@@ -157,7 +158,9 @@ pub enum RegistryTrust {
 /// What only the binary around the peer can do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostOutput {
-    /// Show this to the user.
+    /// Show this to the user. With a store, only once the records of the
+    /// turn it came in are written: that turn's batch (if it has one) comes
+    /// at the turn's end, after its events.
     Show(Event),
     /// Remember this key for good (append it to `known_peers`).
     Pin(Pin),
@@ -241,8 +244,9 @@ struct Actions {
     held: VecDeque<(u64, Held)>,
 }
 
-/// What waits for the store: nobody may see a message, an outcome or an
-/// acknowledgement that a crash could take back.
+/// What waits for the store: no peer may see a message or an
+/// acknowledgement that a crash could take back (the host holds events
+/// back likewise, see [`HostOutput::Show`]).
 enum Held {
     Output(Action),
     /// The message is recorded: it may go out.
@@ -278,11 +282,6 @@ impl Actions {
             _ => UNIX_EPOCH,
         };
         unix_ms(wall)
-    }
-
-    /// Shown once what was recorded so far is written.
-    fn emit_recorded(&mut self, event: Event) {
-        self.hold(Held::Output(Output::Host(HostOutput::Show(event))));
     }
 
     /// Sent once what was recorded so far is written.
@@ -345,7 +344,7 @@ impl Actions {
     }
 
     fn undelivered(&mut self, id: u64, to: String, reason: &Reason) {
-        self.emit_recorded(Event::Undelivered {
+        self.emit(Event::Undelivered {
             id,
             to,
             reason: reason.to_string(),

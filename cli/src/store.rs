@@ -207,16 +207,22 @@ impl Store {
         self.answer(query).map_err(|e| self.failed(e))
     }
 
-    /// Moves the store to a thread of its own; `notify` is called (from that
-    /// thread) after every reply is queued.
-    pub fn spawn(self, notify: impl Fn() + Send + 'static) -> StoreThread {
+    /// Moves the store to a thread of its own, which also shows the lines
+    /// it is given (through `show`, several lines at a time, each ending in
+    /// a newline); `notify` is called (from that thread) after every reply
+    /// is queued.
+    pub fn spawn(
+        self,
+        show: impl FnMut(&str) + Send + 'static,
+        notify: impl Fn() + Send + 'static,
+    ) -> StoreThread {
         let (requests, inbox) = mpsc::channel();
         let (outbox, replies) = mpsc::channel();
         // As `thread::spawn` does: a process that cannot start a thread
         // cannot run the peer either.
         let thread = thread::Builder::new()
             .name("store".into())
-            .spawn(move || serve(self, &inbox, &outbox, notify))
+            .spawn(move || serve(self, &inbox, &outbox, show, notify))
             .expect("cannot start the store's thread");
         StoreThread {
             requests,
@@ -954,8 +960,15 @@ pub enum Reply {
 
 enum Request {
     Write(u64, Vec<Record>),
+    /// A line to show once its turn's writes are committed.
+    Print(String),
+    /// The turn ended: its writes and lines are complete.
+    Barrier,
     Query(u64, Query),
     Close,
+    /// Not sent: what the thread does once nothing more is waiting after a
+    /// barrier.
+    Act,
 }
 
 impl StoreThread {
@@ -973,6 +986,22 @@ impl StoreThread {
             .map_err(|_| ThreadGone)
     }
 
+    /// Shows `line` once what was written before the next barrier is
+    /// committed. A thread that is gone hands the line back.
+    pub fn print(&self, line: String) -> Result<(), String> {
+        match self.requests.send(Request::Print(line)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::SendError(Request::Print(line))) => Err(line),
+            Err(_) => Err(String::new()),
+        }
+    }
+
+    /// Ends a turn: its writes are committed, then its lines shown, then
+    /// the writes confirmed.
+    pub fn barrier(&self) -> Result<(), ThreadGone> {
+        self.requests.send(Request::Barrier).map_err(|_| ThreadGone)
+    }
+
     pub fn try_reply(&self) -> Option<Reply> {
         self.replies.try_recv().ok()
     }
@@ -986,75 +1015,153 @@ impl StoreThread {
     }
 }
 
-/// The store's thread: answers requests in order until closed (or until
-/// nobody can ask any more). Writes waiting together are one transaction.
+/// The store's thread: takes requests in order until closed (or until
+/// nobody can ask any more).
+///
+/// Lines are shown here, not by the loop, right after the records of their
+/// turn are committed: a crash between a record and its line is then a
+/// matter of a few instructions, where a round trip through the loop would
+/// leave a message recorded (so never shown again) but not shown, or shown
+/// but not recorded (so shown again). Lines of a turn wait for its barrier;
+/// a turn's writes are confirmed (`Committed`) only once its lines are out,
+/// so that nothing is acknowledged to a peer before the user has it.
 fn serve(
     mut store: Store,
     requests: &Receiver<Request>,
     replies: &Sender<Reply>,
+    mut show: impl FnMut(&str),
     notify: impl Fn(),
 ) -> Result<(), String> {
-    let mut failure: Option<String> = None;
-    let mut next = None;
+    let mut turns = Turns::default();
+    let reply = |reply: Reply| {
+        if replies.send(reply).is_ok() {
+            notify();
+        }
+    };
+    // After a barrier, what else is waiting joins the same transaction,
+    // within limits so that a steady stream still commits now and then.
+    let mut taken_since_barrier: Option<usize> = None;
     loop {
-        let request = match next.take() {
-            Some(request) => request,
+        let request = match taken_since_barrier {
             None => match requests.recv() {
                 Ok(request) => request,
                 Err(_) => break,
             },
-        };
-        let reply = match request {
-            Request::Close => break,
-            Request::Query(tag, query) => Reply::Answer {
-                tag,
-                result: store.query(&query).map_err(|e| e.to_string()),
+            Some(taken) if taken < MAX_GROUP => match requests.try_recv() {
+                Ok(request) => request,
+                Err(_) => Request::Act,
             },
+            Some(_) => Request::Act,
+        };
+        if let Some(taken) = taken_since_barrier.as_mut() {
+            *taken += 1;
+        }
+        match request {
             Request::Write(batch, records) => {
-                let mut highest = batch;
-                let mut size = records.len();
-                let mut group = vec![records];
-                // A query ends the group, so that it sees every write asked
-                // for before it.
-                while size < MAX_GROUP {
-                    match requests.try_recv() {
-                        Ok(Request::Write(batch, records)) => {
-                            highest = highest.max(batch);
-                            size += records.len();
-                            group.push(records);
-                        }
-                        Ok(other) => {
-                            next = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                // After a failure the peer exits: what it still asks to
-                // write is dropped, never written past the hole.
-                if failure.is_some() {
-                    continue;
-                }
-                match store.write_all(group.iter().flatten()) {
-                    Ok(()) => Reply::Committed(highest),
-                    Err(e) => {
-                        let message = e.to_string();
-                        failure = Some(message.clone());
-                        Reply::Failed(message)
-                    }
+                turns.stage(batch, records);
+                if turns.size >= MAX_GROUP {
+                    turns.commit(&mut store, &reply);
                 }
             }
-        };
-        if replies.send(reply).is_ok() {
-            notify();
+            Request::Print(line) => turns.waiting.push(line),
+            Request::Barrier => {
+                turns.barrier();
+                taken_since_barrier.get_or_insert(0);
+            }
+            Request::Query(tag, query) => {
+                // It sees every write asked for before it.
+                turns.commit(&mut store, &reply);
+                let result = store.query(&query).map_err(|e| e.to_string());
+                reply(Reply::Answer { tag, result });
+            }
+            Request::Act => {
+                turns.act(&mut store, &mut show, &reply);
+                taken_since_barrier = None;
+            }
+            Request::Close => {
+                turns.barrier();
+                turns.act(&mut store, &mut show, &reply);
+                break;
+            }
         }
     }
-    failure.map_or(Ok(()), Err)
+    turns.failure.map_or(Ok(()), Err)
+}
+
+/// What the store's thread holds between acts.
+#[derive(Default)]
+struct Turns {
+    /// Writes not committed yet, and their records in all.
+    staged: Vec<Vec<Record>>,
+    size: usize,
+    /// The highest batch asked for, and the highest one whose turn ended.
+    highest: Option<u64>,
+    ended: Option<u64>,
+    /// The highest batch committed.
+    committed: Option<u64>,
+    /// Lines of turns that ended, and of the turn under way.
+    ready: Vec<String>,
+    waiting: Vec<String>,
+    /// After a failed write nothing is written or shown again: the peer
+    /// exits, and what it still asks for is dropped, never written past the
+    /// hole.
+    failure: Option<String>,
+}
+
+impl Turns {
+    fn stage(&mut self, batch: u64, records: Vec<Record>) {
+        self.size += records.len();
+        self.highest = Some(batch);
+        self.staged.push(records);
+    }
+
+    fn barrier(&mut self) {
+        self.ready.append(&mut self.waiting);
+        self.ended = self.highest;
+    }
+
+    fn commit(&mut self, store: &mut Store, reply: &impl Fn(Reply)) {
+        let staged = std::mem::take(&mut self.staged);
+        self.size = 0;
+        if staged.is_empty() || self.failure.is_some() {
+            return;
+        }
+        match store.write_all(staged.iter().flatten()) {
+            Ok(()) => self.committed = self.highest,
+            Err(e) => {
+                let message = e.to_string();
+                self.failure = Some(message.clone());
+                reply(Reply::Failed(message));
+            }
+        }
+    }
+
+    /// Commits, shows the lines of the turns that ended, and confirms their
+    /// writes.
+    fn act(&mut self, store: &mut Store, show: &mut impl FnMut(&str), reply: &impl Fn(Reply)) {
+        self.commit(store, reply);
+        if self.failure.is_some() {
+            self.ready.clear();
+            return;
+        }
+        if !self.ready.is_empty() {
+            let mut text = self.ready.join("\n");
+            text.push('\n');
+            self.ready.clear();
+            show(&text);
+        }
+        if let Some(batch) = self.ended.take() {
+            if self.committed.is_some_and(|c| c >= batch) {
+                reply(Reply::Committed(batch));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
 
     use super::*;
 
@@ -1549,63 +1656,62 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// What the thread showed, and its replies, as a test sees them.
+    type Shown = Arc<Mutex<Vec<String>>>;
+
     #[test]
-    fn the_thread_coalesces_waiting_writes_and_close_finishes_them() {
+    fn the_thread_shows_a_turn_after_its_writes_and_confirms_them_after_that() {
         let dir = fresh_dir("thread");
         let options = options(&dir, true);
         let a = party(1, "alice");
         let (store, _) = open(&options);
+        let shown = Shown::default();
+        let showing = shown.clone();
         // Each reply's notification waits for a release, so that the test
         // can queue requests while the thread is held.
         let (entered, notified) = mpsc::channel();
         let (release, released) = mpsc::channel::<()>();
-        let thread = store.spawn(move || {
-            let _ = entered.send(());
-            let _ = released.recv();
-        });
+        let thread = store.spawn(
+            move |text| showing.lock().unwrap().push(text.to_string()),
+            move || {
+                let _ = entered.send(());
+                let _ = released.recv();
+            },
+        );
         thread.write(1, vec![sent(1, "one", false, &[&a])]).unwrap();
+        thread.print("line one".into()).unwrap();
+        thread.barrier().unwrap();
         notified.recv().unwrap();
+        assert_eq!(
+            *shown.lock().unwrap(),
+            ["line one\n"],
+            "shown before confirmed"
+        );
+        // Two turns; the second has not ended when the query comes.
         thread.write(2, vec![sent(2, "two", false, &[&a])]).unwrap();
+        thread.print("line two".into()).unwrap();
+        thread.print("line two, again".into()).unwrap();
+        thread.barrier().unwrap();
         thread.write(3, vec![acked(&a, 1)]).unwrap();
-        thread
-            .query(
-                7,
-                Query::History {
-                    with: None,
-                    limit: 10,
-                },
-            )
-            .unwrap();
-        thread
-            .write(4, vec![sent(4, "four", false, &[&a])])
-            .unwrap();
-        thread
-            .write(5, vec![sent(5, "five", false, &[&a])])
-            .unwrap();
+        thread.print("line three".into()).unwrap();
+        let history = Query::History {
+            with: None,
+            limit: 10,
+        };
+        thread.query(7, history).unwrap();
         drop(release);
-        for _ in 0..3 {
+        for _ in 0..2 {
             notified.recv().unwrap();
         }
         let replies: Vec<Reply> = std::iter::from_fn(|| thread.try_reply()).collect();
-        assert!(
-            matches!(
-                replies[..],
-                [
-                    Reply::Committed(1),
-                    Reply::Committed(3),
-                    Reply::Answer { tag: 7, .. },
-                    Reply::Committed(5),
-                ]
-            ),
-            "{replies:?}"
-        );
-        let Reply::Answer {
-            result: Ok(answer), ..
-        } = &replies[2]
+        let [Reply::Committed(1), Reply::Answer {
+            tag: 7,
+            result: Ok(answer),
+        }, Reply::Committed(2)] = &replies[..]
         else {
             panic!("{replies:?}")
         };
-        // The query saw every write before it.
+        // The query saw every write before it, the unfinished turn's too.
         assert_eq!(
             answer
                 .iter()
@@ -1613,18 +1719,27 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(1, "delivered"), (2, "queued")]
         );
+        assert_eq!(
+            *shown.lock().unwrap(),
+            ["line one\n", "line two\nline two, again\n"],
+            "the unfinished turn's line waits for its barrier"
+        );
 
-        thread.write(6, vec![sent(6, "six", false, &[&a])]).unwrap();
         thread
-            .write(7, vec![sent(7, "seven", false, &[&a])])
+            .write(4, vec![sent(4, "four", false, &[&a])])
             .unwrap();
         thread.close().unwrap();
+        assert_eq!(
+            shown.lock().unwrap()[2..],
+            ["line three\n"],
+            "close shows what is left"
+        );
         let saved = open(&options).1;
         assert_eq!(
             saved.outbox.iter().map(|o| o.id).collect::<Vec<_>>(),
-            [2, 4, 5, 6, 7]
+            [2, 4]
         );
-        assert_eq!(saved.next_id, 8);
+        assert_eq!(saved.next_id, 5);
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1636,15 +1751,22 @@ mod tests {
         let (store, _) = open(&options);
         store.conn.execute_batch("DROP TABLE failures").unwrap();
         let (notify, notified) = mpsc::channel();
-        let thread = store.spawn(move || {
-            let _ = notify.send(());
-        });
+        let shown = Shown::default();
+        let showing = shown.clone();
+        let thread = store.spawn(
+            move |text| showing.lock().unwrap().push(text.to_string()),
+            move || {
+                let _ = notify.send(());
+            },
+        );
         thread
             .write(
                 1,
                 vec![sent(1, "lost", false, &[&a]), failed(1, &a, "expired", 5)],
             )
             .unwrap();
+        thread.print("never shown".into()).unwrap();
+        thread.barrier().unwrap();
         notified.recv().unwrap();
         let reply = thread.try_reply();
         assert!(
@@ -1656,6 +1778,10 @@ mod tests {
             .unwrap();
         let why = thread.close().unwrap_err();
         assert!(why.contains("no such table"), "{why}");
+        assert!(
+            shown.lock().unwrap().is_empty(),
+            "nothing unrecorded is shown"
+        );
         let saved = open(&options).1;
         assert_eq!(saved.outbox, []);
         assert_eq!(saved.next_id, 1);

@@ -31,6 +31,8 @@ pub enum Input {
 /// reading (a stalled pipe) never stops the loop from heartbeating and
 /// acknowledging. Lines wait in memory meanwhile.
 pub struct Output {
+    /// Lines go to stdout as they are, not above a line editor's prompt.
+    plain: bool,
     lines: Option<Sender<String>>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// The resume watcher, which holds a sender of `lines` too: closed
@@ -47,6 +49,7 @@ enum Sink {
 
 impl Output {
     fn start(mut sink: Sink) -> io::Result<Output> {
+        let plain = matches!(sink, Sink::Plain);
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let writer = std::thread::Builder::new()
             .name("output".into())
@@ -81,6 +84,7 @@ impl Output {
                 }
             })?;
         Ok(Output {
+            plain,
             lines: Some(tx),
             writer: Some(writer),
             resume: None,
@@ -90,6 +94,31 @@ impl Output {
     pub fn line(&mut self, text: &str) {
         if let Some(lines) = &self.lines {
             let _ = lines.send(text.to_string());
+        }
+    }
+
+    /// A way to show text (whole lines, each ending in a newline) from
+    /// another thread, for the store's: written to stdout at once, or handed
+    /// to this one when the line editor owns the terminal.
+    pub fn printer(&self) -> impl FnMut(&str) + Send + 'static {
+        let forward = (!self.plain).then(|| self.lines.clone()).flatten();
+        move |text: &str| match &forward {
+            Some(lines) => {
+                for line in text.lines() {
+                    let _ = lines.send(line.to_string());
+                }
+            }
+            None => {
+                let mut out = io::stdout().lock();
+                // A reader that went away is no reason to stop chatting.
+                if out
+                    .write_all(text.as_bytes())
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    tracing::debug!("output is gone; dropping what follows");
+                }
+            }
         }
     }
 

@@ -408,7 +408,7 @@ impl Inbox {
                 sent_at,
                 received_at: actions.wall_ms(),
             }));
-            actions.emit_recorded(Event::Message {
+            actions.emit(Event::Message {
                 from,
                 text,
                 direct,

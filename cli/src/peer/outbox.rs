@@ -8,10 +8,10 @@
 //! away until they return (or the time to live runs out), and what is left
 //! when the peer exits. Dials and the state of our links live here alone.
 //!
-//! With a store, every message is recorded before it goes out, and every
-//! outcome before it is reported: a message waits for its record to be
-//! written (its [`Held::Release`](super::Held)), and a queue holds
-//! messages in id order, so the released ones are always its front.
+//! With a store, every message is recorded before it goes out: it waits
+//! for its record to be written (its [`Held::Release`](super::Held)), and
+//! a queue holds messages in id order, so the released ones are always its
+//! front. Outcomes are recorded in the turn they are reported in.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -277,7 +277,7 @@ impl Outbox {
             targets: targets.iter().map(|t| t.party.clone()).collect(),
         }));
         let to = targets.iter().map(|t| t.party.name.clone()).collect();
-        actions.emit_recorded(Event::Sent { id, to });
+        actions.emit(Event::Sent { id, to });
         let mut open = 0;
         let mut waiting_for = Vec::new();
         for Target { folded, party } in targets {
@@ -320,7 +320,7 @@ impl Outbox {
             if dir.contains(&folded) {
                 self.ensure_link(&folded, dir, actions);
             } else {
-                actions.emit_recorded(Event::Queued {
+                actions.emit(Event::Queued {
                     id,
                     to: name,
                     reason: Reason::Offline.to_string(),
@@ -503,7 +503,7 @@ impl Outbox {
         for out in delivered {
             self.total -= 1;
             self.total_bytes -= out.text_len;
-            actions.emit_recorded(Event::Delivered {
+            actions.emit(Event::Delivered {
                 id: out.id,
                 to: party.name.clone(),
             });
@@ -658,7 +658,7 @@ impl Outbox {
             actions.close(conn, format!("{} left", link.party.name));
         }
         for out in &link.queue {
-            actions.emit_recorded(Event::Queued {
+            actions.emit(Event::Queued {
                 id: out.id,
                 to: link.party.name.clone(),
                 reason: reason.to_string(),
@@ -706,7 +706,7 @@ impl Outbox {
                 if !persistent {
                     actions.undelivered(out.id, link.party.name.clone(), reason);
                 } else if online {
-                    actions.emit_recorded(Event::Queued {
+                    actions.emit(Event::Queued {
                         id: out.id,
                         to: link.party.name.clone(),
                         reason: Reason::Exit.to_string(),
