@@ -26,7 +26,7 @@ use serde_json::Value;
 const BURST: usize = 5000;
 /// A process is killed once its receiver showed this many of the burst:
 /// well into it, well before its end.
-const KILL_AFTER: usize = 1000;
+const KILL_AFTER: usize = 500;
 /// How long the rest of a burst may take to arrive once the killed process
 /// is back: generous for a busy two-core machine running a debug build.
 const RECOVERY: Duration = Duration::from_secs(15);

@@ -24,8 +24,8 @@ pub struct Party {
     pub name: String,
 }
 
-/// One write, in the order the peer made it. A batch of records is written
-/// in one transaction.
+/// One write, in the order the peer made it, in one stream with the events
+/// it shows: an event is about the records before it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     /// We sent a message. Its targets are what it waits on.

@@ -102,9 +102,10 @@ struct PeerHost {
     /// Queries asked of the store, by tag, to show their answers as.
     queries: HashMap<u64, Query>,
     next_query: u64,
-    /// Lines or records went to the store's thread this turn: it is told
-    /// when the turn ends.
+    /// Lines or records went to the store's thread this turn, and the
+    /// turn's batch: it is told when the turn ends.
     store_dirty: bool,
+    turn_batch: Option<u64>,
     turn_ending: bool,
     exit: Option<i32>,
     known_peers: PathBuf,
@@ -251,13 +252,17 @@ impl Host<Peer> for PeerHost {
             HostOutput::Show(event) => self.show(&event),
             HostOutput::Pin(pin) => self.save_pin(&pin),
             HostOutput::Exit(code) => self.stop(ctx, code),
-            HostOutput::Record { batch, records } => match &self.store {
+            HostOutput::Record(record) => match &self.store {
                 Some(store) => {
                     self.store_dirty = true;
-                    if let Err(e) = store.write(batch, records) {
+                    if let Err(e) = store.record(record) {
                         self.store_failed(ctx, e.to_string());
                     }
                 }
+                None => tracing::error!("a record without a store: it is dropped"),
+            },
+            HostOutput::Batch(batch) => match &self.store {
+                Some(_) => self.turn_batch = Some(batch),
                 None => peer.committed(batch, ctx.now()),
             },
             HostOutput::Query(query) => match &self.store {
@@ -324,7 +329,8 @@ impl Host<Peer> for PeerHost {
         // The machine's batch for the turn came in the outputs just acted
         // on: the turn is complete for the store's thread.
         if std::mem::take(&mut self.turn_ending) && std::mem::take(&mut self.store_dirty) {
-            if let Some(Err(e)) = self.store.as_ref().map(StoreThread::barrier) {
+            let batch = self.turn_batch.take();
+            if let Some(Err(e)) = self.store.as_ref().map(|s| s.end_turn(batch)) {
                 self.store_failed(ctx, e.to_string());
             }
         }
@@ -582,6 +588,7 @@ fn main() -> ExitCode {
         queries: HashMap::new(),
         next_query: 0,
         store_dirty: false,
+        turn_batch: None,
         turn_ending: false,
         exit: None,
         known_peers: known_peers_path,

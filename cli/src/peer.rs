@@ -158,17 +158,22 @@ pub enum RegistryTrust {
 /// What only the binary around the peer can do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostOutput {
-    /// Show this to the user. With a store, only once the records of the
-    /// turn it came in are written: that turn's batch (if it has one) comes
-    /// at the turn's end, after its events.
+    /// Show this to the user. With a store, events and [`HostOutput::Record`]s
+    /// are one stream: an event is about the records before it, which are
+    /// written once it is shown (a crash in between shows it again, never
+    /// loses it).
     Show(Event),
     /// Remember this key for good (append it to `known_peers`).
     Pin(Pin),
     /// Flush and end the process with this status.
     Exit(i32),
-    /// Write these records as one transaction, then call
-    /// [`Peer::committed`] with `batch`. Batches come numbered in order.
-    Record { batch: u64, records: Vec<Record> },
+    /// Write this, in order with the events around it (see
+    /// [`HostOutput::Show`]).
+    Record(Record),
+    /// The records of a turn end here: once they are written and the
+    /// events before this shown, call [`Peer::committed`] with this number.
+    /// Batches come numbered in order, one for each turn that records.
+    Batch(u64),
     /// Ask the history; show the answer as the event this query is for.
     Query(Query),
 }
@@ -230,11 +235,8 @@ struct Actions {
     clock: Option<(Instant, SystemTime)>,
     /// The instant of the input being handled.
     now: Option<Instant>,
-    /// This turn's records: one batch, handed out at the turn's end.
-    journal: Vec<Record>,
-    /// This turn's acknowledgement marks: only the highest per target
-    /// counts.
-    acks: BTreeMap<PublicKey, u64>,
+    /// Something was recorded this turn.
+    recorded: bool,
     /// The number the batch being made will have.
     batch: u64,
     /// The highest batch the host said is written.
@@ -293,31 +295,20 @@ impl Actions {
         self.held.push_back((self.batch, held));
     }
 
+    /// Records before the event it is about: see [`HostOutput::Show`].
     fn record(&mut self, record: Record) {
         if self.persistent {
-            self.journal.push(record);
+            self.recorded = true;
+            self.host(HostOutput::Record(record));
         }
     }
 
-    /// `target` acknowledged our messages up to `through`.
-    fn record_ack(&mut self, target: PublicKey, through: u64) {
-        if self.persistent {
-            let mark = self.acks.entry(target).or_insert(through);
-            *mark = (*mark).max(through);
-        }
-    }
-
-    /// Ends the turn's batch: handed to the host if anything was recorded.
-    /// What was held this turn with nothing recorded waits on nothing new.
+    /// Ends the turn's batch, if anything was recorded. What was held this
+    /// turn with nothing recorded waits on nothing new.
     fn seal(&mut self) {
-        let acks = std::mem::take(&mut self.acks);
-        self.journal.extend(
-            acks.into_iter()
-                .map(|(target, through)| Record::Acked { target, through }),
-        );
         if !self.persistent {
             self.durable = self.batch;
-        } else if self.journal.is_empty() {
+        } else if !std::mem::take(&mut self.recorded) {
             let current = self.batch;
             for (waits_for, _) in self.held.iter_mut().rev() {
                 if *waits_for != current {
@@ -326,9 +317,7 @@ impl Actions {
                 *waits_for = current - 1;
             }
         } else {
-            let records = std::mem::take(&mut self.journal);
-            let batch = self.batch;
-            self.host(HostOutput::Record { batch, records });
+            self.host(HostOutput::Batch(self.batch));
             self.batch += 1;
         }
     }
@@ -482,8 +471,7 @@ impl Peer {
                 persistent: config.persistent,
                 clock: Some((now, wall)),
                 now: Some(now),
-                journal: Vec::new(),
-                acks: BTreeMap::new(),
+                recorded: false,
                 batch: 1,
                 durable: 0,
                 held: VecDeque::new(),

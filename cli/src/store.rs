@@ -113,9 +113,22 @@ macro_rules! entries_of {
     };
 }
 
-/// At most this many records go in one transaction of the store's thread,
-/// so that a flood of writes still commits (and replies) now and then.
-const MAX_GROUP: usize = 1 << 16;
+/// The write-ahead log is started over once it holds this many pages
+/// (SQLite's own default for its automatic checkpoints).
+const CHECKPOINT_PAGES: i64 = 1000;
+
+/// The store's thread checkpoints after this many commits.
+const COMMITS_PER_CHECKPOINT: u32 = 64;
+
+/// After the end of a turn, the store's thread takes at most this many
+/// more requests before it acts, so that a flood is still written (and
+/// confirmed) now and then.
+const MAX_GROUP: usize = 4096;
+
+/// The most output the store's thread shows after one commit: what a pipe
+/// takes in one write (`PIPE_BUF`), so that a reader who lags holds up a
+/// piece whole, never halfway.
+const PIECE: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -205,6 +218,24 @@ impl Store {
 
     pub fn query(&mut self, query: &Query) -> Result<Vec<Entry>, StoreError> {
         self.answer(query).map_err(|e| self.failed(e))
+    }
+
+    /// Copies the write-ahead log into the database once it has grown past
+    /// [`CHECKPOINT_PAGES`], so that it does not grow without end.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let (_busy, log, _moved): (i64, i64, i64) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(|e| self.failed(e))?;
+        if log > CHECKPOINT_PAGES {
+            // Start the log over, instead of growing the file further.
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(|e| self.failed(e))?;
+        }
+        Ok(())
     }
 
     /// Moves the store to a thread of its own, which also shows the lines
@@ -438,8 +469,14 @@ fn connect(options: &Options) -> Result<Connection, StoreError> {
     // memory file, and nobody else may open it. WAL with synchronous=NORMAL
     // loses nothing committed when the process dies, only (at worst) the
     // last commits when the machine does.
+    // No automatic checkpoints: SQLite would run one inside a commit, after
+    // the commit is durable and before it returns, so that the store's
+    // thread would show a turn's lines milliseconds after its records are
+    // safe (a crash in between loses the lines for good). The thread
+    // checkpoints after showing instead (`Store::checkpoint`).
     conn.execute_batch(
-        "PRAGMA locking_mode = EXCLUSIVE; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+        "PRAGMA locking_mode = EXCLUSIVE; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
+         PRAGMA wal_autocheckpoint = 0;",
     )
     .map_err(fail)?;
     conn.set_prepared_statement_cache_capacity(32);
@@ -959,35 +996,29 @@ pub enum Reply {
 }
 
 enum Request {
-    Write(u64, Vec<Record>),
-    /// A line to show once its turn's writes are committed.
+    /// A record, in the stream with the lines about it.
+    Record(Record),
+    /// A line, about the records before it.
     Print(String),
-    /// The turn ended: its writes and lines are complete.
-    Barrier,
+    /// The turn ended, with the batch of its records if it has one.
+    EndTurn(Option<u64>),
     Query(u64, Query),
     Close,
-    /// Not sent: what the thread does once nothing more is waiting after a
-    /// barrier.
-    Act,
 }
 
 impl StoreThread {
     /// Fails only if the thread is gone (it panicked): nothing more can be
     /// written, and `close` says why.
-    pub fn write(&self, batch: u64, records: Vec<Record>) -> Result<(), ThreadGone> {
-        self.requests
-            .send(Request::Write(batch, records))
-            .map_err(|_| ThreadGone)
+    pub fn record(&self, record: Record) -> Result<(), ThreadGone> {
+        self.send(Request::Record(record))
     }
 
     pub fn query(&self, tag: u64, query: Query) -> Result<(), ThreadGone> {
-        self.requests
-            .send(Request::Query(tag, query))
-            .map_err(|_| ThreadGone)
+        self.send(Request::Query(tag, query))
     }
 
-    /// Shows `line` once what was written before the next barrier is
-    /// committed. A thread that is gone hands the line back.
+    /// Shows `line`, then writes the records sent before it. A thread that
+    /// is gone hands the line back.
     pub fn print(&self, line: String) -> Result<(), String> {
         match self.requests.send(Request::Print(line)) {
             Ok(()) => Ok(()),
@@ -996,10 +1027,14 @@ impl StoreThread {
         }
     }
 
-    /// Ends a turn: its writes are committed, then its lines shown, then
-    /// the writes confirmed.
-    pub fn barrier(&self) -> Result<(), ThreadGone> {
-        self.requests.send(Request::Barrier).map_err(|_| ThreadGone)
+    /// Ends a turn: what it sent is shown and written, then its `batch`
+    /// confirmed.
+    pub fn end_turn(&self, batch: Option<u64>) -> Result<(), ThreadGone> {
+        self.send(Request::EndTurn(batch))
+    }
+
+    fn send(&self, request: Request) -> Result<(), ThreadGone> {
+        self.requests.send(request).map_err(|_| ThreadGone)
     }
 
     pub fn try_reply(&self) -> Option<Reply> {
@@ -1018,13 +1053,16 @@ impl StoreThread {
 /// The store's thread: takes requests in order until closed (or until
 /// nobody can ask any more).
 ///
-/// Lines are shown here, not by the loop, right after the records of their
-/// turn are committed: a crash between a record and its line is then a
-/// matter of a few instructions, where a round trip through the loop would
-/// leave a message recorded (so never shown again) but not shown, or shown
-/// but not recorded (so shown again). Lines of a turn wait for its barrier;
-/// a turn's writes are confirmed (`Committed`) only once its lines are out,
-/// so that nothing is acknowledged to a peer before the user has it.
+/// Lines are shown here, not by the loop, a piece at a time, each right
+/// after the records it is about are committed. Between the two there is
+/// nothing but the write: a process killed there loses that piece's lines
+/// (the records say they were shown, so a resend is a duplicate), which a
+/// round trip through the loop would make likely, and showing first would
+/// make a kill right after a line was read (which is when a watcher kills)
+/// show it again. A piece is at most what a pipe takes in one write, so a
+/// reader who lags holds it up whole. Writes are confirmed (`Committed`)
+/// once a turn is written and shown, so that the peer acknowledges and
+/// sends nothing before that.
 fn serve(
     mut store: Store,
     requests: &Receiver<Request>,
@@ -1032,129 +1070,159 @@ fn serve(
     mut show: impl FnMut(&str),
     notify: impl Fn(),
 ) -> Result<(), String> {
-    let mut turns = Turns::default();
+    let mut stream = Stream::default();
     let reply = |reply: Reply| {
         if replies.send(reply).is_ok() {
             notify();
         }
     };
-    // After a barrier, what else is waiting joins the same transaction,
-    // within limits so that a steady stream still commits now and then.
-    let mut taken_since_barrier: Option<usize> = None;
     loop {
-        let request = match taken_since_barrier {
-            None => match requests.recv() {
+        // After the end of a turn, whatever else is waiting joins it, within
+        // limits so that a steady flow still gets written now and then.
+        let request = if stream.ended.is_none() {
+            match requests.recv() {
                 Ok(request) => request,
                 Err(_) => break,
-            },
-            Some(taken) if taken < MAX_GROUP => match requests.try_recv() {
+            }
+        } else if stream.since_end < MAX_GROUP {
+            match requests.try_recv() {
                 Ok(request) => request,
-                Err(_) => Request::Act,
-            },
-            Some(_) => Request::Act,
-        };
-        if let Some(taken) = taken_since_barrier.as_mut() {
-            *taken += 1;
-        }
-        match request {
-            Request::Write(batch, records) => {
-                turns.stage(batch, records);
-                if turns.size >= MAX_GROUP {
-                    turns.commit(&mut store, &reply);
+                Err(_) => {
+                    stream.act(&mut store, &mut show, &reply);
+                    continue;
                 }
             }
-            Request::Print(line) => turns.waiting.push(line),
-            Request::Barrier => {
-                turns.barrier();
-                taken_since_barrier.get_or_insert(0);
-            }
+        } else {
+            stream.act(&mut store, &mut show, &reply);
+            continue;
+        };
+        stream.since_end += 1;
+        match request {
+            Request::Record(record) => stream.items.push(Item::Record(record)),
+            Request::Print(line) => stream.items.push(Item::Line(line)),
+            Request::EndTurn(batch) => stream.end_turn(batch),
             Request::Query(tag, query) => {
-                // It sees every write asked for before it.
-                turns.commit(&mut store, &reply);
+                // It sees every turn that ended before it.
+                stream.act(&mut store, &mut show, &reply);
                 let result = store.query(&query).map_err(|e| e.to_string());
                 reply(Reply::Answer { tag, result });
             }
-            Request::Act => {
-                turns.act(&mut store, &mut show, &reply);
-                taken_since_barrier = None;
-            }
             Request::Close => {
-                turns.barrier();
-                turns.act(&mut store, &mut show, &reply);
+                stream.end_turn(None);
+                stream.act(&mut store, &mut show, &reply);
                 break;
             }
         }
     }
-    turns.failure.map_or(Ok(()), Err)
+    stream.failure.map_or(Ok(()), Err)
+}
+
+enum Item {
+    Record(Record),
+    Line(String),
 }
 
 /// What the store's thread holds between acts.
 #[derive(Default)]
-struct Turns {
-    /// Writes not committed yet, and their records in all.
-    staged: Vec<Vec<Record>>,
-    size: usize,
-    /// The highest batch asked for, and the highest one whose turn ended.
-    highest: Option<u64>,
-    ended: Option<u64>,
-    /// The highest batch committed.
-    committed: Option<u64>,
-    /// Lines of turns that ended, and of the turn under way.
-    ready: Vec<String>,
-    waiting: Vec<String>,
+struct Stream {
+    items: Vec<Item>,
+    /// How many items belong to turns that ended, and the highest batch
+    /// among them: a turn under way is neither shown nor written, so that
+    /// its batch is confirmed whole.
+    ended_items: usize,
+    ended: Option<Option<u64>>,
+    /// Requests taken since the first turn that ended.
+    since_end: usize,
+    /// Commits since the last checkpoint.
+    commits: u32,
     /// After a failed write nothing is written or shown again: the peer
     /// exits, and what it still asks for is dropped, never written past the
     /// hole.
     failure: Option<String>,
 }
 
-impl Turns {
-    fn stage(&mut self, batch: u64, records: Vec<Record>) {
-        self.size += records.len();
-        self.highest = Some(batch);
-        self.staged.push(records);
+impl Stream {
+    fn end_turn(&mut self, batch: Option<u64>) {
+        self.ended_items = self.items.len();
+        let highest = self.ended.flatten().max(batch);
+        self.ended = Some(highest);
     }
 
-    fn barrier(&mut self) {
-        self.ready.append(&mut self.waiting);
-        self.ended = self.highest;
-    }
-
-    fn commit(&mut self, store: &mut Store, reply: &impl Fn(Reply)) {
-        let staged = std::mem::take(&mut self.staged);
-        self.size = 0;
-        if staged.is_empty() || self.failure.is_some() {
-            return;
-        }
-        match store.write_all(staged.iter().flatten()) {
-            Ok(()) => self.committed = self.highest,
-            Err(e) => {
-                let message = e.to_string();
-                self.failure = Some(message.clone());
-                reply(Reply::Failed(message));
-            }
-        }
-    }
-
-    /// Commits, shows the lines of the turns that ended, and confirms their
-    /// writes.
+    /// Writes and shows the turns that ended, a piece at a time: the
+    /// records before a piece's last line, then its lines; then confirms
+    /// their batch.
     fn act(&mut self, store: &mut Store, show: &mut impl FnMut(&str), reply: &impl Fn(Reply)) {
-        self.commit(store, reply);
+        let Some(batch) = self.ended.take() else {
+            return;
+        };
+        self.since_end = 0;
+        let rest = self.items.split_off(self.ended_items);
+        let items = std::mem::replace(&mut self.items, rest);
+        self.ended_items = 0;
         if self.failure.is_some() {
-            self.ready.clear();
             return;
         }
-        if !self.ready.is_empty() {
-            let mut text = self.ready.join("\n");
-            text.push('\n');
-            self.ready.clear();
-            show(&text);
-        }
-        if let Some(batch) = self.ended.take() {
-            if self.committed.is_some_and(|c| c >= batch) {
-                reply(Reply::Committed(batch));
+        let mut text = String::new();
+        let mut before: Vec<Record> = Vec::new();
+        let mut after: Vec<Record> = Vec::new();
+        for item in items {
+            match item {
+                Item::Record(record) => after.push(record),
+                Item::Line(line) => {
+                    let full = !text.is_empty() && text.len() + line.len() >= PIECE;
+                    if full && !self.piece(store, show, &mut text, &mut before, reply) {
+                        return;
+                    }
+                    before.append(&mut after);
+                    text.push_str(&line);
+                    text.push('\n');
+                }
             }
         }
+        before.append(&mut after);
+        if !self.piece(store, show, &mut text, &mut before, reply) {
+            return;
+        }
+        if let Some(batch) = batch {
+            reply(Reply::Committed(batch));
+        }
+        if self.commits >= COMMITS_PER_CHECKPOINT {
+            self.commits = 0;
+            if let Err(e) = store.checkpoint() {
+                self.fail(e.to_string(), reply);
+            }
+        }
+    }
+
+    /// Commits `records`, then shows `text`; false once a commit failed.
+    fn piece(
+        &mut self,
+        store: &mut Store,
+        show: &mut impl FnMut(&str),
+        text: &mut String,
+        records: &mut Vec<Record>,
+        reply: &impl Fn(Reply),
+    ) -> bool {
+        if !records.is_empty() {
+            let written = store.write_all(records.iter());
+            records.clear();
+            if let Err(e) = written {
+                self.fail(e.to_string(), reply);
+                return false;
+            }
+            self.commits += 1;
+        }
+        if !text.is_empty() {
+            show(text);
+            text.clear();
+        }
+        true
+    }
+
+    fn fail(&mut self, message: String, reply: &impl Fn(Reply)) {
+        self.failure = Some(message.clone());
+        self.items.clear();
+        reply(Reply::Failed(message));
     }
 }
 
@@ -1660,46 +1728,33 @@ mod tests {
     type Shown = Arc<Mutex<Vec<String>>>;
 
     #[test]
-    fn the_thread_shows_a_turn_after_its_writes_and_confirms_them_after_that() {
+    fn the_thread_shows_lines_after_their_records_and_confirms_a_turn_after_both() {
         let dir = fresh_dir("thread");
         let options = options(&dir, true);
         let a = party(1, "alice");
         let (store, _) = open(&options);
         let shown = Shown::default();
         let showing = shown.clone();
-        // Each reply's notification waits for a release, so that the test
-        // can queue requests while the thread is held.
-        let (entered, notified) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
+        let (notify, notified) = mpsc::channel();
         let thread = store.spawn(
             move |text| showing.lock().unwrap().push(text.to_string()),
             move || {
-                let _ = entered.send(());
-                let _ = released.recv();
+                let _ = notify.send(());
             },
         );
-        thread.write(1, vec![sent(1, "one", false, &[&a])]).unwrap();
-        thread.print("line one".into()).unwrap();
-        thread.barrier().unwrap();
-        notified.recv().unwrap();
-        assert_eq!(
-            *shown.lock().unwrap(),
-            ["line one\n"],
-            "shown before confirmed"
-        );
-        // Two turns; the second has not ended when the query comes.
-        thread.write(2, vec![sent(2, "two", false, &[&a])]).unwrap();
-        thread.print("line two".into()).unwrap();
-        thread.print("line two, again".into()).unwrap();
-        thread.barrier().unwrap();
-        thread.write(3, vec![acked(&a, 1)]).unwrap();
-        thread.print("line three".into()).unwrap();
+        thread.record(sent(1, "one", false, &[&a])).unwrap();
+        thread.print("sent 1".into()).unwrap();
+        thread.record(sent(2, "two", false, &[&a])).unwrap();
+        thread.print("sent 2".into()).unwrap();
+        thread.end_turn(Some(1)).unwrap();
+        // A turn under way when the query comes.
+        thread.record(sent(3, "three", false, &[&a])).unwrap();
+        thread.print("sent 3".into()).unwrap();
         let history = Query::History {
             with: None,
             limit: 10,
         };
         thread.query(7, history).unwrap();
-        drop(release);
         for _ in 0..2 {
             notified.recv().unwrap();
         }
@@ -1707,44 +1762,44 @@ mod tests {
         let [Reply::Committed(1), Reply::Answer {
             tag: 7,
             result: Ok(answer),
-        }, Reply::Committed(2)] = &replies[..]
+        }] = &replies[..]
         else {
             panic!("{replies:?}")
         };
-        // The query saw every write before it, the unfinished turn's too.
         assert_eq!(
-            answer
-                .iter()
-                .map(|e| (e.id, e.targets[0].state))
-                .collect::<Vec<_>>(),
-            [(1, "delivered"), (2, "queued")]
+            answer.iter().map(|e| e.id).collect::<Vec<_>>(),
+            [1, 2],
+            "the query sees the turns that ended"
         );
         assert_eq!(
             *shown.lock().unwrap(),
-            ["line one\n", "line two\nline two, again\n"],
-            "the unfinished turn's line waits for its barrier"
+            ["sent 1\nsent 2\n"],
+            "a turn under way is not shown"
         );
+        thread.end_turn(Some(2)).unwrap();
+        notified.recv().unwrap();
+        assert!(matches!(thread.try_reply(), Some(Reply::Committed(2))));
+        assert_eq!(shown.lock().unwrap()[1..], ["sent 3\n"]);
 
-        thread
-            .write(4, vec![sent(4, "four", false, &[&a])])
-            .unwrap();
+        thread.record(sent(4, "four", false, &[&a])).unwrap();
+        thread.print("sent 4".into()).unwrap();
         thread.close().unwrap();
         assert_eq!(
             shown.lock().unwrap()[2..],
-            ["line three\n"],
-            "close shows what is left"
+            ["sent 4\n"],
+            "close shows the rest"
         );
         let saved = open(&options).1;
         assert_eq!(
             saved.outbox.iter().map(|o| o.id).collect::<Vec<_>>(),
-            [2, 4]
+            [1, 2, 3, 4]
         );
         assert_eq!(saved.next_id, 5);
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn a_failed_write_stops_the_writes_and_close_says_why() {
+    fn a_failed_write_stops_the_thread_and_close_says_why() {
         let dir = fresh_dir("failed");
         let options = options(&dir, true);
         let a = party(1, "alice");
@@ -1759,29 +1814,26 @@ mod tests {
                 let _ = notify.send(());
             },
         );
-        thread
-            .write(
-                1,
-                vec![sent(1, "lost", false, &[&a]), failed(1, &a, "expired", 5)],
-            )
-            .unwrap();
-        thread.print("never shown".into()).unwrap();
-        thread.barrier().unwrap();
+        thread.record(sent(1, "lost", false, &[&a])).unwrap();
+        thread.record(failed(1, &a, "expired", 5)).unwrap();
+        thread.print("undelivered".into()).unwrap();
+        thread.end_turn(Some(1)).unwrap();
         notified.recv().unwrap();
         let reply = thread.try_reply();
         assert!(
             matches!(&reply, Some(Reply::Failed(why)) if why.contains("no such table")),
             "{reply:?}"
         );
-        thread
-            .write(2, vec![sent(2, "dropped", false, &[&a])])
-            .unwrap();
-        let why = thread.close().unwrap_err();
-        assert!(why.contains("no such table"), "{why}");
         assert!(
             shown.lock().unwrap().is_empty(),
             "nothing unrecorded is shown"
         );
+        thread.record(sent(2, "dropped", false, &[&a])).unwrap();
+        thread.print("never shown".into()).unwrap();
+        thread.end_turn(Some(2)).unwrap();
+        let why = thread.close().unwrap_err();
+        assert!(why.contains("no such table"), "{why}");
+        assert!(shown.lock().unwrap().is_empty(), "nor anything after it");
         let saved = open(&options).1;
         assert_eq!(saved.outbox, []);
         assert_eq!(saved.next_id, 1);

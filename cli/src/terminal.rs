@@ -110,12 +110,11 @@ impl Output {
             }
             None => {
                 let mut out = io::stdout().lock();
+                let written = whole_lines(text, PIPE_BUF)
+                    .try_for_each(|piece| out.write_all(piece.as_bytes()))
+                    .and_then(|()| out.flush());
                 // A reader that went away is no reason to stop chatting.
-                if out
-                    .write_all(text.as_bytes())
-                    .and_then(|()| out.flush())
-                    .is_err()
-                {
+                if written.is_err() {
                     tracing::debug!("output is gone; dropping what follows");
                 }
             }
@@ -143,6 +142,37 @@ impl Output {
             }
         }
     }
+}
+
+/// What a pipe takes in one piece (POSIX's minimum, and Linux's).
+const PIPE_BUF: usize = 4096;
+
+/// `text` in pieces of whole lines, each at most `max` bytes unless one
+/// line alone is longer. Written one piece at a time to a pipe, a process
+/// killed while the reader lags leaves whole lines behind it, never half a
+/// line: a pipe write of at most `PIPE_BUF` bytes happens whole or not at
+/// all.
+fn whole_lines(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        // The end of the last line that fits, or of the first line.
+        let mut end = 0;
+        for (at, _) in rest.match_indices('\n') {
+            if at + 1 > max && end > 0 {
+                break;
+            }
+            end = at + 1;
+        }
+        if end == 0 {
+            end = rest.len();
+        }
+        let (piece, after) = rest.split_at(end);
+        rest = after;
+        Some(piece)
+    })
 }
 
 /// The width of the terminal on stdout; 0 if unknown.
@@ -384,5 +414,24 @@ fn restore() {
         let _ = out
             .write_all(b"\x1b[?2004l\x1b[?2026l\r\x1b[K")
             .and_then(|()| out.flush());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_lines;
+
+    #[test]
+    fn output_is_cut_into_whole_lines_that_fit_a_pipe_write() {
+        let pieces: Vec<&str> = whole_lines("ab\ncd\nef\n", 6).collect();
+        assert_eq!(pieces, ["ab\ncd\n", "ef\n"]);
+        let long = format!("{}\nshort\n", "x".repeat(10));
+        let pieces: Vec<&str> = whole_lines(&long, 6).collect();
+        assert_eq!(pieces, [&long[..11], "short\n"], "a long line goes alone");
+        assert_eq!(whole_lines("", 6).count(), 0);
+        let text: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        let pieces: Vec<&str> = whole_lines(&text, 4096).collect();
+        assert!(pieces.iter().all(|p| p.len() <= 4096 && p.ends_with('\n')));
+        assert_eq!(pieces.concat(), text);
     }
 }

@@ -499,7 +499,10 @@ impl Outbox {
         link.arm_deadline(target, actions);
         link.backoff = self.backoff_min;
         let party = link.party.clone();
-        actions.record_ack(party.key, last);
+        actions.record(Record::Acked {
+            target: party.key,
+            through: last,
+        });
         for out in delivered {
             self.total -= 1;
             self.total_bytes -= out.text_len;

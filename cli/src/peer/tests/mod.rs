@@ -423,8 +423,8 @@ impl Sim {
                     Output::Host(HostOutput::Show(event)) => self.events.push(event),
                     Output::Host(HostOutput::Pin(pin)) => self.pins.push(pin),
                     Output::Host(HostOutput::Exit(code)) => self.exits.push(code),
-                    Output::Host(HostOutput::Record { batch, records }) => {
-                        self.records.extend(records);
+                    Output::Host(HostOutput::Record(record)) => self.records.push(record),
+                    Output::Host(HostOutput::Batch(batch)) => {
                         if self.hold_commits {
                             self.uncommitted.push(batch);
                         } else {

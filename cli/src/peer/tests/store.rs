@@ -56,11 +56,11 @@ fn a_message_goes_out_only_once_its_record_is_written() {
     assert_eq!(
         sim.records,
         vec![
-            Record::Settled { id: 1 },
             Record::Acked {
                 target: key_of("bob"),
                 through: 1
-            }
+            },
+            Record::Settled { id: 1 },
         ]
     );
 }
