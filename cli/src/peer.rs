@@ -230,11 +230,11 @@ struct Actions {
     next_dial: u64,
     /// Whether records are kept (see [`Config::persistent`]).
     persistent: bool,
-    /// The wall clock at an instant, from `start` on: records carry the
-    /// time, and the machine reads no clock.
-    clock: Option<(Instant, SystemTime)>,
+    /// The wall clock at an instant: records carry the time, and the
+    /// machine reads no clock.
+    clock: (Instant, SystemTime),
     /// The instant of the input being handled.
-    now: Option<Instant>,
+    now: Instant,
     /// Something was recorded this turn.
     recorded: bool,
     /// The number the batch being made will have.
@@ -278,12 +278,8 @@ impl Actions {
     /// The wall-clock time of the input being handled, in Unix
     /// milliseconds.
     fn wall_ms(&self) -> u64 {
-        let wall = match (self.clock, self.now) {
-            (Some((at, wall)), Some(now)) => wall + now.saturating_duration_since(at),
-            (Some((_, wall)), None) => wall,
-            _ => UNIX_EPOCH,
-        };
-        unix_ms(wall)
+        let (at, wall) = self.clock;
+        unix_ms(wall + self.now.saturating_duration_since(at))
     }
 
     /// Sent once what was recorded so far is written.
@@ -469,8 +465,8 @@ impl Peer {
                 timer_seq: 0,
                 next_dial: 0,
                 persistent: config.persistent,
-                clock: Some((now, wall)),
-                now: Some(now),
+                clock: (now, wall),
+                now,
                 recorded: false,
                 batch: 1,
                 durable: 0,
@@ -521,7 +517,7 @@ impl Peer {
     /// Begins: connect to the registry; what the store left waits for
     /// its targets.
     pub fn start(&mut self, now: Instant) {
-        self.actions.now = Some(now);
+        self.actions.now = now;
         self.outbox.start(&mut self.actions);
         self.session.dial(now, &mut self.actions);
     }
@@ -529,7 +525,7 @@ impl Peer {
     /// The host wrote every batch up to `batch`: what waited for them goes
     /// out, in order.
     pub fn committed(&mut self, batch: u64, now: Instant) {
-        self.actions.now = Some(now);
+        self.actions.now = now;
         self.actions.durable = self.actions.durable.max(batch);
         self.release();
     }
@@ -692,9 +688,9 @@ impl Peer {
 
     /// Runs a user command; `wall` is the wall-clock time, which chat
     /// messages carry for their readers. Returns the id a chat was given,
-    /// if it was accepted: its `sent` comes once it is recorded.
+    /// if it was accepted.
     pub fn command(&mut self, command: Command, now: Instant, wall: SystemTime) -> Option<u64> {
-        self.actions.now = Some(now);
+        self.actions.now = now;
         if self.quitting() {
             return None;
         }

@@ -16,13 +16,13 @@ impl Machine for Peer {
 
     /// An inbound link whose handshake proved `key`.
     fn handle_accepted(&mut self, link: LinkId, _addr: SocketAddr, key: PublicKey, now: Instant) {
-        self.actions.now = Some(now);
+        self.actions.now = now;
         self.inbox.on_accept(link, key, now, &mut self.actions);
     }
 
     /// A link we dialed is up and proved `key`: check it, then speak.
     fn handle_connected(&mut self, link: LinkId, key: PublicKey, now: Instant) {
-        self.actions.now = Some(now);
+        self.actions.now = now;
         if self.session.conn() == Some(link) {
             let heard = self.session.on_connected(link, key, &mut self.actions);
             self.on_heard(heard, now);
@@ -45,7 +45,7 @@ impl Machine for Peer {
     }
 
     fn handle_frame(&mut self, link: LinkId, body: &[u8], now: Instant) {
-        self.actions.now = Some(now);
+        self.actions.now = now;
         if self.session.conn() == Some(link) {
             let heard = self
                 .session
@@ -63,7 +63,7 @@ impl Machine for Peer {
     /// The link is gone, whoever closed it, a dial that never connected
     /// included.
     fn handle_closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant) {
-        self.actions.now = Some(now);
+        self.actions.now = now;
         let reason = match reason {
             // The link still takes one frame, so that a linked peer is told
             // why (as the protocol asks).
@@ -93,14 +93,14 @@ impl Machine for Peer {
     }
 
     fn handle_timeout(&mut self, now: Instant) {
-        self.actions.now = Some(now);
+        self.actions.now = now;
         while let Some(timer) = self.actions.due(now) {
             self.fire(timer, now);
         }
     }
 
     fn end_turn(&mut self, now: Instant) {
-        self.actions.now = Some(now);
+        self.actions.now = now;
         self.finish_turn();
     }
 
