@@ -565,7 +565,7 @@ fn main() -> ExitCode {
                     tracing::error!(error = %e, "cannot wake the event loop for the store");
                 }
             };
-            (Some(store.spawn(out.printer(), notify)), saved)
+            (Some(store.spawn(out.screen(), notify)), saved)
         }
         None => (None, Saved::default()),
     };

@@ -128,7 +128,7 @@ const MAX_GROUP: usize = 4096;
 /// The most output the store's thread shows after one commit: what a pipe
 /// takes in one write (`PIPE_BUF`), so that a reader who lags holds up a
 /// piece whole, never halfway.
-const PIECE: usize = 4096;
+pub const PIECE: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -239,21 +239,16 @@ impl Store {
     }
 
     /// Moves the store to a thread of its own, which also shows the lines
-    /// it is given (through `show`, several lines at a time, each ending in
-    /// a newline); `notify` is called (from that thread) after every reply
-    /// is queued.
-    pub fn spawn(
-        self,
-        show: impl FnMut(&str) + Send + 'static,
-        notify: impl Fn() + Send + 'static,
-    ) -> StoreThread {
+    /// it is given on `screen`; `notify` is called (from that thread) after
+    /// every reply is queued.
+    pub fn spawn(self, screen: impl Screen, notify: impl Fn() + Send + 'static) -> StoreThread {
         let (requests, inbox) = mpsc::channel();
         let (outbox, replies) = mpsc::channel();
         // As `thread::spawn` does: a process that cannot start a thread
         // cannot run the peer either.
         let thread = thread::Builder::new()
             .name("store".into())
-            .spawn(move || serve(self, &inbox, &outbox, show, notify))
+            .spawn(move || serve(self, &inbox, &outbox, screen, notify))
             .expect("cannot start the store's thread");
         StoreThread {
             requests,
@@ -970,6 +965,15 @@ fn uint(value: i64) -> u64 {
     value as u64
 }
 
+/// Where the store's thread shows output: whole lines, each ending in a
+/// newline, at most [`PIECE`] bytes at a time unless one line is longer.
+pub trait Screen: Send + 'static {
+    /// Returns once a piece can be shown without waiting (a pipe has room
+    /// for it).
+    fn wait_ready(&mut self);
+    fn show(&mut self, text: &str);
+}
+
 /// The store on its own thread; see [`Store::spawn`].
 pub struct StoreThread {
     requests: Sender<Request>,
@@ -1067,7 +1071,7 @@ fn serve(
     mut store: Store,
     requests: &Receiver<Request>,
     replies: &Sender<Reply>,
-    mut show: impl FnMut(&str),
+    mut screen: impl Screen,
     notify: impl Fn(),
 ) -> Result<(), String> {
     let mut stream = Stream::default();
@@ -1088,12 +1092,12 @@ fn serve(
             match requests.try_recv() {
                 Ok(request) => request,
                 Err(_) => {
-                    stream.act(&mut store, &mut show, &reply);
+                    stream.act(&mut store, &mut screen, &reply);
                     continue;
                 }
             }
         } else {
-            stream.act(&mut store, &mut show, &reply);
+            stream.act(&mut store, &mut screen, &reply);
             continue;
         };
         stream.since_end += 1;
@@ -1103,13 +1107,13 @@ fn serve(
             Request::EndTurn(batch) => stream.end_turn(batch),
             Request::Query(tag, query) => {
                 // It sees every turn that ended before it.
-                stream.act(&mut store, &mut show, &reply);
+                stream.act(&mut store, &mut screen, &reply);
                 let result = store.query(&query).map_err(|e| e.to_string());
                 reply(Reply::Answer { tag, result });
             }
             Request::Close => {
                 stream.end_turn(None);
-                stream.act(&mut store, &mut show, &reply);
+                stream.act(&mut store, &mut screen, &reply);
                 break;
             }
         }
@@ -1151,7 +1155,7 @@ impl Stream {
     /// Writes and shows the turns that ended, a piece at a time: the
     /// records before a piece's last line, then its lines; then confirms
     /// their batch.
-    fn act(&mut self, store: &mut Store, show: &mut impl FnMut(&str), reply: &impl Fn(Reply)) {
+    fn act(&mut self, store: &mut Store, screen: &mut impl Screen, reply: &impl Fn(Reply)) {
         let Some(batch) = self.ended.take() else {
             return;
         };
@@ -1170,7 +1174,7 @@ impl Stream {
                 Item::Record(record) => after.push(record),
                 Item::Line(line) => {
                     let full = !text.is_empty() && text.len() + line.len() >= PIECE;
-                    if full && !self.piece(store, show, &mut text, &mut before, reply) {
+                    if full && !self.piece(store, screen, &mut text, &mut before, reply) {
                         return;
                     }
                     before.append(&mut after);
@@ -1180,7 +1184,7 @@ impl Stream {
             }
         }
         before.append(&mut after);
-        if !self.piece(store, show, &mut text, &mut before, reply) {
+        if !self.piece(store, screen, &mut text, &mut before, reply) {
             return;
         }
         if let Some(batch) = batch {
@@ -1198,11 +1202,16 @@ impl Stream {
     fn piece(
         &mut self,
         store: &mut Store,
-        show: &mut impl FnMut(&str),
+        screen: &mut impl Screen,
         text: &mut String,
         records: &mut Vec<Record>,
         reply: &impl Fn(Reply),
     ) -> bool {
+        if !text.is_empty() {
+            // Not between the commit and the write: a reader who lags
+            // would stretch that moment, in which a crash loses the piece.
+            screen.wait_ready();
+        }
         if !records.is_empty() {
             let written = store.write_all(records.iter());
             records.clear();
@@ -1213,7 +1222,7 @@ impl Stream {
             self.commits += 1;
         }
         if !text.is_empty() {
-            show(text);
+            screen.show(text);
             text.clear();
         }
         true
@@ -1724,8 +1733,18 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// What the thread showed, and its replies, as a test sees them.
+    /// What the thread showed, piece by piece.
     type Shown = Arc<Mutex<Vec<String>>>;
+
+    struct Recorder(Shown);
+
+    impl Screen for Recorder {
+        fn wait_ready(&mut self) {}
+
+        fn show(&mut self, text: &str) {
+            self.0.lock().unwrap().push(text.to_string());
+        }
+    }
 
     #[test]
     fn the_thread_shows_lines_after_their_records_and_confirms_a_turn_after_both() {
@@ -1736,12 +1755,9 @@ mod tests {
         let shown = Shown::default();
         let showing = shown.clone();
         let (notify, notified) = mpsc::channel();
-        let thread = store.spawn(
-            move |text| showing.lock().unwrap().push(text.to_string()),
-            move || {
-                let _ = notify.send(());
-            },
-        );
+        let thread = store.spawn(Recorder(showing), move || {
+            let _ = notify.send(());
+        });
         thread.record(sent(1, "one", false, &[&a])).unwrap();
         thread.print("sent 1".into()).unwrap();
         thread.record(sent(2, "two", false, &[&a])).unwrap();
@@ -1808,12 +1824,9 @@ mod tests {
         let (notify, notified) = mpsc::channel();
         let shown = Shown::default();
         let showing = shown.clone();
-        let thread = store.spawn(
-            move |text| showing.lock().unwrap().push(text.to_string()),
-            move || {
-                let _ = notify.send(());
-            },
-        );
+        let thread = store.spawn(Recorder(showing), move || {
+            let _ = notify.send(());
+        });
         thread.record(sent(1, "lost", false, &[&a])).unwrap();
         thread.record(failed(1, &a, "expired", 5)).unwrap();
         thread.print("undelivered".into()).unwrap();

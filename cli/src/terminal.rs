@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use mio::Waker;
 use peerchat_peer::human::wrap;
+use peerchat_peer::store::Screen;
 use rustyline::error::ReadlineError;
 use rustyline::ExternalPrinter;
 use rustyline::{
@@ -97,27 +98,11 @@ impl Output {
         }
     }
 
-    /// A way to show text (whole lines, each ending in a newline) from
-    /// another thread, for the store's: written to stdout at once, or handed
-    /// to this one when the line editor owns the terminal.
-    pub fn printer(&self) -> impl FnMut(&str) + Send + 'static {
-        let forward = (!self.plain).then(|| self.lines.clone()).flatten();
-        move |text: &str| match &forward {
-            Some(lines) => {
-                for line in text.lines() {
-                    let _ = lines.send(line.to_string());
-                }
-            }
-            None => {
-                let mut out = io::stdout().lock();
-                let written = whole_lines(text, PIPE_BUF)
-                    .try_for_each(|piece| out.write_all(piece.as_bytes()))
-                    .and_then(|()| out.flush());
-                // A reader that went away is no reason to stop chatting.
-                if written.is_err() {
-                    tracing::debug!("output is gone; dropping what follows");
-                }
-            }
+    /// Where the store's thread shows output: stdout itself, or this
+    /// thread when the line editor owns the terminal.
+    pub fn screen(&self) -> Printer {
+        Printer {
+            forward: (!self.plain).then(|| self.lines.clone()).flatten(),
         }
     }
 
@@ -144,8 +129,61 @@ impl Output {
     }
 }
 
-/// What a pipe takes in one piece (POSIX's minimum, and Linux's).
-const PIPE_BUF: usize = 4096;
+/// Output from the store's thread (see `peerchat_peer::store::Screen`).
+pub struct Printer {
+    /// To the output thread, which prints above the line editor's prompt.
+    forward: Option<Sender<String>>,
+}
+
+impl Screen for Printer {
+    fn wait_ready(&mut self) {
+        if self.forward.is_none() {
+            wait_writable(libc::STDOUT_FILENO);
+        }
+    }
+
+    fn show(&mut self, text: &str) {
+        match &self.forward {
+            Some(lines) => {
+                for line in text.lines() {
+                    let _ = lines.send(line.to_string());
+                }
+            }
+            None => {
+                let mut out = io::stdout().lock();
+                let written = whole_lines(text, PIPE_BUF)
+                    .try_for_each(|piece| out.write_all(piece.as_bytes()))
+                    .and_then(|()| out.flush());
+                // A reader that went away is no reason to stop chatting.
+                if written.is_err() {
+                    tracing::debug!("output is gone; dropping what follows");
+                }
+            }
+        }
+    }
+}
+
+/// Waits until `fd` takes a write of `PIPE_BUF` bytes without blocking (at
+/// once for a file or a terminal; for a pipe, once its reader made room).
+/// An error (a reader gone) returns too: the write then fails and says so.
+fn wait_writable(fd: libc::c_int) {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one pollfd we own, for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, -1) };
+        if ready >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
+/// What a pipe takes in one piece (POSIX's minimum, and Linux's): the
+/// store's thread hands out pieces of at most this much.
+const PIPE_BUF: usize = peerchat_peer::store::PIECE;
 
 /// `text` in pieces of whole lines, each at most `max` bytes unless one
 /// line alone is longer. Written one piece at a time to a pipe, a process
