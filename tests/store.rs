@@ -475,18 +475,24 @@ fn wait_shown(p: &mut PeerProc, from: &str, n: usize) {
     assert!(reached, "{}: only {count} of {n} messages shown", p.name);
 }
 
+/// alice, bob and carol online, alice in the middle of a burst to everyone
+/// (bob has shown some of it): the peers and the burst's lines.
+fn burst_under_way(reg: &Registry) -> (PeerProc, PeerProc, PeerProc, Vec<String>) {
+    let mut peers = start_peers(reg, &[("bob", &[]), ("carol", &[]), ("alice", &[])]);
+    let mut alice = peers.pop().unwrap();
+    let carol = peers.pop().unwrap();
+    let mut bob = peers.pop().unwrap();
+    let lines = burst_lines();
+    type_all(&mut alice, &lines);
+    wait_shown(&mut bob, "alice", KILL_AFTER);
+    (alice, bob, carol, lines)
+}
+
 #[test]
 fn a_sender_killed_mid_burst_delivers_the_rest_once_when_restarted() {
     let started = Instant::now();
     let reg = Registry::start(&[]);
-    let mut peers = start_peers(&reg, &[("bob", &[]), ("carol", &[]), ("alice", &[])]);
-    let mut alice = peers.pop().unwrap();
-    let mut carol = peers.pop().unwrap();
-    let mut bob = peers.pop().unwrap();
-
-    let lines = burst_lines();
-    type_all(&mut alice, &lines);
-    wait_shown(&mut bob, "alice", KILL_AFTER);
+    let (mut alice, mut bob, mut carol, lines) = burst_under_way(&reg);
     kill_9(&mut alice);
     let first = alice.seen.clone();
     let sent_first = sent(&first);
@@ -521,14 +527,7 @@ fn a_sender_killed_mid_burst_delivers_the_rest_once_when_restarted() {
 fn a_receiver_killed_mid_burst_shows_each_message_once_when_restarted() {
     let started = Instant::now();
     let reg = Registry::start(&[]);
-    let mut peers = start_peers(&reg, &[("bob", &[]), ("carol", &[]), ("alice", &[])]);
-    let mut alice = peers.pop().unwrap();
-    let mut carol = peers.pop().unwrap();
-    let mut bob = peers.pop().unwrap();
-
-    let lines = burst_lines();
-    type_all(&mut alice, &lines);
-    wait_shown(&mut bob, "alice", KILL_AFTER);
+    let (mut alice, mut bob, mut carol, lines) = burst_under_way(&reg);
     kill_9(&mut bob);
     let bob_first = bob.seen.clone();
     let mut bob_again = restart(&bob, &reg, &[]);
