@@ -95,7 +95,7 @@ struct PeerHost {
     /// The peer has taken input since the first registration attempt ended.
     input_open: bool,
     /// What the user typed, by the id the peer gave it: echoed with its
-    /// `sent`, once it is recorded.
+    /// `sent`.
     echo: HashMap<u64, (String, Option<String>)>,
     /// The store's thread; `None` with `--no-store`.
     store: Option<StoreThread>,
@@ -195,9 +195,7 @@ impl PeerHost {
             }),
         }
     }
-}
 
-impl PeerHost {
     /// Ends the run with `code` (the first one given stands).
     fn stop(&mut self, ctx: &mut HostCtx<Peer, Self>, code: i32) {
         self.exit.get_or_insert(code);
