@@ -285,9 +285,8 @@ impl Host<Peer> for PeerHost {
         peer.quit(ctx.now());
     }
 
-    /// Takes what the store answered, then one line a wake-up, so that the
-    /// driver acts on what the peer made of it before the next is read,
-    /// and sockets get their turn within a long paste or pipe.
+    /// Takes what the store answered, then a few lines a wake-up, so that
+    /// sockets get their turn within a long paste or pipe.
     fn on_wake(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer) {
         self.take_replies(ctx, peer);
         // Until the peer takes input, what comes waits here in order; only
@@ -304,17 +303,22 @@ impl Host<Peer> for PeerHost {
                 Err(_) => return,
             }
         }
-        let Some(input) = self.held.pop_front().or_else(|| self.input.try_recv().ok()) else {
-            return;
-        };
         let now = ctx.now();
-        match input {
-            Input::Line(line) => self.on_line(peer, &line, now),
-            Input::Garbled => self.show(&Event::Error {
-                code: "bad_input".into(),
-                message: "that line was not UTF-8 text; it was ignored".into(),
-            }),
-            Input::Eof | Input::Interrupt => peer.quit(now),
+        for _ in 0..LINES_PER_WAKE {
+            let Some(input) = self.held.pop_front().or_else(|| self.input.try_recv().ok()) else {
+                return;
+            };
+            match input {
+                Input::Line(line) => self.on_line(peer, &line, now),
+                Input::Garbled => self.show(&Event::Error {
+                    code: "bad_input".into(),
+                    message: "that line was not UTF-8 text; it was ignored".into(),
+                }),
+                Input::Eof | Input::Interrupt => {
+                    peer.quit(now);
+                    break;
+                }
+            }
         }
         wake(ctx);
     }
@@ -338,6 +342,11 @@ impl Host<Peer> for PeerHost {
         }
     }
 }
+
+/// Input lines taken in one wake-up of the loop: a paste costs a loop turn
+/// per this many lines, not per line, and a long one still lets the
+/// sockets in between.
+const LINES_PER_WAKE: usize = 64;
 
 /// Makes the loop call `on_wake` again: to take input that waited.
 fn wake(ctx: &HostCtx<Peer, PeerHost>) {
