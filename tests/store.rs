@@ -412,10 +412,10 @@ fn store_says(p: &mut PeerProc, ids: &BTreeSet<u64>) -> (usize, String) {
 }
 
 /// The most lines of one kind that fit in one piece of the peer's output
-/// (4 KiB): a `sent` to two targets is at least 46 bytes, a message of the
-/// burst at least 100.
-const SENT_PER_PIECE: usize = 4096 / 46;
-const MESSAGES_PER_PIECE: usize = 4096 / 100;
+/// (64 KiB at most): a `sent` to two targets is at least 46 bytes, a
+/// message of the burst at least 100.
+const SENT_PER_PIECE: usize = 65536 / 46;
+const MESSAGES_PER_PIECE: usize = 65536 / 100;
 
 /// Whether `ids` could be the lines of one piece of output: consecutive,
 /// and no more than fit. The README documents that a kill landing between

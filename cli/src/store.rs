@@ -125,10 +125,12 @@ const COMMITS_PER_CHECKPOINT: u32 = 64;
 /// confirmed) now and then.
 const MAX_GROUP: usize = 4096;
 
-/// The most output the store's thread shows after one commit: what a pipe
-/// takes in one write (`PIPE_BUF`), so that a reader who lags holds up a
-/// piece whole, never halfway.
+/// The least and the most output the store's thread shows after one
+/// commit: what any pipe takes in one write (`PIPE_BUF`), and Linux's
+/// default pipe size. In between, what the screen has room for: a piece is
+/// written whole, without waiting for a reader who lags.
 pub const PIECE: usize = 4096;
+const MAX_PIECE: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -965,12 +967,13 @@ fn uint(value: i64) -> u64 {
     value as u64
 }
 
-/// Where the store's thread shows output: whole lines, each ending in a
-/// newline, at most [`PIECE`] bytes at a time unless one line is longer.
+/// Where the store's thread shows output.
 pub trait Screen: Send + 'static {
-    /// Returns once a piece can be shown without waiting (a pipe has room
-    /// for it).
-    fn wait_ready(&mut self);
+    /// Waits until the screen takes at least [`PIECE`] bytes at once, then
+    /// says how many it takes now without waiting (a pipe's free room).
+    fn room(&mut self) -> usize;
+    /// Shows whole lines, each ending in a newline: at most what `room`
+    /// said last, unless one line alone is longer.
     fn show(&mut self, text: &str);
 }
 
@@ -1167,15 +1170,23 @@ impl Stream {
             return;
         }
         let mut text = String::new();
+        let mut room = 0;
         let mut before: Vec<Record> = Vec::new();
         let mut after: Vec<Record> = Vec::new();
         for item in items {
             match item {
                 Item::Record(record) => after.push(record),
                 Item::Line(line) => {
-                    let full = !text.is_empty() && text.len() + line.len() >= PIECE;
+                    let full = !text.is_empty() && text.len() + line.len() >= room;
                     if full && !self.piece(store, screen, &mut text, &mut before, reply) {
                         return;
+                    }
+                    if text.is_empty() {
+                        // Measured before the commit, not between it and
+                        // the write: a reader who lags would stretch that
+                        // moment, in which a crash loses the piece. The room
+                        // only grows meanwhile.
+                        room = screen.room().clamp(PIECE, MAX_PIECE);
                     }
                     before.append(&mut after);
                     text.push_str(&line);
@@ -1207,11 +1218,6 @@ impl Stream {
         records: &mut Vec<Record>,
         reply: &impl Fn(Reply),
     ) -> bool {
-        if !text.is_empty() {
-            // Not between the commit and the write: a reader who lags
-            // would stretch that moment, in which a crash loses the piece.
-            screen.wait_ready();
-        }
         if !records.is_empty() {
             let written = store.write_all(records.iter());
             records.clear();
@@ -1739,7 +1745,9 @@ mod tests {
     struct Recorder(Shown);
 
     impl Screen for Recorder {
-        fn wait_ready(&mut self) {}
+        fn room(&mut self) -> usize {
+            PIECE
+        }
 
         fn show(&mut self, text: &str) {
             self.0.lock().unwrap().push(text.to_string());

@@ -136,10 +136,12 @@ pub struct Printer {
 }
 
 impl Screen for Printer {
-    fn wait_ready(&mut self) {
-        if self.forward.is_none() {
-            wait_writable(libc::STDOUT_FILENO);
+    fn room(&mut self) -> usize {
+        if self.forward.is_some() {
+            return usize::MAX;
         }
+        wait_writable(libc::STDOUT_FILENO);
+        pipe_room(libc::STDOUT_FILENO).unwrap_or(usize::MAX)
     }
 
     fn show(&mut self, text: &str) {
@@ -150,10 +152,9 @@ impl Screen for Printer {
                 }
             }
             None => {
+                // One write: what `room` allowed goes whole, or not at all.
                 let mut out = io::stdout().lock();
-                let written = whole_lines(text, PIPE_BUF)
-                    .try_for_each(|piece| out.write_all(piece.as_bytes()))
-                    .and_then(|()| out.flush());
+                let written = out.write_all(text.as_bytes()).and_then(|()| out.flush());
                 // A reader that went away is no reason to stop chatting.
                 if written.is_err() {
                     tracing::debug!("output is gone; dropping what follows");
@@ -181,36 +182,23 @@ fn wait_writable(fd: libc::c_int) {
     }
 }
 
-/// What a pipe takes in one piece (POSIX's minimum, and Linux's): the
-/// store's thread hands out pieces of at most this much.
-const PIPE_BUF: usize = peerchat_peer::store::PIECE;
-
-/// `text` in pieces of whole lines, each at most `max` bytes unless one
-/// line alone is longer. Written one piece at a time to a pipe, a process
-/// killed while the reader lags leaves whole lines behind it, never half a
-/// line: a pipe write of at most `PIPE_BUF` bytes happens whole or not at
-/// all.
-fn whole_lines(text: &str, max: usize) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
+/// The free room of `fd` if it is a pipe: its size less what waits in it.
+/// `None` for anything else, which takes any write without waiting long.
+fn pipe_room(fd: libc::c_int) -> Option<usize> {
+    // SAFETY: fstat fills the struct we own; fcntl and ioctl read `fd` and
+    // write one int we own.
+    unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut stat) != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFIFO {
             return None;
         }
-        // The end of the last line that fits, or of the first line.
-        let mut end = 0;
-        for (at, _) in rest.match_indices('\n') {
-            if at + 1 > max && end > 0 {
-                break;
-            }
-            end = at + 1;
+        let size = libc::fcntl(fd, libc::F_GETPIPE_SZ);
+        let mut waiting: libc::c_int = 0;
+        if size < 0 || libc::ioctl(fd, libc::FIONREAD, &mut waiting) != 0 {
+            return None;
         }
-        if end == 0 {
-            end = rest.len();
-        }
-        let (piece, after) = rest.split_at(end);
-        rest = after;
-        Some(piece)
-    })
+        usize::try_from(size - waiting).ok()
+    }
 }
 
 /// The width of the terminal on stdout; 0 if unknown.
@@ -452,24 +440,5 @@ fn restore() {
         let _ = out
             .write_all(b"\x1b[?2004l\x1b[?2026l\r\x1b[K")
             .and_then(|()| out.flush());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::whole_lines;
-
-    #[test]
-    fn output_is_cut_into_whole_lines_that_fit_a_pipe_write() {
-        let pieces: Vec<&str> = whole_lines("ab\ncd\nef\n", 6).collect();
-        assert_eq!(pieces, ["ab\ncd\n", "ef\n"]);
-        let long = format!("{}\nshort\n", "x".repeat(10));
-        let pieces: Vec<&str> = whole_lines(&long, 6).collect();
-        assert_eq!(pieces, [&long[..11], "short\n"], "a long line goes alone");
-        assert_eq!(whole_lines("", 6).count(), 0);
-        let text: String = (0..1000).map(|i| format!("line {i}\n")).collect();
-        let pieces: Vec<&str> = whole_lines(&text, 4096).collect();
-        assert!(pieces.iter().all(|p| p.len() <= 4096 && p.ends_with('\n')));
-        assert_eq!(pieces.concat(), text);
     }
 }
