@@ -163,7 +163,11 @@ fn type_all(p: &mut PeerProc, lines: &[String]) {
 /// accepted line got one `sent` (in the first run only: a restarted sender
 /// does not say it again) and every (id, target) of it exactly one outcome,
 /// `delivered`. Returns each sent id's text and targets.
-fn check_sender(runs: &[&[Value]], lines: &[String]) -> (HashMap<u64, String>, Sent) {
+fn check_sender(
+    runs: &[&[Value]],
+    lines: &[String],
+    excused: &BTreeSet<(u64, String)>,
+) -> (HashMap<u64, String>, Sent) {
     let first = runs[0];
     let errors: Vec<&Value> = first.iter().filter(|v| v["event"] == "error").collect();
     assert!(errors.is_empty(), "the burst was refused: {errors:?}");
@@ -187,6 +191,11 @@ fn check_sender(runs: &[&[Value]], lines: &[String]) -> (HashMap<u64, String>, S
     for (id, to) in &sent {
         for target in to {
             wanted.insert((*id, target.clone()), Vec::new());
+        }
+    }
+    for pair in excused {
+        if let Some(seen) = wanted.get_mut(pair) {
+            seen.push("recorded \"delivered\", not printed".into());
         }
     }
     let mut strays = Vec::new();
@@ -332,7 +341,13 @@ fn read_shown(
 
 /// Reads `p` until every (id, target) of `sent` has an outcome over the
 /// runs `before` and this one.
-fn read_outcomes(p: &mut PeerProc, before: &[Value], sent: &[(u64, Vec<String>)]) {
+/// Returns the pairs whose `delivered` was recorded but not printed, in the
+/// documented window (see [`one_piece`]): at most one piece of them.
+fn read_outcomes(
+    p: &mut PeerProc,
+    before: &[Value],
+    sent: &[(u64, Vec<String>)],
+) -> BTreeSet<(u64, String)> {
     let mut open: BTreeSet<(u64, String)> = sent
         .iter()
         .flat_map(|(id, to)| to.iter().map(move |t| (*id, t.clone())))
@@ -350,6 +365,15 @@ fn read_outcomes(p: &mut PeerProc, before: &[Value], sent: &[(u64, Vec<String>)]
     if !done {
         let ids: BTreeSet<u64> = open.iter().map(|(id, _)| *id).collect();
         let (_, store) = store_says(p, &ids);
+        let recorded = delivered_in_store(p, &open);
+        if open.len() <= DELIVERED_PER_PIECE && recorded == open.len() {
+            eprintln!(
+                "{}: {} outcomes were recorded delivered but not printed: the documented window between a commit and its write",
+                p.name,
+                open.len()
+            );
+            return open;
+        }
         panic!(
             "{}: {} (id, target) pairs of messages it reported sent have no outcome in any run, e.g. {:?}; {store}",
             p.name,
@@ -357,6 +381,7 @@ fn read_outcomes(p: &mut PeerProc, before: &[Value], sent: &[(u64, Vec<String>)]
             open.iter().take(20).collect::<Vec<_>>(),
         );
     }
+    BTreeSet::new()
 }
 
 /// What `p`'s store holds of the messages `ids` (sent or received): to
@@ -411,10 +436,39 @@ fn store_says(p: &mut PeerProc, ids: &BTreeSet<u64>) -> (usize, String) {
     (in_history, summary)
 }
 
+/// How many of `pairs` (id, target) the store of `p` (which quit already,
+/// see [`store_says`]) holds as delivered.
+fn delivered_in_store(p: &PeerProc, pairs: &BTreeSet<(u64, String)>) -> usize {
+    let options = Options {
+        path: store_path(&p.data, &p.name),
+        owner: p.key(),
+        name: p.name.clone(),
+        history: true,
+    };
+    let Ok((mut store, _)) = Store::open(options) else {
+        return 0;
+    };
+    let history = Query::History {
+        with: None,
+        limit: 1_000_000,
+    };
+    let Ok(entries) = store.query(&history) else {
+        return 0;
+    };
+    entries
+        .iter()
+        .filter(|e| e.outgoing)
+        .flat_map(|e| e.targets.iter().map(move |t| (e.id, t)))
+        .filter(|(id, t)| t.state == "delivered" && pairs.contains(&(*id, t.to.clone())))
+        .count()
+}
+
 /// The most lines of one kind that fit in one piece of the peer's output
 /// (64 KiB at most): a `sent` to two targets is at least 46 bytes, a
 /// message of the burst at least 100.
 const SENT_PER_PIECE: usize = 65536 / 46;
+/// A `delivered` is at least 38 bytes.
+const DELIVERED_PER_PIECE: usize = 65536 / 38;
 const MESSAGES_PER_PIECE: usize = 65536 / 100;
 
 /// Whether `ids` could be the lines of one piece of output: consecutive,
@@ -504,8 +558,8 @@ fn a_sender_killed_mid_burst_delivers_the_rest_once_when_restarted() {
     );
 
     let mut again = restart(&alice, &reg, &[]);
-    read_outcomes(&mut again, &first, &sent_first);
-    let (texts, sent) = check_sender(&[&first, &again.seen], &lines);
+    let excused = read_outcomes(&mut again, &first, &sent_first);
+    let (texts, sent) = check_sender(&[&first, &again.seen], &lines, &excused);
     for (id, to) in &sent {
         let mut to = to.clone();
         to.sort();
@@ -542,8 +596,8 @@ fn a_receiver_killed_mid_burst_shows_each_message_once_when_restarted() {
         });
     assert!(all_sent, "alice: {sent_count} of {BURST} sent");
     let sent_all = sent(&alice.seen);
-    read_outcomes(&mut alice, &[], &sent_all);
-    let (texts, sent) = check_sender(&[&alice.seen], &lines);
+    let excused = read_outcomes(&mut alice, &[], &sent_all);
+    let (texts, sent) = check_sender(&[&alice.seen], &lines, &excused);
     let to_bob: BTreeSet<u64> = sent
         .iter()
         .filter(|(_, to)| to.iter().any(|t| t == "bob"))
@@ -630,13 +684,14 @@ fn messages_to_a_target_away_for_the_whole_send_arrive_when_it_is_back() {
     assert!(early.is_err(), "an outcome while bob was away: {early:?}");
 
     let mut bob = restart(&bob, &reg, &[]);
-    read_outcomes(
+    let unprinted = read_outcomes(
         &mut alice,
         &[],
         &ids.iter()
             .map(|id| (*id, vec!["bob".into()]))
             .collect::<Vec<_>>(),
     );
+    assert!(unprinted.is_empty(), "nobody was killed: {unprinted:?}");
     wait_shown(&mut bob, "alice", texts.len());
     let _ = bob.try_expect(QUIET, |v| v["event"] == "message");
     let shown = shown_from(&bob.seen, "alice");

@@ -24,7 +24,7 @@ use peerchat_peer::command::{self, Command};
 use peerchat_peer::human::View;
 use peerchat_peer::journal::{Query, Saved};
 use peerchat_peer::peer::{Config, Event, HostOutput, Peer, Pin, RegistryTrust, Trust};
-use peerchat_peer::store::{self, Reply, Store, StoreThread};
+use peerchat_peer::store::{self, Item, Reply, Store, StoreThread};
 use peerchat_peer::trust::{self, KnownPeers};
 use terminal::{Input, Output, TerminalGuard};
 
@@ -102,9 +102,9 @@ struct PeerHost {
     /// Queries asked of the store, by tag, to show their answers as.
     queries: HashMap<u64, Query>,
     next_query: u64,
-    /// Lines or records went to the store's thread this turn, and the
-    /// turn's batch: it is told when the turn ends.
-    store_dirty: bool,
+    /// With a store: this turn's records and lines, and its batch, handed
+    /// to the store's thread together when the turn ends.
+    turn: Vec<Item>,
     turn_batch: Option<u64>,
     turn_ending: bool,
     exit: Option<i32>,
@@ -146,12 +146,28 @@ impl PeerHost {
     /// the records of its turn (see `store`).
     fn line(&mut self, line: String) {
         match &self.store {
-            Some(store) => match store.print(line) {
-                Ok(()) => self.store_dirty = true,
-                // The thread is gone, and the next write says so.
-                Err(line) => self.out.line(&line),
-            },
+            Some(_) => self.turn.push(Item::Line(line)),
             None => self.out.line(&line),
+        }
+    }
+
+    /// Hands the turn to the store's thread. One that is gone gives it back:
+    /// its lines are shown all the same, and the peer stops.
+    fn end_store_turn(&mut self, ctx: &mut HostCtx<Peer, Self>) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let batch = self.turn_batch.take();
+        if self.turn.is_empty() && batch.is_none() {
+            return;
+        }
+        if let Err(items) = store.turn(std::mem::take(&mut self.turn), batch) {
+            for item in items {
+                if let Item::Line(line) = item {
+                    self.out.line(&line);
+                }
+            }
+            self.store_failed(ctx, "the store's thread stopped".into());
         }
     }
 
@@ -234,10 +250,13 @@ impl PeerHost {
     /// Nothing more can be recorded, so nothing more may be shown or sent:
     /// the peer exits, and what was recorded is kept for its next run.
     fn store_failed(&mut self, ctx: &mut HostCtx<Peer, Self>, message: String) {
+        // Straight out: the store's thread shows nothing more.
+        let store = self.store.take();
         self.show(&Event::Error {
             code: "store".into(),
             message: format!("{message}; exiting"),
         });
+        self.store = store;
         self.stop(ctx, 2);
     }
 }
@@ -251,12 +270,7 @@ impl Host<Peer> for PeerHost {
             HostOutput::Pin(pin) => self.save_pin(&pin),
             HostOutput::Exit(code) => self.stop(ctx, code),
             HostOutput::Record(record) => match &self.store {
-                Some(store) => {
-                    self.store_dirty = true;
-                    if let Err(e) = store.record(record) {
-                        self.store_failed(ctx, e.to_string());
-                    }
-                }
+                Some(_) => self.turn.push(Item::Record(record)),
                 None => tracing::error!("a record without a store: it is dropped"),
             },
             HostOutput::Batch(batch) => match &self.store {
@@ -330,11 +344,8 @@ impl Host<Peer> for PeerHost {
     fn settled(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer) {
         // The machine's batch for the turn came in the outputs just acted
         // on: the turn is complete for the store's thread.
-        if std::mem::take(&mut self.turn_ending) && std::mem::take(&mut self.store_dirty) {
-            let batch = self.turn_batch.take();
-            if let Some(Err(e)) = self.store.as_ref().map(|s| s.end_turn(batch)) {
-                self.store_failed(ctx, e.to_string());
-            }
+        if std::mem::take(&mut self.turn_ending) {
+            self.end_store_turn(ctx);
         }
         if !self.input_open && peer.takes_input() {
             self.input_open = true;
@@ -594,7 +605,7 @@ fn main() -> ExitCode {
         store,
         queries: HashMap::new(),
         next_query: 0,
-        store_dirty: false,
+        turn: Vec::new(),
         turn_batch: None,
         turn_ending: false,
         exit: None,
@@ -624,7 +635,12 @@ fn main() -> ExitCode {
     // loop first calls it: at once, for this wake-up.
     wake(ctx);
     let result = event_loop.run(&mut app);
-    let closed = app.host.store.take().map(StoreThread::close);
+    let host = &mut app.host;
+    let closed = host.store.take().map(|store| {
+        // What the last turn left, if the loop stopped before handing it over.
+        let _ = store.turn(std::mem::take(&mut host.turn), host.turn_batch.take());
+        store.close()
+    });
     app.host.out.finish();
     drop(terminal_guard);
     if let Err(e) = result {

@@ -120,10 +120,10 @@ const CHECKPOINT_PAGES: i64 = 1000;
 /// The store's thread checkpoints after this many commits.
 const COMMITS_PER_CHECKPOINT: u32 = 64;
 
-/// After the end of a turn, the store's thread takes at most this many
-/// more requests before it acts, so that a flood is still written (and
-/// confirmed) now and then.
-const MAX_GROUP: usize = 4096;
+/// Once it holds a turn, the store's thread takes at most about this many
+/// more records and lines before it acts, so that a flood is still written
+/// (and confirmed) now and then.
+const MAX_GROUP: usize = 16 * 1024;
 
 /// The least and the most output the store's thread shows after one
 /// commit: what any pipe takes in one write (`PIPE_BUF`), and Linux's
@@ -1003,45 +1003,30 @@ pub enum Reply {
 }
 
 enum Request {
-    /// A record, in the stream with the lines about it.
-    Record(Record),
-    /// A line, about the records before it.
-    Print(String),
-    /// The turn ended, with the batch of its records if it has one.
-    EndTurn(Option<u64>),
+    /// A turn of the loop: its records and lines in order, and the batch of
+    /// its records if it has one.
+    Turn(Vec<Item>, Option<u64>),
     Query(u64, Query),
     Close,
 }
 
 impl StoreThread {
-    /// Fails only if the thread is gone (it panicked): nothing more can be
-    /// written, and `close` says why.
-    pub fn record(&self, record: Record) -> Result<(), ThreadGone> {
-        self.send(Request::Record(record))
-    }
-
-    pub fn query(&self, tag: u64, query: Query) -> Result<(), ThreadGone> {
-        self.send(Request::Query(tag, query))
-    }
-
-    /// Shows `line`, then writes the records sent before it. A thread that
-    /// is gone hands the line back.
-    pub fn print(&self, line: String) -> Result<(), String> {
-        match self.requests.send(Request::Print(line)) {
+    /// A turn's records and lines, in order: each line is shown once the
+    /// records before it are written, then `batch` is confirmed. A thread
+    /// that is gone (it panicked) hands them back, and `close` says why.
+    pub fn turn(&self, items: Vec<Item>, batch: Option<u64>) -> Result<(), Vec<Item>> {
+        match self.requests.send(Request::Turn(items, batch)) {
             Ok(()) => Ok(()),
-            Err(mpsc::SendError(Request::Print(line))) => Err(line),
-            Err(_) => Err(String::new()),
+            Err(mpsc::SendError(Request::Turn(items, _))) => Err(items),
+            Err(_) => Err(Vec::new()),
         }
     }
 
-    /// Ends a turn: what it sent is shown and written, then its `batch`
-    /// confirmed.
-    pub fn end_turn(&self, batch: Option<u64>) -> Result<(), ThreadGone> {
-        self.send(Request::EndTurn(batch))
-    }
-
-    fn send(&self, request: Request) -> Result<(), ThreadGone> {
-        self.requests.send(request).map_err(|_| ThreadGone)
+    /// Fails only if the thread is gone.
+    pub fn query(&self, tag: u64, query: Query) -> Result<(), ThreadGone> {
+        self.requests
+            .send(Request::Query(tag, query))
+            .map_err(|_| ThreadGone)
     }
 
     pub fn try_reply(&self) -> Option<Reply> {
@@ -1103,11 +1088,12 @@ fn serve(
             stream.act(&mut store, &mut screen, &reply);
             continue;
         };
-        stream.since_end += 1;
         match request {
-            Request::Record(record) => stream.items.push(Item::Record(record)),
-            Request::Print(line) => stream.items.push(Item::Line(line)),
-            Request::EndTurn(batch) => stream.end_turn(batch),
+            Request::Turn(items, batch) => {
+                stream.since_end += items.len();
+                stream.items.extend(items);
+                stream.end_turn(batch);
+            }
             Request::Query(tag, query) => {
                 // It sees every turn that ended before it.
                 stream.act(&mut store, &mut screen, &reply);
@@ -1124,7 +1110,10 @@ fn serve(
     stream.failure.map_or(Ok(()), Err)
 }
 
-enum Item {
+/// What a turn hands the store's thread: a record, or a line of output
+/// about the records before it.
+#[derive(Debug)]
+pub enum Item {
     Record(Record),
     Line(String),
 }
@@ -1132,13 +1121,12 @@ enum Item {
 /// What the store's thread holds between acts.
 #[derive(Default)]
 struct Stream {
+    /// Whole turns: the host hands over a turn once it ended, so that its
+    /// batch is confirmed whole.
     items: Vec<Item>,
-    /// How many items belong to turns that ended, and the highest batch
-    /// among them: a turn under way is neither shown nor written, so that
-    /// its batch is confirmed whole.
-    ended_items: usize,
+    /// Some once a turn is held, with the highest batch among them.
     ended: Option<Option<u64>>,
-    /// Requests taken since the first turn that ended.
+    /// Records and lines taken since the first turn held.
     since_end: usize,
     /// Commits since the last checkpoint.
     commits: u32,
@@ -1150,7 +1138,6 @@ struct Stream {
 
 impl Stream {
     fn end_turn(&mut self, batch: Option<u64>) {
-        self.ended_items = self.items.len();
         let highest = self.ended.flatten().max(batch);
         self.ended = Some(highest);
     }
@@ -1163,9 +1150,7 @@ impl Stream {
             return;
         };
         self.since_end = 0;
-        let rest = self.items.split_off(self.ended_items);
-        let items = std::mem::replace(&mut self.items, rest);
-        self.ended_items = 0;
+        let items = std::mem::take(&mut self.items);
         if self.failure.is_some() {
             return;
         }
@@ -1754,6 +1739,14 @@ mod tests {
         }
     }
 
+    fn line(text: &str) -> Item {
+        Item::Line(text.into())
+    }
+
+    fn record(record: Record) -> Item {
+        Item::Record(record)
+    }
+
     #[test]
     fn the_thread_shows_lines_after_their_records_and_confirms_a_turn_after_both() {
         let dir = fresh_dir("thread");
@@ -1761,19 +1754,17 @@ mod tests {
         let a = party(1, "alice");
         let (store, _) = open(&options);
         let shown = Shown::default();
-        let showing = shown.clone();
         let (notify, notified) = mpsc::channel();
-        let thread = store.spawn(Recorder(showing), move || {
+        let thread = store.spawn(Recorder(shown.clone()), move || {
             let _ = notify.send(());
         });
-        thread.record(sent(1, "one", false, &[&a])).unwrap();
-        thread.print("sent 1".into()).unwrap();
-        thread.record(sent(2, "two", false, &[&a])).unwrap();
-        thread.print("sent 2".into()).unwrap();
-        thread.end_turn(Some(1)).unwrap();
-        // A turn under way when the query comes.
-        thread.record(sent(3, "three", false, &[&a])).unwrap();
-        thread.print("sent 3".into()).unwrap();
+        let first = vec![
+            record(sent(1, "one", false, &[&a])),
+            line("sent 1"),
+            record(sent(2, "two", false, &[&a])),
+            line("sent 2"),
+        ];
+        thread.turn(first, Some(1)).unwrap();
         let history = Query::History {
             with: None,
             limit: 10,
@@ -1790,35 +1781,49 @@ mod tests {
         else {
             panic!("{replies:?}")
         };
-        assert_eq!(
-            answer.iter().map(|e| e.id).collect::<Vec<_>>(),
-            [1, 2],
-            "the query sees the turns that ended"
-        );
-        assert_eq!(
-            *shown.lock().unwrap(),
-            ["sent 1\nsent 2\n"],
-            "a turn under way is not shown"
-        );
-        thread.end_turn(Some(2)).unwrap();
+        assert_eq!(answer.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(*shown.lock().unwrap(), ["sent 1\nsent 2\n"]);
+
+        let second = vec![record(sent(3, "three", false, &[&a])), line("sent 3")];
+        thread.turn(second, Some(2)).unwrap();
         notified.recv().unwrap();
         assert!(matches!(thread.try_reply(), Some(Reply::Committed(2))));
         assert_eq!(shown.lock().unwrap()[1..], ["sent 3\n"]);
 
-        thread.record(sent(4, "four", false, &[&a])).unwrap();
-        thread.print("sent 4".into()).unwrap();
+        let last = vec![record(sent(4, "four", false, &[&a])), line("sent 4")];
+        thread.turn(last, Some(3)).unwrap();
         thread.close().unwrap();
-        assert_eq!(
-            shown.lock().unwrap()[2..],
-            ["sent 4\n"],
-            "close shows the rest"
-        );
+        assert_eq!(shown.lock().unwrap()[2..], ["sent 4\n"], "close finishes");
         let saved = open(&options).1;
         assert_eq!(
             saved.outbox.iter().map(|o| o.id).collect::<Vec<_>>(),
             [1, 2, 3, 4]
         );
         assert_eq!(saved.next_id, 5);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn output_is_shown_in_pieces_that_fit_the_room() {
+        let dir = fresh_dir("pieces");
+        let options = options(&dir, true);
+        let a = party(1, "alice");
+        let (store, _) = open(&options);
+        let shown = Shown::default();
+        let thread = store.spawn(Recorder(shown.clone()), || {});
+        let lines: Vec<String> = (0..100).map(|i| format!("{i:0>99}")).collect();
+        let mut items = Vec::new();
+        for (i, text) in lines.iter().enumerate() {
+            let id = i as u64 + 1;
+            items.push(record(sent(id, text, false, &[&a])));
+            items.push(line(text));
+        }
+        thread.turn(items, Some(1)).unwrap();
+        thread.close().unwrap();
+        let shown = shown.lock().unwrap();
+        assert!(shown.len() > 1, "10 KB of lines in one piece");
+        assert!(shown.iter().all(|piece| piece.len() <= PIECE), "{shown:?}");
+        assert_eq!(shown.concat(), lines.join("\n") + "\n");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1831,14 +1836,15 @@ mod tests {
         store.conn.execute_batch("DROP TABLE failures").unwrap();
         let (notify, notified) = mpsc::channel();
         let shown = Shown::default();
-        let showing = shown.clone();
-        let thread = store.spawn(Recorder(showing), move || {
+        let thread = store.spawn(Recorder(shown.clone()), move || {
             let _ = notify.send(());
         });
-        thread.record(sent(1, "lost", false, &[&a])).unwrap();
-        thread.record(failed(1, &a, "expired", 5)).unwrap();
-        thread.print("undelivered".into()).unwrap();
-        thread.end_turn(Some(1)).unwrap();
+        let turn = vec![
+            record(sent(1, "lost", false, &[&a])),
+            record(failed(1, &a, "expired", 5)),
+            line("undelivered"),
+        ];
+        thread.turn(turn, Some(1)).unwrap();
         notified.recv().unwrap();
         let reply = thread.try_reply();
         assert!(
@@ -1849,9 +1855,8 @@ mod tests {
             shown.lock().unwrap().is_empty(),
             "nothing unrecorded is shown"
         );
-        thread.record(sent(2, "dropped", false, &[&a])).unwrap();
-        thread.print("never shown".into()).unwrap();
-        thread.end_turn(Some(2)).unwrap();
+        let later = vec![record(sent(2, "dropped", false, &[&a])), line("never")];
+        thread.turn(later, Some(2)).unwrap();
         let why = thread.close().unwrap_err();
         assert!(why.contains("no such table"), "{why}");
         assert!(shown.lock().unwrap().is_empty(), "nor anything after it");
