@@ -1051,8 +1051,9 @@ impl StoreThread {
 /// (the records say they were shown, so a resend is a duplicate), which a
 /// round trip through the loop would make likely, and showing first would
 /// make a kill right after a line was read (which is when a watcher kills)
-/// show it again. A piece is at most what a pipe takes in one write, so a
-/// reader who lags holds it up whole. Writes are confirmed (`Committed`)
+/// show it again. A piece is at most what the screen has room for (see
+/// [`Screen::room`]), so a reader who lags holds up the next piece before
+/// its commit, not after. Writes are confirmed (`Committed`)
 /// once a turn is written and shown, so that the peer acknowledges and
 /// sends nothing before that.
 fn serve(
