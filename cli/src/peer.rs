@@ -291,6 +291,11 @@ impl Actions {
         self.held.push_back((self.batch, held));
     }
 
+    /// Whether records are kept: a room need not build one otherwise.
+    fn keeps_records(&self) -> bool {
+        self.persistent
+    }
+
     /// Records before the event it is about: see [`HostOutput::Show`].
     fn record(&mut self, record: Record) {
         if self.persistent {

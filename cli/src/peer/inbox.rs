@@ -396,18 +396,20 @@ impl Inbox {
         if id > seen.1 {
             seen.1 = id;
             let from = dir.display_name(folded);
-            actions.record(Record::Received(Incoming {
-                from: Party {
-                    key,
-                    name: from.clone(),
-                },
-                instance,
-                id,
-                text: text.clone(),
-                direct,
-                sent_at,
-                received_at: actions.wall_ms(),
-            }));
+            if actions.keeps_records() {
+                actions.record(Record::Received(Incoming {
+                    from: Party {
+                        key,
+                        name: from.clone(),
+                    },
+                    instance,
+                    id,
+                    text: text.clone(),
+                    direct,
+                    sent_at,
+                    received_at: actions.wall_ms(),
+                }));
+            }
             actions.emit(Event::Message {
                 from,
                 text,

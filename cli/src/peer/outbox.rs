@@ -269,13 +269,15 @@ impl Outbox {
             return None;
         }
         self.next_id += 1;
-        actions.record(Record::Sent(journal::Outgoing {
-            id,
-            text: draft.text,
-            direct: draft.direct,
-            sent_at: draft.sent_at,
-            targets: targets.iter().map(|t| t.party.clone()).collect(),
-        }));
+        if actions.keeps_records() {
+            actions.record(Record::Sent(journal::Outgoing {
+                id,
+                text: draft.text,
+                direct: draft.direct,
+                sent_at: draft.sent_at,
+                targets: targets.iter().map(|t| t.party.clone()).collect(),
+            }));
+        }
         let to = targets.iter().map(|t| t.party.name.clone()).collect();
         actions.emit(Event::Sent { id, to });
         let mut open = 0;
