@@ -583,7 +583,16 @@ fn main() -> ExitCode {
                     tracing::error!(error = %e, "cannot wake the event loop for the store");
                 }
             };
-            (Some(store.spawn(out.screen(), notify)), saved)
+            match store.spawn(out.screen(), notify) {
+                Ok(thread) => (Some(thread), saved),
+                Err(e) => {
+                    return fail(
+                        args.json,
+                        "store",
+                        format!("cannot start the store's thread: {e}"),
+                    )
+                }
+            }
         }
         None => (None, Saved::default()),
     };
