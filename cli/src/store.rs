@@ -485,9 +485,7 @@ fn prepare_file(path: &Path) -> Result<(), StoreError> {
         }
         Err(e) => return Err(io_error("open", e)),
     };
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+    if !trusted_file::writable_by_us_alone(&meta) {
         return Err(StoreError::NotPrivate {
             path: path.to_owned(),
             mode: meta.mode() & 0o777,

@@ -22,9 +22,7 @@ pub fn read(path: &Path) -> Result<Option<String>, String> {
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+    if !writable_by_us_alone(&meta) {
         return Err(format!(
             "refusing {}: it must belong to you and be writable by nobody else (mode {:04o}, owner {})",
             path.display(),
@@ -36,6 +34,14 @@ pub fn read(path: &Path) -> Result<Option<String>, String> {
     file.read_to_string(&mut text)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     Ok(Some(text))
+}
+
+/// Whether the file belongs to us and nobody else may write it: the rule
+/// for any file whose content decides what we trust.
+pub fn writable_by_us_alone(meta: &fs::Metadata) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    meta.uid() == me && meta.mode() & 0o022 == 0
 }
 
 /// Makes `dir` (and its parents) if missing, private to us.
