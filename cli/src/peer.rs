@@ -229,7 +229,6 @@ pub struct Peer {
     quit_grace: Duration,
     quit_deadline: Option<TimerKey>,
     exited: bool,
-    persistent: bool,
 }
 
 impl Peer {
@@ -263,7 +262,6 @@ impl Peer {
             quit_grace: config.quit_grace,
             quit_deadline: None,
             exited: false,
-            persistent: config.persistent,
         }
     }
 
@@ -645,8 +643,7 @@ impl Peer {
         if std::mem::replace(&mut self.exited, true) {
             return;
         }
-        self.outbox
-            .exit(self.persistent, reason, &self.directory, &mut self.actions);
+        self.outbox.exit(reason, &self.directory, &mut self.actions);
         let exit = Output::Host(HostOutput::Exit(status));
         self.actions.hold(Held::Output(exit));
     }

@@ -187,7 +187,7 @@ impl Outbox {
 
     /// Messages waiting for a target, in all.
     pub(super) fn waiting(&self) -> usize {
-        self.links.values().map(|l| l.queue.len()).sum()
+        self.total
     }
 
     fn enqueue(&mut self, folded: &str, party: Party, out: Outgoing) {
@@ -695,20 +695,14 @@ impl Outbox {
     /// the next run: said (`queued`, reason `exit`) for the targets online;
     /// those away were told of already. Without one, it is undelivered for
     /// `reason`. By target in name order.
-    pub(super) fn exit(
-        &mut self,
-        persistent: bool,
-        reason: &Reason,
-        dir: &Directory,
-        actions: &mut Actions,
-    ) {
+    pub(super) fn exit(&mut self, reason: &Reason, dir: &Directory, actions: &mut Actions) {
         let mut links: Vec<(String, OutLink)> = self.links.drain().collect();
         links.sort_by(|a, b| a.0.cmp(&b.0));
         for (folded, mut link) in links {
             link.disarm(actions);
             let online = dir.contains(&folded);
             for out in link.queue {
-                if !persistent {
+                if !actions.keeps_records() {
                     actions.undelivered(out.id, link.party.name.clone(), reason);
                 } else if online {
                     actions.emit(Event::Queued {
