@@ -120,12 +120,12 @@ struct PtyPeer {
 }
 
 impl PtyPeer {
-    /// `peer --name NAME --registry ADDR` in human mode, listening on
-    /// loopback, with a fresh data directory.
+    /// `peer --name NAME --registry ADDR --plain` (the line mode), listening
+    /// on loopback, with a fresh data directory.
     fn peer(name: &str, registry: &str) -> PtyPeer {
         let data = DataDir::fresh();
         let mut cmd = CommandBuilder::new(bin("peer"));
-        cmd.args(["--name", name, "--registry", registry]);
+        cmd.args(["--name", name, "--registry", registry, "--plain"]);
         cmd.args(["--listen", "127.0.0.1:0"]);
         Self::spawn(cmd, name, data)
     }
@@ -290,12 +290,12 @@ impl PtyPeer {
         }
     }
 
-    /// In the bash of [`PtyPeer::bash`]: runs a human-mode peer as a
+    /// In the bash of [`PtyPeer::bash`]: runs a line-mode peer as a
     /// foreground job, waits for its registration and returns its pid.
     fn run_peer(&mut self, name: &str, registry: SocketAddr) -> i32 {
         let from = self.mark();
         self.write(format!(
-            "'{}' --name {name} --registry {registry} --listen 127.0.0.1:0\r",
+            "'{}' --name {name} --registry {registry} --plain --listen 127.0.0.1:0\r",
             bin("peer").display()
         ));
         self.expect_from(from, &format!("registered as {name} "), LONG);

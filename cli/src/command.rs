@@ -36,7 +36,7 @@ pub struct CommandError {
     pub message: String,
 }
 
-pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /peers, /whois NAME, /status, /history [NAME] [N], /search TEXT, /outbox, /quit; start a line with // to send one beginning with /";
+pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /me TEXT, /peers, /whois NAME, /status, /history [NAME] [N], /search TEXT, /outbox, /quit; start a line with // to send one beginning with /";
 
 /// Parses one input line. Blank lines mean nothing (`Ok(None)`).
 pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
@@ -67,6 +67,15 @@ pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
                 text: text.to_string(),
             }))
         }
+        // An action: sent as text that starts with `/me `, which the UIs
+        // show as `* name TEXT`.
+        "me" => match args.trim() {
+            "" => Err(CommandError {
+                code: "bad_command",
+                message: "usage: /me TEXT".into(),
+            }),
+            _ => Ok(Some(Command::Broadcast(line.to_string()))),
+        },
         "peers" => Ok(Some(Command::Peers)),
         "status" => Ok(Some(Command::Status)),
         "whois" => match args.split_whitespace().collect::<Vec<_>>()[..] {

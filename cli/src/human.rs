@@ -61,7 +61,7 @@ fn is_unsafe(c: char) -> bool {
 
 /// Local calendar time, as shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Local {
+pub(crate) struct Local {
     year: i32,
     month: u32,
     day: u32,
@@ -72,13 +72,23 @@ struct Local {
 }
 
 impl Local {
-    fn at(time: SystemTime) -> Local {
+    pub(crate) fn at(time: SystemTime) -> Local {
+        Local::convert(time, false)
+    }
+
+    /// The same instant in UTC: for output that must not depend on where
+    /// it is made (the UI's rendering tests).
+    pub(crate) fn at_utc(time: SystemTime) -> Local {
+        Local::convert(time, true)
+    }
+
+    fn convert(time: SystemTime, utc: bool) -> Local {
         let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let t = libc::time_t::try_from(secs).unwrap_or(0);
         // SAFETY: localtime_r and gmtime_r write only into the struct we
         // own. Without a time zone to be had, the time is shown in UTC.
         let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-        if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        if utc || unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
             unsafe { libc::gmtime_r(&t, &mut tm) };
         }
         Local {
@@ -92,15 +102,20 @@ impl Local {
         }
     }
 
-    fn date(&self) -> (i32, u32, u32) {
+    pub(crate) fn date(&self) -> (i32, u32, u32) {
         (self.year, self.month, self.day)
     }
 
-    fn clock(&self) -> String {
+    pub(crate) fn clock(&self) -> String {
         format!("{:02}:{:02}:{:02}", self.hour, self.minute, self.second)
     }
 
-    fn long_date(&self) -> String {
+    /// Hours and minutes, as the UI stamps its lines.
+    pub(crate) fn short_clock(&self) -> String {
+        format!("{:02}:{:02}", self.hour, self.minute)
+    }
+
+    pub(crate) fn long_date(&self) -> String {
         const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
         format!(
             "{} {}-{:02}-{:02}",

@@ -1,5 +1,5 @@
 //! The peer: [`peer`] is its sans-IO logic, [`command`] reads what the user
-//! types, [`human`] writes what a person reads. The `peer` binary puts them on the core event loop.
+//! types, [`human`] writes what a person reads in line mode, [`tui`] is the full-screen UI. The `peer` binary puts them on the core event loop.
 
 pub mod command;
 pub mod human;
@@ -7,3 +7,4 @@ pub mod journal;
 pub mod peer;
 pub mod store;
 pub mod trust;
+pub mod tui;

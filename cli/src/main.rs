@@ -2,6 +2,7 @@
 //! the host around the sans-IO [`Peer`], which core's driver runs on the
 //! event loop.
 
+mod screen;
 mod terminal;
 
 use std::collections::{HashMap, VecDeque};
@@ -26,6 +27,8 @@ use peerchat_peer::journal::{Query, Saved};
 use peerchat_peer::peer::{Config, Event, HostOutput, Peer, Pin, RegistryTrust, Trust};
 use peerchat_peer::store::{self, Item, Reply, Store, StoreThread};
 use peerchat_peer::trust::{self, KnownPeers};
+use peerchat_peer::tui::{App, Update};
+use screen::Ui;
 use terminal::{Input, Output, TerminalGuard};
 
 /// A peerchat peer: registers with a registry, then chats directly with the
@@ -51,6 +54,10 @@ struct Args {
     /// Print one JSON object per line on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Lines of text instead of the full-screen UI on a terminal (the
+    /// default when stdin or stdout is not a terminal).
+    #[arg(long, conflicts_with = "json")]
+    plain: bool,
     /// Your key file, created (mode 0600) if missing. Default: NAME.key in
     /// $XDG_DATA_HOME/peerchat/, else ~/.local/share/peerchat/.
     #[arg(long, value_name = "PATH")]
@@ -83,12 +90,20 @@ struct Args {
     outbox_ttl: Duration,
 }
 
+/// Where what the peer says goes.
+enum Front {
+    /// `--json`: one object per line.
+    Json(Output),
+    /// Lines of text: `--plain`, or not on a terminal.
+    Lines(Output, View),
+    /// The full-screen UI.
+    Tui(Ui),
+}
+
 /// What the binary adds around the peer machine: the input thread's lines,
 /// the front end, the pins file and the exit status.
 struct PeerHost {
-    out: Output,
-    /// The text view; `None` with `--json`.
-    view: Option<View>,
+    front: Front,
     input: mpsc::Receiver<Input>,
     /// Input taken off the channel before the peer took input.
     held: VecDeque<Input>,
@@ -108,33 +123,55 @@ struct PeerHost {
     turn_batch: Option<u64>,
     turn_ending: bool,
     exit: Option<i32>,
+    /// The last error the full-screen UI showed: printed on stderr once
+    /// it has given the terminal back, if the peer exits with an error.
+    farewell: Option<String>,
     known_peers: PathBuf,
     /// The registry as named on the command line: its pin's subject.
     registry_name: String,
 }
 
 impl PeerHost {
-    fn show(&mut self, event: &Event) {
-        let lines = match &mut self.view {
-            None => match serde_json::to_string(event) {
+    fn show(&mut self, event: Event) {
+        let lines = match &mut self.front {
+            Front::Json(_) => match serde_json::to_string(&event) {
                 Ok(line) => vec![line],
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode an event");
                     return;
                 }
             },
-            Some(view) => {
+            Front::Lines(_, view) => {
                 let now = SystemTime::now();
                 let mut lines = Vec::new();
-                if let Event::Sent { id, to } = event {
+                if let Event::Sent { id, to } = &event {
                     if let Some((text, direct_to)) = self.echo.remove(id) {
                         if !to.is_empty() {
                             lines.extend(view.echo(&text, direct_to.as_deref(), now));
                         }
                     }
                 }
-                lines.extend(view.event(event, now));
+                lines.extend(view.event(&event, now));
                 lines
+            }
+            Front::Tui(_) => {
+                if let Event::Error { code, message } = &event {
+                    self.farewell = Some(format!("{code}: {message}"));
+                }
+                let update = match event {
+                    Event::Sent { id, to } => match self.echo.remove(&id) {
+                        Some((text, direct_to)) => Update::Own {
+                            id,
+                            text,
+                            to: direct_to,
+                            targets: to,
+                        },
+                        None => return,
+                    },
+                    event => Update::Event(event),
+                };
+                self.update(update);
+                return;
             }
         };
         for line in lines {
@@ -142,12 +179,41 @@ impl PeerHost {
         }
     }
 
+    /// An update for the UI, shown once the records before it are written.
+    fn update(&mut self, update: Update) {
+        let Front::Tui(ui) = &mut self.front else {
+            return;
+        };
+        let seq = ui.update(update);
+        match &self.store {
+            // The store's thread shows it by its number (`screen::UiScreen`).
+            Some(_) => self.turn.push(Item::Line(seq.to_string())),
+            None => ui.shown(seq),
+        }
+    }
+
     /// Through the store's thread when there is one, so that a line follows
     /// the records of its turn (see `store`).
     fn line(&mut self, line: String) {
-        match &self.store {
-            Some(_) => self.turn.push(Item::Line(line)),
-            None => self.out.line(&line),
+        match (&self.store, &mut self.front) {
+            (Some(_), _) => self.turn.push(Item::Line(line)),
+            (None, Front::Json(out) | Front::Lines(out, _)) => out.line(&line),
+            (None, Front::Tui(_)) => {}
+        }
+    }
+
+    /// Lines shown without the store's thread: it is gone.
+    fn show_now(&mut self, items: Vec<Item>) {
+        for item in items {
+            match (item, &mut self.front) {
+                (Item::Line(line), Front::Json(out) | Front::Lines(out, _)) => out.line(&line),
+                (Item::Line(seq), Front::Tui(ui)) => {
+                    if let Ok(seq) = seq.parse() {
+                        ui.shown(seq);
+                    }
+                }
+                _ => {}
+            }
         }
     }
 
@@ -162,11 +228,7 @@ impl PeerHost {
             return;
         }
         if let Err(items) = store.turn(std::mem::take(&mut self.turn), batch) {
-            for item in items {
-                if let Item::Line(line) = item {
-                    self.out.line(&line);
-                }
-            }
+            self.show_now(items);
             self.store_failed(ctx, "the store's thread stopped".into());
         }
     }
@@ -181,7 +243,7 @@ impl PeerHost {
             None => Err(std::io::Error::other("the name does not fit on one line")),
         };
         if let Err(e) = saved {
-            self.show(&Event::Error {
+            self.show(Event::Error {
                 code: "io".into(),
                 message: format!(
                     "cannot pin a key in {}: {e}; it is trusted for this run only",
@@ -205,7 +267,7 @@ impl PeerHost {
                     self.echo.insert(id, echo);
                 }
             }
-            Err(err) => self.show(&Event::Error {
+            Err(err) => self.show(Event::Error {
                 code: err.code.into(),
                 message: err.message,
             }),
@@ -240,7 +302,7 @@ impl PeerHost {
                             message,
                         },
                     };
-                    self.show(&event);
+                    self.show(event);
                 }
                 Reply::Failed(message) => self.store_failed(ctx, message),
             }
@@ -250,9 +312,10 @@ impl PeerHost {
     /// Nothing more can be recorded, so nothing more may be shown or sent:
     /// the peer exits, and what was recorded is kept for its next run.
     fn store_failed(&mut self, ctx: &mut HostCtx<Peer, Self>, message: String) {
+        tracing::error!(%message, "the store failed; exiting");
         // Straight out: the store's thread shows nothing more.
         let store = self.store.take();
-        self.show(&Event::Error {
+        self.show(Event::Error {
             code: "store".into(),
             message: format!("{message}; exiting"),
         });
@@ -266,8 +329,13 @@ impl Host<Peer> for PeerHost {
 
     fn host_output(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer, output: HostOutput) {
         match output {
-            HostOutput::Show(event) => self.show(&event),
-            HostOutput::Pin(pin) => self.save_pin(&pin),
+            HostOutput::Show(event) => self.show(event),
+            HostOutput::Pin(pin) => {
+                self.save_pin(&pin);
+                if let Pin::Peer { name, key } = pin {
+                    self.update(Update::Pinned { name, key });
+                }
+            }
             HostOutput::Exit(code) => self.stop(ctx, code),
             HostOutput::Record(record) => match &self.store {
                 Some(_) => self.turn.push(Item::Record(record)),
@@ -287,7 +355,7 @@ impl Host<Peer> for PeerHost {
                         Err(e) => self.store_failed(ctx, e.to_string()),
                     }
                 }
-                None => self.show(&Event::Error {
+                None => self.show(Event::Error {
                     code: "no_store".into(),
                     message: "this peer keeps no history (it runs with --no-store)".into(),
                 }),
@@ -324,7 +392,12 @@ impl Host<Peer> for PeerHost {
             };
             match input {
                 Input::Line(line) => self.on_line(peer, &line, now),
-                Input::Garbled => self.show(&Event::Error {
+                Input::Remember(line) => {
+                    if self.store.is_some() {
+                        self.turn.push(Item::Typed(line));
+                    }
+                }
+                Input::Garbled => self.show(Event::Error {
                     code: "bad_input".into(),
                     message: "that line was not UTF-8 text; it was ignored".into(),
                 }),
@@ -552,16 +625,17 @@ fn main() -> ExitCode {
 
     let (tx, rx) = mpsc::channel();
     let terminal_guard = TerminalGuard::save();
-    let out = match terminal::spawn_input(tx, event_loop.waker(), args.json) {
-        Ok(out) => out,
-        Err(e) => return fail(args.json, "io", format!("cannot read input: {e}")),
-    };
+    let full_screen = !args.json
+        && !args.plain
+        && std::io::stdin().is_terminal()
+        && std::io::stdout().is_terminal();
     let mut config = Config::new(
         args.name.trim().to_string(),
         registry,
         local.port(),
         identity.public(),
     );
+    let pins: HashMap<String, PublicKey> = known.peers.clone();
     let trust = Trust {
         registry: match (pinned_registry, args.registry_key) {
             (Some(pinned), _) => RegistryTrust::Pinned(pinned),
@@ -574,7 +648,33 @@ fn main() -> ExitCode {
     config.known_peers = known_peers_path.display().to_string();
     config.outbox_ttl = args.outbox_ttl;
     config.persistent = opened.is_some();
-    let view = (!args.json).then(|| View::new(&config.name, &registry_name, config.backoff_max));
+    let front = if full_screen {
+        let typed = match &opened {
+            Some((store, _)) => match store.typed() {
+                Ok(typed) => typed,
+                Err(e) => return fail(false, "store", e.to_string()),
+            },
+            None => Vec::new(),
+        };
+        let app = App::new(&config.name, identity.public(), pins, typed);
+        match Ui::start(app, tx, event_loop.waker()) {
+            Ok(ui) => Front::Tui(ui),
+            Err(e) => return fail(false, "io", format!("cannot start the terminal UI: {e}")),
+        }
+    } else {
+        let out = match terminal::spawn_input(tx, event_loop.waker(), args.json) {
+            Ok(out) => out,
+            Err(e) => return fail(args.json, "io", format!("cannot read input: {e}")),
+        };
+        if args.json {
+            Front::Json(out)
+        } else {
+            Front::Lines(
+                out,
+                View::new(&config.name, &registry_name, config.backoff_max),
+            )
+        }
+    };
     let (store, saved) = match opened {
         Some((store, saved)) => {
             let waker = event_loop.waker();
@@ -583,7 +683,11 @@ fn main() -> ExitCode {
                     tracing::error!(error = %e, "cannot wake the event loop for the store");
                 }
             };
-            match store.spawn(out.screen(), notify) {
+            let screen: Box<dyn store::Screen> = match &front {
+                Front::Json(out) | Front::Lines(out, _) => Box::new(out.screen()),
+                Front::Tui(ui) => Box::new(ui.screen()),
+            };
+            match store.spawn(screen, notify) {
                 Ok(thread) => (Some(thread), saved),
                 Err(e) => {
                     return fail(
@@ -605,8 +709,7 @@ fn main() -> ExitCode {
         SystemTime::now(),
     );
     let mut host = PeerHost {
-        out,
-        view,
+        front,
         input: rx,
         held: VecDeque::new(),
         input_open: false,
@@ -618,23 +721,33 @@ fn main() -> ExitCode {
         turn_batch: None,
         turn_ending: false,
         exit: None,
+        farewell: None,
         known_peers: known_peers_path,
         registry_name,
     };
-    if let Some(view) = &mut host.view {
-        let mut notes = vec![format!("your key fingerprint: {}", identity.public())];
-        match peer.outbox_len() {
-            0 => {}
-            n => notes.push(format!(
-                "{n} messages from an earlier run wait for delivery (/outbox lists them)"
-            )),
+    let waiting = match peer.outbox_len() {
+        0 => None,
+        n => Some(format!(
+            "{n} messages from an earlier run wait for delivery (/outbox lists them)"
+        )),
+    };
+    match &mut host.front {
+        Front::Json(_) => {}
+        Front::Lines(_, view) => {
+            let mut notes = vec![format!("your key fingerprint: {}", identity.public())];
+            notes.extend(waiting);
+            let lines: Vec<String> = notes
+                .iter()
+                .flat_map(|note| view.note(note, SystemTime::now()))
+                .collect();
+            for line in lines {
+                host.line(line);
+            }
         }
-        let lines: Vec<String> = notes
-            .iter()
-            .flat_map(|note| view.note(note, SystemTime::now()))
-            .collect();
-        for line in lines {
-            host.line(line);
+        Front::Tui(_) => {
+            if let Some(note) = waiting {
+                host.update(Update::Note(note));
+            }
         }
     }
     let mut app = Driver::new(peer, host);
@@ -650,8 +763,15 @@ fn main() -> ExitCode {
         let _ = store.turn(std::mem::take(&mut host.turn), host.turn_batch.take());
         store.close()
     });
-    app.host.out.finish();
+    match &mut app.host.front {
+        Front::Json(out) | Front::Lines(out, _) => out.finish(),
+        Front::Tui(ui) => ui.finish(),
+    }
+    // Then the guard, which blanks the line the cursor is on.
     drop(terminal_guard);
+    if let (Some(farewell), Some(1..)) = (&app.host.farewell, app.host.exit) {
+        eprintln!("peer: {farewell}");
+    }
     if let Err(e) = result {
         return fail(args.json, "io", format!("the event loop failed: {e}"));
     }

@@ -36,6 +36,9 @@ const APPLICATION_ID: i32 = 0x7063_6874;
 /// `i` to `i + 1` (`PRAGMA user_version`). A release that changes the schema
 /// appends a step; a published step never changes, or stores made with it
 /// would differ from new ones.
+/// Typed lines the store keeps: as many as the UI recalls.
+const TYPED_KEPT: usize = crate::tui::HISTORY_KEPT;
+
 const MIGRATIONS: &[&str] = &[
     // v1. `targets` packs the pid of every target as a little-endian u32:
     // a message to everyone has ~1000, and one row per target would cost a
@@ -85,6 +88,8 @@ const MIGRATIONS: &[&str] = &[
          INSERT INTO messages_text (messages_text, rowid, text)
              VALUES ('delete', old.mid, old.text);
      END;",
+    // v2. What the user typed in the full-screen UI, for Up and Down.
+    "CREATE TABLE typed (id INTEGER PRIMARY KEY, line TEXT NOT NULL);",
 ];
 
 /// The larger of two `u64`s stored as `i64`s, as SQL: a negative one is
@@ -209,6 +214,44 @@ impl Store {
 
     pub fn query(&mut self, query: &Query) -> Result<Vec<Entry>, StoreError> {
         self.answer(query).map_err(|e| self.failed(e))
+    }
+
+    /// Lines the user typed, in one transaction; only the last
+    /// `TYPED_KEPT` stay. Kept only with history on.
+    pub fn remember(&mut self, lines: &[String]) -> Result<(), StoreError> {
+        if !self.options.history || lines.is_empty() {
+            return Ok(());
+        }
+        let written = (|| {
+            let tx = self.conn.transaction()?;
+            {
+                let mut insert = tx.prepare_cached("INSERT INTO typed (line) VALUES (?1)")?;
+                for line in lines {
+                    insert.execute([line])?;
+                }
+            }
+            tx.execute(
+                "DELETE FROM typed WHERE id <= (SELECT max(id) FROM typed) - ?1",
+                [sql_limit(TYPED_KEPT)],
+            )?;
+            tx.commit()
+        })();
+        written.map_err(|e| self.failed(e))
+    }
+
+    /// The last lines typed, oldest first.
+    pub fn typed(&self) -> Result<Vec<String>, StoreError> {
+        let read = (|| {
+            let mut select = self
+                .conn
+                .prepare("SELECT line FROM typed ORDER BY id DESC LIMIT ?1")?;
+            let mut lines = select
+                .query_map([sql_limit(TYPED_KEPT)], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            lines.reverse();
+            Ok(lines)
+        })();
+        read.map_err(|e| self.failed(e))
     }
 
     /// Copies the write-ahead log into the database once it has grown past

@@ -20,6 +20,9 @@ use rustyline::{
 /// One thing from the input thread.
 pub enum Input {
     Line(String),
+    /// A line the user typed in the full-screen UI, for the input history
+    /// kept in the store.
+    Remember(String),
     /// A line that was not UTF-8.
     Garbled,
     /// The end of piped input: it comes after every line before it.
@@ -401,6 +404,14 @@ pub struct TerminalGuard;
 /// to reach them).
 static SAVED: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
 
+/// The full-screen UI took the terminal: restoring also leaves its
+/// alternate screen and gives the mouse back.
+static FULL_SCREEN: AtomicBool = AtomicBool::new(false);
+
+pub fn full_screen_on() {
+    FULL_SCREEN.store(true, Ordering::SeqCst);
+}
+
 impl TerminalGuard {
     /// Saves the settings of the terminal on stdin, if it is one, and makes
     /// a panic restore them before its message is printed.
@@ -437,6 +448,13 @@ fn restore() {
         // Also ends bracketed paste and synchronized output, which the
         // line editor turns on for each line it reads.
         let mut out = io::stdout().lock();
+        if FULL_SCREEN.load(Ordering::SeqCst) {
+            // Mouse reports off (every mode a terminal may have been put
+            // in), the main screen back, the cursor shown.
+            let _ = out.write_all(
+                b"\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?1015l\x1b[?1049l\x1b[?25h",
+            );
+        }
         let _ = out
             .write_all(b"\x1b[?2004l\x1b[?2026l\r\x1b[K")
             .and_then(|()| out.flush());

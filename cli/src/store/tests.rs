@@ -461,15 +461,17 @@ fn a_newer_schema_is_refused() {
             e,
             StoreError::Newer {
                 found: 99,
-                known: 1,
+                known,
                 ..
-            }
+            } if known == MIGRATIONS.len()
         ),
         "{e:?}"
     );
     assert!(
-        e.to_string()
-            .contains("schema v99, this build knows up to v1"),
+        e.to_string().contains(&format!(
+            "schema v99, this build knows up to v{}",
+            MIGRATIONS.len()
+        )),
         "{e}"
     );
     fs::remove_dir_all(&dir).unwrap();
@@ -639,5 +641,36 @@ fn a_failed_write_stops_the_thread_and_close_says_why() {
     let saved = open(&options).1;
     assert_eq!(saved.outbox, []);
     assert_eq!(saved.next_id, 1);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn typed_lines_are_kept_across_runs_up_to_a_limit_and_only_with_history() {
+    let dir = fresh_dir("typed");
+    let options = options(&dir, true);
+    let (mut store, _) = open(&options);
+    store
+        .remember(&["first".into(), "/msg bob hi".into()])
+        .unwrap();
+    drop(store);
+    let (mut store, _) = open(&options);
+    assert_eq!(store.typed().unwrap(), vec!["first", "/msg bob hi"]);
+    let many: Vec<String> = (0..TYPED_KEPT + 10).map(|n| format!("line {n}")).collect();
+    store.remember(&many).unwrap();
+    let typed = store.typed().unwrap();
+    assert_eq!(typed.len(), TYPED_KEPT, "only the last ones stay");
+    assert_eq!(
+        typed.last().map(String::as_str),
+        Some(many.last().unwrap().as_str())
+    );
+    drop(store);
+
+    let quiet = super::Options {
+        history: false,
+        ..options.clone()
+    };
+    let (mut store, _) = open(&quiet);
+    store.remember(&["secret".into()]).unwrap();
+    assert!(!store.typed().unwrap().contains(&"secret".to_string()));
     fs::remove_dir_all(&dir).unwrap();
 }

@@ -56,6 +56,16 @@ pub trait Screen: Send + 'static {
     fn show(&mut self, text: &str);
 }
 
+impl Screen for Box<dyn Screen> {
+    fn room(&mut self) -> usize {
+        (**self).room()
+    }
+
+    fn show(&mut self, text: &str) {
+        (**self).show(text);
+    }
+}
+
 /// The store on its own thread; see [`Store::spawn`].
 pub struct StoreThread {
     requests: Sender<Request>,
@@ -196,6 +206,9 @@ fn serve(
 pub enum Item {
     Record(Record),
     Line(String),
+    /// A line the user typed, for the input history: written with the
+    /// turn, and nothing waits on it.
+    Typed(String),
 }
 
 /// What the store's thread holds between acts.
@@ -238,9 +251,11 @@ impl Stream {
         let mut room = 0;
         let mut before: Vec<Record> = Vec::new();
         let mut after: Vec<Record> = Vec::new();
+        let mut typed: Vec<String> = Vec::new();
         for item in items {
             match item {
                 Item::Record(record) => after.push(record),
+                Item::Typed(line) => typed.push(line),
                 Item::Line(line) => {
                     let full = !text.is_empty() && text.len() + line.len() >= room;
                     if full && !self.piece(store, screen, &mut text, &mut before, reply) {
@@ -261,6 +276,10 @@ impl Stream {
         }
         before.append(&mut after);
         if !self.piece(store, screen, &mut text, &mut before, reply) {
+            return;
+        }
+        if let Err(e) = store.remember(&typed) {
+            self.fail(e.to_string(), reply);
             return;
         }
         if let Some(batch) = batch {
