@@ -55,7 +55,7 @@ pub fn draw(frame: &mut Frame, app: &mut App, now: Instant) {
             .map(|o| clean(&o.name).width())
             .max()
             .unwrap_or(0);
-        (longest as u16 + 4).clamp(12, 24)
+        (longest as u16 + 4).clamp(14, 24)
     } else {
         0
     };
