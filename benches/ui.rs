@@ -225,7 +225,10 @@ fn main() {
             let slowest = took.into_iter().max().unwrap_or_default();
             times[which].push(slowest);
             // The last message reached the screen too.
-            subject.wait_for(&format!("round {round} message {}", senders[SENDERS - 1].next_id - 1));
+            subject.wait_for(&format!(
+                "round {round} message {}",
+                senders[SENDERS - 1].next_id - 1
+            ));
             println!(
                 "  round {round}: {:>5} all acked in {:>7.1} ms ({:.0} msg/s)",
                 subject.name,

@@ -656,7 +656,10 @@ fn main() -> ExitCode {
             },
             None => Vec::new(),
         };
-        let app = App::new(&config.name, identity.public(), pins, typed);
+        let mut app = App::new(&config.name, identity.public(), pins, typed);
+        if opened.is_none() {
+            app.without_store();
+        }
         match Ui::start(app, tx, event_loop.waker()) {
             Ok(ui) => Front::Tui(ui),
             Err(e) => return fail(false, "io", format!("cannot start the terminal UI: {e}")),

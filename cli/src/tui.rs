@@ -163,6 +163,8 @@ pub struct App {
     pub(crate) pane: (usize, usize),
     /// Stamps in UTC, not local time (rendering tests).
     pub(crate) utc: bool,
+    /// The peer keeps a store to ask history of.
+    store: bool,
 }
 
 impl App {
@@ -189,6 +191,7 @@ impl App {
             history_typed: false,
             pane: (80, 20),
             utc: false,
+            store: true,
         }
     }
 
@@ -422,16 +425,17 @@ impl App {
     /// not the one shown. False if it was already there.
     fn push(&mut self, conv: usize, line: Line, mention: bool) -> bool {
         let is_message = matches!(line.kind, Kind::Message(_));
-        let rows = render::rows_of(self, &line);
+        // Keeps what the reader scrolled to where it is.
+        let rows = match self.convs[conv].scroll {
+            0 => 0,
+            _ => render::rows_of(self, &line),
+        };
         let utc = self.utc;
         let c = &mut self.convs[conv];
         if !c.push(line, |t| day_of(t, utc)) {
             return false;
         }
-        if c.scroll > 0 {
-            // Keeps what the reader scrolled to where it is.
-            c.scroll += rows;
-        }
+        c.scroll += rows;
         if conv != self.current && is_message {
             c.unread += 1;
             c.mentioned |= mention;
@@ -528,10 +532,18 @@ impl App {
         self.convs.len() - 1
     }
 
+    /// There is no store (`--no-store`): no history to ask for.
+    pub fn without_store(&mut self) {
+        self.store = false;
+    }
+
     /// Conversations opened since the last call, whose history the host
     /// should ask for.
     pub fn backlog_wanted(&mut self) -> Vec<Effect> {
         let mut wanted = Vec::new();
+        if !self.store {
+            return wanted;
+        }
         for conv in &mut self.convs {
             if !conv.backlog_asked {
                 conv.backlog_asked = true;

@@ -484,3 +484,20 @@ fn scrolling_holds_the_view_while_lines_arrive() {
     ui.keys(&[plain(KeyCode::Home)]);
     assert!(ui.text(60, 10).contains("line 1 "), "Home goes to the top");
 }
+
+#[test]
+fn tiny_terminals_draw_without_a_panic() {
+    let mut ui = busy();
+    ui.keys(&[plain(KeyCode::PageUp)]);
+    for (w, h) in [(1, 1), (2, 2), (10, 3), (15, 4), (0, 0)] {
+        ui.screen(w, h);
+    }
+}
+
+#[test]
+fn without_a_store_no_history_is_asked_for() {
+    let mut ui = Ui::new();
+    ui.app.without_store();
+    ui.message("bob", "psst", true, 1);
+    assert!(ui.app.backlog_wanted().is_empty());
+}
