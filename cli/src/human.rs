@@ -479,8 +479,9 @@ fn names(peers: &[PeerEntry]) -> String {
     format!("{} online: {}", peers.len(), list.join(", "))
 }
 
-/// The text of the events shown as status lines (unstamped, not cleaned).
-fn status_line(event: &Event) -> Option<String> {
+/// The text of the events shown as status lines (unstamped, not cleaned):
+/// `* ` news and answers, `! ` warnings. The terminal UI shows them too.
+pub(crate) fn status_line(event: &Event) -> Option<String> {
     Some(match event {
         Event::Joined { name, addr, .. } => format!("* {name} joined ({addr})"),
         Event::Left { name, reason } => format!("* {name} left ({reason})"),

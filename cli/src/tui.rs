@@ -8,7 +8,7 @@ mod convo;
 mod editor;
 pub mod render;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use peerchat_core::identity::PublicKey;
@@ -111,7 +111,7 @@ const KEYS_HELP: &[&str] = &[
 #[derive(Debug, Clone, Default)]
 pub struct Delivery {
     pub targets: Vec<String>,
-    pub delivered: Vec<String>,
+    pub delivered: HashSet<String>,
     /// Target and reason.
     pub queued: BTreeMap<String, String>,
     pub failed: BTreeMap<String, String>,
@@ -363,9 +363,7 @@ impl App {
             Event::Delivered { id, to } => {
                 if let Some(d) = self.deliveries.get_mut(&id) {
                     d.queued.remove(&to);
-                    if !d.delivered.contains(&to) {
-                        d.delivered.push(to);
-                    }
+                    d.delivered.insert(to);
                 }
             }
             Event::Queued { id, to, reason } => {
@@ -719,7 +717,13 @@ impl App {
                 effects.push(Effect::Send(to_here(&text)));
             }
             "msg" => {
-                if let Some(name) = args.split_whitespace().next() {
+                // A name nobody knows gets the peer's error here, not a
+                // conversation of its own.
+                let known = args.split_whitespace().next().filter(|name| {
+                    let folded = fold_name(name);
+                    self.online.contains_key(&folded) || self.pins.contains_key(&folded)
+                });
+                if let Some(name) = known {
                     let conv = self.open(name);
                     self.switch(conv);
                 }
@@ -858,7 +862,9 @@ fn delivery_of(entry: &Entry) -> Delivery {
         d.targets.push(t.to.clone());
         let reason = t.reason.clone().unwrap_or_default();
         match t.state {
-            "delivered" => d.delivered.push(t.to.clone()),
+            "delivered" => {
+                d.delivered.insert(t.to.clone());
+            }
             "undelivered" => {
                 d.failed.insert(t.to.clone(), reason);
             }
@@ -870,60 +876,30 @@ fn delivery_of(entry: &Entry) -> Delivery {
     d
 }
 
-/// Events shown as a line of our own, and whether it is a warning.
+/// Events shown as a line of our own, and whether it is a warning: the
+/// line mode's words, without its `* ` and `! ` marks.
 fn status_text(event: &Event) -> Option<(String, bool)> {
-    Some(match event {
-        Event::Peers { peers } if peers.is_empty() => ("nobody else is online".into(), false),
-        Event::Peers { peers } => {
-            let list: Vec<String> = peers.iter().map(|p| format!("{} ({})", p.name, p.addr)).collect();
-            (format!("{} online: {}", peers.len(), list.join(", ")), false)
+    if let Event::Outbox { messages } = event {
+        if messages.is_empty() {
+            return Some((
+                "the outbox is empty: everything sent was acknowledged".into(),
+                false,
+            ));
         }
-        Event::Error { code, message } => (format!("{code}: {message}"), true),
-        Event::Whois {
-            name,
-            key,
-            pinned,
-            you,
-            pinned_key,
-        } => match (you, pinned_key) {
-            (true, _) => (format!("{name} (you): key {key}"), false),
-            (false, Some(pin)) => (
-                format!("{name}: the registry lists key {key}, but known_peers pins {pin}; links with {name} are refused until you check with them and delete that line"),
-                true,
-            ),
-            (false, None) if *pinned => (format!("{name}: key {key} (pinned)"), false),
-            (false, None) => (format!("{name}: key {key} (not pinned yet: pinned at the first link)"), false),
-        },
-        Event::Status {
-            registry,
-            error,
-            retry_in_ms,
-            peers,
-        } => {
-            let mut text = format!("registry: {registry}");
-            if let Some(error) = error {
-                text.push_str(&format!(" ({error})"));
-            }
-            if let Some(ms) = retry_in_ms {
-                text.push_str(&format!("; next attempt in {:.1} s", *ms as f64 / 1000.0));
-            }
-            text.push_str(&format!("; peers known: {peers}"));
-            (text, false)
-        }
-        Event::Outbox { messages } if messages.is_empty() => {
-            ("the outbox is empty: everything sent was acknowledged".into(), false)
-        }
-        Event::Outbox { messages } => {
-            let list: Vec<String> = messages
-                .iter()
-                .map(|m| {
-                    let state = if m.online { "on its way" } else { "away" };
-                    format!("#{} to {} ({state})", m.id, m.to)
-                })
-                .collect();
-            (format!("waiting for an acknowledgement: {}", list.join(", ")), false)
-        }
-        _ => return None,
+        let list: Vec<String> = messages
+            .iter()
+            .map(|m| {
+                let state = if m.online { "on its way" } else { "away" };
+                format!("#{} to {} ({state})", m.id, m.to)
+            })
+            .collect();
+        let text = format!("waiting for an acknowledgement: {}", list.join(", "));
+        return Some((text, false));
+    }
+    let line = crate::human::status_line(event)?;
+    Some(match line.strip_prefix("! ") {
+        Some(warning) => (warning.to_string(), true),
+        None => (line.strip_prefix("* ").unwrap_or(&line).to_string(), false),
     })
 }
 

@@ -501,3 +501,31 @@ fn without_a_store_no_history_is_asked_for() {
     ui.message("bob", "psst", true, 1);
     assert!(ui.app.backlog_wanted().is_empty());
 }
+
+#[test]
+fn answers_and_errors_show_in_the_conversation_shown() {
+    let mut ui = Ui::new();
+    // A name nobody knows: the peer's error, no conversation for it.
+    assert_eq!(sends(&ui.typed("/msg nobody hi")), vec!["/msg nobody hi"]);
+    assert_eq!(ui.app.convs.len(), 1);
+    ui.event(Event::Error {
+        code: "unknown_peer".into(),
+        message: "no peer named \"nobody\" is online or was met before (see /peers)".into(),
+    });
+    ui.event(Event::Whois {
+        name: "bob".into(),
+        key: key(2),
+        pinned: true,
+        you: false,
+        pinned_key: None,
+    });
+    let screen = ui.text(120, 6);
+    assert!(
+        screen.contains("-!- unknown_peer: no peer named \"nobody\""),
+        "{screen}"
+    );
+    assert!(
+        screen.contains(&format!("-!- bob: key {} (pinned in known_peers)", key(2))),
+        "{screen}"
+    );
+}
