@@ -85,7 +85,10 @@ impl Ui {
             })?;
         let thread = std::thread::Builder::new()
             .name("ui".into())
-            .spawn(move || run(app, terminal, &rx, &input, &waker))?;
+            .spawn(move || {
+                let _quit = QuitOnExit(input.clone(), waker.clone());
+                run(app, terminal, &rx, &input, &waker);
+            })?;
         Ok(Ui {
             tx,
             seq: 0,
@@ -129,6 +132,18 @@ impl Ui {
         }
         // If the thread is stuck, the terminal is still restored.
         let _ = leave();
+    }
+}
+
+/// Whichever way the UI's thread ends (a panic included), the peer leaves
+/// too: without its screen nobody would see it, or be able to stop it.
+struct QuitOnExit(Sender<Input>, Arc<Waker>);
+
+impl Drop for QuitOnExit {
+    fn drop(&mut self) {
+        if self.0.send(Input::Interrupt).is_ok() {
+            let _ = self.1.wake();
+        }
     }
 }
 
