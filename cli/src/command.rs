@@ -151,6 +151,11 @@ mod tests {
             }))
         );
         assert_eq!(parse("/peers"), Ok(Some(Command::Peers)));
+        assert_eq!(
+            parse("/me waves"),
+            Ok(Some(Command::Broadcast("/me waves".into())))
+        );
+        assert_eq!(parse("/me  ").unwrap_err().code, "bad_command");
         assert_eq!(parse("/status"), Ok(Some(Command::Status)));
         assert_eq!(
             parse("/whois  Bob "),
