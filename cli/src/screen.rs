@@ -205,7 +205,9 @@ fn run(
             }
         }
         effects.extend(app.backlog_wanted());
+        let mut for_the_loop = false;
         for effect in effects {
+            for_the_loop |= !matches!(effect, Effect::Suspend | Effect::Redraw);
             let sent = match effect {
                 Effect::Send(line) => input.send(Input::Line(line)),
                 Effect::Remember(line) => input.send(Input::Remember(line)),
@@ -225,7 +227,7 @@ fn run(
             }
             app.dirty = true;
         }
-        if waker.wake().is_err() {
+        if for_the_loop && waker.wake().is_err() {
             tracing::error!("cannot wake the event loop; input may wait");
         }
         let due = last_frame.is_none_or(|at| at.elapsed() >= FRAME);
