@@ -242,6 +242,10 @@ fn bad_command_lines_are_usage_errors() {
         vec!["--listen", "127.0.0.1:0", "--heartbeat", "fast"],
         vec!["--listen", "127.0.0.1:0", "--stats-interval", "5"],
         vec!["--listen", "127.0.0.1:0", "--bogus"],
+        vec!["--listen", "127.0.0.1:0", "--max-peers", "0"],
+        vec!["--listen", "127.0.0.1:0", "--max-connections", "0"],
+        vec!["--listen", "127.0.0.1:0", "--max-queue", "1000"],
+        vec!["--print-key", "--listen", "127.0.0.1:0"],
     ] {
         let data = DataDir::fresh();
         let out = Command::new(bin("registry"))
@@ -262,6 +266,31 @@ fn bad_command_lines_are_usage_errors() {
             assert!(usage < more, "{args:?}: {stderr}");
         }
     }
+}
+
+#[test]
+fn print_key_shows_the_key_a_registry_proves_without_starting() {
+    let data = DataDir::fresh();
+    let key_file = data.path().join("registry.key");
+    let print = || {
+        Command::new(bin("registry"))
+            .arg("--print-key")
+            .arg("--key")
+            .arg(&key_file)
+            .output()
+            .unwrap()
+    };
+    let missing = print();
+    assert_eq!(missing.status.code(), Some(1), "no key file: an error");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist"));
+    assert!(!key_file.exists(), "--print-key makes no key");
+    let reg = Registry::start(&["--key", key_file.to_str().unwrap()]);
+    let out = print();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        reg.key.to_string()
+    );
 }
 
 #[test]

@@ -26,8 +26,12 @@ use peerchat_registry::{Config, Owner, Registry};
 struct Args {
     /// Address to listen on, e.g. 0.0.0.0:7000, 127.0.0.1:0, [::]:7000, or
     /// a host name such as localhost:7000 (every address it resolves to).
-    #[arg(long, value_name = "ADDR")]
-    listen: String,
+    #[arg(long, value_name = "ADDR", required_unless_present = "print_key")]
+    listen: Option<String>,
+    /// Print the public key of the key file (--key, or the default) and
+    /// exit, without starting: what peers pass as --registry-key.
+    #[arg(long, conflicts_with = "listen")]
+    print_key: bool,
     /// How often peers send a heartbeat (e.g. 200ms, 5s, 1m).
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     heartbeat: Duration,
@@ -35,14 +39,14 @@ struct Args {
     #[arg(long, value_name = "DUR", default_value = "15s", value_parser = parse_duration)]
     timeout: Duration,
     /// Most peers registered at once; more get `registry_full`.
-    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = at_least_one)]
     max_peers: usize,
     /// Largest frame body a registered peer may send, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..))]
     max_frame: u32,
     /// Most open connections, registered or not; extra ones are closed at
     /// once. Default: twice --max-peers plus 1024.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
     max_connections: Option<usize>,
     /// Time a new connection has for its Noise handshake, and then again to
     /// register.
@@ -64,12 +68,22 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     names: Option<PathBuf>,
     /// Bytes that may wait to be sent to one peer before it is dropped as
-    /// too slow.
-    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024)]
+    /// too slow; at least 64 KiB, so that a welcome fits.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(65_536..))]
     max_queue: usize,
     /// How often to log a stats line.
     #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
     stats_interval: Duration,
+}
+
+/// A count that must not be zero (a registry that takes no peer is a
+/// mistake, not a setting).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The registry binary's own periodic work.
@@ -183,15 +197,40 @@ fn release_free_memory() {
     }
 }
 
+/// The key file: `--key`, else the default.
+fn key_path(path: Option<PathBuf>) -> Result<PathBuf, String> {
+    match path {
+        Some(path) => Ok(path),
+        None => Ok(identity::data_home()
+            .ok_or("neither XDG_DATA_HOME nor HOME is set; name a key file with --key")?
+            .join("peerchat-registry/registry.key")),
+    }
+}
+
+/// `--print-key`: the key file's public key on stdout. A missing file is
+/// an error, not made: the key a registry will prove is the one it makes.
+fn print_key(path: Option<PathBuf>) -> ExitCode {
+    let loaded = key_path(path).and_then(|path| {
+        Identity::load(&path).map_err(|e| {
+            format!("{e} (a registry makes its key file when it first starts; --key names another)")
+        })
+    });
+    match loaded {
+        Ok(identity) => {
+            println!("{}", identity.public());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("registry: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The registry's identity: the same key across restarts, so that its peers
 /// (which pin it) still know it.
 fn load_identity(path: Option<PathBuf>) -> Result<Identity, String> {
-    let path = match path {
-        Some(path) => path,
-        None => identity::data_home()
-            .ok_or("neither XDG_DATA_HOME nor HOME is set; name a key file with --key")?
-            .join("peerchat-registry/registry.key"),
-    };
+    let path = key_path(path)?;
     let (identity, created) = Identity::load_or_create(&path).map_err(|e| e.to_string())?;
     if created {
         eprintln!("created a new registry key in {}", path.display());
@@ -299,6 +338,9 @@ fn listen_all<T>(event_loop: &mut EventLoop<T>, addrs: &[SocketAddr]) -> Option<
 
 fn main() -> ExitCode {
     let args: Args = peerchat_core::args::parse_args();
+    if args.print_key {
+        return print_key(args.key);
+    }
     if args.timeout <= args.heartbeat {
         Args::command()
             .error(
@@ -310,7 +352,7 @@ fn main() -> ExitCode {
             )
             .exit();
     }
-    let listen_addrs = resolve_listen(&args.listen);
+    let listen_addrs = resolve_listen(args.listen.as_deref().unwrap_or_default());
     // Logs go through a writer thread: a stalled stderr (a full pipe nobody
     // reads) drops log lines instead of freezing the loop.
     let (log_writer, _log_flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
