@@ -35,6 +35,7 @@ use peerchat_core::wire::FrameError;
 
 use lookalikes::Lookalikes;
 
+pub mod args;
 pub mod names_file;
 
 pub use owners::Owner;

@@ -8,83 +8,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
-use clap::{CommandFactory, Parser};
-use peerchat_core::args::parse_duration;
+use clap::CommandFactory;
 use peerchat_core::identity::{self, Identity};
 use peerchat_core::machine::{Driver, Host, HostCtx, LinkId, Wake};
 use peerchat_core::protocol;
 use peerchat_core::secure::NoiseConfig;
 use peerchat_core::trusted_file::Lock;
 use peerchat_core::{EventLoop, LoopConfig};
+use peerchat_registry::args::Args;
 use peerchat_registry::names_file::{self, Saver};
 use peerchat_registry::{Config, Owner, Registry};
-
-/// The peerchat registry: knows who is online and where, and tells everyone
-/// of every join and leave. Chat never passes through it.
-#[derive(Debug, Parser)]
-#[command(name = "registry", version, about)]
-struct Args {
-    /// Address to listen on, e.g. 0.0.0.0:7000, 127.0.0.1:0, [::]:7000, or
-    /// a host name such as localhost:7000 (every address it resolves to).
-    #[arg(long, value_name = "ADDR", required_unless_present = "print_key")]
-    listen: Option<String>,
-    /// Print the public key of the key file (--key, or the default) and
-    /// exit, without starting: what peers pass as --registry-key.
-    #[arg(long, conflicts_with = "listen")]
-    print_key: bool,
-    /// How often peers send a heartbeat (e.g. 200ms, 5s, 1m).
-    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
-    heartbeat: Duration,
-    /// Silence after which a peer is evicted; must exceed --heartbeat.
-    #[arg(long, value_name = "DUR", default_value = "15s", value_parser = parse_duration)]
-    timeout: Duration,
-    /// Most peers registered at once; more get `registry_full`.
-    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = at_least_one)]
-    max_peers: usize,
-    /// Largest frame body a registered peer may send, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..))]
-    max_frame: u32,
-    /// Most open connections, registered or not; extra ones are closed at
-    /// once. Default: twice --max-peers plus 1024.
-    #[arg(long, value_name = "N", value_parser = at_least_one)]
-    max_connections: Option<usize>,
-    /// Time a new connection has for its Noise handshake, and then again to
-    /// register.
-    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
-    handshake_timeout: Duration,
-    /// How long a name stays reserved for its owner's key after the peer
-    /// left (quit, timeout or disconnect).
-    #[arg(long, value_name = "DUR", default_value = "10m", value_parser = parse_duration)]
-    name_grace: Duration,
-    /// The registry's static key file, created (mode 0600) if missing.
-    /// Default: $XDG_DATA_HOME/peerchat-registry/registry.key, else
-    /// ~/.local/share/peerchat-registry/registry.key.
-    #[arg(long, value_name = "PATH")]
-    key: Option<PathBuf>,
-    /// A file in which the registry keeps which key owns which name, so
-    /// that a restart hands no name to another key. Without it, owners are
-    /// kept in memory only. One registry at a time writes a file; a second
-    /// one on it takes the owners in it and keeps its own in memory.
-    #[arg(long, value_name = "PATH")]
-    names: Option<PathBuf>,
-    /// Bytes that may wait to be sent to one peer before it is dropped as
-    /// too slow; at least 64 KiB, so that a welcome fits.
-    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(65_536..))]
-    max_queue: usize,
-    /// How often to log a stats line.
-    #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
-    stats_interval: Duration,
-}
-
-/// A count that must not be zero (a registry that takes no peer is a
-/// mistake, not a setting).
-fn at_least_one(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
-}
 
 /// The registry binary's own periodic work.
 enum HostTimer {
@@ -178,6 +111,7 @@ impl Host<RegistryMachine> for RegistryHost {
         signal: i32,
     ) {
         tracing::info!(signal, peers = registry.peer_count(), "shutting down");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         if self.record.is_some() && self.at_shutdown.is_none() {
             self.at_shutdown = Some((registry.owners(ctx.now()), SystemTime::now()));
         }
@@ -443,6 +377,11 @@ fn main() -> ExitCode {
     for local in listening {
         eprintln!("listening on {local}");
     }
+    // Under systemd (`Type=notify`): ready once it listens. Elsewhere there
+    // is no socket to tell, and nothing happens.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell the service manager the registry is ready");
+    }
     let mut status = ExitCode::SUCCESS;
     if let Err(e) = event_loop.run(&mut app) {
         eprintln!("registry: the event loop failed: {e}");
@@ -467,6 +406,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use peerchat_core::args::parse_duration;
 
     #[test]
     fn command_line_is_consistent() {

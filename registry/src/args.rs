@@ -1,0 +1,80 @@
+//! The `registry` command line, here rather than in the binary so that the
+//! packaging can make the manual page and shell completions from it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use peerchat_core::args::parse_duration;
+
+/// The peerchat registry: who is online and where.
+///
+/// It knows who is online and where, and tells everyone of every join and
+/// leave; chat never passes through it. It prints `registry key KEY` (what
+/// peers pass as --registry-key) and `listening on ADDR` on stderr at
+/// start, and under systemd tells the service manager it is ready once it
+/// listens. SIGINT, SIGTERM and SIGHUP stop it cleanly.
+#[derive(Debug, Parser)]
+#[command(name = "registry", version)]
+pub struct Args {
+    /// Address to listen on, e.g. 0.0.0.0:7000, 127.0.0.1:0, [::]:7000, or
+    /// a host name such as localhost:7000 (every address it resolves to).
+    #[arg(long, value_name = "ADDR", required_unless_present = "print_key")]
+    pub listen: Option<String>,
+    /// Print the public key of the key file (--key, or the default) and
+    /// exit, without starting: what peers pass as --registry-key.
+    #[arg(long, conflicts_with = "listen")]
+    pub print_key: bool,
+    /// How often peers send a heartbeat (e.g. 200ms, 5s, 1m).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// Silence after which a peer is evicted; must exceed --heartbeat.
+    #[arg(long, value_name = "DUR", default_value = "15s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Most peers registered at once; more get `registry_full`.
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = at_least_one)]
+    pub max_peers: usize,
+    /// Largest frame body a registered peer may send, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..))]
+    pub max_frame: u32,
+    /// Most open connections, registered or not; extra ones are closed at
+    /// once. Default: twice --max-peers plus 1024.
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub max_connections: Option<usize>,
+    /// Time a new connection has for its Noise handshake, and then again to
+    /// register.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// How long a name stays reserved for its owner's key after the peer
+    /// left (quit, timeout or disconnect).
+    #[arg(long, value_name = "DUR", default_value = "10m", value_parser = parse_duration)]
+    pub name_grace: Duration,
+    /// The registry's static key file, created (mode 0600) if missing.
+    /// Default: $XDG_DATA_HOME/peerchat-registry/registry.key, else
+    /// ~/.local/share/peerchat-registry/registry.key.
+    #[arg(long, value_name = "PATH")]
+    pub key: Option<PathBuf>,
+    /// A file in which the registry keeps which key owns which name, so
+    /// that a restart hands no name to another key. Without it, owners are
+    /// kept in memory only. One registry at a time writes a file; a second
+    /// one on it takes the owners in it and keeps its own in memory.
+    #[arg(long, value_name = "PATH")]
+    pub names: Option<PathBuf>,
+    /// Bytes that may wait to be sent to one peer before it is dropped as
+    /// too slow; at least 64 KiB, so that a welcome fits.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(65_536..))]
+    pub max_queue: usize,
+    /// How often to log a stats line.
+    #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
+    pub stats_interval: Duration,
+}
+
+/// A count that must not be zero (a registry that takes no peer is a
+/// mistake, not a setting).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
