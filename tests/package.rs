@@ -164,7 +164,7 @@ fn run_like_systemd(unit: &str, registry_bin: &Path) {
     assert_eq!(&buf[..n], b"READY=1\n");
     let addr: SocketAddr = loop {
         let line = rx.recv_timeout(LONG).expect("it says where it listens");
-        if let Some(addr) = line.strip_prefix("listening on ") {
+        if let Some((_, addr)) = line.split_once(" INFO listening on ") {
             break addr.trim().parse().unwrap();
         }
     };

@@ -237,6 +237,7 @@ impl<T> EventLoop<T> {
             seal_buf: Vec::new(),
             waker,
             last_refusal_log: None,
+            turn_started: now,
         };
         Ok(EventLoop {
             poll,
@@ -307,6 +308,7 @@ impl<T> EventLoop<T> {
                 Err(e) => return Err(e),
             }
             ctx.now = Instant::now();
+            ctx.turn_started = ctx.now;
 
             for id in std::mem::take(&mut ctx.read_again) {
                 read_ready(ctx, app, id);

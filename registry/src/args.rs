@@ -1,10 +1,11 @@
 //! The `registry` command line, here rather than in the binary so that the
 //! packaging can make the manual page and shell completions from it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use peerchat_core::args::parse_duration;
 
 /// The peerchat registry: who is online and where.
@@ -64,6 +65,14 @@ pub struct Args {
     /// too slow; at least 64 KiB, so that a welcome fits.
     #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(65_536..))]
     pub max_queue: usize,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
+    /// e.g. 127.0.0.1:9100. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// How log lines are written on stderr: `text` (timestamp, level,
+    /// message, fields) or `json` (one object per line, for log shippers).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// How often to log a stats line.
     #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
     pub stats_interval: Duration,
@@ -77,4 +86,10 @@ fn at_least_one(text: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(e.to_string()),
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }

@@ -36,6 +36,7 @@ use peerchat_core::wire::FrameError;
 use lookalikes::Lookalikes;
 
 pub mod args;
+pub mod metrics;
 pub mod names_file;
 
 pub use owners::Owner;
@@ -108,13 +109,17 @@ pub enum Disconnect {
     BadFrame(FrameError),
 }
 
-/// Counters for the periodic stats line.
+/// Counters for the periodic stats line and the metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub joins: u64,
     pub leaves: u64,
     pub evictions: u64,
     pub rejections: u64,
+    /// `leaves` by the reason everyone was told.
+    pub leaves_by_reason: BTreeMap<&'static str, u64>,
+    /// `rejections` by the error code sent.
+    pub rejections_by_code: BTreeMap<&'static str, u64>,
 }
 
 struct Session {
@@ -130,7 +135,9 @@ struct Session {
 enum LinkState {
     /// Secured, not registered yet.
     Registering {
-        ip: IpAddr,
+        /// Where it connected from (its listening port comes with its
+        /// register message).
+        addr: SocketAddr,
         key: PublicKey,
     },
     Registered(Session),
@@ -241,7 +248,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             return;
         }
         self.conns
-            .insert(conn, LinkState::Registering { ip: peer.ip(), key });
+            .insert(conn, LinkState::Registering { addr: peer, key });
         self.actions.push_back(Action::SetMaxFrame(
             conn,
             self.config.unregistered_max_frame,
@@ -255,8 +262,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
         match self.conns.get_mut(&conn) {
             None => {}
-            Some(LinkState::Registering { ip, key }) => {
-                let (ip, key) = (*ip, *key);
+            Some(LinkState::Registering { addr, key }) => {
+                let (ip, key) = (addr.ip(), *key);
                 self.on_register_frame(conn, ip, key, body, now);
             }
             Some(LinkState::Registered(session)) => {
@@ -279,9 +286,20 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
     }
 
+    /// Who is at the other end of `conn`, for a log line: its address, and
+    /// its name once registered.
+    fn who(&self, conn: C) -> (String, &str) {
+        match self.conns.get(&conn) {
+            Some(LinkState::Registering { addr, .. }) => (addr.to_string(), ""),
+            Some(LinkState::Registered(s)) => (s.addr.to_string(), &s.name),
+            None => ("unknown".into(), ""),
+        }
+    }
+
     /// A registered peer broke the protocol: tell it why, drop it.
     fn fail(&mut self, conn: C, reason: String, now: Instant) {
-        tracing::warn!(?conn, %reason, "closing a peer that broke the protocol");
+        let (addr, name) = self.who(conn);
+        tracing::warn!(%addr, %name, %reason, "closing a peer that broke the protocol");
         self.remove(conn, LeftReason::Protocol, now);
         self.send_error(conn, ErrorCode::Protocol, reason);
     }
@@ -491,10 +509,20 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     }
 
     fn reject(&mut self, conn: C, code: ErrorCode, reason: String) {
-        self.stats.rejections += 1;
-        tracing::info!(?conn, %code, %reason, "rejected");
+        self.count_rejection(code);
+        let (addr, _) = self.who(conn);
+        tracing::info!(%addr, %code, %reason, "rejected");
         self.conns.remove(&conn);
         self.send_error(conn, code, reason);
+    }
+
+    fn count_rejection(&mut self, code: ErrorCode) {
+        self.stats.rejections += 1;
+        *self
+            .stats
+            .rejections_by_code
+            .entry(code.as_str())
+            .or_default() += 1;
     }
 
     fn send_error(&mut self, conn: C, code: ErrorCode, reason: String) {
@@ -511,6 +539,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.names.remove(&s.folded);
             self.order.remove(&s.order);
             self.stats.leaves += 1;
+            *self
+                .stats
+                .leaves_by_reason
+                .entry(reason.as_str())
+                .or_default() += 1;
             tracing::info!(name = %s.name, addr = %s.addr, reason = reason.as_str(), "left");
             let until = now + self.config.name_grace;
             self.reserved_order.push_back((until, s.folded.clone()));
@@ -540,9 +573,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
                     FrameError::Empty => ErrorCode::Protocol,
                 };
-                tracing::info!(?conn, %err, "closing a connection that broke the framing");
+                let (addr, name) = self.who(conn);
+                tracing::info!(%addr, %name, %err, "closing a connection that broke the framing");
                 if matches!(self.conns.get(&conn), Some(LinkState::Registering { .. })) {
-                    self.stats.rejections += 1;
+                    self.count_rejection(code);
                 }
                 let frame = protocol::frame(&FromRegistry::error(code, err.to_string()));
                 self.actions.push_back(Action::Send(conn, frame));

@@ -32,7 +32,8 @@ impl Machine for Registry<LinkId> {
     fn handle_closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant) {
         let how = match reason {
             CloseReason::Slow { queued } => {
-                tracing::warn!(%link, queued, "dropping a slow consumer");
+                let (addr, name) = self.who(link);
+                tracing::warn!(%addr, %name, queued, "dropping a slow consumer");
                 Disconnect::Slow
             }
             CloseReason::Frame(err) => Disconnect::BadFrame(err.clone()),

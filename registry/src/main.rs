@@ -15,7 +15,8 @@ use peerchat_core::protocol;
 use peerchat_core::secure::NoiseConfig;
 use peerchat_core::trusted_file::Lock;
 use peerchat_core::{EventLoop, LoopConfig};
-use peerchat_registry::args::Args;
+use peerchat_registry::args::{Args, LogFormat};
+use peerchat_registry::metrics::{self, Metrics, Snapshot};
 use peerchat_registry::names_file::{self, Saver};
 use peerchat_registry::{Config, Owner, Registry};
 
@@ -23,7 +24,12 @@ use peerchat_registry::{Config, Owner, Registry};
 enum HostTimer {
     Stats,
     SaveNames,
+    Metrics,
 }
+
+/// How often the metrics are brought up to date: fresher than any scrape
+/// interval needs.
+const METRICS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often changed name owners are saved: what a crash can lose.
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -42,6 +48,8 @@ struct RegistryHost {
     /// shutdown empties the directory), and the time they were taken, for
     /// the last save.
     at_shutdown: Option<(Vec<Owner>, SystemTime)>,
+    /// With `--metrics`.
+    metrics: Option<Metrics>,
 }
 
 impl Host<RegistryMachine> for RegistryHost {
@@ -86,6 +94,20 @@ impl Host<RegistryMachine> for RegistryHost {
                 let next = ctx.now() + self.stats_interval;
                 ctx.arm(next, Wake::Host(HostTimer::Stats));
             }
+            HostTimer::Metrics => {
+                if let Some(metrics) = &mut self.metrics {
+                    metrics.update(Snapshot {
+                        peers: registry.peer_count(),
+                        connections: ctx.connections(),
+                        reserved: registry.reserved_count(),
+                        queued_bytes: ctx.queued_bytes(),
+                        loop_stats: ctx.stats().clone(),
+                        stats: registry.stats().clone(),
+                    });
+                }
+                let next = ctx.now() + METRICS_INTERVAL;
+                ctx.arm(next, Wake::Host(HostTimer::Metrics));
+            }
             // Once stopping, the directory is empty: only the last save,
             // with the owners from before, may be written.
             HostTimer::SaveNames if self.at_shutdown.is_some() => {}
@@ -101,6 +123,12 @@ impl Host<RegistryMachine> for RegistryHost {
                 let next = ctx.now() + SAVE_INTERVAL;
                 ctx.arm(next, Wake::Host(HostTimer::SaveNames));
             }
+        }
+    }
+
+    fn end_turn(&mut self, ctx: &mut HostCtx<RegistryMachine, Self>, _: &mut RegistryMachine) {
+        if let Some(metrics) = &self.metrics {
+            metrics.turn(ctx.turn_started().elapsed());
         }
     }
 
@@ -167,9 +195,28 @@ fn load_identity(path: Option<PathBuf>) -> Result<Identity, String> {
     let path = key_path(path)?;
     let (identity, created) = Identity::load_or_create(&path).map_err(|e| e.to_string())?;
     if created {
-        eprintln!("created a new registry key in {}", path.display());
+        tracing::info!("created a new registry key in {}", path.display());
     }
     Ok(identity)
+}
+
+/// Logs on stderr, each line with its time and level and without the
+/// module it came from (one name per binary: the registry's). They go
+/// through a writer thread: a stalled stderr (a full pipe nobody reads)
+/// drops log lines instead of freezing the loop. Keep the guard until exit.
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_env_filter(filter)
+        .with_target(false);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    guard
 }
 
 /// The file of name owners (`--names`), held by this registry.
@@ -258,13 +305,13 @@ fn listen_all<T>(event_loop: &mut EventLoop<T>, addrs: &[SocketAddr]) -> Option<
                 tracing::warn!(%addr, error = %e, "cannot listen here; going on without it")
             }
             Err(e) => {
-                eprintln!("registry: cannot listen on {addr}: {e}");
+                tracing::error!("cannot listen on {addr}: {e}");
                 return None;
             }
         }
     }
     if listening.is_empty() {
-        eprintln!("registry: cannot listen on any address of the --listen host");
+        tracing::error!("cannot listen on any address of the --listen host");
         return None;
     }
     Some(listening)
@@ -287,17 +334,7 @@ fn main() -> ExitCode {
             .exit();
     }
     let listen_addrs = resolve_listen(args.listen.as_deref().unwrap_or_default());
-    // Logs go through a writer thread: a stalled stderr (a full pipe nobody
-    // reads) drops log lines instead of freezing the loop.
-    let (log_writer, _log_flush_on_exit) = tracing_appender::non_blocking(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_writer(log_writer)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let _log_flush_on_exit = init_logs(args.log_format);
     let max_connections = args
         .max_connections
         .unwrap_or(args.max_peers.saturating_mul(2).saturating_add(1024));
@@ -322,14 +359,14 @@ fn main() -> ExitCode {
     let identity = match load_identity(args.key) {
         Ok(identity) => identity,
         Err(e) => {
-            eprintln!("registry: {e}");
+            tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
     let (record, owners) = match open_record(args.names) {
         Ok(opened) => opened,
         Err(e) => {
-            eprintln!("registry: {e}");
+            tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
@@ -348,7 +385,7 @@ fn main() -> ExitCode {
     let mut event_loop = match EventLoop::new(loop_config) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("registry: cannot start the event loop: {e}");
+            tracing::error!("cannot start the event loop: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -366,16 +403,33 @@ fn main() -> ExitCode {
     }
     let mut registry = Registry::new(config, now);
     registry.restore(owners, now);
+    let metrics = match args.metrics {
+        None => None,
+        Some(addr) => {
+            let (metrics, served) = Metrics::new();
+            match metrics::serve(addr, served) {
+                Ok(local) => tracing::info!("metrics at http://{local}/metrics"),
+                Err(e) => {
+                    tracing::error!("cannot serve metrics on {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            event_loop.ctx().arm(now, Wake::Host(HostTimer::Metrics));
+            Some(metrics)
+        }
+    };
     let host = RegistryHost {
         stats_interval: args.stats_interval,
         record,
         save_waiting: false,
         at_shutdown: None,
+        metrics,
     };
     let mut app = Driver::new(registry, host);
-    eprintln!("registry key {}", identity.public());
+    // Scripts read these two: their text stays as documented.
+    tracing::info!("registry key {}", identity.public());
     for local in listening {
-        eprintln!("listening on {local}");
+        tracing::info!("listening on {local}");
     }
     // Under systemd (`Type=notify`): ready once it listens. Elsewhere there
     // is no socket to tell, and nothing happens.
@@ -384,7 +438,7 @@ fn main() -> ExitCode {
     }
     let mut status = ExitCode::SUCCESS;
     if let Err(e) = event_loop.run(&mut app) {
-        eprintln!("registry: the event loop failed: {e}");
+        tracing::error!("the event loop failed: {e}");
         status = ExitCode::FAILURE;
     }
     if let Some(record) = app.host.record {
@@ -393,8 +447,8 @@ fn main() -> ExitCode {
             None => (app.machine.owners(Instant::now()), SystemTime::now()),
         };
         if let Err(e) = record.saver.finish(owners, taken) {
-            eprintln!(
-                "registry: cannot save the name owners in {}: {e}; a restart will not know them",
+            tracing::error!(
+                "cannot save the name owners in {}: {e}; a restart will not know them",
                 record.path.display()
             );
             status = ExitCode::FAILURE;

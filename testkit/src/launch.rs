@@ -33,14 +33,15 @@ pub fn is(event: &str, key: &str, value: &str) -> impl Fn(&Value) -> bool {
 }
 
 /// Where a registry listens and the key it proves, once its stderr `lines`
-/// have said both (it names its key before it says where it listens).
+/// have said both (it names its key before it says where it listens), as
+/// the messages of its log lines (`TIME  INFO registry key KEY`).
 pub fn announced<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<(SocketAddr, PublicKey)> {
     let mut key = None;
     for line in lines {
-        if let Some(k) = line.strip_prefix("registry key ") {
-            key = Some(PublicKey::parse(k).expect("the registry's key"));
+        if let Some((_, k)) = line.split_once(" INFO registry key ") {
+            key = Some(PublicKey::parse(k.trim()).expect("the registry's key"));
         }
-        if let Some(addr) = line.strip_prefix("listening on ") {
+        if let Some((_, addr)) = line.split_once(" INFO listening on ") {
             let addr = addr.trim().parse().expect("listening address");
             let key = key.expect("the registry prints its key before it listens");
             return Some((addr, key));

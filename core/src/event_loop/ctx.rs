@@ -74,6 +74,8 @@ pub struct Ctx<T> {
     pub(super) seal_buf: Vec<u8>,
     pub(super) waker: Arc<Waker>,
     pub(super) last_refusal_log: Option<Instant>,
+    /// When the poll that began this turn returned.
+    pub(super) turn_started: Instant,
 }
 
 impl<T> Ctx<T> {
@@ -87,6 +89,24 @@ impl<T> Ctx<T> {
 
     pub fn stats(&self) -> &LoopStats {
         &self.stats
+    }
+
+    /// When the current turn began (its poll returned): how long a turn
+    /// takes is measured from here.
+    pub fn turn_started(&self) -> Instant {
+        self.turn_started
+    }
+
+    /// Bytes waiting to be written, over every connection: what slow
+    /// readers hold in memory.
+    pub fn queued_bytes(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|(_, e)| match e {
+                Entry::Conn(c) => c.transport.queued(),
+                _ => 0,
+            })
+            .sum()
     }
 
     /// Open connections (accepted or dialed, not yet closed).
