@@ -89,62 +89,70 @@ impl Metrics {
             last: Snapshot::default(),
         };
         let m = &metrics;
-        registry.register("peers", "Peers registered now", m.peers.clone());
-        registry.register(
-            "connections",
-            "Open connections, registered or not",
-            m.connections.clone(),
-        );
-        registry.register(
-            "names_reserved",
-            "Names kept for their keys after their peers left",
-            m.reserved.clone(),
-        );
-        registry.register(
-            "queued_output_bytes",
-            "Bytes waiting to be written to peers",
-            m.queued_bytes.clone(),
-        );
-        registry.register("joins", "Peers that registered", m.joins.clone());
-        registry.register(
-            "evictions",
-            "Peers evicted for silence past the timeout",
-            m.evictions.clone(),
-        );
-        registry.register(
-            "leaves",
-            "Peers that left, by the reason everyone was told",
-            m.leaves.clone(),
-        );
-        registry.register(
-            "rejections",
-            "Registrations refused, by error code",
-            m.rejections.clone(),
-        );
-        registry.register(
-            "connections_accepted",
-            "Connections accepted",
-            m.accepted.clone(),
-        );
-        registry.register(
-            "connections_refused",
-            "Connections closed at once: --max-connections reached",
-            m.refused.clone(),
-        );
-        registry.register("frames_in", "Frames read", m.frames_in.clone());
-        registry.register("frames_out", "Frames written", m.frames_out.clone());
-        registry.register("bytes_in", "Bytes read", m.bytes_in.clone());
-        registry.register("bytes_out", "Bytes written", m.bytes_out.clone());
-        registry.register(
-            "slow_consumers",
-            "Peers dropped for not reading (--max-queue)",
-            m.slow.clone(),
-        );
-        registry.register(
-            "noise_failures",
-            "Noise sessions that failed or timed out",
-            m.noise_failed.clone(),
-        );
+        for (name, help, gauge) in [
+            ("peers", "Peers registered now", &m.peers),
+            (
+                "connections",
+                "Open connections, registered or not",
+                &m.connections,
+            ),
+            (
+                "names_reserved",
+                "Names kept for their keys after their peers left",
+                &m.reserved,
+            ),
+            (
+                "queued_output_bytes",
+                "Bytes waiting to be written to peers",
+                &m.queued_bytes,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
+        for (name, help, counter) in [
+            ("joins", "Peers that registered", &m.joins),
+            (
+                "evictions",
+                "Peers evicted for silence past the timeout",
+                &m.evictions,
+            ),
+            ("connections_accepted", "Connections accepted", &m.accepted),
+            (
+                "connections_refused",
+                "Connections closed at once: --max-connections reached",
+                &m.refused,
+            ),
+            ("frames_in", "Frames read", &m.frames_in),
+            ("frames_out", "Frames written", &m.frames_out),
+            ("bytes_in", "Bytes read", &m.bytes_in),
+            ("bytes_out", "Bytes written", &m.bytes_out),
+            (
+                "slow_consumers",
+                "Peers dropped for not reading (--max-queue)",
+                &m.slow,
+            ),
+            (
+                "noise_failures",
+                "Noise sessions that failed or timed out",
+                &m.noise_failed,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        for (name, help, family) in [
+            (
+                "leaves",
+                "Peers that left, by the reason everyone was told",
+                &m.leaves,
+            ),
+            (
+                "rejections",
+                "Registrations refused, by error code",
+                &m.rejections,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "loop_turn_seconds",
             "Time the event loop spent on one turn",
