@@ -158,6 +158,9 @@ pub struct LoopStats {
     /// Noise sessions that failed (a bad handshake or message) or whose
     /// handshake did not finish in time.
     pub secure_failed: u64,
+    /// Time spent working, from each poll's return to the next poll: how
+    /// busy the loop (one thread) is.
+    pub busy: Duration,
 }
 
 /// The application side of the loop.
@@ -302,6 +305,7 @@ impl<T> EventLoop<T> {
             } else {
                 Some(Duration::ZERO)
             };
+            ctx.stats.busy += ctx.turn_started.elapsed();
             match self.poll.poll(&mut self.events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

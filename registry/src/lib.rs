@@ -69,6 +69,9 @@ pub struct Config {
     pub unregistered_max_frame: usize,
     /// How long a name stays reserved for its key after its peer left.
     pub name_grace: Duration,
+    /// The longest changes are held to go out together (see
+    /// [`Registry::set_load`]).
+    pub max_update_delay: Duration,
 }
 
 impl Default for Config {
@@ -81,9 +84,18 @@ impl Default for Config {
             register_timeout: Duration::from_secs(5),
             unregistered_max_frame: 4096,
             name_grace: Duration::from_secs(600),
+            max_update_delay: Duration::from_millis(400),
         }
     }
 }
+
+/// Above this share of one core, the update window grows; below
+/// [`LOAD_LOW`], it shrinks. In between it stays, so that the window
+/// settles instead of swinging.
+const LOAD_HIGH: f64 = 0.45;
+const LOAD_LOW: f64 = 0.2;
+/// The smallest window worth having; below it, changes go out at once.
+const MIN_UPDATE_DELAY: Duration = Duration::from_millis(5);
 
 /// What the registry wants done: the machine contract's outputs, with no
 /// host outputs (the binary decides on its own when to save names).
@@ -95,6 +107,8 @@ enum Timer<C> {
     RegisterDeadline(C),
     /// Check whether the peer on this connection has been silent too long.
     Liveness(C),
+    /// The held changes are due: a turn ends, and pushes them.
+    Flush,
 }
 
 /// How a connection ended, as far as the registry cares.
@@ -159,8 +173,15 @@ pub struct Registry<C> {
     /// once: a welcome copies these bytes instead of encoding every peer.
     order: BTreeMap<u64, (C, Bytes)>,
     next_order: u64,
-    /// Changes of this turn, not yet pushed.
+    /// Changes not yet pushed: this turn's, or, under load, those of the
+    /// current window.
     pending: Vec<Change>,
+    /// When the first of `pending` was made, while they are held.
+    held_since: Option<Instant>,
+    /// How long changes are held now: zero when the registry is not busy.
+    update_delay: Duration,
+    /// When the flush timer was armed for.
+    flush_at: Option<Instant>,
     /// Sessions admitted this turn → how many of `pending` their welcome
     /// snapshot already reflects. Everyone else gets all of `pending`.
     fresh: HashMap<C, usize>,
@@ -190,6 +211,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             order: BTreeMap::new(),
             next_order: 0,
             pending: Vec::new(),
+            held_since: None,
+            update_delay: Duration::ZERO,
+            flush_at: None,
             fresh: HashMap::new(),
             actions: VecDeque::new(),
             heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
@@ -613,6 +637,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     );
                 }
             }
+            // Nothing to do here: the turn it ends pushes what is due.
+            Timer::Flush => {}
             Timer::Liveness(conn) => {
                 let Some(session) = self.session(conn) else {
                     return;
@@ -634,14 +660,51 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
     }
 
-    /// End of a loop turn: push this turn's changes, encoded once per
+    /// How busy the loop was (the share of one core it used) since the
+    /// last call: the window changes are held for follows it. Each change
+    /// costs a write to every listener, and one frame carries a whole
+    /// window's changes: a busy registry holds them longer (doubling, up to
+    /// `max_update_delay`), an idle one sends at once (halving to zero).
+    pub fn set_load(&mut self, busy: f64) {
+        let max = self.config.max_update_delay;
+        if busy > LOAD_HIGH {
+            self.update_delay = (self.update_delay * 2).max(MIN_UPDATE_DELAY).min(max);
+        } else if busy < LOAD_LOW {
+            self.update_delay /= 2;
+            if self.update_delay < MIN_UPDATE_DELAY {
+                self.update_delay = Duration::ZERO;
+            }
+        }
+    }
+
+    /// How long changes are held now.
+    pub fn update_delay(&self) -> Duration {
+        self.update_delay
+    }
+
+    /// End of a loop turn: push the changes that are due, encoded once per
     /// distinct starting point (one for everyone who was already online).
+    /// Under load they are held until the window since the first of them
+    /// has passed (a timer ends a turn then).
     pub fn send_batched(&mut self, now: Instant) {
         self.expire_reservations(now);
-        let fresh = std::mem::take(&mut self.fresh);
         if self.pending.is_empty() {
+            self.fresh.clear();
             return;
         }
+        let since = *self.held_since.get_or_insert(now);
+        let due = since + self.update_delay;
+        if now < due {
+            // Again when the window changed since it was armed.
+            if self.flush_at != Some(due) {
+                self.timers.arm(due, Timer::Flush);
+                self.flush_at = Some(due);
+            }
+            return;
+        }
+        self.held_since = None;
+        self.flush_at = None;
+        let fresh = std::mem::take(&mut self.fresh);
         let pending = std::mem::take(&mut self.pending);
         let mut encoded: HashMap<usize, Vec<Bytes>> = HashMap::new();
         for (conn, _) in self.order.values() {
@@ -683,6 +746,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.names.clear();
         self.order.clear();
         self.pending.clear();
+        self.held_since = None;
+        self.flush_at = None;
         self.fresh.clear();
     }
 }

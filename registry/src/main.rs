@@ -25,7 +25,13 @@ enum HostTimer {
     Stats,
     SaveNames,
     Metrics,
+    Load,
 }
+
+/// How often the loop's load is measured and handed to the registry (which
+/// sets its update window from it): short, so that a burst is met within
+/// a second.
+const LOAD_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How often the metrics are brought up to date: fresher than any scrape
 /// interval needs.
@@ -50,6 +56,8 @@ struct RegistryHost {
     at_shutdown: Option<(Vec<Owner>, SystemTime)>,
     /// With `--metrics`.
     metrics: Option<Metrics>,
+    /// The loop's busy time when the load was last measured, and when.
+    last_load: (Duration, Instant),
 }
 
 impl Host<RegistryMachine> for RegistryHost {
@@ -86,6 +94,8 @@ impl Host<RegistryMachine> for RegistryHost {
                     evictions = stats.evictions,
                     rejections = stats.rejections,
                     reserved = registry.reserved_count(),
+                    update_delay_ms = registry.update_delay().as_millis() as u64,
+                    busy_ms = loop_stats.busy.as_millis() as u64,
                     slow = loop_stats.slow_closed,
                     secure_failed = loop_stats.secure_failed,
                     "stats"
@@ -94,6 +104,19 @@ impl Host<RegistryMachine> for RegistryHost {
                 let next = ctx.now() + self.stats_interval;
                 ctx.arm(next, Wake::Host(HostTimer::Stats));
             }
+            HostTimer::Load => {
+                let (busy, at) = self.last_load;
+                let now = Instant::now();
+                let busy_now = ctx.stats().busy;
+                let spent = busy_now.saturating_sub(busy).as_secs_f64();
+                let elapsed = now.saturating_duration_since(at).as_secs_f64();
+                if elapsed > 0.0 {
+                    registry.set_load(spent / elapsed);
+                }
+                self.last_load = (busy_now, now);
+                let next = ctx.now() + LOAD_INTERVAL;
+                ctx.arm(next, Wake::Host(HostTimer::Load));
+            }
             HostTimer::Metrics => {
                 if let Some(metrics) = &mut self.metrics {
                     metrics.update(Snapshot {
@@ -101,6 +124,7 @@ impl Host<RegistryMachine> for RegistryHost {
                         connections: ctx.connections(),
                         reserved: registry.reserved_count(),
                         queued_bytes: ctx.queued_bytes(),
+                        update_delay: registry.update_delay(),
                         loop_stats: ctx.stats().clone(),
                         stats: registry.stats().clone(),
                     });
@@ -355,6 +379,7 @@ fn main() -> ExitCode {
         register_timeout: args.handshake_timeout,
         unregistered_max_frame: 4096.min(args.max_frame as usize),
         name_grace: args.name_grace,
+        max_update_delay: args.max_update_delay,
     };
     let identity = match load_identity(args.key) {
         Ok(identity) => identity,
@@ -424,7 +449,11 @@ fn main() -> ExitCode {
         save_waiting: false,
         at_shutdown: None,
         metrics,
+        last_load: (Duration::ZERO, Instant::now()),
     };
+    event_loop
+        .ctx()
+        .arm(now + LOAD_INTERVAL, Wake::Host(HostTimer::Load));
     let mut app = Driver::new(registry, host);
     // Scripts read these two: their text stays as documented.
     tracing::info!("registry key {}", identity.public());

@@ -19,6 +19,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as MetricRegistry;
+use std::sync::atomic::AtomicU64;
 
 use crate::Stats;
 
@@ -36,6 +37,8 @@ pub struct Snapshot {
     pub connections: usize,
     pub reserved: usize,
     pub queued_bytes: usize,
+    /// How long changes are held now (`Registry::update_delay`).
+    pub update_delay: Duration,
     pub loop_stats: LoopStats,
     pub stats: Stats,
 }
@@ -47,6 +50,7 @@ pub struct Metrics {
     connections: Gauge,
     reserved: Gauge,
     queued_bytes: Gauge,
+    update_delay: Gauge<f64, AtomicU64>,
     joins: Counter,
     evictions: Counter,
     leaves: Family<Labels, Counter>,
@@ -72,6 +76,7 @@ impl Metrics {
             connections: Gauge::default(),
             reserved: Gauge::default(),
             queued_bytes: Gauge::default(),
+            update_delay: Gauge::default(),
             joins: Counter::default(),
             evictions: Counter::default(),
             leaves: Family::default(),
@@ -109,6 +114,11 @@ impl Metrics {
         ] {
             registry.register(name, help, gauge.clone());
         }
+        registry.register(
+            "update_delay_seconds",
+            "How long joins and leaves are held to go out together (0: at once)",
+            m.update_delay.clone(),
+        );
         for (name, help, counter) in [
             ("joins", "Peers that registered", &m.joins),
             (
@@ -175,6 +185,7 @@ impl Metrics {
         gauge(&self.connections, now.connections);
         gauge(&self.reserved, now.reserved);
         gauge(&self.queued_bytes, now.queued_bytes);
+        self.update_delay.set(now.update_delay.as_secs_f64());
         let (was, is) = (&self.last, &now);
         let grow = |c: &Counter, before: u64, after: u64| {
             c.inc_by(after.saturating_sub(before));

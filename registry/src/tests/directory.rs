@@ -49,6 +49,9 @@ enum Op {
     Impostor(u8),
     /// Another key asks for a name that reads like player i's (Greek rho).
     Lookalike(u8),
+    /// The loop reports this load (tenths of a core): the update window
+    /// follows.
+    Load(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,6 +63,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0u8..6).prop_map(Op::Leave),
         (0u8..6).prop_map(Op::Impostor),
         (0u8..6).prop_map(Op::Lookalike),
+        (0u8..=10).prop_map(Op::Load),
     ]
 }
 
@@ -95,7 +99,10 @@ proptest! {
     /// no name ever passes to another key.
     #[test]
     fn every_view_matches_the_table(ops in prop::collection::vec(op(), 1..60)) {
-        let mut sim = Sim::new(config());
+        let mut sim = Sim::new(Config {
+            max_update_delay: Duration::from_millis(80),
+            ..config()
+        });
         let mut next_conn: Conn = 100;
         // Player i's current connection.
         let mut conn_of: HashMap<u8, Conn> = HashMap::new();
@@ -124,13 +131,25 @@ proptest! {
                 Op::Silence(ms) => sim.advance(Duration::from_millis(u64::from(ms))),
                 Op::Disconnect(p) => if let Some(c) = conn_of.remove(&p) { sim.reg.on_closed(c, Disconnect::Lost, sim.now); sim.apply(); },
                 Op::Leave(p) => if let Some(&c) = conn_of.get(&p) { sim.send(c, &ToRegistry::Leave {}) },
+                Op::Load(tenths) => sim.reg.set_load(f64::from(tenths) / 10.0),
             }
             sim.flush();
-            for (c, msgs) in sim.inbox.drain() {
-                let view = views.entry(c).or_default();
-                for m in &msgs {
-                    apply_view(view, m);
+            let mut deliver = |sim: &mut Sim| {
+                for (c, msgs) in sim.inbox.drain() {
+                    let view = views.entry(c).or_default();
+                    for m in &msgs {
+                        apply_view(view, m);
+                    }
                 }
+            };
+            deliver(&mut sim);
+            // Changes held for the window arrive when it has passed.
+            if sim.reg.held_since.is_some() {
+                let wait = sim.reg.update_delay();
+                sim.advance(wait);
+                sim.flush();
+                prop_assert!(sim.reg.held_since.is_none(), "held past the window");
+                deliver(&mut sim);
             }
             let table = sim.reg.directory();
             prop_assert_eq!(
@@ -160,4 +179,95 @@ proptest! {
             }
         }
     }
+}
+
+/// Five peers online, listening; alice's connection is 1.
+fn listeners() -> Sim {
+    let mut sim = Sim::new(config());
+    for (c, name) in [
+        (1, "alice"),
+        (2, "bob"),
+        (3, "carol"),
+        (4, "dave"),
+        (5, "erin"),
+    ] {
+        sim.register(c, name, 4000);
+    }
+    for c in 1..=5 {
+        sim.take(c);
+    }
+    sim
+}
+
+fn updates(msgs: &[FromRegistry]) -> Vec<Vec<Change>> {
+    msgs.iter()
+        .map(|m| match m {
+            FromRegistry::Update { changes } => changes.clone(),
+            other => panic!("expected an update, got {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn an_idle_registry_sends_each_change_at_once() {
+    let mut sim = listeners();
+    sim.reg.set_load(0.05);
+    assert_eq!(sim.reg.update_delay(), Duration::ZERO);
+    sim.register(6, "frank", 4000);
+    assert_eq!(updates(&sim.take(1)).len(), 1, "at the end of the turn");
+}
+
+#[test]
+fn under_load_a_window_of_changes_goes_out_as_one_frame_in_order() {
+    let mut sim = listeners();
+    for _ in 0..10 {
+        sim.reg.set_load(0.95);
+    }
+    let window = sim.reg.update_delay();
+    assert_eq!(window, config().max_update_delay, "it grows to the bound");
+    // In one window: joins, bob leaves and comes back from elsewhere,
+    // each in a turn of its own.
+    sim.register(6, "frank", 4000);
+    sim.send(2, &ToRegistry::Leave {});
+    sim.flush();
+    sim.register(7, "bob", 4100);
+    sim.register(8, "gina", 4000);
+    assert!(sim.take(1).is_empty(), "held within the window");
+    sim.advance(window);
+    let frames = updates(&sim.take(1));
+    assert_eq!(frames.len(), 1, "one frame for the window");
+    let names: Vec<(&str, &str)> = frames[0]
+        .iter()
+        .map(|c| match c {
+            Change::Joined { name, .. } => ("joined", name.as_str()),
+            Change::Left { name, .. } => ("left", name.as_str()),
+            Change::Moved { name, .. } => ("moved", name.as_str()),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("joined", "frank"),
+            ("left", "bob"),
+            ("joined", "bob"),
+            ("joined", "gina")
+        ]
+    );
+    // A newcomer of the window got what came before it in its welcome and
+    // the rest in the same frame: frank's view is everyone else.
+    let mut view = Vec::new();
+    for m in sim.take(6) {
+        apply_view(&mut view, &m);
+    }
+    let mut names: Vec<String> = view.into_iter().map(|e| e.name).collect();
+    names.sort();
+    assert_eq!(names, ["alice", "bob", "carol", "dave", "erin", "gina"]);
+
+    // The load falls: the window shrinks back to nothing.
+    for _ in 0..20 {
+        sim.reg.set_load(0.05);
+    }
+    assert_eq!(sim.reg.update_delay(), Duration::ZERO);
+    sim.register(9, "hank", 4000);
+    assert_eq!(updates(&sim.take(1)).len(), 1);
 }
