@@ -47,9 +47,13 @@ use owners::Reservation;
 /// addresses.
 pub const CHUNK: usize = 256;
 
-/// Bytes of peer entries per snapshot frame, leaving room for the welcome's
-/// other fields under 64 KiB.
-pub const SNAPSHOT_BYTES: usize = 60_000;
+/// A directory larger than this many peers is sent to newcomers in shared
+/// parts: peers `k × PART_ENTRIES` to `(k + 1) × PART_ENTRIES - 1` in
+/// registration order, each encoded once and kept until one of its peers
+/// changes, so that a wave of newcomers shares one copy of the directory
+/// instead of each getting its own. At most about 230 bytes an entry (the
+/// longest name and address), a part stays well under a 64 KiB frame.
+const PART_ENTRIES: u64 = 200;
 
 /// The registry's timers are only deadlines of seconds: a tick of 10 ms
 /// and a rotation of ~10 s keep the wheel small.
@@ -172,6 +176,9 @@ pub struct Registry<C> {
     /// Registration order → connection and its snapshot entry, encoded
     /// once: a welcome copies these bytes instead of encoding every peer.
     order: BTreeMap<u64, (C, Bytes)>,
+    /// The snapshot frames of the directory's parts (see [`PART_ENTRIES`])
+    /// that have not changed since they were encoded, by part.
+    parts: BTreeMap<u64, Bytes>,
     next_order: u64,
     /// Changes not yet pushed: this turn's, or, under load, those of the
     /// current window.
@@ -209,6 +216,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             reserved_order: VecDeque::new(),
             lookalikes: Lookalikes::default(),
             order: BTreeMap::new(),
+            parts: BTreeMap::new(),
             next_order: 0,
             pending: Vec::new(),
             held_since: None,
@@ -441,7 +449,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let Some(LinkState::Registered(previous)) = self.conns.remove(&old) else {
             return;
         };
-        self.order.remove(&previous.order);
+        self.unlist(previous.order);
         self.names.remove(&previous.folded);
         let notice = FromRegistry::error(
             ErrorCode::Replaced,
@@ -473,34 +481,32 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         now: Instant,
     ) {
         self.owners_changed = true;
-        let entries: Vec<&[u8]> = self.order.values().map(|(_, e)| &e[..]).collect();
-        let chunks = snapshot_chunks(&entries);
-        let mut frames = Vec::with_capacity(chunks.len());
-        for (i, chunk) in chunks.iter().enumerate() {
-            let more = i + 1 < chunks.len();
-            let frame = if i == 0 {
-                let welcome = FromRegistry::Welcome {
-                    version: PROTOCOL_VERSION,
-                    name: name.clone(),
-                    addr: addr.to_string(),
-                    heartbeat_ms: millis(self.config.heartbeat),
-                    timeout_ms: millis(self.config.timeout),
-                    more,
-                    peers: Vec::new(),
-                };
-                codec::encode_frame_with_items(&welcome, chunk)
-            } else {
-                let snapshot = FromRegistry::Snapshot {
-                    more,
-                    peers: Vec::new(),
-                };
-                codec::encode_frame_with_items(&snapshot, chunk)
-            };
-            match frame {
-                Ok(frame) => frames.push(frame),
-                Err(e) => panic!("cannot encode a snapshot: {e}"),
+        let welcome = |more| FromRegistry::Welcome {
+            version: PROTOCOL_VERSION,
+            name: name.clone(),
+            addr: addr.to_string(),
+            heartbeat_ms: millis(self.config.heartbeat),
+            timeout_ms: millis(self.config.timeout),
+            more,
+            peers: Vec::new(),
+        };
+        let frames = if self.order.len() as u64 <= PART_ENTRIES {
+            let entries: Vec<&[u8]> = self.order.values().map(|(_, e)| &e[..]).collect();
+            match codec::encode_frame_with_items(&welcome(false), &entries) {
+                Ok(frame) => vec![frame],
+                Err(e) => panic!("cannot encode a welcome: {e}"),
             }
-        }
+        } else {
+            // The parts are shared: only the welcome's head and the closing
+            // empty part are this newcomer's own.
+            let mut frames = vec![protocol::frame(&welcome(true))];
+            frames.extend(self.snapshot_parts());
+            frames.push(protocol::frame(&FromRegistry::Snapshot {
+                more: false,
+                peers: Vec::new(),
+            }));
+            frames
+        };
         self.actions
             .push_back(Action::SetMaxFrame(conn, self.config.max_frame));
         self.actions
@@ -515,6 +521,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let order = self.next_order;
         self.next_order += 1;
         self.order.insert(order, (conn, entry));
+        self.parts.remove(&(order / PART_ENTRIES));
         self.fresh.insert(conn, self.pending.len());
         self.names.insert(folded.clone(), conn);
         self.conns.insert(
@@ -530,6 +537,38 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         );
         self.timers
             .arm(now + self.config.timeout, Timer::Liveness(conn));
+    }
+
+    /// Takes a peer out of the registration order; its part changes.
+    fn unlist(&mut self, order: u64) {
+        self.order.remove(&order);
+        self.parts.remove(&(order / PART_ENTRIES));
+    }
+
+    /// The directory as snapshot frames (each with `more`), one per part
+    /// that has peers, encoded anew only where a peer joined or left.
+    fn snapshot_parts(&mut self) -> Vec<Bytes> {
+        let mut frames = Vec::new();
+        let mut from = 0;
+        while let Some(&first) = self.order.range(from..).next().map(|(k, _)| k) {
+            let part = first / PART_ENTRIES;
+            from = (part + 1) * PART_ENTRIES;
+            let order = &self.order;
+            let frame = self.parts.entry(part).or_insert_with(|| {
+                let entries: Vec<&[u8]> = order
+                    .range(part * PART_ENTRIES..from)
+                    .map(|(_, (_, e))| &e[..])
+                    .collect();
+                let head = FromRegistry::Snapshot {
+                    more: true,
+                    peers: Vec::new(),
+                };
+                codec::encode_frame_with_items(&head, &entries)
+                    .unwrap_or_else(|e| panic!("cannot encode a snapshot part: {e}"))
+            });
+            frames.push(frame.clone());
+        }
+        frames
     }
 
     fn reject(&mut self, conn: C, code: ErrorCode, reason: String) {
@@ -561,7 +600,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     fn remove(&mut self, conn: C, reason: LeftReason, now: Instant) {
         if let Some(LinkState::Registered(s)) = self.conns.remove(&conn) {
             self.names.remove(&s.folded);
-            self.order.remove(&s.order);
+            self.unlist(s.order);
             self.stats.leaves += 1;
             *self
                 .stats
@@ -745,29 +784,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
         self.names.clear();
         self.order.clear();
+        self.parts.clear();
         self.pending.clear();
         self.held_since = None;
         self.flush_at = None;
         self.fresh.clear();
     }
-}
-
-/// Splits pre-encoded entries into the parts of a snapshot, one frame
-/// each; always at least one part (a welcome with no peers).
-fn snapshot_chunks<'a>(entries: &'a [&'a [u8]]) -> Vec<&'a [&'a [u8]]> {
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0;
-    for (i, entry) in entries.iter().enumerate() {
-        if bytes + entry.len() > SNAPSHOT_BYTES && i > start {
-            chunks.push(&entries[start..i]);
-            start = i;
-            bytes = 0;
-        }
-        bytes += entry.len();
-    }
-    chunks.push(&entries[start..]);
-    chunks
 }
 
 fn entry_of(s: &Session) -> PeerEntry {
