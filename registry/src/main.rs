@@ -111,7 +111,7 @@ impl Host<RegistryMachine> for RegistryHost {
                 let spent = busy_now.saturating_sub(busy).as_secs_f64();
                 let elapsed = now.saturating_duration_since(at).as_secs_f64();
                 if elapsed > 0.0 {
-                    registry.set_load(spent / elapsed);
+                    registry.set_load(spent / elapsed, now.saturating_duration_since(at));
                 }
                 self.last_load = (busy_now, now);
                 let next = ctx.now() + LOAD_INTERVAL;
