@@ -33,12 +33,6 @@ const SEAL_OVERHEAD: usize = secure::LEN_PREFIX + secure::TAG_LEN;
 /// The gathering buffer shrinks back after a burst larger than this.
 const SEAL_BUF_KEEP: usize = 256 * 1024;
 
-/// Plaintext sealed ahead of what the socket took: more is sealed as it
-/// drains. Frames queued to many connections at once (a registry's shared
-/// snapshot) then cost each connection this much ciphertext at a time, not
-/// a sealed copy of everything queued.
-const SEAL_AHEAD: usize = 64 * 1024;
-
 /// Which side of the connection we are: fixed when it is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -228,9 +222,8 @@ impl Transport {
         }
     }
 
-    /// Seals waiting frames into Noise messages, about [`SEAL_AHEAD`]
-    /// bytes at a time, and writes as much of the queue as `writer` takes,
-    /// sealing more while it takes all; says how many bytes it took.
+    /// Seals every waiting frame into Noise messages, then writes as much of
+    /// the queue as `writer` takes, and says how many bytes it took.
     /// `seal_buf` is scratch space, shared by every connection, for
     /// gathering several frames into one message.
     pub fn write_to(
@@ -238,17 +231,10 @@ impl Transport {
         writer: &mut impl Write,
         seal_buf: &mut Vec<u8>,
     ) -> Result<(Written, usize), WriteError> {
+        self.seal_pending(seal_buf).map_err(WriteError::Seal)?;
         let before = self.queued;
-        loop {
-            let waiting = self.plain.len();
-            self.seal_pending(seal_buf).map_err(WriteError::Seal)?;
-            let written = self.write_out(writer).map_err(WriteError::Io)?;
-            // Done when blocked, or when nothing more can be sealed (all
-            // of it is, or the session is not up yet).
-            if written == Written::Blocked || self.plain.is_empty() || self.plain.len() == waiting {
-                return Ok((written, before - self.queued));
-            }
-        }
+        let written = self.write_out(writer).map_err(WriteError::Io)?;
+        Ok((written, before - self.queued))
     }
 
     /// Queues bytes for the wire as they are (handshake messages).
@@ -266,23 +252,14 @@ impl Transport {
         if self.plain.is_empty() {
             return Ok(());
         }
-        // At least one frame; more while they fit in SEAL_AHEAD.
-        let mut take = 0;
-        let mut plain_len = 0;
-        for frame in &self.plain {
-            if take > 0 && plain_len + frame.len() > SEAL_AHEAD {
-                break;
-            }
-            plain_len += frame.len();
-            take += 1;
-        }
+        let plain_len: usize = self.plain.iter().map(Bytes::len).sum();
         let mut sealed =
             Vec::with_capacity(plain_len + (plain_len / secure::MAX_PLAINTEXT + 1) * SEAL_OVERHEAD);
-        if take == 1 {
+        if self.plain.len() == 1 {
             channel.seal(&self.plain[0], &mut sealed)?;
         } else {
             buf.clear();
-            for frame in self.plain.iter().take(take) {
+            for frame in &self.plain {
                 buf.extend_from_slice(frame);
             }
             channel.seal(buf, &mut sealed)?;
@@ -290,7 +267,7 @@ impl Transport {
                 *buf = Vec::new();
             }
         }
-        self.plain.drain(..take);
+        self.plain.clear();
         self.queued = self.queued - plain_len + sealed.len();
         self.out.push_back(Bytes::from(sealed));
         Ok(())

@@ -220,33 +220,3 @@ fn a_blocked_writer_keeps_the_rest_queued_in_order() {
     expected.extend_from_slice(&encode_frame(b"ghij"));
     assert_eq!(writer.0, expected);
 }
-
-#[test]
-fn a_long_queue_is_sealed_as_the_socket_takes_it_not_all_at_once() {
-    let (mut dialer, mut acceptor, _, _) = secured_pair(DEFAULT_MAX_FRAME);
-    // One shared frame queued many times, as a registry queues a snapshot.
-    let shared = encode_frame(&[7u8; 40_000]);
-    for _ in 0..20 {
-        dialer.send(shared.clone());
-    }
-    let mut writer = Trickle(Vec::new(), 10_000);
-    let (written, _) = dialer.write_to(&mut writer, &mut Vec::new()).unwrap();
-    assert_eq!(written, Written::Blocked);
-    let sealed_ahead: usize = dialer.out.iter().map(Bytes::len).sum();
-    assert!(
-        sealed_ahead <= SEAL_AHEAD + 2 * SEAL_OVERHEAD,
-        "{sealed_ahead} bytes sealed ahead of a socket that took 10000"
-    );
-    assert!(dialer.plain.len() >= 18, "the rest waits unsealed");
-    // Drained, it all arrives, in order.
-    writer.1 = usize::MAX;
-    let (written, _) = dialer.write_to(&mut writer, &mut Vec::new()).unwrap();
-    assert_eq!(written, Written::All);
-    let mut scratch = secure::scratch();
-    acceptor.receive(&writer.0, &mut scratch).unwrap();
-    let got = frames(&mut acceptor);
-    assert_eq!(got.len(), 20);
-    assert!(got
-        .iter()
-        .all(|f| f.len() == 40_000 && f.iter().all(|&b| b == 7)));
-}
