@@ -41,6 +41,7 @@ pub mod names_file;
 
 pub use owners::Owner;
 use owners::Reservation;
+use window::Window;
 
 /// Changes per update frame: keeps every frame under the 64 KiB a peer must
 /// accept, even with 32-character names in four-byte scripts and IPv6
@@ -92,24 +93,6 @@ impl Default for Config {
         }
     }
 }
-
-/// Above this share of one core, the update window grows; below
-/// [`LOAD_LOW`], it shrinks. In between it stays, so that the window
-/// settles instead of swinging.
-const LOAD_HIGH: f64 = 0.45;
-const LOAD_LOW: f64 = 0.2;
-/// The smallest window worth having; below it, changes go out at once.
-const MIN_UPDATE_DELAY: Duration = Duration::from_millis(5);
-/// A first window is sized to bundle the changes of about this many turns.
-const PROBE_BUNDLE: f64 = 4.0;
-/// Load reports to wait, after a window that bundled nothing, before
-/// trying one again: at first, and at most (it doubles with each window
-/// that fails in a row).
-const PROBE_BACKOFF: u32 = 8;
-const PROBE_BACKOFF_MAX: u32 = 128;
-/// Pushes in a row that each carry one turn's changes: the window is
-/// dropped at once, without waiting for the next load report.
-const LONE_PUSHES: u32 = 3;
 
 /// What the registry wants done: the machine contract's outputs, with no
 /// host outputs (the binary decides on its own when to save names).
@@ -195,26 +178,10 @@ pub struct Registry<C> {
     pending: Vec<Change>,
     /// When the first of `pending` was made, while they are held.
     held_since: Option<Instant>,
-    /// How long changes are held now: zero when the registry is not busy.
-    update_delay: Duration,
+    /// How long changes are held, and what it is chosen from.
+    window: Window,
     /// When the flush timer was armed for.
     flush_at: Option<Instant>,
-    /// Changes made, and turns that made some, since the start; and
-    /// pushes of changes: a window helps when one push carries the changes
-    /// of several turns. With their values at the last load report.
-    changes_made: u64,
-    changes_seen: u64,
-    change_turns: u64,
-    flushes: u64,
-    load_mark: (u64, u64),
-    /// Load reports left before a window is tried again, and how many to
-    /// wait after the next failed one.
-    probe_backoff: u32,
-    next_backoff: u32,
-    /// Pushes in a row, under a window, that carried one turn's changes;
-    /// and the turns counted at the last push.
-    lone_pushes: u32,
-    turns_at_push: u64,
     /// Sessions admitted this turn → how many of `pending` their welcome
     /// snapshot already reflects. Everyone else gets all of `pending`.
     fresh: HashMap<C, usize>,
@@ -246,17 +213,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             next_order: 0,
             pending: Vec::new(),
             held_since: None,
-            update_delay: Duration::ZERO,
+            window: Window::new(),
             flush_at: None,
-            changes_made: 0,
-            changes_seen: 0,
-            change_turns: 0,
-            flushes: 0,
-            load_mark: (0, 0),
-            probe_backoff: 0,
-            next_backoff: PROBE_BACKOFF,
-            lone_pushes: 0,
-            turns_at_push: 0,
             fresh: HashMap::new(),
             actions: VecDeque::new(),
             heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
@@ -576,7 +534,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// A change to the directory, for everyone (see `send_batched`).
     fn announce(&mut self, change: Change) {
-        self.changes_made += 1;
+        self.window.changed();
         self.pending.push(change);
     }
 
@@ -740,80 +698,19 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
     }
 
-    /// How busy the loop was (the share of one core it used) over the
-    /// `elapsed` since the last call: the window changes are held for
-    /// follows it. Each push costs a write to every listener, and one
-    /// frame carries a whole window's changes, so a busy registry holds
-    /// them, but only while that bundles the changes of several turns:
-    /// changes that come one turn at a time (a client that waits for each
-    /// to arrive before the next) gain nothing from a window and would only
-    /// wait. So a busy registry with no window tries one sized to bundle a
-    /// few turns' changes at their recent rate; while a push carries two
-    /// or more turns' changes it doubles the window, up to
-    /// `max_update_delay`; when not, it drops the window and tries again
-    /// only after [`PROBE_BACKOFF`] calls. An idle registry halves the
-    /// window, to none.
-    pub fn set_load(&mut self, busy: f64, elapsed: Duration) {
-        let max = self.config.max_update_delay;
-        let turns = self.change_turns - self.load_mark.0;
-        let flushes = self.flushes - self.load_mark.1;
-        self.load_mark = (self.change_turns, self.flushes);
-        self.probe_backoff = self.probe_backoff.saturating_sub(1);
-        // Whatever the load: a window whose pushes carry one turn's changes
-        // each only delays them.
-        if !self.update_delay.is_zero() && flushes > 0 && turns < 2 * flushes {
-            self.drop_window();
-            return;
-        }
-        if busy > LOAD_HIGH {
-            if self.update_delay.is_zero() {
-                let rate = turns as f64 / elapsed.as_secs_f64().max(1e-3);
-                if self.probe_backoff == 0 && rate > 0.0 {
-                    let bundle = Duration::from_secs_f64(PROBE_BUNDLE / rate);
-                    self.update_delay = bundle.max(MIN_UPDATE_DELAY).min(max);
-                }
-            } else if flushes > 0 {
-                self.update_delay = (self.update_delay * 2).min(max);
-                self.next_backoff = PROBE_BACKOFF;
-            }
-        } else if busy < LOAD_LOW {
-            self.update_delay /= 2;
-            if self.update_delay < MIN_UPDATE_DELAY {
-                self.update_delay = Duration::ZERO;
-            }
-        }
-    }
-
-    /// A window that does not bundle changes goes, and the next try waits
-    /// longer than the last.
-    fn drop_window(&mut self) {
-        self.update_delay = Duration::ZERO;
-        self.lone_pushes = 0;
-        self.probe_backoff = self.next_backoff;
-        self.next_backoff = (self.next_backoff * 2).min(PROBE_BACKOFF_MAX);
-    }
-
-    /// How long changes are held now.
-    pub fn update_delay(&self) -> Duration {
-        self.update_delay
-    }
-
     /// End of a loop turn: push the changes that are due, encoded once per
     /// distinct starting point (one for everyone who was already online).
     /// Under load they are held until the window since the first of them
     /// has passed (a timer ends a turn then).
     pub fn send_batched(&mut self, now: Instant) {
         self.expire_reservations(now);
-        if self.changes_made > self.changes_seen {
-            self.changes_seen = self.changes_made;
-            self.change_turns += 1;
-        }
+        self.window.end_turn();
         if self.pending.is_empty() {
             self.fresh.clear();
             return;
         }
         let since = *self.held_since.get_or_insert(now);
-        let due = since + self.update_delay;
+        let due = since + self.window.delay;
         if now < due {
             // Again when the window changed since it was armed.
             if self.flush_at != Some(due) {
@@ -824,17 +721,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
         self.held_since = None;
         self.flush_at = None;
-        self.flushes += 1;
-        let turns =
-            self.change_turns - std::mem::replace(&mut self.turns_at_push, self.change_turns);
-        if self.update_delay.is_zero() || turns > 1 {
-            self.lone_pushes = 0;
-        } else {
-            self.lone_pushes += 1;
-            if self.lone_pushes >= LONE_PUSHES {
-                self.drop_window();
-            }
-        }
+        self.window.pushed();
         let fresh = std::mem::take(&mut self.fresh);
         let pending = std::mem::take(&mut self.pending);
         let mut encoded: HashMap<usize, Vec<Bytes>> = HashMap::new();
@@ -899,5 +786,7 @@ fn millis(d: Duration) -> u64 {
 mod lookalikes;
 mod machine;
 mod owners;
+mod window;
+
 #[cfg(test)]
 mod tests;
