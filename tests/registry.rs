@@ -352,6 +352,31 @@ fn frames_before_a_bad_noise_message_in_one_read_still_count() {
 }
 
 #[test]
+fn a_large_message_right_behind_register_in_one_read_is_measured_after_registration() {
+    let reg = Registry::start(&[]);
+    let mut c = Client::connect(reg.addr);
+    // A register, then 600 heartbeats (9,600 bytes, over the 4 KiB limit
+    // before registration, well within the one after it) in one Noise
+    // message, in one write: the registry reads both at once.
+    let register = codec::encode_frame(&register_msg("eager", 4001)).unwrap();
+    let heartbeat = codec::encode_frame(&ToRegistry::Heartbeat {}).unwrap();
+    let mut wire = c.conn.seal(&register).unwrap();
+    wire.extend(c.conn.seal(&heartbeat.repeat(600)).unwrap());
+    c.send_wire(&wire).unwrap();
+    assert!(
+        matches!(c.recv(), Some(FromRegistry::Welcome { .. })),
+        "registered"
+    );
+    for k in 0..600 {
+        assert_eq!(
+            c.recv_any(),
+            Some(FromRegistry::Heartbeat {}),
+            "heartbeat reply {k}"
+        );
+    }
+}
+
+#[test]
 fn a_client_that_half_closes_still_gets_its_answer() {
     let reg = Registry::start(&[]);
     let mut c = Client::connect(reg.addr);

@@ -596,29 +596,45 @@ fn read_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) {
 }
 
 /// Feeds `n` bytes just read to the connection's transport and hands the
-/// app what they complete. False once the connection is no longer open for
-/// reading.
+/// app what they complete, one Noise message at a time: what the app does
+/// with a message's frames (a registry raises the frame limit once a peer
+/// registers) applies to the next message of the same read. False once
+/// the connection is no longer open for reading.
 fn take_input<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId, n: usize) -> bool {
-    let Some((conn, read_buf, open_scratch)) = ctx.conn_with_buffers(id) else {
-        return false;
-    };
-    let was_open = conn.state == ConnState::Open;
-    let received = conn.transport.receive(&read_buf[..n], open_scratch);
-    if conn.transport.queued() > 0 {
-        // Handshake replies wait.
-        ctx.mark_dirty(id.key);
-    }
-    match received {
-        Ok(true) => announce_secured(ctx, app, id) && deliver_frames(ctx, app, id),
-        // Still securing: nothing to deliver yet; read on.
-        Ok(false) if !was_open => true,
-        Ok(false) => deliver_frames(ctx, app, id),
-        Err(e) => {
-            ctx.stats.secure_failed += 1;
-            ctx.abort(id, CloseReason::Secure(e));
-            false
+    let mut taken = 0;
+    while taken < n {
+        let Some((conn, read_buf, open_scratch)) = ctx.conn_with_buffers(id) else {
+            return false;
+        };
+        let was_open = conn.state == ConnState::Open;
+        let received = conn.transport.receive(&read_buf[taken..n], open_scratch);
+        if conn.transport.queued() > 0 {
+            // Handshake replies wait.
+            ctx.mark_dirty(id.key);
+        }
+        let still_open = match received {
+            Ok(step) => {
+                taken += step.consumed;
+                if step.completed {
+                    announce_secured(ctx, app, id) && deliver_frames(ctx, app, id)
+                } else if was_open {
+                    deliver_frames(ctx, app, id)
+                } else {
+                    // Still securing: nothing to deliver yet; read on.
+                    true
+                }
+            }
+            Err(e) => {
+                ctx.stats.secure_failed += 1;
+                ctx.abort(id, CloseReason::Secure(e));
+                false
+            }
+        };
+        if !still_open {
+            return false;
         }
     }
+    true
 }
 
 /// The handshake is done: the connection is open, and the app hears of it.

@@ -77,6 +77,15 @@ pub enum SecureError {
     Truncated(usize),
 }
 
+/// What one [`SecureChannel::receive_one`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes of the input it took.
+    pub consumed: usize,
+    /// The handshake completed with the message it took.
+    pub completed: bool,
+}
+
 enum State {
     Handshake(Box<HandshakeState>),
     Transport(Box<TransportState>),
@@ -172,33 +181,56 @@ impl SecureChannel {
         out: &mut Vec<u8>,
         plain: &mut dyn FnMut(&[u8]),
     ) -> Result<bool, SecureError> {
+        let mut completed = false;
+        while !input.is_empty() {
+            let step = self.receive_one(input, scratch, out, plain)?;
+            completed |= step.completed;
+            input = &input[step.consumed..];
+        }
+        Ok(completed)
+    }
+
+    /// Like [`SecureChannel::receive`], but stops after the first Noise
+    /// message it completes, so that the caller can act on what that
+    /// message carried before the next one is checked: a registry raises
+    /// its frame limit when a `register` arrives, and a message after it in
+    /// the same read must be measured against the raised limit. Returns
+    /// how much of `input` it took (all of it when no message completed).
+    pub fn receive_one(
+        &mut self,
+        input: &[u8],
+        scratch: &mut [u8],
+        out: &mut Vec<u8>,
+        plain: &mut dyn FnMut(&[u8]),
+    ) -> Result<Received, SecureError> {
         if let State::Failed = self.state {
             return Err(SecureError::NotEstablished);
         }
-        let mut completed = false;
-        while !input.is_empty() {
-            if self.partial.is_empty() && input.len() >= LEN_PREFIX {
-                let len = u16::from_be_bytes([input[0], input[1]]) as usize;
-                self.check_len(len)?;
-                if input.len() >= LEN_PREFIX + len {
-                    let (message, rest) = input[LEN_PREFIX..].split_at(len);
-                    input = rest;
-                    completed |= self.process(message, scratch, out, plain)?;
-                    continue;
-                }
+        if self.partial.is_empty() && input.len() >= LEN_PREFIX {
+            let len = u16::from_be_bytes([input[0], input[1]]) as usize;
+            self.check_len(len)?;
+            if input.len() >= LEN_PREFIX + len {
+                let message = &input[LEN_PREFIX..LEN_PREFIX + len];
+                return Ok(Received {
+                    consumed: LEN_PREFIX + len,
+                    completed: self.process(message, scratch, out, plain)?,
+                });
             }
+        }
+        let mut rest = input;
+        while !rest.is_empty() {
             let wanted = if self.partial.len() < LEN_PREFIX {
                 LEN_PREFIX - self.partial.len()
             } else {
                 LEN_PREFIX + self.declared_len() - self.partial.len()
             };
-            let take = wanted.min(input.len());
+            let take = wanted.min(rest.len());
             if self.partial.len() == LEN_PREFIX {
                 // The length is known and checked: one allocation of its size.
                 self.partial.reserve_exact(wanted);
             }
-            self.partial.extend_from_slice(&input[..take]);
-            input = &input[take..];
+            self.partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
             if self.partial.len() < LEN_PREFIX {
                 continue;
             }
@@ -206,10 +238,16 @@ impl SecureChannel {
             self.check_len(len)?;
             if self.partial.len() == LEN_PREFIX + len {
                 let whole = std::mem::take(&mut self.partial);
-                completed |= self.process(&whole[LEN_PREFIX..], scratch, out, plain)?;
+                return Ok(Received {
+                    consumed: input.len() - rest.len(),
+                    completed: self.process(&whole[LEN_PREFIX..], scratch, out, plain)?,
+                });
             }
         }
-        Ok(completed)
+        Ok(Received {
+            consumed: input.len(),
+            completed: false,
+        })
     }
 
     /// Encrypts `plain` (of any length) into as many transport messages as

@@ -23,7 +23,7 @@ use std::io::{self, IoSlice, Write};
 use bytes::{Buf, Bytes};
 
 use crate::identity::PublicKey;
-use crate::secure::{self, NoiseConfig, SecureChannel, SecureError};
+use crate::secure::{self, NoiseConfig, Received, SecureChannel, SecureError};
 use crate::wire::{FrameDecoder, FrameError, PREFIX_LEN};
 
 /// Most buffers handed to one vectored write.
@@ -139,31 +139,37 @@ impl Transport {
         }
     }
 
-    /// Takes bytes as they came off the wire, split or coalesced anyhow.
-    /// `scratch` must hold [`secure::MAX_MESSAGE`] bytes (see
-    /// [`secure::scratch`]). Returns whether the handshake completed during
-    /// this call; its replies are queued. A failure in a read that began
-    /// before the session was up is an error at once; a later one is kept
-    /// for [`Transport::next_frame`], after the frames that came before it.
-    pub fn receive(&mut self, input: &[u8], scratch: &mut [u8]) -> Result<bool, SecureError> {
+    /// Takes bytes as they came off the wire, split or coalesced anyhow,
+    /// up to and including the first Noise message they complete: the
+    /// caller takes the frames that message carried (which may change the
+    /// frame limit) and then hands over the rest of its input. `scratch`
+    /// must hold [`secure::MAX_MESSAGE`] bytes (see [`secure::scratch`]).
+    /// Says how much it took and whether the handshake completed; its
+    /// replies are queued. A failure before the session was up is an error
+    /// at once; a later one is kept for [`Transport::next_frame`], after
+    /// the frames that came before it.
+    pub fn receive(&mut self, input: &[u8], scratch: &mut [u8]) -> Result<Received, SecureError> {
+        let everything = Received {
+            consumed: input.len(),
+            completed: false,
+        };
         if self.failed.is_some() {
-            return Ok(false);
+            return Ok(everything);
         }
         let Some(channel) = self.secure.as_mut() else {
             self.decoder.push(input);
-            return Ok(false);
+            return Ok(everything);
         };
         let was_established = channel.is_established();
         let mut replies = Vec::new();
         let decoder = &mut self.decoder;
-        let result = channel.receive(input, scratch, &mut replies, &mut |plain| {
+        let result = channel.receive_one(input, scratch, &mut replies, &mut |plain| {
             decoder.push(plain)
         });
         self.enqueue_wire(Bytes::from(replies));
         match result {
-            Ok(completed) => Ok(completed),
-            // Whatever completed the handshake in the same read, it failed
-            // before the other side was ever heard as a peer.
+            Ok(step) => Ok(step),
+            // It failed before the other side was ever heard as a peer.
             Err(e) if !was_established => Err(e),
             Err(SecureError::TooLarge { len, max }) => {
                 // A frame over the limit, seen from its Noise message: bad
@@ -173,11 +179,11 @@ impl Transport {
                     len: len.saturating_sub(overhead),
                     max: max.saturating_sub(overhead),
                 }));
-                Ok(false)
+                Ok(everything)
             }
             Err(e) => {
                 self.failed = Some(TransportError::Secure(e));
-                Ok(false)
+                Ok(everything)
             }
         }
     }

@@ -506,19 +506,34 @@ impl World {
         self.settle(node);
     }
 
-    fn take_bytes(&mut self, conn: usize, side: usize, bytes: &[u8]) {
+    fn take_bytes(&mut self, conn: usize, side: usize, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.take_message(conn, side, bytes) {
+                Some(taken) => bytes = &bytes[taken..],
+                None => return,
+            }
+        }
+    }
+
+    /// Takes bytes up to the first Noise message they complete and hands
+    /// its frames over, as the event loop does. How much it took, or
+    /// `None` once the end takes no more.
+    fn take_message(&mut self, conn: usize, side: usize, bytes: &[u8]) -> Option<usize> {
         let now = self.now;
         let end = &mut self.conns[conn].ends[side];
         if end.done {
-            return;
+            return None;
         }
         let was_open = end.open;
-        match end.transport.receive(bytes, &mut self.scratch) {
+        let step = match end.transport.receive(bytes, &mut self.scratch) {
             Err(e) => {
                 self.abort(conn, side, CloseReason::Secure(e));
-                return;
+                return None;
             }
-            Ok(true) => {
+            Ok(step) => step,
+        };
+        if step.completed {
+            {
                 let key = end
                     .transport
                     .remote_key()
@@ -535,13 +550,13 @@ impl World {
                 }
                 self.settle(node);
             }
-            Ok(false) if !was_open => return,
-            Ok(false) => {}
+        } else if !was_open {
+            return Some(step.consumed);
         }
         loop {
             let end = &mut self.conns[conn].ends[side];
             if !end.open {
-                return;
+                return None;
             }
             let (node, link) = (end.node, end.link);
             match end.transport.next_frame() {
@@ -549,14 +564,14 @@ impl World {
                     self.nodes[node].machine.frame(link, &body, now);
                     self.settle(node);
                 }
-                Ok(None) => return,
+                Ok(None) => return Some(step.consumed),
                 Err(TransportError::Frame(e)) => {
                     self.close_gracefully(conn, side, CloseReason::Frame(e));
-                    return;
+                    return None;
                 }
                 Err(TransportError::Secure(e)) => {
                     self.abort(conn, side, CloseReason::Secure(e));
-                    return;
+                    return None;
                 }
             }
         }

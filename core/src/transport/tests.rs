@@ -14,14 +14,26 @@ fn wire(from: &mut Transport) -> Vec<u8> {
     bytes
 }
 
+/// Feeds all of `bytes`, a Noise message at a time, leaving their frames
+/// queued: whether the handshake completed on the way.
+fn take_all(t: &mut Transport, mut bytes: &[u8], scratch: &mut [u8]) -> bool {
+    let mut completed = false;
+    while !bytes.is_empty() {
+        let step = t.receive(bytes, scratch).unwrap();
+        completed |= step.completed;
+        bytes = &bytes[step.consumed..];
+    }
+    completed
+}
+
 /// Moves bytes both ways until neither side has anything queued.
 fn settle(a: &mut Transport, b: &mut Transport) {
     let mut scratch = secure::scratch();
     for _ in 0..8 {
         let to_b = wire(a);
-        b.receive(&to_b, &mut scratch).unwrap();
+        take_all(b, &to_b, &mut scratch);
         let to_a = wire(b);
-        a.receive(&to_a, &mut scratch).unwrap();
+        take_all(a, &to_a, &mut scratch);
         if a.queued() == 0 && b.queued() == 0 {
             return;
         }
@@ -63,7 +75,7 @@ fn a_handshake_through_memory_proves_both_keys_and_carries_frames() {
     // Split anyhow: one byte at a time.
     let mut scratch = secure::scratch();
     for byte in bytes.chunks(1) {
-        assert!(!acceptor.receive(byte, &mut scratch).unwrap());
+        assert!(!take_all(&mut acceptor, byte, &mut scratch));
     }
     assert_eq!(frames(&mut acceptor), vec![&b"one"[..], &b"two"[..]]);
 }
@@ -93,7 +105,7 @@ fn a_frame_over_the_limit_is_bad_framing_after_the_frames_before_it() {
     bytes.extend(wire(&mut dialer));
 
     let mut scratch = secure::scratch();
-    assert!(!acceptor.receive(&bytes, &mut scratch).unwrap());
+    assert!(!take_all(&mut acceptor, &bytes, &mut scratch));
     assert_eq!(
         acceptor.next_frame().unwrap().as_deref(),
         Some(&b"fine"[..])
@@ -111,6 +123,32 @@ fn a_frame_over_the_limit_is_bad_framing_after_the_frames_before_it() {
 }
 
 #[test]
+fn a_limit_raised_by_a_frame_applies_to_the_next_message_of_the_same_read() {
+    let (mut dialer, mut acceptor, ..) = secured_pair(DEFAULT_MAX_FRAME);
+    acceptor.set_max_frame(100);
+    dialer.send(encode_frame(b"register"));
+    let mut bytes = wire(&mut dialer);
+    let first_message = bytes.len();
+    dialer.send(encode_frame(&[7; 200]));
+    bytes.extend(wire(&mut dialer));
+
+    let mut scratch = secure::scratch();
+    let step = acceptor.receive(&bytes, &mut scratch).unwrap();
+    assert_eq!(step.consumed, first_message, "one Noise message at a time");
+    assert_eq!(
+        acceptor.next_frame().unwrap().as_deref(),
+        Some(&b"register"[..])
+    );
+    acceptor.set_max_frame(1000);
+    assert!(!take_all(
+        &mut acceptor,
+        &bytes[first_message..],
+        &mut scratch
+    ));
+    assert_eq!(frames(&mut acceptor), vec![&[7u8; 200][..]]);
+}
+
+#[test]
 fn a_tampered_message_fails_the_session_after_the_frames_before_it() {
     let (mut dialer, mut acceptor, ..) = secured_pair(DEFAULT_MAX_FRAME);
     dialer.send(encode_frame(b"leave"));
@@ -122,7 +160,7 @@ fn a_tampered_message_fails_the_session_after_the_frames_before_it() {
     bytes.extend(second);
 
     let mut scratch = secure::scratch();
-    acceptor.receive(&bytes, &mut scratch).unwrap();
+    take_all(&mut acceptor, &bytes, &mut scratch);
     assert_eq!(
         acceptor.next_frame().unwrap().as_deref(),
         Some(&b"leave"[..])
@@ -154,12 +192,12 @@ fn frames_sent_before_the_handshake_wait_and_are_sealed_together() {
     acceptor.send(encode_frame(b"early"));
     acceptor.send(encode_frame(b"also early"));
     let mut scratch = secure::scratch();
-    acceptor.receive(&first, &mut scratch).unwrap();
+    take_all(&mut acceptor, &first, &mut scratch);
     // The acceptor's handshake reply goes out; its frames wait for the
     // session.
     let reply = wire(&mut acceptor);
     assert!(acceptor.queued() > 0);
-    dialer.receive(&reply, &mut scratch).unwrap();
+    take_all(&mut dialer, &reply, &mut scratch);
     settle(&mut dialer, &mut acceptor);
     assert_eq!(frames(&mut dialer), vec![&b"early"[..], &b"also early"[..]]);
 }
