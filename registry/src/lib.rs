@@ -701,7 +701,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// End of a loop turn: push the changes that are due, encoded once per
     /// distinct starting point (one for everyone who was already online).
     /// Under load they are held until the window since the first of them
-    /// has passed (a timer ends a turn then).
+    /// has passed (a timer ends a turn then), or until they fill a frame.
     pub fn send_batched(&mut self, now: Instant) {
         self.expire_reservations(now);
         self.window.end_turn();
@@ -711,7 +711,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
         let since = *self.held_since.get_or_insert(now);
         let due = since + self.window.delay;
-        if now < due {
+        // A window ends early once it fills an update frame: a push then
+        // queues at most one frame for a listener beyond what a single
+        // turn's changes would, so a window never makes a reader that
+        // keeps up look slow under a small --max-queue.
+        if now < due && self.pending.len() < CHUNK {
             // Again when the window changed since it was armed.
             if self.flush_at != Some(due) {
                 self.timers.arm(due, Timer::Flush);

@@ -191,6 +191,8 @@ fn listeners() -> Sim {
     let mut sim = Sim::new(Config {
         heartbeat: Duration::from_secs(20),
         timeout: Duration::from_secs(60),
+        // Room for a full update frame of newcomers.
+        max_peers: 1000,
         ..config()
     });
     for (c, name) in [
@@ -300,6 +302,26 @@ fn under_load_a_window_of_changes_goes_out_as_one_frame_in_order() {
     assert_eq!(sim.reg.update_delay(), Duration::ZERO);
     sim.register(9, "hank", 4000);
     assert_eq!(updates(&sim.take(1)).len(), 1);
+}
+
+#[test]
+fn a_window_goes_out_early_once_it_fills_an_update_frame() {
+    let mut sim = listeners();
+    busy_with_churn(&mut sim);
+    assert_eq!(sim.reg.update_delay(), config().max_update_delay);
+    // One join per turn, within a fraction of the window: held until the
+    // frame is full, then pushed at once, whatever is left of the window.
+    for k in 0..CHUNK {
+        let conn = 1_000 + k as Conn;
+        sim.register(conn, &format!("fill{k}"), 4000);
+        sim.take(conn);
+        if k + 1 < CHUNK {
+            assert!(sim.take(1).is_empty(), "held at {k}");
+        }
+    }
+    let frames = updates(&sim.take(1));
+    assert_eq!(frames.len(), 1, "one full frame");
+    assert_eq!(frames[0].len(), CHUNK);
 }
 
 #[test]
