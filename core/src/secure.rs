@@ -28,6 +28,8 @@ use snow::{HandshakeState, TransportState};
 use crate::identity::{Identity, PublicKey};
 use crate::wire::{FrameDecoder, DEFAULT_MAX_FRAME};
 
+mod cipher;
+
 pub const NOISE_PATTERN: &str = "Noise_XX_25519_AESGCM_BLAKE2s";
 /// Bytes of the length before each Noise message.
 pub const LEN_PREFIX: usize = 2;
@@ -105,7 +107,10 @@ pub struct SecureChannel {
 }
 
 fn builder() -> snow::Builder<'static> {
-    snow::Builder::new(NOISE_PATTERN.parse().expect("the pattern is valid"))
+    snow::Builder::with_resolver(
+        NOISE_PATTERN.parse().expect("the pattern is valid"),
+        Box::new(cipher::Resolver),
+    )
 }
 
 impl SecureChannel {
