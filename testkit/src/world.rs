@@ -533,23 +533,21 @@ impl World {
             Ok(step) => step,
         };
         if step.completed {
-            {
-                let key = end
-                    .transport
-                    .remote_key()
-                    .expect("a secured link proves a key");
-                end.open = true;
-                end.known = true;
-                let (node, link) = (end.node, end.link);
-                let other_addr = self.conns[conn].ends[1 - side].addr;
-                let machine = &mut self.nodes[node].machine;
-                if side == 0 {
-                    machine.connected(link, key, now);
-                } else {
-                    machine.accepted(link, other_addr, key, now);
-                }
-                self.settle(node);
+            let key = end
+                .transport
+                .remote_key()
+                .expect("a secured link proves a key");
+            end.open = true;
+            end.known = true;
+            let (node, link) = (end.node, end.link);
+            let other_addr = self.conns[conn].ends[1 - side].addr;
+            let machine = &mut self.nodes[node].machine;
+            if side == 0 {
+                machine.connected(link, key, now);
+            } else {
+                machine.accepted(link, other_addr, key, now);
             }
+            self.settle(node);
         } else if !was_open {
             return Some(step.consumed);
         }
