@@ -47,3 +47,8 @@ fn link_msg_corpus() {
 fn noise_responder_corpus() {
     assert!(replay("noise_responder", checks::noise_responder) >= 10);
 }
+
+#[test]
+fn file_name_corpus() {
+    assert!(replay("file_name", checks::file_name) >= 10);
+}

@@ -16,8 +16,9 @@ use peerchat_core::identity::PublicKey;
 /// lists its commands and keys); --plain gives lines of text, --json one
 /// JSON object per line. Type text to send it to everyone, `/msg NAME TEXT`
 /// for one peer, `/peers` to list who is online, `/whois NAME` for a peer's
-/// key fingerprint, `/history` and `/search` for what was said, `/quit` to
-/// leave.
+/// key fingerprint, `/history` and `/search` for what was said, `/send
+/// NAME PATH` to offer a file (`/accept N` or `/reject N` to answer an
+/// offer), `/quit` to leave.
 #[derive(Debug, Parser)]
 #[command(name = "peer", version)]
 pub struct Args {
@@ -71,4 +72,23 @@ pub struct Args {
     /// is given up as undelivered (`expired`).
     #[arg(long, value_name = "DUR", default_value = "7days", value_parser = parse_duration)]
     pub outbox_ttl: Duration,
+    /// Where received files are saved (`/accept N DIR` picks another
+    /// place). Default: a peerchat folder in the XDG download directory,
+    /// else in ~/Downloads.
+    #[arg(long, value_name = "DIR")]
+    pub downloads: Option<PathBuf>,
+    /// Offers of larger files are refused, e.g. 4GiB or 500MB.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size)]
+    pub max_file_size: u64,
+    /// Take the files these peers offer at once, without /accept
+    /// (comma-separated names; for bots and scripts). Only from the key
+    /// pinned for the name.
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+    pub accept_files_from: Vec<String>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|e| format!("{s:?} is not a size ({e}); write it like 4GiB or 500MB"))
 }

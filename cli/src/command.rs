@@ -20,6 +20,15 @@ pub enum Command {
     Search { text: String, limit: usize },
     /// `/outbox`: what waits for an acknowledgement.
     Outbox,
+    /// `/send NAME PATH`: offer a file.
+    SendFile { to: String, path: String },
+    /// `/accept N [DIR]`: take the file offered as transfer N, into DIR
+    /// or the downloads directory.
+    Accept { transfer: u64, dir: Option<String> },
+    /// `/reject N`: refuse the file offered as transfer N.
+    Reject(u64),
+    /// `/cancel N`: stop transfer N, either way.
+    Cancel(u64),
     /// `/quit`, or the end of input.
     Quit,
 }
@@ -36,7 +45,7 @@ pub struct CommandError {
     pub message: String,
 }
 
-pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /me TEXT, /peers, /whois NAME, /status, /history [NAME] [N], /search TEXT, /outbox, /quit; start a line with // to send one beginning with /";
+pub const HELP: &str = "commands: TEXT (to everyone), /msg NAME TEXT, /me TEXT, /peers, /whois NAME, /status, /history [NAME] [N], /search TEXT, /outbox, /send NAME PATH, /accept N [DIR], /reject N, /cancel N, /quit; start a line with // to send one beginning with /";
 
 /// Parses one input line. Blank lines mean nothing (`Ok(None)`).
 pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
@@ -97,11 +106,47 @@ pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
             })),
         },
         "outbox" => Ok(Some(Command::Outbox)),
+        "send" => {
+            let args = args.trim();
+            let (to, path) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
+            let path = path.trim();
+            if to.is_empty() || path.is_empty() {
+                return Err(bad_command("usage: /send NAME PATH"));
+            }
+            Ok(Some(Command::SendFile {
+                to: to.to_string(),
+                path: path.to_string(),
+            }))
+        }
+        "accept" => {
+            let usage = || bad_command("usage: /accept N [DIR], N the transfer's number");
+            let args = args.trim();
+            let (number, dir) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
+            let transfer = number.parse().map_err(|_| usage())?;
+            let dir = Some(dir.trim())
+                .filter(|d| !d.is_empty())
+                .map(str::to_string);
+            Ok(Some(Command::Accept { transfer, dir }))
+        }
+        "reject" | "cancel" => match args.trim().parse() {
+            Ok(n) if word == "reject" => Ok(Some(Command::Reject(n))),
+            Ok(n) => Ok(Some(Command::Cancel(n))),
+            Err(_) => Err(bad_command(&format!(
+                "usage: /{word} N, N the transfer's number"
+            ))),
+        },
         "quit" => Ok(Some(Command::Quit)),
         _ => Err(CommandError {
             code: "unknown_command",
             message: format!("unknown command /{word}; {HELP}"),
         }),
+    }
+}
+
+fn bad_command(message: &str) -> CommandError {
+    CommandError {
+        code: "bad_command",
+        message: message.into(),
     }
 }
 
@@ -169,6 +214,32 @@ mod tests {
             Ok(Some(Command::Broadcast("/shrug".into())))
         );
         assert_eq!(parse("/msg bob").unwrap_err().code, "bad_command");
+        assert_eq!(
+            parse("/send bob  ~/My Files/a b.txt "),
+            Ok(Some(Command::SendFile {
+                to: "bob".into(),
+                path: "~/My Files/a b.txt".into()
+            }))
+        );
+        assert_eq!(parse("/send bob").unwrap_err().code, "bad_command");
+        assert_eq!(
+            parse("/accept 3"),
+            Ok(Some(Command::Accept {
+                transfer: 3,
+                dir: None
+            }))
+        );
+        assert_eq!(
+            parse("/accept 3 /tmp/in box"),
+            Ok(Some(Command::Accept {
+                transfer: 3,
+                dir: Some("/tmp/in box".into())
+            }))
+        );
+        assert_eq!(parse("/accept x").unwrap_err().code, "bad_command");
+        assert_eq!(parse("/reject 4"), Ok(Some(Command::Reject(4))));
+        assert_eq!(parse("/cancel 5"), Ok(Some(Command::Cancel(5))));
+        assert_eq!(parse("/cancel").unwrap_err().code, "bad_command");
         assert_eq!(parse("/dance").unwrap_err().code, "unknown_command");
     }
 }

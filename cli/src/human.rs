@@ -8,15 +8,17 @@
 //! identical run of them is folded into a count).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use indicatif::{HumanBytes, HumanDuration};
 use peerchat_core::protocol::PeerEntry;
 use unicode_segmentation::UnicodeSegmentation;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 use crate::journal::Entry;
-use crate::peer::Event;
+use crate::peer::{Direction, Event};
 
 /// A sender's clock that differs from ours by more than this is shown next
 /// to ours.
@@ -154,6 +156,8 @@ pub struct View {
     state: RegistryState,
     day: Option<(i32, u32, u32)>,
     run: Option<Run>,
+    /// The quarters of each transfer shown so far.
+    quarters: HashMap<u64, u8>,
 }
 
 impl View {
@@ -167,6 +171,7 @@ impl View {
             state: RegistryState::Starting,
             day: None,
             run: None,
+            quarters: HashMap::new(),
         }
     }
 
@@ -223,6 +228,33 @@ impl View {
                 self.status(line, now, &mut out);
             }
             Event::Sent { .. } | Event::Delivered { .. } => {}
+            Event::FileProgress {
+                transfer,
+                name,
+                bytes,
+                size,
+                rate,
+                eta_ms,
+                ..
+            } => {
+                // A line a quarter, not four a second: the lines scroll.
+                let quarter = (bytes.saturating_mul(4) / (*size).max(1)).min(3) as u8;
+                let shown = self.quarters.entry(*transfer).or_insert(0);
+                if quarter > *shown {
+                    *shown = quarter;
+                    let left = eta_ms.map_or(String::new(), |ms| {
+                        format!(", {} left", HumanDuration(Duration::from_millis(ms)))
+                    });
+                    let line = format!(
+                        "* transfer {transfer}: {name} {}% ({} of {}) at {}/s{left}",
+                        bytes.saturating_mul(100) / (*size).max(1),
+                        HumanBytes(*bytes),
+                        HumanBytes(*size),
+                        HumanBytes(*rate)
+                    );
+                    self.status(line, now, &mut out);
+                }
+            }
             Event::History { with, messages } => {
                 let title = match with {
                     Some(name) => format!("your messages with {name}"),
@@ -530,6 +562,64 @@ pub(crate) fn status_line(event: &Event) -> Option<String> {
             let _ = write!(line, "; peers known: {peers}");
             line
         }
+        Event::FileOffer {
+            transfer,
+            direction: Direction::In,
+            peer,
+            name,
+            size,
+            ..
+        } => format!(
+            "* {peer} offers {name} ({}): /accept {transfer} [DIR] to take it, /reject {transfer} to refuse it",
+            HumanBytes(*size)
+        ),
+        Event::FileOffer {
+            transfer,
+            direction: Direction::Out,
+            peer,
+            name,
+            size,
+            ..
+        } => format!(
+            "* transfer {transfer}: {name} ({}) offered to {peer}; it goes once they accept (/cancel {transfer} to stop)",
+            HumanBytes(*size)
+        ),
+        Event::FileDone {
+            transfer,
+            direction: Direction::In,
+            peer,
+            size,
+            path,
+            ..
+        } => format!(
+            "* transfer {transfer}: saved {path} from {peer} ({}, SHA-256 checked)",
+            HumanBytes(*size)
+        ),
+        Event::FileDone {
+            transfer,
+            direction: Direction::Out,
+            peer,
+            name,
+            size,
+            ..
+        } => format!(
+            "* transfer {transfer}: {peer} has {name} ({}, SHA-256 checked)",
+            HumanBytes(*size)
+        ),
+        Event::FileFailed {
+            transfer,
+            direction,
+            peer,
+            name,
+            code,
+            reason,
+        } => {
+            let way = match direction {
+                Direction::In => "from",
+                Direction::Out => "to",
+            };
+            format!("! transfer {transfer}: {name} {way} {peer} failed ({code}): {reason}")
+        }
         Event::Registered { .. }
         | Event::RegistryLost { .. }
         | Event::Message { .. }
@@ -537,7 +627,8 @@ pub(crate) fn status_line(event: &Event) -> Option<String> {
         | Event::Delivered { .. }
         | Event::History { .. }
         | Event::Search { .. }
-        | Event::Outbox { .. } => return None,
+        | Event::Outbox { .. }
+        | Event::FileProgress { .. } => return None,
     })
 }
 

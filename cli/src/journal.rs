@@ -48,6 +48,32 @@ pub enum Record {
     /// resend is recognised as one after a restart: the store keeps the
     /// highest id shown per sender key and instance.
     Received(Incoming),
+    /// A file we offered (once hashed), or one we accepted: kept until it
+    /// ends, so that it resumes after a restart.
+    Transfer(Transfer),
+    /// The transfer of `id` with `peer` ended, either way.
+    TransferEnded {
+        peer: PublicKey,
+        id: u64,
+        outgoing: bool,
+    },
+}
+
+/// A file transfer under way, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// The sender's id for it.
+    pub id: u64,
+    /// Ours to send (else offered to us, and accepted).
+    pub outgoing: bool,
+    /// The receiver, or the sender.
+    pub peer: Party,
+    /// Ours: the file sent. Theirs: the directory it is saved in.
+    pub path: String,
+    /// Ours: as offered. Theirs: as it will be saved.
+    pub name: String,
+    pub size: u64,
+    pub sha256: [u8; 32],
 }
 
 /// A message of ours, with what it waits on.
@@ -90,6 +116,8 @@ pub struct Saved {
     pub outbox: Vec<Outgoing>,
     /// Per sender key: its instance and the highest id shown from it.
     pub seen: HashMap<PublicKey, (u64, u64)>,
+    /// File transfers not ended yet.
+    pub transfers: Vec<Transfer>,
 }
 
 /// A question for the history; the answer is a list of [`Entry`]s, oldest

@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod command;
+pub mod disk;
 pub mod human;
 pub mod journal;
 pub mod peer;

@@ -22,9 +22,12 @@ use peerchat_core::secure::NoiseConfig;
 use peerchat_core::{EventLoop, LoopConfig};
 use peerchat_peer::args::Args;
 use peerchat_peer::command::{self, Command};
+use peerchat_peer::disk::DiskThread;
 use peerchat_peer::human::View;
 use peerchat_peer::journal::{Query, Saved};
-use peerchat_peer::peer::{Config, Event, HostOutput, Peer, Pin, RegistryTrust, Trust};
+use peerchat_peer::peer::{
+    Config, Event, FilesConfig, HostOutput, Peer, Pin, RegistryTrust, Trust,
+};
 use peerchat_peer::store::{self, Item, Reply, Store, StoreThread};
 use peerchat_peer::trust::{self, KnownPeers};
 use peerchat_peer::tui::{App, Update};
@@ -55,6 +58,9 @@ struct PeerHost {
     echo: HashMap<u64, (String, Option<String>)>,
     /// The store's thread; `None` with `--no-store`.
     store: Option<StoreThread>,
+    /// The thread that reads and writes the files of transfers; taken at
+    /// exit.
+    disk: Option<DiskThread>,
     /// Queries asked of the store, by tag, to show their answers as.
     queries: HashMap<u64, Query>,
     next_query: u64,
@@ -301,6 +307,20 @@ impl Host<Peer> for PeerHost {
                     message: "this peer keeps no history (it runs with --no-store)".into(),
                 }),
             },
+            HostOutput::Disk(op) => {
+                if self
+                    .disk
+                    .as_ref()
+                    .is_none_or(|disk| disk.request(op).is_err())
+                {
+                    tracing::error!("the disk thread stopped; exiting");
+                    self.show(Event::Error {
+                        code: "io".into(),
+                        message: "the thread that reads and writes files stopped; exiting".into(),
+                    });
+                    self.stop(ctx, 2);
+                }
+            }
         }
     }
 
@@ -312,6 +332,9 @@ impl Host<Peer> for PeerHost {
     /// sockets get their turn within a long paste or pipe.
     fn on_wake(&mut self, ctx: &mut HostCtx<Peer, Self>, peer: &mut Peer) {
         self.take_replies(ctx, peer);
+        while let Some(reply) = self.disk.as_ref().and_then(DiskThread::try_reply) {
+            peer.disk(reply, ctx.now());
+        }
         // Until the peer takes input, what comes waits here in order; only
         // Ctrl-C or Ctrl-D at a terminal acts at once. `settled` wakes the
         // loop again when input opens.
@@ -476,6 +499,30 @@ fn trust_paths(args: &Args) -> Result<(PathBuf, PathBuf), String> {
     Ok((key_file, known_peers))
 }
 
+/// What `--downloads`, `--max-file-size` and `--accept-files-from` say,
+/// defaults filled in.
+fn files_config(args: &Args) -> Result<FilesConfig, String> {
+    let downloads = match &args.downloads {
+        Some(dir) => dir.clone(),
+        None => dirs::download_dir()
+            .or_else(|| dirs::home_dir().map(|home| home.join("Downloads")))
+            .map(|dir| dir.join("peerchat"))
+            .ok_or("HOME is not set; name a directory for received files with --downloads")?,
+    };
+    let mut accept_from = std::collections::HashSet::new();
+    for name in &args.accept_files_from {
+        let name =
+            normalize_name(name).map_err(|why| format!("--accept-files-from {name:?}: {why}"))?;
+        accept_from.insert(protocol::fold_name(&name));
+    }
+    Ok(FilesConfig {
+        downloads,
+        max_file_size: args.max_file_size,
+        accept_from,
+        ..FilesConfig::default()
+    })
+}
+
 fn main() -> ExitCode {
     let args: Args = peerchat_core::args::parse_args();
     let logs = init_logs();
@@ -490,6 +537,10 @@ fn main() -> ExitCode {
     let (key_file, known_peers_path) = match trust_paths(&args) {
         Ok(paths) => paths,
         Err(e) => return fail(args.json, "identity", e),
+    };
+    let files = match files_config(&args) {
+        Ok(files) => files,
+        Err(e) => usage_error(e),
     };
     let identity = match Identity::load_or_create(&key_file) {
         Ok((identity, created)) => {
@@ -589,6 +640,7 @@ fn main() -> ExitCode {
     config.known_peers = known_peers_path.display().to_string();
     config.outbox_ttl = args.outbox_ttl;
     config.persistent = opened.is_some();
+    config.files = files;
     let front = if full_screen {
         let typed = match &opened {
             Some((store, _)) => match store.typed() {
@@ -644,6 +696,24 @@ fn main() -> ExitCode {
         }
         None => (None, Saved::default()),
     };
+    let disk = {
+        let waker = event_loop.waker();
+        let notify = move || {
+            if let Err(e) = waker.wake() {
+                tracing::error!(error = %e, "cannot wake the event loop for the disk");
+            }
+        };
+        match DiskThread::spawn(notify) {
+            Ok(disk) => disk,
+            Err(e) => {
+                return fail(
+                    args.json,
+                    "io",
+                    format!("cannot start the disk thread: {e}"),
+                )
+            }
+        }
+    };
     let peer = Peer::new(
         config,
         trust,
@@ -659,6 +729,7 @@ fn main() -> ExitCode {
         input_open: false,
         echo: HashMap::new(),
         store,
+        disk: Some(disk),
         queries: HashMap::new(),
         next_query: 0,
         turn: Vec::new(),
@@ -702,6 +773,10 @@ fn main() -> ExitCode {
     wake(ctx);
     let result = event_loop.run(&mut app);
     let host = &mut app.host;
+    // Partial files of the transfers that ended with the run go now.
+    if let Some(disk) = host.disk.take() {
+        disk.close();
+    }
     let closed = host.store.take().map(|store| {
         // What the last turn left, if the loop stopped before handing it over.
         let _ = store.turn(std::mem::take(&mut host.turn), host.turn_batch.take());

@@ -29,6 +29,7 @@ mod inbox;
 mod machine;
 mod outbox;
 mod session;
+mod transfers;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -39,15 +40,18 @@ use peerchat_core::machine::{LinkId, Output};
 use peerchat_core::protocol::{fold_name, normalize_name, Change, ErrorCode, PeerEntry};
 
 use crate::command::Command;
+use crate::disk::{DiskOp, DiskReply};
 use crate::journal::{Party, Query, Record, Saved};
 use crate::trust;
 use actions::{Actions, Held, Rng, TimerKey};
 use directory::Directory;
 use event::{Code, Reason};
-pub use event::{Event, Waiting};
+pub use event::{Direction, Event, Waiting};
 use inbox::Inbox;
 use outbox::Outbox;
 use session::{Heard, Session};
+pub use transfers::FilesConfig;
+use transfers::Transfers;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -86,6 +90,7 @@ pub struct Config {
     pub registry_name: String,
     /// Where pins are kept, as shown in hints on what to change.
     pub known_peers: String,
+    pub files: FilesConfig,
 }
 
 impl Config {
@@ -106,6 +111,7 @@ impl Config {
             outbox_ttl: Duration::from_secs(7 * 24 * 3600),
             outbox_limits: OutboxLimits::default(),
             persistent: false,
+            files: FilesConfig::default(),
         }
     }
 }
@@ -177,6 +183,8 @@ pub enum HostOutput {
     Batch(u64),
     /// Ask the history; show the answer as the event this query is for.
     Query(Query),
+    /// Read, hash or write a file; answer with [`Peer::disk`].
+    Disk(DiskOp),
 }
 
 /// What the peer wants done, on links it names by [`LinkId`].
@@ -205,6 +213,11 @@ enum Timer {
     SendDeadline(String),
     StaleCheck,
     QuitDeadline,
+    /// Our file link to this target (folded) is dialed again.
+    FileRetry(String),
+    /// The transfer of this number has made no progress for the offer's
+    /// lifetime.
+    FileDeadline(u64),
 }
 
 /// Milliseconds since the Unix epoch; 0 for a clock set before it.
@@ -220,6 +233,7 @@ pub struct Peer {
     directory: Directory,
     outbox: Outbox,
     inbox: Inbox,
+    transfers: Transfers,
     actions: Actions,
     rng: Rng,
     /// Said in our hello, so that a peer tells our restart from a resend.
@@ -255,6 +269,12 @@ impl Peer {
             directory: Directory::new(&config, trust.peers),
             outbox: Outbox::new(&config, saved.outbox, saved.next_id, now, unix_ms(wall)),
             inbox: Inbox::new(&config, saved.seen),
+            transfers: Transfers::new(
+                config.files.clone(),
+                saved.transfers,
+                config.backoff_min,
+                config.backoff_max,
+            ),
             actions: Actions::new(config.persistent, now, wall),
             rng,
             instance,
@@ -302,6 +322,7 @@ impl Peer {
     pub fn start(&mut self, now: Instant) {
         self.actions.now = now;
         self.outbox.start(&mut self.actions);
+        self.transfers.start(&mut self.actions);
         self.session.dial(now, &mut self.actions);
     }
 
@@ -450,8 +471,12 @@ impl Peer {
         if learned.redial {
             self.outbox
                 .redial(&folded, &self.directory, &mut self.actions);
+            self.transfers
+                .redial(&folded, &self.directory, &mut self.actions);
         }
         self.outbox
+            .on_listed(&folded, key, &self.directory, &mut self.actions);
+        self.transfers
             .on_listed(&folded, key, &self.directory, &mut self.actions);
         self.maybe_finish_quit();
         learned.moved
@@ -464,6 +489,7 @@ impl Peer {
             return;
         };
         self.outbox.away(folded, reason, &mut self.actions);
+        self.transfers.away(folded, &mut self.actions);
         let why = format!("{} left", known.name);
         self.inbox.close_from(folded, &why, &mut self.actions);
         self.maybe_finish_quit();
@@ -551,9 +577,32 @@ impl Peer {
                 let status = self.session.status(now, self.directory.len());
                 self.actions.emit(status);
             }
+            Command::SendFile { to, path } => match self.target(&to) {
+                Some(target) if self.directory.contains(&target.folded) => {
+                    self.transfers
+                        .send(target, path.into(), &mut self.rng, &mut self.actions);
+                }
+                _ => self.actions.error(
+                    ErrorCode::UnknownPeer,
+                    format!("no peer named {to:?} is online (see /peers)"),
+                ),
+            },
+            Command::Accept { transfer, dir } => {
+                self.transfers
+                    .accept(transfer, dir.map(Into::into), &mut self.actions);
+            }
+            Command::Reject(transfer) => self.transfers.reject(transfer, &mut self.actions),
+            Command::Cancel(transfer) => self.transfers.cancel(transfer, &mut self.actions),
             Command::Quit => self.quit(now),
         }
         None
+    }
+
+    /// The disk answered a [`HostOutput::Disk`].
+    pub fn disk(&mut self, reply: DiskReply, now: Instant) {
+        self.actions.now = now;
+        self.transfers
+            .disk(reply, &self.directory, &mut self.actions);
     }
 
     /// Whom `name` means: the peer online under it, else the key pinned
@@ -644,6 +693,7 @@ impl Peer {
             return;
         }
         self.outbox.exit(reason, &self.directory, &mut self.actions);
+        self.transfers.exit(&mut self.actions);
         let exit = Output::Host(HostOutput::Exit(status));
         self.actions.hold(Held::Output(exit));
     }
@@ -674,6 +724,8 @@ impl Peer {
                 self.quit_deadline = None;
                 self.finish_quit();
             }
+            Timer::FileRetry(target) => self.transfers.on_retry(&target, &self.directory, actions),
+            Timer::FileDeadline(number) => self.transfers.on_deadline(number, actions),
         }
     }
 }

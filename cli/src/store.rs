@@ -24,7 +24,7 @@ use peerchat_core::trusted_file;
 use rusqlite::types::Type;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
 
-use crate::journal::{Entry, Outgoing, Party, Query, Record, Saved, TargetState};
+use crate::journal::{Entry, Outgoing, Party, Query, Record, Saved, TargetState, Transfer};
 
 mod thread;
 pub use thread::{Item, Reply, Screen, StoreThread, ThreadGone, PIECE};
@@ -90,6 +90,17 @@ const MIGRATIONS: &[&str] = &[
      END;",
     // v2. What the user typed in the full-screen UI, for Up and Down.
     "CREATE TABLE typed (id INTEGER PRIMARY KEY, line TEXT NOT NULL);",
+    // v3. File transfers under way (`journal::Transfer`).
+    "CREATE TABLE transfers (
+         id INTEGER NOT NULL,
+         outgoing INTEGER NOT NULL,
+         pid INTEGER NOT NULL REFERENCES peers,
+         path TEXT NOT NULL,
+         name TEXT NOT NULL,
+         size INTEGER NOT NULL,
+         sha256 BLOB NOT NULL,
+         PRIMARY KEY (pid, id, outgoing)
+     ) WITHOUT ROWID;",
 ];
 
 /// The larger of two `u64`s stored as `i64`s, as SQL: a negative one is
@@ -372,6 +383,7 @@ impl Store {
             next_id,
             outbox: outbox(conn)?,
             seen: seen(conn)?,
+            transfers: transfers(conn)?,
         };
         conn.execute_batch("COMMIT")?;
         Ok(saved)
@@ -636,6 +648,35 @@ fn seen(conn: &Connection) -> rusqlite::Result<HashMap<PublicKey, (u64, u64)>> {
             ))
         })?
         .collect()
+}
+
+fn transfers(conn: &Connection) -> rusqlite::Result<Vec<Transfer>> {
+    conn.prepare(
+        "SELECT t.id, t.outgoing, p.key, p.name, t.path, t.name, t.size, t.sha256
+         FROM transfers AS t JOIN peers AS p ON p.pid = t.pid ORDER BY t.pid, t.id",
+    )?
+    .query_map([], |row| {
+        let sha256: Vec<u8> = row.get(7)?;
+        Ok(Transfer {
+            id: uint(row.get(0)?),
+            outgoing: row.get(1)?,
+            peer: Party {
+                key: key(row, 2)?,
+                name: row.get(3)?,
+            },
+            path: row.get(4)?,
+            name: row.get(5)?,
+            size: uint(row.get(6)?),
+            sha256: sha256.try_into().map_err(|_| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    7,
+                    rusqlite::types::Type::Blob,
+                    "a SHA-256 is 32 bytes".into(),
+                )
+            })?,
+        })
+    })?
+    .collect()
 }
 
 /// A message row of an answer, before its targets are looked up.

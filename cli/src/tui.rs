@@ -17,7 +17,7 @@ use peerchat_core::names::fold_name;
 
 use crate::human::Local;
 use crate::journal::Entry;
-use crate::peer::Event;
+use crate::peer::{Direction, Event};
 use convo::{Conv, Kind, Line, Message, MessageKey};
 use editor::Editor;
 pub use editor::HISTORY_KEPT;
@@ -93,6 +93,16 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "/info",
         "/info ID: where your message ID stands with each target",
     ),
+    ("/send", "/send NAME PATH: offer a file to NAME"),
+    (
+        "/accept",
+        "/accept N [DIR]: take the file offered as transfer N",
+    ),
+    (
+        "/reject",
+        "/reject N: refuse the file offered as transfer N",
+    ),
+    ("/cancel", "/cancel N: stop transfer N"),
     ("/clear", "/clear: empty this conversation's window"),
     ("/help", "/help: this list"),
     ("/quit", "/quit: leave (also Ctrl-C on an empty line)"),
@@ -163,6 +173,17 @@ pub struct App {
     pub(crate) utc: bool,
     /// The peer keeps a store to ask history of.
     store: bool,
+    /// Transfers under way, by number: the status bar shows how far.
+    pub(crate) transfers: BTreeMap<u64, Transfer>,
+}
+
+/// A transfer as the status bar shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Transfer {
+    pub(crate) incoming: bool,
+    pub(crate) bytes: u64,
+    pub(crate) size: u64,
+    pub(crate) rate: u64,
 }
 
 impl App {
@@ -190,6 +211,7 @@ impl App {
             pane: (80, 20),
             utc: false,
             store: true,
+            transfers: BTreeMap::new(),
         }
     }
 
@@ -408,7 +430,30 @@ impl App {
                     self.push(current, line, false);
                 }
             }
+            Event::FileProgress {
+                transfer,
+                direction,
+                bytes,
+                size,
+                rate,
+                ..
+            } => {
+                self.transfers.insert(
+                    transfer,
+                    Transfer {
+                        incoming: direction == Direction::In,
+                        bytes,
+                        size,
+                        rate,
+                    },
+                );
+            }
             other => {
+                if let Event::FileDone { transfer, .. } | Event::FileFailed { transfer, .. } =
+                    &other
+                {
+                    self.transfers.remove(transfer);
+                }
                 if let Some((text, warn)) = status_text(&other) {
                     let current = self.current;
                     self.status(current, wall, text, warn);

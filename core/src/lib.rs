@@ -20,6 +20,7 @@ pub mod args;
 pub mod codec;
 mod conn;
 pub mod event_loop;
+pub mod file_name;
 pub mod identity;
 pub mod limits;
 pub mod machine;

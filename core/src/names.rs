@@ -156,7 +156,7 @@ fn scripts_mixed_safely(name: &str) -> bool {
 /// annotation marks. The joiners and variation selectors that scripts and
 /// emoji need stay allowed ([`is_joiner_or_selector`]); [`fold_name`]
 /// ignores them instead, so they cannot tell names apart.
-fn is_invisible(c: char) -> bool {
+pub(crate) fn is_invisible(c: char) -> bool {
     !is_joiner_or_selector(c)
         && matches!(c,
             '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}'

@@ -141,6 +141,49 @@ pub enum LinkMsg {
     Ack {
         id: u64,
     },
+    /// Dialer → acceptor: a file the dialer would send. Said again on every
+    /// new link until the transfer ends, which is how it resumes.
+    FileOffer {
+        /// Random, chosen by the sender: unique among its transfers, also
+        /// across its restarts.
+        id: u64,
+        /// The sender's name for the file; the receiver sanitises it.
+        name: String,
+        size: u64,
+        #[serde(with = "serde_bytes")]
+        sha256: [u8; 32],
+    },
+    /// Acceptor → dialer: send the file from `offset`, the bytes the
+    /// receiver already holds (0 for a new transfer).
+    FileAccept {
+        id: u64,
+        offset: u64,
+    },
+    /// Dialer → acceptor: the file's bytes from `offset`, in order.
+    FileChunk {
+        id: u64,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Acceptor → dialer: every byte before `offset` is written: the
+    /// sender's window moves on.
+    FileAck {
+        id: u64,
+        offset: u64,
+    },
+    /// Acceptor → dialer: the whole file arrived, matched its SHA-256 and
+    /// is saved.
+    FileDone {
+        id: u64,
+    },
+    /// Either way: the transfer ends without the file (a refused offer
+    /// included), for `code`.
+    FileCancel {
+        id: u64,
+        code: String,
+        reason: String,
+    },
     Error {
         code: String,
         reason: String,
@@ -314,6 +357,25 @@ mod tests {
                 sent_at: Some(1_796_000_000_000),
             },
             LinkMsg::Ack { id: 7 },
+            LinkMsg::FileOffer {
+                id: u64::MAX,
+                name: "report.pdf".into(),
+                size: 1 << 40,
+                sha256: [7; 32],
+            },
+            LinkMsg::FileAccept { id: 1, offset: 5 },
+            LinkMsg::FileChunk {
+                id: 1,
+                offset: 5,
+                data: vec![0, 1, 2, 255],
+            },
+            LinkMsg::FileAck { id: 1, offset: 9 },
+            LinkMsg::FileDone { id: 1 },
+            LinkMsg::FileCancel {
+                id: 1,
+                code: "rejected".into(),
+                reason: "no thanks".into(),
+            },
             LinkMsg::error(ErrorCode::UnknownPeer, "who?"),
         ];
         for msg in msgs {
@@ -335,6 +397,44 @@ mod tests {
         };
         let body = codec::encode(&welcome).unwrap();
         assert_eq!(codec::decode::<FromRegistry>(&body).unwrap(), welcome);
+    }
+
+    #[test]
+    fn file_data_and_digests_are_byte_strings_of_their_length() {
+        let chunk = LinkMsg::FileChunk {
+            id: 1,
+            offset: 0,
+            data: vec![0xff; 3],
+        };
+        let body = codec::encode(&chunk).unwrap();
+        // ... "data", then a byte string (major type 2) of 3 bytes.
+        assert!(body.ends_with(&[0x64, b'd', b'a', b't', b'a', 0x43, 0xff, 0xff, 0xff]));
+        #[derive(Serialize)]
+        struct Offer {
+            file_offer: Fields,
+        }
+        #[derive(Serialize)]
+        struct Fields {
+            id: u64,
+            name: &'static str,
+            size: u64,
+            #[serde(with = "serde_bytes")]
+            sha256: Vec<u8>,
+        }
+        let offer = |len| {
+            codec::encode(&Offer {
+                file_offer: Fields {
+                    id: 1,
+                    name: "a",
+                    size: 1,
+                    sha256: vec![0; len],
+                },
+            })
+            .unwrap()
+        };
+        assert!(codec::decode::<LinkMsg>(&offer(32)).is_ok());
+        assert!(codec::decode::<LinkMsg>(&offer(31)).is_err());
+        assert!(codec::decode::<LinkMsg>(&offer(33)).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::fmt::Debug;
 use std::sync::OnceLock;
 
 use peerchat_core::codec;
+use peerchat_core::file_name::{safe_file_name, MAX_NAME_BYTES};
 use peerchat_core::identity::Identity;
 use peerchat_core::secure::{self, SecureChannel, LEN_PREFIX, MAX_HANDSHAKE_MESSAGE};
 use peerchat_core::wire::{FrameDecoder, FrameError, PREFIX_LEN};
@@ -253,4 +254,20 @@ fn sealed(data: &[u8], piece: usize, flip: bool) {
     } else {
         assert!(!failed && listener.buffered() == 0);
     }
+}
+
+/// Whatever name a sender offers (any bytes, read as UTF-8 with
+/// replacement), the name a file is saved under stays one harmless name in
+/// the directory the receiver chose: no separator, not hidden (so neither
+/// `.` nor `..`), no control or invisible character, within the length,
+/// not empty, and safe already (making it safe again changes nothing).
+pub fn file_name(data: &[u8]) {
+    let offered = String::from_utf8_lossy(data);
+    let safe = safe_file_name(&offered);
+    assert!(!safe.is_empty() && safe.len() <= MAX_NAME_BYTES, "{safe:?}");
+    assert!(!safe.contains(['/', '\\']), "{safe:?}");
+    assert!(!safe.starts_with('.') && safe != "..", "{safe:?}");
+    assert!(!safe.chars().any(char::is_control), "{safe:?}");
+    // Also: an invisible character left would be replaced again.
+    assert_eq!(safe_file_name(&safe), safe, "safe names stay as they are");
 }

@@ -417,3 +417,42 @@ fn queued_messages_and_the_outbox_say_who_is_away() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn a_transfer_is_told_at_each_quarter_not_at_every_progress_event() {
+    let mut v = view();
+    let progress = |bytes| Event::FileProgress {
+        transfer: 3,
+        direction: Direction::Out,
+        peer: "bob".into(),
+        name: "a.iso".into(),
+        bytes,
+        size: 4 << 20,
+        rate: 2 << 20,
+        eta_ms: Some(1500),
+    };
+    let mut lines = Vec::new();
+    for bytes in [1 << 19, 1 << 20, 5 << 19, 3 << 20, 7 << 19, 4 << 20] {
+        lines.extend(v.event(&progress(bytes), at(0)));
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[0]
+            .contains("transfer 3: a.iso 25% (1.00 MiB of 4.00 MiB) at 2.00 MiB/s, 2 seconds left"),
+        "{lines:?}"
+    );
+    assert!(lines[2].contains("75%"), "{lines:?}");
+    let failed = Event::FileFailed {
+        transfer: 3,
+        direction: Direction::Out,
+        peer: "bob".into(),
+        name: "a.iso".into(),
+        code: "rejected".into(),
+        reason: "rejected".into(),
+    };
+    let line = v.event(&failed, at(0)).join("\n");
+    assert!(
+        line.contains("! transfer 3: a.iso to bob failed (rejected)"),
+        "{line}"
+    );
+}

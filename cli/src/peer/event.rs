@@ -122,10 +122,69 @@ pub enum Event {
         /// Peers online (as far as we know).
         peers: usize,
     },
+    /// A file offered: by us (`out`, once it is hashed) or to us (`in`:
+    /// `/accept TRANSFER [DIR]` or `/reject TRANSFER`).
+    FileOffer {
+        /// This peer's number for the transfer, for the commands.
+        transfer: u64,
+        direction: Direction,
+        /// Whom it goes to, or comes from.
+        peer: String,
+        /// The file's name: as offered (`out`), or as it will be saved
+        /// (`in`, made safe).
+        name: String,
+        size: u64,
+        /// Hex.
+        sha256: String,
+    },
+    /// At most four a second per transfer.
+    FileProgress {
+        transfer: u64,
+        direction: Direction,
+        peer: String,
+        name: String,
+        /// Bytes the receiver holds.
+        bytes: u64,
+        size: u64,
+        /// Bytes per second since the transfer (re)started.
+        rate: u64,
+        /// Time left at that rate.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        eta_ms: Option<u64>,
+    },
+    /// The receiver has the whole file, checked against its SHA-256.
+    FileDone {
+        transfer: u64,
+        direction: Direction,
+        peer: String,
+        name: String,
+        size: u64,
+        /// Where it was saved (`in`) or sent from (`out`).
+        path: String,
+    },
+    /// The transfer ended without the file: `code` says why (`rejected`,
+    /// `expired`, `cancelled`, `too_large`, `busy`, `corrupt`, `io`,
+    /// `changed`, `unknown`, `protocol`, `key_changed`).
+    FileFailed {
+        transfer: u64,
+        direction: Direction,
+        peer: String,
+        name: String,
+        code: String,
+        reason: String,
+    },
     Error {
         code: String,
         message: String,
     },
+}
+
+/// Which way a file goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    In,
+    Out,
 }
 
 /// One message waiting for one target, as `/outbox` lists it.

@@ -155,22 +155,22 @@ impl Inbox {
         }
     }
 
+    /// A frame on a link to us. File messages on a verified link are for
+    /// the transfers room: they come back with their sender.
     pub(super) fn on_frame(
         &mut self,
         conn: LinkId,
         body: &[u8],
         dir: &mut Directory,
         actions: &mut Actions,
-    ) {
-        let Some(link) = self.links.get_mut(&conn) else {
-            return;
-        };
+    ) -> Option<(Party, LinkMsg)> {
+        let link = self.links.get_mut(&conn)?;
         if let InLink::AwaitHello { key } = *link {
             let version_of = |m: &LinkMsg| match m {
                 LinkMsg::Hello { version, .. } => *version,
                 _ => PROTOCOL_VERSION,
             };
-            return match decode_first(body, version_of) {
+            match decode_first(body, version_of) {
                 Ok(LinkMsg::Hello { name, instance, .. }) => {
                     self.on_hello(conn, key, name, instance, dir, actions)
                 }
@@ -192,7 +192,8 @@ impl Inbox {
                     format!("undecodable hello: {e}"),
                     actions,
                 ),
-            };
+            }
+            return None;
         }
         match codec::decode::<LinkMsg>(body) {
             Ok(LinkMsg::Chat {
@@ -237,6 +238,25 @@ impl Inbox {
                     InLink::AwaitHello { .. } => {}
                 }
             }
+            Ok(
+                msg @ (LinkMsg::FileOffer { .. }
+                | LinkMsg::FileChunk { .. }
+                | LinkMsg::FileCancel { .. }),
+            ) => match link {
+                InLink::Verified { folded, key, .. } => {
+                    let party = Party {
+                        key: *key,
+                        name: dir.display_name(folded),
+                    };
+                    return Some((party, msg));
+                }
+                _ => self.refuse(
+                    conn,
+                    ErrorCode::UnknownPeer,
+                    "files are taken only from peers the directory lists".into(),
+                    actions,
+                ),
+            },
             Ok(LinkMsg::Error { code, reason }) => {
                 tracing::warn!(%conn, %code, %reason, "error from a linked peer");
                 self.unlink(conn, actions);
@@ -245,7 +265,7 @@ impl Inbox {
             Ok(_) => self.refuse(
                 conn,
                 ErrorCode::Protocol,
-                "only chat is expected after hello".into(),
+                "only chat and file messages are expected after hello".into(),
                 actions,
             ),
             Err(e) => self.refuse(
@@ -255,6 +275,12 @@ impl Inbox {
                 actions,
             ),
         }
+        None
+    }
+
+    /// A file message on `conn` broke the transfer rules.
+    pub(super) fn refuse_protocol(&mut self, conn: LinkId, reason: String, actions: &mut Actions) {
+        self.refuse(conn, ErrorCode::Protocol, reason, actions);
     }
 
     fn on_hello(

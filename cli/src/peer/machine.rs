@@ -11,6 +11,17 @@ use peerchat_core::protocol::{LinkMsg, PROTOCOL_VERSION};
 
 use super::{Action, HostOutput, Peer};
 
+impl Peer {
+    /// What our links say first.
+    fn hello(&self) -> LinkMsg {
+        LinkMsg::Hello {
+            version: PROTOCOL_VERSION,
+            name: self.session.name().trim().to_string(),
+            instance: self.instance,
+        }
+    }
+}
+
 impl Machine for Peer {
     type HostOutput = HostOutput;
 
@@ -27,12 +38,19 @@ impl Machine for Peer {
             let heard = self.session.on_connected(link, key, &mut self.actions);
             self.on_heard(heard, now);
         } else if self.outbox.has(link) {
-            let hello = LinkMsg::Hello {
-                version: PROTOCOL_VERSION,
-                name: self.session.name().trim().to_string(),
-                instance: self.instance,
-            };
+            let hello = self.hello();
             self.outbox.on_connected(
+                link,
+                key,
+                &hello,
+                now,
+                &mut self.directory,
+                &mut self.rng,
+                &mut self.actions,
+            );
+        } else if self.transfers.has(link) {
+            let hello = self.hello();
+            self.transfers.on_connected(
                 link,
                 key,
                 &hello,
@@ -54,9 +72,20 @@ impl Machine for Peer {
         } else if self.outbox.has(link) {
             self.outbox.on_frame(link, body, &mut self.actions);
             self.maybe_finish_quit();
+        } else if self.transfers.has(link) {
+            self.transfers.on_frame(link, body, &mut self.actions);
         } else if self.inbox.has(link) {
-            self.inbox
+            let file = self
+                .inbox
                 .on_frame(link, body, &mut self.directory, &mut self.actions);
+            if let Some((party, msg)) = file {
+                if let Err(why) = self
+                    .transfers
+                    .on_incoming(link, party, msg, &mut self.actions)
+                {
+                    self.inbox.refuse_protocol(link, why, &mut self.actions);
+                }
+            }
         }
     }
 
@@ -83,8 +112,12 @@ impl Machine for Peer {
         } else if self.outbox.has(link) {
             self.outbox
                 .on_closed(link, &reason, now, &mut self.rng, &mut self.actions);
+        } else if self.transfers.has(link) {
+            self.transfers
+                .on_closed(link, now, &mut self.rng, &mut self.actions);
         } else {
             self.inbox.on_closed(link, &mut self.actions);
+            self.transfers.on_link_closed(link);
         }
     }
 

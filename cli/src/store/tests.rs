@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::{mpsc, Arc, Mutex};
 
 use super::*;
-use crate::journal::Incoming;
+use crate::journal::{Incoming, Transfer};
 
 /// A directory of this test's own, empty.
 fn fresh_dir(label: &str) -> PathBuf {
@@ -276,6 +276,49 @@ fn seen_counts_within_the_sender_s_instance() {
     store.write(&[received(&a, 11, 2, "again", false)]).unwrap();
     drop(store);
     assert_eq!(open(&options).1.seen[&a.key], (11, 2));
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn transfers_are_kept_until_they_end() {
+    let dir = fresh_dir("transfers");
+    let options = options(&dir, false);
+    let (a, b) = (party(1, "alice"), party(2, "bob"));
+    let ours = Transfer {
+        id: u64::MAX - 1,
+        outgoing: true,
+        peer: b.clone(),
+        path: "/home/me/a b.iso".into(),
+        name: "a b.iso".into(),
+        size: 1 << 40,
+        sha256: [9; 32],
+    };
+    // The same id both ways is two transfers.
+    let theirs = Transfer {
+        outgoing: false,
+        peer: a.clone(),
+        path: "/home/me/Downloads".into(),
+        ..ours.clone()
+    };
+    let (mut store, _) = open(&options);
+    store
+        .write(&[
+            Record::Transfer(ours.clone()),
+            Record::Transfer(theirs.clone()),
+        ])
+        .unwrap();
+    drop(store);
+    let (mut store, saved) = open(&options);
+    assert_eq!(saved.transfers, vec![ours.clone(), theirs.clone()]);
+    store
+        .write(&[Record::TransferEnded {
+            peer: b.key,
+            id: ours.id,
+            outgoing: true,
+        }])
+        .unwrap();
+    drop(store);
+    assert_eq!(open(&options).1.transfers, vec![theirs]);
     fs::remove_dir_all(&dir).unwrap();
 }
 

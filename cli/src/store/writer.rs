@@ -81,6 +81,34 @@ impl<'a> Writer<'a> {
                 Ok(())
             }
             Record::Received(incoming) => self.received(incoming),
+            Record::Transfer(transfer) => {
+                let pid = self.pid(&transfer.peer)?;
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO transfers
+                             (id, outgoing, pid, path, name, size, sha256)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(params![
+                        int(transfer.id),
+                        transfer.outgoing,
+                        pid,
+                        transfer.path,
+                        transfer.name,
+                        int(transfer.size),
+                        transfer.sha256.as_slice(),
+                    ])?;
+                Ok(())
+            }
+            Record::TransferEnded { peer, id, outgoing } => {
+                self.conn
+                    .prepare_cached(
+                        "DELETE FROM transfers WHERE id = ?2 AND outgoing = ?3
+                         AND pid = (SELECT pid FROM peers WHERE key = ?1)",
+                    )?
+                    .execute(params![peer.as_bytes().as_slice(), int(*id), outgoing])?;
+                Ok(())
+            }
         }
     }
 

@@ -226,7 +226,8 @@ impl App {
                 }
                 effects.push(Effect::Send(command));
             }
-            "peers" | "whois" | "status" | "search" | "outbox" | "quit" => {
+            "peers" | "whois" | "status" | "search" | "outbox" | "send" | "accept" | "reject"
+            | "cancel" | "quit" => {
                 effects.push(Effect::Send(line.to_string()));
             }
             _ => {

@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use indicatif::HumanBytes;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::names::{fold_name, name_skeleton};
 use ratatui::layout::{Constraint, Layout, Position, Rect};
@@ -204,6 +205,20 @@ fn status_bar(frame: &mut Frame, app: &App, area: Rect, now: Instant) {
         bar
     };
     spans.push(Span::styled(registry, registry_style));
+    // Transfers: the first two, then how many more.
+    for (number, t) in app.transfers.iter().take(2) {
+        let arrow = if t.incoming { '↓' } else { '↑' };
+        let percent = t.bytes.saturating_mul(100) / t.size.max(1);
+        let text = if wide {
+            format!(" │ #{number}{arrow}{percent}% {}/s", HumanBytes(t.rate))
+        } else {
+            format!(" │{arrow}{percent}%")
+        };
+        spans.push(Span::raw(text));
+    }
+    if app.transfers.len() > 2 {
+        spans.push(Span::raw(format!(" +{}", app.transfers.len() - 2)));
+    }
     frame.render_widget(Paragraph::new(Row::from(spans)).style(bar), area);
 }
 

@@ -212,7 +212,7 @@ fn a_direct_conversation_and_the_registry_lost() {
 fn the_help_lists_every_command() {
     let mut ui = Ui::new();
     ui.typed("/help");
-    let screen = ui.text(120, 24);
+    let screen = ui.text(120, 32);
     for (command, _) in COMMANDS {
         assert!(
             screen.contains(&format!("{command} ")) || screen.contains(&format!("{command}:")),
@@ -526,6 +526,54 @@ fn answers_and_errors_show_in_the_conversation_shown() {
     );
     assert!(
         screen.contains(&format!("-!- bob: key {} (pinned in known_peers)", key(2))),
+        "{screen}"
+    );
+}
+
+#[test]
+fn file_commands_go_to_the_peer_and_progress_shows_in_the_status_bar() {
+    let mut ui = Ui::new();
+    let effects = ui.typed("/send bob ~/a file.txt");
+    assert_eq!(sends(&effects), vec!["/send bob ~/a file.txt"]);
+    for line in ["/accept 2 /tmp", "/reject 3", "/cancel 4"] {
+        assert_eq!(sends(&ui.typed(line)), vec![line]);
+    }
+    ui.event(Event::FileOffer {
+        transfer: 5,
+        direction: Direction::In,
+        peer: "bob".into(),
+        name: "photo.jpg".into(),
+        size: 2 << 20,
+        sha256: "ab".repeat(32),
+    });
+    ui.event(Event::FileProgress {
+        transfer: 5,
+        direction: Direction::In,
+        peer: "bob".into(),
+        name: "photo.jpg".into(),
+        bytes: 1 << 20,
+        size: 2 << 20,
+        rate: 3 << 20,
+        eta_ms: Some(333),
+    });
+    let screen = ui.text(100, 8);
+    assert!(
+        screen.contains("bob offers photo.jpg (2.00 MiB): /accept 5"),
+        "{screen}"
+    );
+    assert!(screen.contains("#5↓50% 3.00 MiB/s"), "{screen}");
+    ui.event(Event::FileDone {
+        transfer: 5,
+        direction: Direction::In,
+        peer: "bob".into(),
+        name: "photo.jpg".into(),
+        size: 2 << 20,
+        path: "/home/me/Downloads/peerchat/photo.jpg".into(),
+    });
+    let screen = ui.text(100, 8);
+    assert!(!screen.contains("#5↓"), "{screen}");
+    assert!(
+        screen.contains("saved /home/me/Downloads/peerchat/photo.jpg from bob"),
         "{screen}"
     );
 }

@@ -18,6 +18,7 @@ mod outbox;
 mod quit;
 mod session;
 mod store;
+mod transfers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -279,6 +280,8 @@ struct Sim {
     /// Batches are committed as soon as they come, unless this is set.
     hold_commits: bool,
     queries: Vec<Query>,
+    /// What the peer asked of the disk, not taken by the test yet.
+    disk: Vec<DiskOp>,
 }
 
 impl Sim {
@@ -313,6 +316,7 @@ impl Sim {
             uncommitted: Vec::new(),
             hold_commits: false,
             queries: Vec::new(),
+            disk: Vec::new(),
         }
     }
 
@@ -432,6 +436,7 @@ impl Sim {
                         }
                     }
                     Output::Host(HostOutput::Query(query)) => self.queries.push(query),
+                    Output::Host(HostOutput::Disk(op)) => self.disk.push(op),
                 }
             }
             if let Some(c) = answer_heartbeat.filter(|c| !self.gone.contains(c)) {

@@ -101,6 +101,7 @@ fn what_was_shown_before_a_restart_is_not_shown_again() {
         next_id: 1,
         outbox: Vec::new(),
         seen: HashMap::from([(key_of("bob"), (77, 5))]),
+        transfers: Vec::new(),
     };
     let mut sim = Sim::resuming(persistent(), Trust::default(), saved);
     sim.start();
@@ -129,6 +130,7 @@ fn a_resumed_peer_sends_what_waited_and_counts_on_from_the_store() {
             targets: vec![party("bob")],
         }],
         seen: HashMap::new(),
+        transfers: Vec::new(),
     };
     let mut sim = Sim::resuming(persistent(), Trust::default(), saved);
     assert_eq!(sim.peer.outbox_len(), 1);
@@ -160,6 +162,7 @@ fn a_message_whose_time_ran_out_while_stopped_expires_at_start() {
         next_id: 4,
         outbox: vec![old],
         seen: HashMap::new(),
+        transfers: Vec::new(),
     };
     let mut sim = Sim::resuming(persistent(), Trust::default(), saved);
     sim.start();
