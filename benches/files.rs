@@ -10,8 +10,9 @@
 //! hash the file (`/send` to `file_offer`), the transfer's rate (bob's
 //! `file_offer` to his `file_done`), ping latency idle and during the
 //! transfer (p50, p99, max), and each peer's peak resident memory
-//! (`VmHWM`). Every wait is bounded; the file and both peers' data live in
-//! temporary directories removed at the end.
+//! (`VmHWM`) before the transfer and after it. Every wait is bounded; the
+//! file and both peers' data live in temporary directories removed at the
+//! end. Bob takes files up to the size sent (`--max-file-size`).
 //!
 //! `cargo bench --bench files` (about half a minute for 1 GiB; the file is
 //! written to the temporary directory, which needs twice its size free).
@@ -38,6 +39,7 @@ fn main() {
     write_payload(&source, mib << 20);
     let downloads = files.path().join("in");
     let downloads_arg = downloads.display().to_string();
+    let max_size = format!("{mib}MiB");
 
     let reg = Registry::start(&[]);
     let mut alice = PeerProc::start("alice", reg.addr);
@@ -50,6 +52,8 @@ fn main() {
             "alice",
             "--downloads",
             &downloads_arg,
+            "--max-file-size",
+            &max_size,
         ],
     );
     bob.registered();
@@ -74,6 +78,7 @@ fn main() {
         std::thread::sleep(PING_EVERY);
     }
 
+    let before = [peak_kib(alice.proc.pid()), peak_kib(bob.proc.pid())];
     let asked = Instant::now();
     alice.say(&format!("/send bob {}", source.display()));
     alice.expect("file_offer", WAIT * 4, is("file_offer", "direction", "out"));
@@ -121,16 +126,18 @@ fn main() {
     );
     report("chat to the same peer, idle", &mut idle);
     report("chat to the same peer, during the transfer", &mut busy);
-    for peer in [&alice, &bob] {
+    for (peer, before) in [&alice, &bob].into_iter().zip(before) {
         eprintln!(
-            "{} peak resident memory (VmHWM): {} KiB",
+            "{} peak resident memory (VmHWM): {} KiB before the transfer, {} KiB after",
             peer.name,
+            before,
             peak_kib(peer.proc.pid())
         );
     }
 }
 
-/// Writes `len` bytes that do not compress or repeat, in 1 MiB writes.
+/// Writes `len` bytes that do not compress or repeat, in 1 MiB writes, and
+/// syncs them.
 fn write_payload(path: &std::path::Path, len: u64) {
     let mut out = BufWriter::new(File::create(path).expect("the payload file"));
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -144,7 +151,10 @@ fn write_payload(path: &std::path::Path, len: u64) {
         }
         out.write_all(&block).expect("writing the payload");
     }
-    out.flush().expect("writing the payload");
+    let file = out.into_inner().expect("writing the payload");
+    // On disk before anything is timed: its writeback would stall the
+    // peers' stores.
+    file.sync_all().expect("writing the payload");
 }
 
 fn report(what: &str, latencies: &mut [Duration]) {

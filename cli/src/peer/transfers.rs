@@ -1156,11 +1156,17 @@ impl Transfers {
         self.by_id.remove(&(inc.key, inc.id));
         actions.cancel(inc.deadline);
         inc.ended(actions);
-        if !matches!(inc.phase, InPhase::Offered) {
-            actions.host(HostOutput::Disk(DiskOp::Close {
+        match (&inc.phase, &inc.dir) {
+            (InPhase::Offered, _) => {}
+            (InPhase::Resuming, Some(dir)) => actions.host(HostOutput::Disk(DiskOp::Discard {
+                dir: dir.clone(),
+                name: inc.name.clone(),
+                id: inc.id,
+            })),
+            _ => actions.host(HostOutput::Disk(DiskOp::Close {
                 transfer: number,
                 discard: true,
-            }));
+            })),
         }
         if let (true, Some(conn)) = (tell, inc.conn) {
             actions.send(conn, cancel_frame(inc.id, code, reason.clone()));

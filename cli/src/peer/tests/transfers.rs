@@ -665,3 +665,32 @@ fn with_a_store_quitting_pauses_transfers_instead_of_ending_them() {
         .iter()
         .any(|r| matches!(r, Record::TransferEnded { .. })));
 }
+
+#[test]
+fn a_transfer_kept_from_before_a_restart_that_expires_unoffered_leaves_no_partial_file() {
+    let mut sim = resumed_with(vec![kept(false, "bob", "/tmp/in")]);
+    sim.take_disk();
+    sim.advance(Duration::from_secs(601));
+    assert_eq!(
+        sim.take_disk(),
+        vec![DiskOp::Discard {
+            dir: "/tmp/in".into(),
+            name: "report.pdf".into(),
+            id: 41
+        }]
+    );
+    let failed: Vec<Event> = sim
+        .take_events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::FileFailed { .. }))
+        .collect();
+    assert!(
+        matches!(&failed[..], [Event::FileFailed { code, .. }] if code == "expired"),
+        "{failed:?}"
+    );
+    assert!(sim.records.contains(&Record::TransferEnded {
+        peer: key_of("bob"),
+        id: 41,
+        outgoing: false
+    }));
+}
