@@ -109,7 +109,7 @@ pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
         "send" => {
             let args = args.trim();
             let (to, path) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
-            let path = path.trim();
+            let path = unquote(path.trim());
             if to.is_empty() || path.is_empty() {
                 return Err(bad_command("usage: /send NAME PATH"));
             }
@@ -123,7 +123,7 @@ pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
             let args = args.trim();
             let (number, dir) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
             let transfer = number.parse().map_err(|_| usage())?;
-            let dir = Some(dir.trim())
+            let dir = Some(unquote(dir.trim()))
                 .filter(|d| !d.is_empty())
                 .map(str::to_string);
             Ok(Some(Command::Accept { transfer, dir }))
@@ -141,6 +141,17 @@ pub fn parse(line: &str) -> Result<Option<Command>, CommandError> {
             message: format!("unknown command /{word}; {HELP}"),
         }),
     }
+}
+
+/// A path as typed, without the quotes a shell would want around one with
+/// spaces (which paths here need not have: the path is the rest of the
+/// line).
+fn unquote(path: &str) -> &str {
+    ['"', '\'']
+        .iter()
+        .find_map(|q| path.strip_prefix(*q)?.strip_suffix(*q))
+        .filter(|inner| !inner.is_empty())
+        .unwrap_or(path)
 }
 
 fn bad_command(message: &str) -> CommandError {
@@ -222,6 +233,20 @@ mod tests {
             }))
         );
         assert_eq!(parse("/send bob").unwrap_err().code, "bad_command");
+        assert_eq!(
+            parse("/send bob '/tmp/a b.txt'"),
+            Ok(Some(Command::SendFile {
+                to: "bob".into(),
+                path: "/tmp/a b.txt".into()
+            }))
+        );
+        assert_eq!(
+            parse("/accept 1 \"/tmp/in box\""),
+            Ok(Some(Command::Accept {
+                transfer: 1,
+                dir: Some("/tmp/in box".into())
+            }))
+        );
         assert_eq!(
             parse("/accept 3"),
             Ok(Some(Command::Accept {

@@ -253,3 +253,36 @@ fn an_empty_file_is_saved_at_once_and_a_changed_one_fails() {
     );
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_directory_that_cannot_be_made_fails_the_transfer_cleanly() {
+    let dir = tempdir();
+    fs::write(dir.join("taken"), "a file, not a directory").unwrap();
+    let mut receiver = Worker::default();
+    let replies = run(
+        &mut receiver,
+        vec![DiskOp::Receive {
+            transfer: 1,
+            dir: dir.join("taken/inbox"),
+            name: "a".into(),
+            id: 2,
+            size: 10,
+            sha256: sha256(b"0123456789"),
+        }],
+    );
+    assert!(
+        matches!(&replies[..], [DiskReply::Failed { code: FileCode::Io, message, .. }] if message.contains("cannot make")),
+        "{replies:?}"
+    );
+    // Writes for it (already on their way) answer nothing.
+    let replies = run(
+        &mut receiver,
+        vec![DiskOp::Write {
+            transfer: 1,
+            offset: 0,
+            data: vec![0; 10],
+        }],
+    );
+    assert!(replies.is_empty());
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -572,6 +572,9 @@ impl Transfers {
             self.fail_out(number, FileCode::Protocol, why, actions);
             return;
         }
+        if let Some(link) = self.links.get_mut(&out.folded) {
+            link.backoff = Duration::ZERO;
+        }
         out.epoch += 1;
         out.phase = OutPhase::Sending {
             epoch: out.epoch,
