@@ -13,7 +13,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::thread;
 use std::time::SystemTime;
 
@@ -243,6 +245,9 @@ struct Sink {
 struct Worker {
     sending: HashMap<u64, Source>,
     receiving: HashMap<u64, Sink>,
+    /// Set when the peer exits: a file being hashed is given up, so that
+    /// quitting does not wait seconds for a large one.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -343,17 +348,7 @@ impl Worker {
             .open(&path)?;
         let meta = file.metadata()?;
         let (size, modified) = (meta.len(), meta.modified().ok());
-        let mut hasher = Context::new(&SHA256);
-        let mut buf = vec![0; 256 * 1024];
-        let mut hashed = 0u64;
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            hashed += n as u64;
-        }
+        let (hasher, hashed) = self.hash(&mut file, u64::MAX)?;
         if hashed != size || unchanged(&file, size, modified).is_err() {
             return Err(io::Error::other("the file changed while it was hashed"));
         }
@@ -375,6 +370,27 @@ impl Worker {
             size,
             sha256: digest(hasher),
         })
+    }
+
+    /// Hashes `file` from where it is read up to `limit` bytes or its end;
+    /// says how many bytes that was.
+    fn hash(&self, file: &mut File, limit: u64) -> io::Result<(Context, u64)> {
+        let mut hasher = Context::new(&SHA256);
+        let mut buf = vec![0; 256 * 1024];
+        let mut hashed = 0u64;
+        while hashed < limit {
+            if self.stopping.load(Ordering::Relaxed) {
+                return Err(io::Error::other("the peer is stopping"));
+            }
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let n = n.min(usize::try_from(limit - hashed).unwrap_or(usize::MAX));
+            hasher.update(&buf[..n]);
+            hashed += n as u64;
+        }
+        Ok((hasher, hashed))
     }
 
     fn read(&mut self, transfer: u64, offset: u64, len: usize) -> Result<Vec<u8>, String> {
@@ -418,18 +434,7 @@ impl Worker {
         }
         // Resuming: what is held goes into the hash as if it had just
         // arrived.
-        let mut hasher = Context::new(&SHA256);
-        let mut buf = vec![0; 256 * 1024];
-        let mut hashed = 0u64;
-        while hashed < have {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            let n = n.min(usize::try_from(have - hashed).unwrap_or(usize::MAX));
-            hasher.update(&buf[..n]);
-            hashed += n as u64;
-        }
+        let (hasher, hashed) = self.hash(&mut file, have)?;
         let sink = Sink {
             file,
             partial,
@@ -550,6 +555,7 @@ pub struct DiskThread {
     requests: Sender<DiskOp>,
     replies: Receiver<DiskReply>,
     thread: thread::JoinHandle<()>,
+    stopping: Arc<AtomicBool>,
 }
 
 /// The disk's thread is gone.
@@ -562,8 +568,12 @@ impl DiskThread {
     pub fn spawn(notify: impl Fn() + Send + 'static) -> io::Result<DiskThread> {
         let (requests, inbox) = mpsc::channel::<DiskOp>();
         let (outbox, replies) = mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut worker = Worker {
+            stopping: stopping.clone(),
+            ..Worker::default()
+        };
         let thread = thread::Builder::new().name("disk".into()).spawn(move || {
-            let mut worker = Worker::default();
             for op in inbox {
                 if let Some(reply) = worker.handle(op) {
                     if outbox.send(reply).is_err() {
@@ -577,6 +587,7 @@ impl DiskThread {
             requests,
             replies,
             thread,
+            stopping,
         })
     }
 
@@ -588,8 +599,10 @@ impl DiskThread {
         self.replies.try_recv().ok()
     }
 
-    /// Waits for what was asked (partial files removed) to be done.
+    /// Waits for what was asked (partial files removed) to be done; a file
+    /// being hashed is given up.
     pub fn close(self) {
+        self.stopping.store(true, Ordering::Relaxed);
         drop(self.requests);
         let _ = self.thread.join();
     }

@@ -286,3 +286,24 @@ fn a_directory_that_cannot_be_made_fails_the_transfer_cleanly() {
     assert!(replies.is_empty());
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_stopping_worker_gives_up_hashing() {
+    let dir = tempdir();
+    let source = dir.join("big");
+    fs::write(&source, vec![1u8; 1 << 20]).unwrap();
+    let mut worker = Worker::default();
+    worker.stopping.store(true, Ordering::Relaxed);
+    let replies = run(
+        &mut worker,
+        vec![DiskOp::Prepare {
+            transfer: 1,
+            path: source,
+        }],
+    );
+    assert!(
+        matches!(&replies[..], [DiskReply::Failed { code: FileCode::Io, message, .. }] if message.contains("stopping")),
+        "{replies:?}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
