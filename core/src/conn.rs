@@ -9,11 +9,30 @@ use mio::net::TcpStream;
 use crate::transport::{Role, Transport};
 
 /// A connection as the application knows it. The generation makes an id
-/// of a closed connection useless even after its slot is reused.
+/// of a closed connection useless even after its slot is reused (until the
+/// 32-bit count of connections comes round again, 4 billion connections
+/// later, with an id still held for that very slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
+    /// Below 2^32: [`ConnId::to_bits`] packs it.
     pub(crate) key: usize,
-    pub(crate) generation: u64,
+    pub(crate) generation: u32,
+}
+
+impl ConnId {
+    /// The id as one number, which [`ConnId::from_bits`] reads back: what
+    /// the driver names an accepted link by, so that it needs no map from
+    /// links to connections.
+    pub(crate) fn to_bits(self) -> u64 {
+        u64::from(self.generation) << 32 | self.key as u64
+    }
+
+    pub(crate) fn from_bits(bits: u64) -> ConnId {
+        ConnId {
+            key: (bits & u64::from(u32::MAX)) as usize,
+            generation: (bits >> 32) as u32,
+        }
+    }
 }
 
 impl fmt::Display for ConnId {

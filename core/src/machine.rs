@@ -15,7 +15,7 @@
 //! What the machine cannot do alone (show an event, write a file, end the
 //! process) comes out as [`Output::Host`], for the binary's [`Host`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -117,9 +117,14 @@ pub trait Host<M: Machine>: Sized {
 pub struct Driver<M, H> {
     pub machine: M,
     pub host: H,
+    /// Dialed links and their connections. An accepted link needs no map:
+    /// its id is its connection's ([`ConnId::to_bits`]), which keeps a
+    /// registry of many peers two hash maps smaller and a lookup per frame
+    /// cheaper.
     links: HashMap<ConnId, LinkId>,
     conns: HashMap<LinkId, ConnId>,
-    next_accepted: u64,
+    /// Connections closed unannounced (no proven key): not links at all.
+    refused: HashSet<ConnId>,
     /// The loop timer for the machine's timeout, and when it fires.
     armed: Option<(Instant, TimerId)>,
 }
@@ -131,7 +136,7 @@ impl<M: Machine, H: Host<M>> Driver<M, H> {
             host,
             links: HashMap::new(),
             conns: HashMap::new(),
-            next_accepted: 0,
+            refused: HashSet::new(),
             armed: None,
         }
     }
@@ -152,6 +157,22 @@ impl<M: Machine, H: Host<M>> Driver<M, H> {
         }
     }
 
+    /// The connection of `link`, if it has one.
+    fn conn(&self, link: LinkId) -> Option<ConnId> {
+        match link {
+            LinkId::Accepted(bits) => Some(ConnId::from_bits(bits)),
+            LinkId::Dialed(_) => self.conns.get(&link).copied(),
+        }
+    }
+
+    /// The link `conn` is: a dialed one is mapped, any other was accepted.
+    fn link(&self, conn: ConnId) -> LinkId {
+        match self.links.get(&conn) {
+            Some(&link) => link,
+            None => LinkId::Accepted(conn.to_bits()),
+        }
+    }
+
     /// Acts on every output the machine has, including those its answers
     /// to failed dials cause.
     fn apply(&mut self, ctx: &mut HostCtx<M, H>) {
@@ -168,17 +189,17 @@ impl<M: Machine, H: Host<M>> Driver<M, H> {
                     }
                 },
                 Output::Send(link, frame) => {
-                    if let Some(&conn) = self.conns.get(&link) {
+                    if let Some(conn) = self.conn(link) {
                         ctx.send(conn, frame);
                     }
                 }
                 Output::Close(link, reason) => {
-                    if let Some(&conn) = self.conns.get(&link) {
+                    if let Some(conn) = self.conn(link) {
                         ctx.close(conn, reason);
                     }
                 }
                 Output::SetMaxFrame(link, max) => {
-                    if let Some(&conn) = self.conns.get(&link) {
+                    if let Some(conn) = self.conn(link) {
                         ctx.set_max_frame(conn, max);
                     }
                 }
@@ -196,13 +217,11 @@ impl<M: Machine, H: Host<M>> App for Driver<M, H> {
         let Some(key) = ctx.remote_key(conn) else {
             // Only a plaintext loop has connections without a proven key,
             // and machines speak to proven keys only.
+            self.refused.insert(conn);
             ctx.close(conn, "no proven key");
             return;
         };
-        let link = LinkId::Accepted(self.next_accepted);
-        self.next_accepted += 1;
-        self.links.insert(conn, link);
-        self.conns.insert(link, conn);
+        let link = LinkId::Accepted(conn.to_bits());
         self.machine.handle_accepted(link, addr, key, ctx.now());
         self.apply(ctx);
     }
@@ -219,16 +238,19 @@ impl<M: Machine, H: Host<M>> App for Driver<M, H> {
     }
 
     fn on_frame(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, body: Bytes) {
-        if let Some(&link) = self.links.get(&conn) {
-            self.machine.handle_frame(link, &body, ctx.now());
-            self.apply(ctx);
+        if self.refused.contains(&conn) {
+            return;
         }
+        let link = self.link(conn);
+        self.machine.handle_frame(link, &body, ctx.now());
+        self.apply(ctx);
     }
 
     fn on_closed(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId, reason: &CloseReason) {
-        let Some(&link) = self.links.get(&conn) else {
+        if self.refused.remove(&conn) {
             return;
-        };
+        }
+        let link = self.link(conn);
         self.machine.handle_closed(link, reason, ctx.now());
         // Still mapped while the machine's last words go out.
         self.apply(ctx);

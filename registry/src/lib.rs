@@ -143,15 +143,20 @@ struct Session {
     order: u64,
 }
 
+/// A connection secured, not registered yet.
+struct Unregistered {
+    /// Where it connected from (its listening port comes with its
+    /// register message).
+    addr: SocketAddr,
+    key: PublicKey,
+}
+
+/// Boxed, so that the map of every connection holds a pointer per entry
+/// rather than a whole session: a hash map's spare capacity (up to half of
+/// it after it doubles) then costs 8 bytes a slot, not 150.
 enum LinkState {
-    /// Secured, not registered yet.
-    Registering {
-        /// Where it connected from (its listening port comes with its
-        /// register message).
-        addr: SocketAddr,
-        key: PublicKey,
-    },
-    Registered(Session),
+    Registering(Box<Unregistered>),
+    Registered(Box<Session>),
 }
 
 pub struct Registry<C> {
@@ -272,8 +277,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 .push_back(Action::Close(conn, "registry shutting down".into()));
             return;
         }
-        self.conns
-            .insert(conn, LinkState::Registering { addr: peer, key });
+        self.conns.insert(
+            conn,
+            LinkState::Registering(Box::new(Unregistered { addr: peer, key })),
+        );
         self.actions.push_back(Action::SetMaxFrame(
             conn,
             self.config.unregistered_max_frame,
@@ -287,8 +294,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
         match self.conns.get_mut(&conn) {
             None => {}
-            Some(LinkState::Registering { addr, key }) => {
-                let (ip, key) = (addr.ip(), *key);
+            Some(LinkState::Registering(pending)) => {
+                let (ip, key) = (pending.addr.ip(), pending.key);
                 self.on_register_frame(conn, ip, key, body, now);
             }
             Some(LinkState::Registered(session)) => {
@@ -315,7 +322,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// its name once registered.
     fn who(&self, conn: C) -> (String, &str) {
         match self.conns.get(&conn) {
-            Some(LinkState::Registering { addr, .. }) => (addr.to_string(), ""),
+            Some(LinkState::Registering(pending)) => (pending.addr.to_string(), ""),
             Some(LinkState::Registered(s)) => (s.addr.to_string(), &s.name),
             None => ("unknown".into(), ""),
         }
@@ -519,14 +526,14 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.names.insert(folded.clone(), conn);
         self.conns.insert(
             conn,
-            LinkState::Registered(Session {
+            LinkState::Registered(Box::new(Session {
                 name,
                 folded,
                 addr,
                 key,
                 last_seen: now,
                 order,
-            }),
+            })),
         );
         self.timers
             .arm(now + self.config.timeout, Timer::Liveness(conn));
@@ -637,7 +644,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 };
                 let (addr, name) = self.who(conn);
                 tracing::info!(%addr, %name, %err, "closing a connection that broke the framing");
-                if matches!(self.conns.get(&conn), Some(LinkState::Registering { .. })) {
+                if matches!(self.conns.get(&conn), Some(LinkState::Registering(_))) {
                     self.count_rejection(code);
                 }
                 let frame = protocol::frame(&FromRegistry::error(code, err.to_string()));
@@ -666,7 +673,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     fn fire(&mut self, timer: Timer<C>, now: Instant) {
         match timer {
             Timer::RegisterDeadline(conn) => {
-                if let Some(LinkState::Registering { .. }) = self.conns.get(&conn) {
+                if let Some(LinkState::Registering(_)) = self.conns.get(&conn) {
                     let secs = self.config.register_timeout.as_secs_f64();
                     self.reject(
                         conn,

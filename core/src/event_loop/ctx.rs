@@ -54,7 +54,7 @@ pub struct Ctx<T> {
     pub(super) timers: TimerWheel<LoopTimer<T>>,
     pub(super) config: LoopConfig,
     pub(super) now: Instant,
-    pub(super) next_generation: u64,
+    pub(super) next_generation: u32,
     pub(super) conns: usize,
     /// Connections with something to write this turn.
     pub(super) dirty: Vec<usize>,
@@ -269,6 +269,9 @@ impl<T> Ctx<T> {
         let _ = stream.set_nodelay(true);
         let entry = self.entries.vacant_entry();
         let key = entry.key();
+        if u32::try_from(key).is_err() {
+            return Err(io::Error::other("more than 2^32 connections"));
+        }
         let id = ConnId {
             key,
             generation: self.next_generation,
@@ -298,7 +301,7 @@ impl<T> Ctx<T> {
             wants_write: state == ConnState::Connecting,
             dirty: false,
         })));
-        self.next_generation += 1;
+        self.next_generation = self.next_generation.wrapping_add(1);
         self.conns += 1;
         if state == ConnState::Securing {
             self.arm_secure_timeout(id);
