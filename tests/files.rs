@@ -183,10 +183,19 @@ fn partial_in(dir: &Path) -> Option<u64> {
     })
 }
 
-#[test]
-fn a_receiver_killed_mid_transfer_resumes_it_after_a_restart_without_asking() {
-    let reg = Registry::start(&[]);
-    let (mut alice, mut bob, files, data) = stored_pair(&reg, 96);
+enum Victim {
+    Sender,
+    Receiver,
+}
+
+/// alice sends bob `big.bin`; once bob has written some of it, one of
+/// them is killed (SIGKILL: no goodbye, nothing flushed).
+fn send_and_kill_mid_way(
+    alice: &mut PeerProc,
+    bob: &mut PeerProc,
+    files: &DataDir,
+    victim: Victim,
+) {
     alice.say(&format!(
         "/send bob {}",
         files.path().join("big.bin").display()
@@ -196,8 +205,19 @@ fn a_receiver_killed_mid_transfer_resumes_it_after_a_restart_without_asking() {
         LONG,
         is("file_progress", "direction", "in"),
     );
-    bob.proc.signal(libc::SIGKILL);
-    bob.proc.wait_exit(LONG).expect("bob is gone");
+    let killed = match victim {
+        Victim::Sender => alice,
+        Victim::Receiver => bob,
+    };
+    killed.proc.signal(libc::SIGKILL);
+    killed.proc.wait_exit(LONG).expect("the process is gone");
+}
+
+#[test]
+fn a_receiver_killed_mid_transfer_resumes_it_after_a_restart_without_asking() {
+    let reg = Registry::start(&[]);
+    let (mut alice, mut bob, files, data) = stored_pair(&reg, 96);
+    send_and_kill_mid_way(&mut alice, &mut bob, &files, Victim::Receiver);
     let inbox = files.path().join("inbox");
     let held = partial_in(&inbox).expect("a partial file is left");
     assert!(
@@ -226,17 +246,7 @@ fn a_receiver_killed_mid_transfer_resumes_it_after_a_restart_without_asking() {
 fn a_sender_killed_mid_transfer_offers_it_again_after_a_restart_and_it_resumes() {
     let reg = Registry::start(&[]);
     let (mut alice, mut bob, files, data) = stored_pair(&reg, 96);
-    alice.say(&format!(
-        "/send bob {}",
-        files.path().join("big.bin").display()
-    ));
-    bob.expect(
-        "file_progress",
-        LONG,
-        is("file_progress", "direction", "in"),
-    );
-    alice.proc.signal(libc::SIGKILL);
-    alice.proc.wait_exit(LONG).expect("alice is gone");
+    send_and_kill_mid_way(&mut alice, &mut bob, &files, Victim::Sender);
 
     let mut alice = PeerProc::start_again(&alice.data, "alice", &reg.addr.to_string(), &[]);
     let offer = alice.expect("file_offer", LONG, is("file_offer", "direction", "out"));

@@ -23,6 +23,7 @@
 //! settles its messages and closes its links).
 
 mod actions;
+mod dialing;
 mod directory;
 mod event;
 mod inbox;

@@ -37,28 +37,16 @@ impl Machine for Peer {
         if self.session.conn() == Some(link) {
             let heard = self.session.on_connected(link, key, &mut self.actions);
             self.on_heard(heard, now);
-        } else if self.outbox.has(link) {
+        } else {
             let hello = self.hello();
-            self.outbox.on_connected(
-                link,
-                key,
-                &hello,
-                now,
-                &mut self.directory,
-                &mut self.rng,
-                &mut self.actions,
-            );
-        } else if self.transfers.has(link) {
-            let hello = self.hello();
-            self.transfers.on_connected(
-                link,
-                key,
-                &hello,
-                now,
-                &mut self.directory,
-                &mut self.rng,
-                &mut self.actions,
-            );
+            let (dir, rng, actions) = (&mut self.directory, &mut self.rng, &mut self.actions);
+            if self.outbox.has(link) {
+                self.outbox
+                    .on_connected(link, key, &hello, now, dir, rng, actions);
+            } else if self.transfers.has(link) {
+                self.transfers
+                    .on_connected(link, key, &hello, now, dir, rng, actions);
+            }
         }
     }
 

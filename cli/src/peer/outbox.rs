@@ -23,6 +23,7 @@ use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, ErrorCode, LinkMsg};
 use peerchat_core::wire::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 
+use super::dialing::Dialing;
 use super::directory::Directory;
 use super::{
     Actions, Code, Config, Event, Held, OutboxLimits, Party, Reason, Record, Rng, Timer, TimerKey,
@@ -59,13 +60,8 @@ struct Outgoing {
 struct OutLink {
     /// The key the queued messages are for, and the name they were sent to.
     party: Party,
-    /// Our link to the target, from the dial on.
-    conn: Option<LinkId>,
-    /// The link proved the listed key and said hello: chats go on it.
-    up: bool,
-    backoff: Duration,
-    /// The redial, while we back off.
-    retry: Option<TimerKey>,
+    /// Our link to the target, and its redials.
+    dialing: Dialing,
     queue: VecDeque<Outgoing>,
     /// Text bytes in the queue.
     bytes: usize,
@@ -77,10 +73,7 @@ impl OutLink {
     fn new(party: Party) -> Self {
         OutLink {
             party,
-            conn: None,
-            up: false,
-            backoff: Duration::ZERO,
-            retry: None,
+            dialing: Dialing::default(),
             queue: VecDeque::new(),
             bytes: 0,
             deadline: None,
@@ -89,7 +82,7 @@ impl OutLink {
 
     /// Cancels the link's timers: it is done with.
     fn disarm(&mut self, actions: &mut Actions) {
-        actions.cancel(self.retry.take());
+        self.dialing.stop(actions);
         actions.cancel(self.deadline.take());
     }
 
@@ -352,7 +345,7 @@ impl Outbox {
                 continue;
             };
             out.released = true;
-            if let Some(conn) = link.conn.filter(|_| link.up) {
+            if let Some(conn) = link.dialing.up() {
                 actions.send(conn, out.frame.clone());
             }
         }
@@ -366,9 +359,10 @@ impl Outbox {
         let Some(link) = self.links.get_mut(folded) else {
             return;
         };
-        if link.conn.is_none() && link.retry.is_none() && !link.queue.is_empty() {
-            let conn = actions.dial(addr);
-            link.conn = Some(conn);
+        if link.queue.is_empty() {
+            return;
+        }
+        if let Some(conn) = link.dialing.dial(addr, actions) {
             self.conns.insert(conn, folded.to_string());
         }
     }
@@ -444,7 +438,7 @@ impl Outbox {
         dir.pin(&target, key, actions);
         actions.send(conn, protocol::frame(hello));
         if let Some(link) = self.links.get_mut(&target) {
-            link.up = true;
+            link.dialing.set_up();
             for out in link.queue.iter().take_while(|o| o.released) {
                 actions.send(conn, out.frame.clone());
             }
@@ -455,8 +449,7 @@ impl Outbox {
     fn drop_conn(&mut self, conn: LinkId, target: &str) {
         self.conns.remove(&conn);
         if let Some(link) = self.links.get_mut(target) {
-            link.conn = None;
-            link.up = false;
+            link.dialing.lost(conn);
         }
     }
 
@@ -499,7 +492,7 @@ impl Outbox {
         };
         actions.cancel(link.deadline.take());
         link.arm_deadline(target, actions);
-        link.backoff = self.backoff_min;
+        link.dialing.progressed();
         let party = link.party.clone();
         actions.record(Record::Acked {
             target: party.key,
@@ -549,12 +542,8 @@ impl Outbox {
         };
         tracing::debug!(%target, %reason, "link closed");
         if let Some(link) = self.links.get_mut(&target) {
-            if link.conn == Some(conn) {
-                link.conn = None;
-                link.up = false;
-                if !link.queue.is_empty() {
-                    self.schedule_redial(&target, now, rng, actions);
-                }
+            if link.dialing.lost(conn) && !link.queue.is_empty() {
+                self.schedule_redial(&target, now, rng, actions);
             }
         }
     }
@@ -569,18 +558,17 @@ impl Outbox {
         let Some(link) = self.links.get_mut(folded) else {
             return;
         };
-        if link.retry.is_some() || link.queue.is_empty() {
+        if link.queue.is_empty() {
             return;
         }
-        let base = link.backoff.max(self.backoff_min);
-        link.backoff = (base * 2).min(self.backoff_max);
-        let delay = rng.jitter(base);
-        link.retry = Some(actions.arm(now + delay, Timer::LinkRetry(folded.to_string())));
+        let timer = Timer::LinkRetry(folded.to_string());
+        let backoff = (self.backoff_min, self.backoff_max);
+        link.dialing.retry_later(backoff, timer, now, rng, actions);
     }
 
     pub(super) fn on_retry(&mut self, target: &str, dir: &Directory, actions: &mut Actions) {
         if let Some(link) = self.links.get_mut(target) {
-            link.retry = None;
+            link.dialing.retried();
         }
         self.ensure_link(target, dir, actions);
     }
@@ -640,8 +628,7 @@ impl Outbox {
     /// have goes, and a new one is dialed if anything waits.
     pub(super) fn redial(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
         if let Some(link) = self.links.get_mut(folded) {
-            link.up = false;
-            if let Some(conn) = link.conn.take() {
+            if let Some(conn) = link.dialing.close() {
                 self.conns.remove(&conn);
                 actions.close(conn, "the peer moved");
             }
@@ -655,10 +642,7 @@ impl Outbox {
         let Some(link) = self.links.get_mut(folded) else {
             return;
         };
-        actions.cancel(link.retry.take());
-        link.up = false;
-        link.backoff = Duration::ZERO;
-        if let Some(conn) = link.conn.take() {
+        if let Some(conn) = link.dialing.stop(actions) {
             self.conns.remove(&conn);
             actions.close(conn, format!("{} left", link.party.name));
         }
@@ -678,7 +662,7 @@ impl Outbox {
         links
             .into_iter()
             .flat_map(|(folded, link)| {
-                let online = link.up && dir.contains(folded);
+                let online = link.dialing.up().is_some() && dir.contains(folded);
                 link.queue.iter().map(move |out| Waiting {
                     id: out.id,
                     to: link.party.name.clone(),

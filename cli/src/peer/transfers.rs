@@ -21,6 +21,7 @@ use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, LinkMsg};
 
+use super::dialing::Dialing;
 use super::directory::Directory;
 use super::event::{Direction, Event};
 use super::outbox::Target;
@@ -205,16 +206,6 @@ impl Incoming {
     }
 }
 
-/// Our link for files to one peer.
-#[derive(Default)]
-struct FileLink {
-    conn: Option<LinkId>,
-    /// Said hello: offers and chunks go on it.
-    up: bool,
-    backoff: Duration,
-    retry: Option<TimerKey>,
-}
-
 pub(super) struct Transfers {
     next_number: u64,
     outgoing: BTreeMap<u64, Outgoing>,
@@ -225,7 +216,7 @@ pub(super) struct Transfers {
     ended: HashMap<(PublicKey, u64), Option<FileCode>>,
     ended_order: VecDeque<(PublicKey, u64)>,
     /// Our file links, by target (folded name).
-    links: HashMap<String, FileLink>,
+    links: HashMap<String, Dialing>,
     conns: HashMap<LinkId, String>,
     config: FilesConfig,
     backoff_min: Duration,
@@ -423,11 +414,7 @@ impl Transfers {
             sha256: hex(&sha256),
         });
         let folded = out.folded.clone();
-        match self
-            .links
-            .get(&folded)
-            .and_then(|l| l.conn.filter(|_| l.up))
-        {
+        match self.links.get(&folded).and_then(Dialing::up) {
             Some(conn) => actions.send(conn, Self::offer_frame(out)),
             None => self.ensure_link(&folded, dir, actions),
         }
@@ -449,9 +436,7 @@ impl Transfers {
             return;
         }
         let link = self.links.entry(folded.to_string()).or_default();
-        if link.conn.is_none() && link.retry.is_none() {
-            let conn = actions.dial(addr);
-            link.conn = Some(conn);
+        if let Some(conn) = link.dial(addr, actions) {
             self.conns.insert(conn, folded.to_string());
         }
     }
@@ -483,7 +468,7 @@ impl Transfers {
         dir.pin(&folded, key, actions);
         actions.send(conn, protocol::frame(hello));
         if let Some(link) = self.links.get_mut(&folded) {
-            link.up = true;
+            link.set_up();
         }
         for out in self.outgoing.values_mut() {
             if out.folded == folded && !matches!(out.phase, OutPhase::Preparing) {
@@ -496,8 +481,7 @@ impl Transfers {
     fn drop_conn(&mut self, conn: LinkId, folded: &str) {
         self.conns.remove(&conn);
         if let Some(link) = self.links.get_mut(folded) {
-            link.conn = None;
-            link.up = false;
+            link.lost(conn);
         }
     }
 
@@ -573,7 +557,7 @@ impl Transfers {
             return;
         }
         if let Some(link) = self.links.get_mut(&out.folded) {
-            link.backoff = Duration::ZERO;
+            link.progressed();
         }
         out.epoch += 1;
         out.phase = OutPhase::Sending {
@@ -636,12 +620,9 @@ impl Transfers {
         if self.outgoing.values().any(|o| o.folded == folded) {
             return;
         }
-        if let Some(mut link) = self.links.remove(folded) {
-            actions.cancel(link.retry.take());
-            if let Some(conn) = link.conn {
-                self.conns.remove(&conn);
-                actions.close(conn, "no more files to send");
-            }
+        if let Some(conn) = self.links.remove(folded).and_then(|mut l| l.stop(actions)) {
+            self.conns.remove(&conn);
+            actions.close(conn, "no more files to send");
         }
     }
 
@@ -690,10 +671,7 @@ impl Transfers {
         else {
             return;
         };
-        let conn = self
-            .links
-            .get(&out.folded)
-            .and_then(|l| l.conn.filter(|_| l.up));
+        let conn = self.links.get(&out.folded).and_then(Dialing::up);
         let (Some(conn), true) = (conn, *current == epoch && offset == *sent) else {
             return;
         };
@@ -741,10 +719,7 @@ impl Transfers {
             transfer: number,
             discard: false,
         }));
-        let conn = self
-            .links
-            .get(&out.folded)
-            .and_then(|l| l.conn.filter(|_| l.up));
+        let conn = self.links.get(&out.folded).and_then(Dialing::up);
         if let (true, Some(conn), false) = (tell, conn, matches!(out.phase, OutPhase::Preparing)) {
             actions.send(conn, cancel_frame(out.id, code, reason.clone()));
         }
@@ -763,17 +738,20 @@ impl Transfers {
             return;
         };
         if let Some(link) = self.links.get_mut(&folded) {
-            if link.conn == Some(conn) {
-                link.conn = None;
-                link.up = false;
-            }
+            link.lost(conn);
         }
+        self.pause(&folded);
+        self.schedule_redial(&folded, now, rng, actions);
+    }
+
+    /// What was being sent to `folded` waits to be accepted again, over
+    /// the next link.
+    fn pause(&mut self, folded: &str) {
         for out in self.outgoing.values_mut() {
             if out.folded == folded && matches!(out.phase, OutPhase::Sending { .. }) {
                 out.phase = OutPhase::Offered;
             }
         }
-        self.schedule_redial(&folded, now, rng, actions);
     }
 
     fn schedule_redial(
@@ -786,19 +764,15 @@ impl Transfers {
         if !self.waits_for_link(folded) {
             return;
         }
+        let timer = Timer::FileRetry(folded.to_string());
+        let backoff = (self.backoff_min, self.backoff_max);
         let link = self.links.entry(folded.to_string()).or_default();
-        if link.retry.is_some() || link.conn.is_some() {
-            return;
-        }
-        let base = link.backoff.max(self.backoff_min);
-        link.backoff = (base * 2).min(self.backoff_max);
-        link.retry =
-            Some(actions.arm(now + rng.jitter(base), Timer::FileRetry(folded.to_string())));
+        link.retry_later(backoff, timer, now, rng, actions);
     }
 
     pub(super) fn on_retry(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
         if let Some(link) = self.links.get_mut(folded) {
-            link.retry = None;
+            link.retried();
         }
         self.ensure_link(folded, dir, actions);
     }
@@ -835,21 +809,11 @@ impl Transfers {
     /// `folded` left: our link to it closes; transfers wait for it to be
     /// back (within their deadline).
     pub(super) fn away(&mut self, folded: &str, actions: &mut Actions) {
-        let Some(link) = self.links.get_mut(folded) else {
-            return;
-        };
-        actions.cancel(link.retry.take());
-        link.up = false;
-        link.backoff = Duration::ZERO;
-        if let Some(conn) = link.conn.take() {
+        if let Some(conn) = self.links.get_mut(folded).and_then(|l| l.stop(actions)) {
             self.conns.remove(&conn);
             actions.close(conn, "the peer left");
         }
-        for out in self.outgoing.values_mut() {
-            if out.folded == folded && matches!(out.phase, OutPhase::Sending { .. }) {
-                out.phase = OutPhase::Offered;
-            }
-        }
+        self.pause(folded);
     }
 
     // ---- receiving ----

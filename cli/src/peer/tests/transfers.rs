@@ -266,22 +266,8 @@ fn a_file_offered_to_us_is_saved_once_accepted_and_acknowledged_as_written() {
             sha256: SHA,
         }]
     );
-    sim.disk_says(DiskReply::Opened {
-        transfer: 1,
-        have: 4,
-    });
-    assert_eq!(
-        sim.take_link(c),
-        vec![LinkMsg::FileAccept { id: 77, offset: 4 }]
-    );
-    sim.link_in(
-        c,
-        &LinkMsg::FileChunk {
-            id: 77,
-            offset: 4,
-            data: vec![1; 6],
-        },
-    );
+    sim.opened(1, 4, c, 77);
+    sim.chunk_in(c, 77, 4, vec![1; 6]);
     assert_eq!(
         sim.take_disk(),
         vec![DiskOp::Write {
@@ -342,14 +328,7 @@ fn a_receiver_refuses_files_too_large_data_unasked_and_data_out_of_order() {
             sha256: SHA,
         },
     );
-    sim.link_in(
-        c,
-        &LinkMsg::FileChunk {
-            id: 2,
-            offset: 0,
-            data: vec![0; 10],
-        },
-    );
+    sim.chunk_in(c, 2, 0, vec![0; 10]);
     assert_eq!(sim.error_code_on(c), "protocol");
 
     // bob's offers are taken at once; data past the window is refused.
@@ -364,22 +343,8 @@ fn a_receiver_refuses_files_too_large_data_unasked_and_data_out_of_order() {
         },
     );
     assert!(matches!(sim.take_disk()[..], [DiskOp::Receive { .. }]));
-    sim.disk_says(DiskReply::Opened {
-        transfer: 3,
-        have: 0,
-    });
-    assert_eq!(
-        sim.take_link(b),
-        vec![LinkMsg::FileAccept { id: 3, offset: 0 }]
-    );
-    sim.link_in(
-        b,
-        &LinkMsg::FileChunk {
-            id: 3,
-            offset: 5,
-            data: vec![0; 10],
-        },
-    );
+    sim.opened(3, 0, b, 3);
+    sim.chunk_in(b, 3, 5, vec![0; 10]);
     assert_eq!(sim.error_code_on(b), "protocol", "data out of order");
 }
 
@@ -428,6 +393,23 @@ fn failures_reach_the_other_side_and_the_user() {
 }
 
 impl Sim {
+    /// The disk opened transfer `number` holding `have` bytes: the sender
+    /// of offer `id`, on link `c`, is asked for the rest.
+    fn opened(&mut self, number: u64, have: u64, c: Conn, id: u64) {
+        self.disk_says(DiskReply::Opened {
+            transfer: number,
+            have,
+        });
+        assert_eq!(
+            self.take_link(c),
+            vec![LinkMsg::FileAccept { id, offset: have }]
+        );
+    }
+
+    fn chunk_in(&mut self, c: Conn, id: u64, offset: u64, data: Vec<u8>) {
+        self.link_in(c, &LinkMsg::FileChunk { id, offset, data });
+    }
+
     /// The receiver's answer on our file link `c`.
     fn link_out_answer(&mut self, c: Conn, msg: &LinkMsg) {
         self.raw_in(c, &file_body(msg));
@@ -627,14 +609,7 @@ fn what_we_accepted_before_a_restart_resumes_without_asking_when_offered() {
         &sim.take_disk()[..],
         [DiskOp::Receive { transfer: 1, dir, id: 41, .. }] if dir == &PathBuf::from("/tmp/in")
     ));
-    sim.disk_says(DiskReply::Opened {
-        transfer: 1,
-        have: 70,
-    });
-    assert_eq!(
-        sim.take_link(c),
-        vec![LinkMsg::FileAccept { id: 41, offset: 70 }]
-    );
+    sim.opened(1, 70, c, 41);
 }
 
 #[test]
