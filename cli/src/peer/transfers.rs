@@ -1283,15 +1283,20 @@ impl Transfers {
     pub(super) fn exit(&mut self, actions: &mut Actions) {
         let kept = actions.keeps_records();
         for (number, out) in std::mem::take(&mut self.outgoing) {
-            if kept {
+            // Not offered yet, so not in the store: nothing to resume.
+            let unkept = matches!(out.phase, OutPhase::Preparing) && out.offered.is_none();
+            if kept && !unkept {
                 actions.cancel(out.deadline);
                 actions.host(HostOutput::Disk(DiskOp::Close {
                     transfer: number,
                     discard: false,
                 }));
             } else {
-                let why = "the sender quit".to_string();
-                self.end_out(number, out, FileCode::Cancelled, why, true, actions);
+                let why = match unkept {
+                    true => "the sender quit before the file was hashed",
+                    false => "the sender quit",
+                };
+                self.end_out(number, out, FileCode::Cancelled, why.into(), true, actions);
             }
         }
         for (number, inc) in std::mem::take(&mut self.incoming) {

@@ -669,3 +669,30 @@ fn a_transfer_kept_from_before_a_restart_that_expires_unoffered_leaves_no_partia
         outgoing: false
     }));
 }
+
+#[test]
+fn quitting_before_a_file_is_hashed_ends_its_transfer_even_with_a_store() {
+    let config = Config {
+        persistent: true,
+        ..config()
+    };
+    let mut sim = Sim::with(config, Trust::default());
+    sim.start();
+    sim.registry_says(&welcome(&["bob"], false));
+    sim.command(Command::SendFile {
+        to: "bob".into(),
+        path: "/data/huge.iso".into(),
+    });
+    sim.take_all();
+    sim.command(Command::Quit);
+    sim.advance(Duration::from_secs(3));
+    let failed: Vec<Event> = sim
+        .take_events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::FileFailed { .. }))
+        .collect();
+    assert!(
+        matches!(&failed[..], [Event::FileFailed { code, reason, .. }] if code == "cancelled" && reason.contains("before the file was hashed")),
+        "{failed:?}"
+    );
+}
