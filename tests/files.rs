@@ -260,3 +260,127 @@ fn a_sender_killed_mid_transfer_offers_it_again_after_a_restart_and_it_resumes()
         "bob was offered the file once, and took it back where it broke"
     );
 }
+
+#[test]
+fn transfers_run_both_ways_at_once() {
+    let reg = Registry::start(&[]);
+    let files = DataDir::fresh();
+    let dir = |who: &str| files.path().join(who).display().to_string();
+    let (a_dir, b_dir) = (dir("to-alice"), dir("to-bob"));
+    let mut alice = PeerProc::start_with(
+        "alice",
+        &reg.addr.to_string(),
+        &["--accept-files-from", "bob", "--downloads", a_dir.as_str()],
+    );
+    alice.registered();
+    let mut bob = PeerProc::start_with(
+        "bob",
+        &reg.addr.to_string(),
+        &[
+            "--accept-files-from",
+            "alice",
+            "--downloads",
+            b_dir.as_str(),
+        ],
+    );
+    bob.registered();
+    alice.expect("joined", LONG, is("joined", "name", "bob"));
+    let (for_bob, for_alice) = (content(3 << 20, 5), content(2 << 20, 9));
+    for (name, data) in [("for-bob.bin", &for_bob), ("for-alice.bin", &for_alice)] {
+        fs::write(files.path().join(name), data).unwrap();
+    }
+    alice.say(&format!(
+        "/send bob {}",
+        files.path().join("for-bob.bin").display()
+    ));
+    bob.say(&format!(
+        "/send alice {}",
+        files.path().join("for-alice.bin").display()
+    ));
+    for (peer, data) in [(&mut alice, &for_alice), (&mut bob, &for_bob)] {
+        let done = peer.expect("file_done", LONG, is("file_done", "direction", "in"));
+        assert!(fs::read(done["path"].as_str().unwrap()).unwrap() == *data);
+        // Its own file may have been done first, on the way to this one.
+        let sent = is("file_done", "direction", "out");
+        if peer.count(&sent) == 0 {
+            peer.expect("file_done", LONG, sent);
+        }
+    }
+}
+
+/// `unshare -m`, with a tmpfs of `size` mounted over `dir`, for the peer
+/// it runs: a disk that fills, seen by that peer alone. `None` where mount
+/// namespaces cannot be made (not root).
+fn small_disk(dir: &Path, size: &str) -> Option<Vec<String>> {
+    let works = std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    works.then(|| {
+        let script = format!(
+            "mount -t tmpfs -o size={size} tmpfs '{}' && exec \"$0\" \"$@\"",
+            dir.display()
+        );
+        vec![
+            "unshare".into(),
+            "-m".into(),
+            "sh".into(),
+            "-c".into(),
+            script,
+        ]
+    })
+}
+
+#[test]
+fn a_full_disk_fails_the_transfer_on_both_sides_and_leaves_nothing_behind() {
+    let files = DataDir::fresh();
+    let inbox = files.path().join("inbox");
+    fs::create_dir(&inbox).unwrap();
+    let Some(wrapper) = small_disk(&inbox, "1m") else {
+        eprintln!("skipped: cannot make a mount namespace here (needs root)");
+        return;
+    };
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let reg = Registry::start(&[]);
+    let mut alice = PeerProc::start("alice", reg.addr);
+    alice.registered();
+    let inbox_arg = inbox.display().to_string();
+    let mut bob = PeerProc::start_in(
+        &wrapper,
+        "bob",
+        &reg.addr.to_string(),
+        &[
+            "--accept-files-from",
+            "alice",
+            "--downloads",
+            inbox_arg.as_str(),
+        ],
+    );
+    bob.registered();
+    alice.expect("joined", LONG, is("joined", "name", "bob"));
+    fs::write(files.path().join("big.bin"), content(4 << 20, 3)).unwrap();
+    alice.say(&format!(
+        "/send bob {}",
+        files.path().join("big.bin").display()
+    ));
+
+    let failed = bob.expect("file_failed", LONG, is("file_failed", "direction", "in"));
+    assert_eq!(failed["code"], "io");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("No space left"),
+        "{failed}"
+    );
+    let failed = alice.expect("file_failed", LONG, is("file_failed", "direction", "out"));
+    assert_eq!(failed["code"], "io");
+    // bob's own view of the directory, through his mount namespace.
+    let seen =
+        Path::new(&format!("/proc/{}/root", bob.proc.pid())).join(inbox.strip_prefix("/").unwrap());
+    assert_eq!(
+        fs::read_dir(&seen).unwrap().count(),
+        0,
+        "the partial file is removed"
+    );
+    alice.say("/msg bob still here?");
+    let chat = bob.expect_event("message", LONG);
+    assert_eq!(chat["text"], "still here?");
+}
