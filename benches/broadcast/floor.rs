@@ -1,4 +1,7 @@
-//! Section 4, the floor: plain TCP fan-out.
+//! Section 4, the floors: the same fan-out with no framework at all, as
+//! plain TCP, and sealed as peerchat seals it (one Noise session per
+//! socket, the project's cipher), with the receiver opening every message
+//! and finding its frames, as the systems measured against it do.
 
 use std::io::Write;
 use std::net::{TcpListener as StdListener, TcpStream as StdStream};
@@ -10,9 +13,47 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::report::{latency_group, latency_of, rate_group, rate_of, Calls, Report};
+use peerchat_core::identity::Identity;
+use peerchat_core::protocol::noise_prologue;
+use peerchat_core::secure::{self, SecureChannel};
+use peerchat_core::wire::{FrameDecoder, DEFAULT_MAX_FRAME, PREFIX_LEN};
+
+use crate::report::{latency_group, latency_of, rate_group, rate_of, Calls, Lat, Report};
 use crate::wire::{poll_once, read_into};
 use crate::{FLOOR_MSG, K, LATENCY_SAMPLES, RATE_SAMPLES, SCRATCH, WAIT};
+
+/// How a floor puts messages on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// `FLOOR_MSG` raw bytes a message; the reader counts bytes.
+    Plain,
+    /// A `FLOOR_MSG`-byte frame a message, a round's frames sealed as one
+    /// Noise message per socket (as the event loop seals a turn's frames);
+    /// the reader opens it and counts frames.
+    Sealed,
+}
+
+/// Two ends of one Noise session, handshaken in memory.
+fn session_pair() -> (SecureChannel, SecureChannel) {
+    let prologue = noise_prologue();
+    let (a, b) = (Identity::generate(), Identity::generate());
+    let mut scratch = secure::scratch();
+    let mut to_responder = Vec::new();
+    let mut initiator = SecureChannel::initiator(&a, &prologue, &mut to_responder);
+    let mut responder = SecureChannel::responder(&b, &prologue);
+    let mut ignore = |_: &[u8]| {};
+    while !(initiator.is_established() && responder.is_established()) {
+        let mut to_initiator = Vec::new();
+        responder
+            .receive(&to_responder, &mut scratch, &mut to_initiator, &mut ignore)
+            .expect("the responder's half of the handshake");
+        to_responder.clear();
+        initiator
+            .receive(&to_initiator, &mut scratch, &mut to_responder, &mut ignore)
+            .expect("the initiator's half of the handshake");
+    }
+    (initiator, responder)
+}
 
 pub struct Floor {
     pub arm: Option<Sender<u64>>,
@@ -20,10 +61,11 @@ pub struct Floor {
     pub started: Receiver<Instant>,
     pub finished: Receiver<Result<Instant, String>>,
     pub threads: Vec<JoinHandle<()>>,
+    pub wire: Wire,
 }
 
 impl Floor {
-    pub fn start(n: usize) -> Floor {
+    pub fn start(n: usize, wire: Wire) -> Floor {
         let listener = StdListener::bind("127.0.0.1:0").expect("floor listener");
         let addr = listener.local_addr().unwrap();
         let mut writers = Vec::with_capacity(n);
@@ -36,17 +78,34 @@ impl Floor {
             writers.push(w);
             readers.push(TcpStream::from_std(r));
         }
+        let (mut sealers, mut openers): (Vec<_>, Vec<_>) = match wire {
+            Wire::Plain => (Vec::new(), Vec::new()),
+            Wire::Sealed => (0..n).map(|_| session_pair()).unzip(),
+        };
         let (arm_tx, arm_rx) = mpsc::channel::<u64>();
         let (go_tx, go_rx) = mpsc::channel::<usize>();
         let (started_tx, started) = mpsc::channel();
         let (finished_tx, finished) = mpsc::channel();
         let writer = thread::spawn(move || {
-            let msg: Vec<u8> = (0..FLOOR_MSG as u8).collect();
+            let mut msg: Vec<u8> = (0..FLOOR_MSG as u8).collect();
+            if wire == Wire::Sealed {
+                let body = (FLOOR_MSG - PREFIX_LEN) as u32;
+                msg[..PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
+            }
+            let mut sealed = Vec::new();
             for k in go_rx {
                 let buf = msg.repeat(k);
                 let t0 = Instant::now();
-                for w in &mut writers {
-                    w.write_all(&buf).expect("floor write");
+                for (i, w) in writers.iter_mut().enumerate() {
+                    let bytes = match sealers.get_mut(i) {
+                        Some(sealer) => {
+                            sealed.clear();
+                            sealer.seal(&buf, &mut sealed).expect("floor seal");
+                            &sealed
+                        }
+                        None => &buf,
+                    };
+                    w.write_all(bytes).expect("floor write");
                 }
                 if started_tx.send(t0).is_err() {
                     return;
@@ -62,6 +121,11 @@ impl Floor {
                     .unwrap();
             }
             let mut scratch = vec![0u8; SCRATCH];
+            let mut open_scratch = secure::scratch();
+            let mut decoders: Vec<FrameDecoder> = openers
+                .iter()
+                .map(|_| FrameDecoder::new(DEFAULT_MAX_FRAME))
+                .collect();
             let mut got = vec![0u64; readers.len()];
             let mut target = 0u64;
             for bytes in arm_rx {
@@ -79,7 +143,27 @@ impl Floor {
                         let i = event.token().0;
                         let before = got[i] >= target;
                         let mut count = 0;
-                        read_into(&mut readers[i], &mut scratch, |b| count += b.len() as u64);
+                        match openers.get_mut(i) {
+                            Some(opener) => {
+                                let decoder = &mut decoders[i];
+                                let mut replies = Vec::new();
+                                read_into(&mut readers[i], &mut scratch, |b| {
+                                    opener
+                                        .receive(b, &mut open_scratch, &mut replies, &mut |p| {
+                                            decoder.push(p)
+                                        })
+                                        .expect("floor open");
+                                });
+                                while let Ok(Some(_)) = decoder.next_frame() {
+                                    count += 1;
+                                }
+                            }
+                            None => {
+                                read_into(&mut readers[i], &mut scratch, |b| {
+                                    count += b.len() as u64
+                                });
+                            }
+                        }
                         got[i] += count;
                         if !before && got[i] >= target {
                             pending -= 1;
@@ -98,17 +182,19 @@ impl Floor {
             started,
             finished,
             threads: vec![writer, reader],
+            wire,
         }
     }
 
     /// `k` messages to every socket, in one write each; the time from the
     /// first write to the last byte read.
     pub fn round(&self, k: usize) -> Duration {
-        self.arm
-            .as_ref()
-            .unwrap()
-            .send((k * FLOOR_MSG) as u64)
-            .unwrap();
+        // What the reader counts: bytes, or frames.
+        let units = match self.wire {
+            Wire::Plain => k * FLOOR_MSG,
+            Wire::Sealed => k,
+        };
+        self.arm.as_ref().unwrap().send(units as u64).unwrap();
         self.go.as_ref().unwrap().send(k).unwrap();
         let t0 = self
             .started
@@ -134,53 +220,64 @@ impl Drop for Floor {
 }
 
 pub fn floor_benches(c: &mut Criterion, n: usize, report: &mut Report) {
-    {
-        let floor = Floor::start(n);
-        for _ in 0..10 {
-            floor.round(1);
-        }
-        let mut calls = Calls::new();
-        let mut group = latency_group(c, "floor_latency");
-        group.bench_function(BenchmarkId::from_parameter(n), |b| {
-            b.iter_custom(|iters| {
-                calls.begin();
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let d = floor.round(1);
-                    calls.push(d);
-                    total += d;
-                }
-                total
-            })
-        });
-        group.finish();
-        let lat = latency_of(calls.measured(LATENCY_SAMPLES));
-        report.latency_line("floor_latency", n, &lat);
-        if lat.count > 0 {
-            report.floor_lat.insert(n, lat);
-        }
-
-        let deliveries = (n * K) as u64;
-        let mut calls = Calls::new();
-        let mut group = rate_group(c, "floor_coalesced");
-        group.throughput(Throughput::Elements(deliveries));
-        group.bench_function(BenchmarkId::from_parameter(n), |b| {
-            b.iter_custom(|iters| {
-                calls.begin();
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let d = floor.round(K);
-                    calls.push((deliveries, d));
-                    total += d;
-                }
-                total
-            })
-        });
-        group.finish();
-        let rate = rate_of(calls.measured(RATE_SAMPLES));
-        report.rate_line("floor_coalesced", n, rate);
-        if rate > 0.0 {
-            report.floor_rate.insert(n, rate);
-        }
+    let (lat, rate) = floor_bench(c, n, Wire::Plain, "floor", report);
+    if lat.count > 0 {
+        report.floor_lat.insert(n, lat);
     }
+    if rate > 0.0 {
+        report.floor_rate.insert(n, rate);
+    }
+    let (lat, rate) = floor_bench(c, n, Wire::Sealed, "sealed_floor", report);
+    if lat.count > 0 {
+        report.sealed_lat.insert(n, lat);
+    }
+    if rate > 0.0 {
+        report.sealed_rate.insert(n, rate);
+    }
+}
+
+/// One floor's latency (one message a socket) and coalesced rate (`K`).
+fn floor_bench(c: &mut Criterion, n: usize, wire: Wire, name: &str, report: &Report) -> (Lat, f64) {
+    let floor = Floor::start(n, wire);
+    for _ in 0..10 {
+        floor.round(1);
+    }
+    let mut calls = Calls::new();
+    let mut group = latency_group(c, &format!("{name}_latency"));
+    group.bench_function(BenchmarkId::from_parameter(n), |b| {
+        b.iter_custom(|iters| {
+            calls.begin();
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let d = floor.round(1);
+                calls.push(d);
+                total += d;
+            }
+            total
+        })
+    });
+    group.finish();
+    let lat = latency_of(calls.measured(LATENCY_SAMPLES));
+    report.latency_line(&format!("{name}_latency"), n, &lat);
+
+    let deliveries = (n * K) as u64;
+    let mut calls = Calls::new();
+    let mut group = rate_group(c, &format!("{name}_coalesced"));
+    group.throughput(Throughput::Elements(deliveries));
+    group.bench_function(BenchmarkId::from_parameter(n), |b| {
+        b.iter_custom(|iters| {
+            calls.begin();
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let d = floor.round(K);
+                calls.push((deliveries, d));
+                total += d;
+            }
+            total
+        })
+    });
+    group.finish();
+    let rate = rate_of(calls.measured(RATE_SAMPLES));
+    report.rate_line(&format!("{name}_coalesced"), n, rate);
+    (lat, rate)
 }

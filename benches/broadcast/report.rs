@@ -97,6 +97,9 @@ pub fn ratio(ours: Duration, floor: Duration) -> f64 {
 pub struct Report {
     pub floor_lat: BTreeMap<usize, Lat>,
     pub floor_rate: BTreeMap<usize, f64>,
+    /// The sealed floor's: the like-for-like one for encrypted systems.
+    pub sealed_lat: BTreeMap<usize, Lat>,
+    pub sealed_rate: BTreeMap<usize, f64>,
     pub reg_lat: BTreeMap<usize, (Lat, Duration, Duration)>,
     /// By (churn connections in flight, N): rate, changes per frame.
     pub churn: BTreeMap<(usize, usize), (f64, f64)>,
@@ -158,9 +161,29 @@ impl Report {
                 fmt_d(l.mean)
             );
         }
+        eprintln!("sealed floor (a Noise session per socket, the round's frames sealed as one message, opened and framed by the reader):");
+        eprintln!("| N | p50 | p99 | mean | coalesced deliveries/s | p50 / plain floor | rate / plain floor |");
+        for (n, l) in &self.sealed_lat {
+            let rate = self.sealed_rate.get(n).copied();
+            eprintln!(
+                "| {n} | {} | {} | {} | {} | {} | {} |",
+                fmt_d(l.p50),
+                fmt_d(l.p99),
+                fmt_d(l.mean),
+                rate.map_or("-".into(), fmt_rate),
+                floor_p50(n).map_or("-".into(), |f| format!("{:.2}x", ratio(l.p50, f))),
+                rate.zip(floor_rate(n))
+                    .map_or("-".into(), |(r, f)| format!("{:.3}x", r / f))
+            );
+        }
+        let sealed_p50 = |n: &usize, ours: Duration| {
+            self.sealed_lat
+                .get(n)
+                .map_or("-".into(), |f| format!("{:.2}x", ratio(ours, f.p50)))
+        };
         eprintln!("registry broadcast latency (join and leave together; then each alone):");
         eprintln!(
-            "| N | p50 | p99 | mean | p50/floor | p99/floor | mean/floor | join p50 | leave p50 |"
+            "| N | p50 | p99 | mean | p50/floor | p99/floor | mean/floor | join p50 | leave p50 | leave p50/sealed floor |"
         );
         for (n, (l, join, leave)) in &self.reg_lat {
             let f = self.floor_lat.get(n);
@@ -168,7 +191,7 @@ impl Report {
                 f.map_or("-".into(), |f| format!("{:.2}x", ratio(ours, pick(f))))
             };
             eprintln!(
-                "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 fmt_d(l.p50),
                 fmt_d(l.p99),
                 fmt_d(l.mean),
@@ -176,7 +199,8 @@ impl Report {
                 r(l.p99, |f| f.p99),
                 r(l.mean, |f| f.mean),
                 fmt_d(*join),
-                fmt_d(*leave)
+                fmt_d(*leave),
+                sealed_p50(n, *leave)
             );
         }
         eprintln!("registry delta throughput under churn:");
@@ -191,7 +215,7 @@ impl Report {
         }
         eprintln!("peer fan-out latency (acks: held until the clock stops, then as they arrive):");
         eprintln!(
-            "| acks | N | p50 | p99 | mean | p50/floor | p99/floor | stdin to `sent` read, p50 |"
+            "| acks | N | p50 | p99 | mean | p50/floor | p99/floor | stdin to `sent` read, p50 | p50/sealed floor |"
         );
         let rows = self
             .peer_lat
@@ -201,19 +225,20 @@ impl Report {
         for (acks, (n, (l, sent))) in rows {
             let f = self.floor_lat.get(n);
             eprintln!(
-                "| {acks} | {n} | {} | {} | {} | {} | {} | {} |",
+                "| {acks} | {n} | {} | {} | {} | {} | {} | {} | {} |",
                 fmt_d(l.p50),
                 fmt_d(l.p99),
                 fmt_d(l.mean),
                 floor_p50(n).map_or("-".into(), |f| format!("{:.2}x", ratio(l.p50, f))),
                 f.map_or("-".into(), |f| format!("{:.2}x", ratio(l.p99, f.p99))),
-                fmt_d(*sent)
+                fmt_d(*sent),
+                sealed_p50(n, l.p50)
             );
         }
         eprintln!(
             "peer fan-out pipelined (K = {K} lines per round; acks as they arrive, then held):"
         );
-        eprintln!("| acks | N | deliveries/s | ratio to coalesced floor |");
+        eprintln!("| acks | N | deliveries/s | ratio to coalesced floor | ratio to sealed coalesced floor |");
         let rows = self
             .peer_rate
             .iter()
@@ -221,7 +246,11 @@ impl Report {
             .chain(self.peer_rate_held.iter().map(|r| ("held", r)));
         for (acks, (n, rate)) in rows {
             let r = floor_rate(n).map_or("-".into(), |f| format!("{:.3}x", rate / f));
-            eprintln!("| {acks} | {n} | {} | {r} |", fmt_rate(*rate));
+            let sealed = self
+                .sealed_rate
+                .get(n)
+                .map_or("-".into(), |f| format!("{:.3}x", rate / f));
+            eprintln!("| {acks} | {n} | {} | {r} | {sealed} |", fmt_rate(*rate));
         }
     }
 }
