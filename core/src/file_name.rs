@@ -11,8 +11,9 @@ pub const MAX_NAME_BYTES: usize = 200;
 /// The name a received file is saved under, from the one its sender
 /// offered: never a path (separators become `_`), never hidden or `..`
 /// (leading dots go), no control characters and none of the invisible
-/// ones names may not hold either (a direction override could disguise
-/// `txt.exe` as `exe.txt`), at most [`MAX_NAME_BYTES`], and never empty.
+/// ones names may not hold either (a right-to-left override can make a
+/// name that ends in `.exe` read as one that ends in `.jpg`), at most
+/// [`MAX_NAME_BYTES`], and never empty.
 pub fn safe_file_name(offered: &str) -> String {
     let cleaned: String = offered
         .chars()

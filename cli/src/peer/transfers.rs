@@ -1243,7 +1243,11 @@ impl Transfers {
                 code,
                 message,
             } => {
-                if self.outgoing.contains_key(&transfer) {
+                if let Some(out) = self.outgoing.get(&transfer) {
+                    // A file offered before a restart and unreadable now is
+                    // not the file offered, whatever the disk said.
+                    let again = out.offered.is_some() && matches!(out.phase, OutPhase::Preparing);
+                    let code = if again { FileCode::Changed } else { code };
                     self.fail_out(transfer, code, message, actions);
                 } else {
                     self.end_in(transfer, code, message, true, actions);

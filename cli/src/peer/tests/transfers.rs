@@ -696,3 +696,19 @@ fn quitting_before_a_file_is_hashed_ends_its_transfer_even_with_a_store() {
         "{failed:?}"
     );
 }
+
+#[test]
+fn a_file_gone_since_it_was_offered_before_a_restart_ends_as_changed() {
+    let mut sim = resumed_with(vec![kept(true, "bob", "/data/report.pdf")]);
+    sim.registry_says(&welcome(&["bob"], false));
+    sim.take_all();
+    sim.disk_says(DiskReply::Failed {
+        transfer: 1,
+        code: FileCode::Io,
+        message: "/data/report.pdf: No such file or directory".into(),
+    });
+    assert!(matches!(
+        &sim.take_events()[..],
+        [Event::FileFailed { code, .. }] if code == "changed"
+    ));
+}
