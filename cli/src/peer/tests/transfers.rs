@@ -393,6 +393,26 @@ fn failures_reach_the_other_side_and_the_user() {
 }
 
 impl Sim {
+    /// Registered with `peers` online, with a store.
+    fn stored_online(peers: &[&str]) -> Sim {
+        let config = Config {
+            persistent: true,
+            ..config()
+        };
+        let mut sim = Sim::with(config, Trust::default());
+        sim.start();
+        sim.registry_says(&welcome(peers, false));
+        sim
+    }
+
+    /// The `file_failed` events since last taken; the others are dropped.
+    fn take_failed(&mut self) -> Vec<Event> {
+        self.take_events()
+            .into_iter()
+            .filter(|e| matches!(e, Event::FileFailed { .. }))
+            .collect()
+    }
+
     /// The disk opened transfer `number` holding `have` bytes: the sender
     /// of offer `id`, on link `c`, is asked for the rest.
     fn opened(&mut self, number: u64, have: u64, c: Conn, id: u64) {
@@ -614,13 +634,7 @@ fn what_we_accepted_before_a_restart_resumes_without_asking_when_offered() {
 
 #[test]
 fn with_a_store_quitting_pauses_transfers_instead_of_ending_them() {
-    let config = Config {
-        persistent: true,
-        ..config()
-    };
-    let mut sim = Sim::with(config, Trust::default());
-    sim.start();
-    sim.registry_says(&welcome(&["bob"], false));
+    let mut sim = Sim::stored_online(&["bob"]);
     let (c, id) = sim.offer_to_bob(100);
     let recorded = |sim: &Sim| {
         sim.records
@@ -654,11 +668,7 @@ fn a_transfer_kept_from_before_a_restart_that_expires_unoffered_leaves_no_partia
             id: 41
         }]
     );
-    let failed: Vec<Event> = sim
-        .take_events()
-        .into_iter()
-        .filter(|e| matches!(e, Event::FileFailed { .. }))
-        .collect();
+    let failed = sim.take_failed();
     assert!(
         matches!(&failed[..], [Event::FileFailed { code, .. }] if code == "expired"),
         "{failed:?}"
@@ -672,13 +682,7 @@ fn a_transfer_kept_from_before_a_restart_that_expires_unoffered_leaves_no_partia
 
 #[test]
 fn quitting_before_a_file_is_hashed_ends_its_transfer_even_with_a_store() {
-    let config = Config {
-        persistent: true,
-        ..config()
-    };
-    let mut sim = Sim::with(config, Trust::default());
-    sim.start();
-    sim.registry_says(&welcome(&["bob"], false));
+    let mut sim = Sim::stored_online(&["bob"]);
     sim.command(Command::SendFile {
         to: "bob".into(),
         path: "/data/huge.iso".into(),
@@ -686,11 +690,7 @@ fn quitting_before_a_file_is_hashed_ends_its_transfer_even_with_a_store() {
     sim.take_all();
     sim.command(Command::Quit);
     sim.advance(Duration::from_secs(3));
-    let failed: Vec<Event> = sim
-        .take_events()
-        .into_iter()
-        .filter(|e| matches!(e, Event::FileFailed { .. }))
-        .collect();
+    let failed = sim.take_failed();
     assert!(
         matches!(&failed[..], [Event::FileFailed { code, reason, .. }] if code == "cancelled" && reason.contains("before the file was hashed")),
         "{failed:?}"
