@@ -61,7 +61,9 @@ pub struct Floor {
     pub started: Receiver<Instant>,
     pub finished: Receiver<Result<Instant, String>>,
     pub threads: Vec<JoinHandle<()>>,
-    pub wire: Wire,
+    /// What the reader counts for one message: bytes, or frames when
+    /// sealed.
+    pub units: u64,
 }
 
 impl Floor {
@@ -78,35 +80,54 @@ impl Floor {
             writers.push(w);
             readers.push(TcpStream::from_std(r));
         }
-        let (mut sealers, mut openers): (Vec<_>, Vec<_>) = match wire {
+        let (mut sealers, openers): (Vec<_>, Vec<_>) = match wire {
             Wire::Plain => (Vec::new(), Vec::new()),
             Wire::Sealed => (0..n).map(|_| session_pair()).unzip(),
         };
+        let mut msg: Vec<u8> = (0..FLOOR_MSG as u8).collect();
+        if wire == Wire::Sealed {
+            let body = (FLOOR_MSG - PREFIX_LEN) as u32;
+            msg[..PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
+        }
+        let mut sealed = Vec::new();
+        let write = move |k: usize| {
+            let buf = msg.repeat(k);
+            for (i, w) in writers.iter_mut().enumerate() {
+                let bytes = match sealers.get_mut(i) {
+                    Some(sealer) => {
+                        sealed.clear();
+                        sealer.seal(&buf, &mut sealed).expect("floor seal");
+                        &sealed
+                    }
+                    None => &buf,
+                };
+                w.write_all(bytes).expect("floor write");
+            }
+        };
+        let units = match wire {
+            Wire::Plain => FLOOR_MSG as u64,
+            Wire::Sealed => 1,
+        };
+        Floor::spawn(readers, openers, units, write)
+    }
+
+    /// The writer (`write(k)` sends `k` messages to every reader) and the
+    /// reader threads, over the receiving ends `readers` (opened with
+    /// `openers` when sealed).
+    pub fn spawn(
+        mut readers: Vec<TcpStream>,
+        mut openers: Vec<SecureChannel>,
+        units: u64,
+        mut write: impl FnMut(usize) + Send + 'static,
+    ) -> Floor {
         let (arm_tx, arm_rx) = mpsc::channel::<u64>();
         let (go_tx, go_rx) = mpsc::channel::<usize>();
         let (started_tx, started) = mpsc::channel();
         let (finished_tx, finished) = mpsc::channel();
         let writer = thread::spawn(move || {
-            let mut msg: Vec<u8> = (0..FLOOR_MSG as u8).collect();
-            if wire == Wire::Sealed {
-                let body = (FLOOR_MSG - PREFIX_LEN) as u32;
-                msg[..PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
-            }
-            let mut sealed = Vec::new();
             for k in go_rx {
-                let buf = msg.repeat(k);
                 let t0 = Instant::now();
-                for (i, w) in writers.iter_mut().enumerate() {
-                    let bytes = match sealers.get_mut(i) {
-                        Some(sealer) => {
-                            sealed.clear();
-                            sealer.seal(&buf, &mut sealed).expect("floor seal");
-                            &sealed
-                        }
-                        None => &buf,
-                    };
-                    w.write_all(bytes).expect("floor write");
-                }
+                write(k);
                 if started_tx.send(t0).is_err() {
                     return;
                 }
@@ -182,19 +203,15 @@ impl Floor {
             started,
             finished,
             threads: vec![writer, reader],
-            wire,
+            units,
         }
     }
 
     /// `k` messages to every socket, in one write each; the time from the
     /// first write to the last byte read.
     pub fn round(&self, k: usize) -> Duration {
-        // What the reader counts: bytes, or frames.
-        let units = match self.wire {
-            Wire::Plain => k * FLOOR_MSG,
-            Wire::Sealed => k,
-        };
-        self.arm.as_ref().unwrap().send(units as u64).unwrap();
+        let units = k as u64 * self.units;
+        self.arm.as_ref().unwrap().send(units).unwrap();
         self.go.as_ref().unwrap().send(k).unwrap();
         let t0 = self
             .started
@@ -238,7 +255,18 @@ pub fn floor_benches(c: &mut Criterion, n: usize, report: &mut Report) {
 
 /// One floor's latency (one message a socket) and coalesced rate (`K`).
 fn floor_bench(c: &mut Criterion, n: usize, wire: Wire, name: &str, report: &Report) -> (Lat, f64) {
-    let floor = Floor::start(n, wire);
+    measure(c, n, &Floor::start(n, wire), name, report)
+}
+
+/// Latency (one message to each reader) and pipelined rate (`K` each) of
+/// any fan-out driven as a [`Floor`].
+pub fn measure(
+    c: &mut Criterion,
+    n: usize,
+    floor: &Floor,
+    name: &str,
+    report: &Report,
+) -> (Lat, f64) {
     for _ in 0..10 {
         floor.round(1);
     }

@@ -55,6 +55,10 @@
 //! `BROADCAST_PEER_ARGS` adds arguments to the peer's command line:
 //! `BROADCAST_PEER_ARGS=--no-store` measures section 3 without the store.
 //!
+//! 5. `redis_latency/N`, `redis_coalesced/N`: Redis pub/sub, N subscribers
+//!    of one channel, 64-byte PUBLISHes (one, then `K` pipelined), driven
+//!    like the floors; skipped where `redis-server` is not installed.
+//!
 //! One bench binary: its process, wire and report harness (what other
 //! benches and tests share is in the testkit), and one module per section.
 
@@ -63,6 +67,7 @@ mod floor;
 mod listeners;
 mod peer;
 mod procs;
+mod redis;
 mod report;
 mod wire;
 
@@ -73,7 +78,7 @@ use peerchat_testkit::bins;
 use peerchat_testkit::process::DataDir;
 
 use crate::churn::ChurnSection;
-use crate::floor::floor_benches;
+use crate::floor::{floor_benches, measure};
 use crate::listeners::LatencySection;
 use crate::peer::PeerSection;
 use crate::report::Report;
@@ -140,11 +145,16 @@ fn broadcast(c: &mut Criterion) {
     let mut latency = LatencySection::start(bins, &dir);
     let mut churn = ChurnSection::start(bins, &dir);
     let mut fanout = PeerSection::start(bins, &dir);
+    let redis = redis::RedisServer::start();
     // Size by size, each floor right before the figures compared with it,
     // so that load from elsewhere on the machine drifts less between them.
     // The sections waiting their turn send heartbeats in between.
     for n in sizes() {
         floor_benches(c, n, &mut report);
+        if let Some(server) = &redis {
+            let (lat, rate) = measure(c, n, &redis::floor(server, n), "redis", &report);
+            report.redis.insert(n, (lat, rate));
+        }
         latency.bench(c, n, &mut report);
         churn.keepalive();
         fanout.keepalive();
