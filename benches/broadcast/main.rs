@@ -55,9 +55,10 @@
 //! `BROADCAST_PEER_ARGS` adds arguments to the peer's command line:
 //! `BROADCAST_PEER_ARGS=--no-store` measures section 3 without the store.
 //!
-//! 5. `redis_latency/N`, `redis_coalesced/N`: Redis pub/sub, N subscribers
-//!    of one channel, 64-byte PUBLISHes (one, then `K` pipelined), driven
-//!    like the floors; skipped where `redis-server` is not installed.
+//! 5. `redis_latency/N`, `redis_coalesced/N`, `nats_latency/N`,
+//!    `nats_coalesced/N`: Redis pub/sub and NATS, N subscribers of one
+//!    subject, 64-byte publishes (one, then `K` pipelined), driven like the
+//!    floors; each skipped where its server is not installed.
 //!
 //! One bench binary: its process, wire and report harness (what other
 //! benches and tests share is in the testkit), and one module per section.
@@ -67,7 +68,7 @@ mod floor;
 mod listeners;
 mod peer;
 mod procs;
-mod redis;
+mod pubsub;
 mod report;
 mod wire;
 
@@ -145,15 +146,22 @@ fn broadcast(c: &mut Criterion) {
     let mut latency = LatencySection::start(bins, &dir);
     let mut churn = ChurnSection::start(bins, &dir);
     let mut fanout = PeerSection::start(bins, &dir);
-    let redis = redis::RedisServer::start();
+    let redis = pubsub::Server::redis();
+    let nats = pubsub::Server::nats();
     // Size by size, each floor right before the figures compared with it,
     // so that load from elsewhere on the machine drifts less between them.
     // The sections waiting their turn send heartbeats in between.
     for n in sizes() {
         floor_benches(c, n, &mut report);
         if let Some(server) = &redis {
-            let (lat, rate) = measure(c, n, &redis::floor(server, n), "redis", &report);
-            report.redis.insert(n, (lat, rate));
+            let floor = pubsub::redis_floor(server, n);
+            let figures = measure(c, n, &floor, "redis", &report);
+            report.pubsub.insert(("redis", n), figures);
+        }
+        if let Some(server) = &nats {
+            let floor = pubsub::nats_floor(server, n);
+            let figures = measure(c, n, &floor, "nats", &report);
+            report.pubsub.insert(("nats", n), figures);
         }
         latency.bench(c, n, &mut report);
         churn.keepalive();

@@ -100,8 +100,8 @@ pub struct Report {
     /// The sealed floor's: the like-for-like one for encrypted systems.
     pub sealed_lat: BTreeMap<usize, Lat>,
     pub sealed_rate: BTreeMap<usize, f64>,
-    /// Redis pub/sub: latency, and pipelined deliveries a second.
-    pub redis: BTreeMap<usize, (Lat, f64)>,
+    /// By (system, N): latency, and pipelined deliveries a second.
+    pub pubsub: BTreeMap<(&'static str, usize), (Lat, f64)>,
     pub reg_lat: BTreeMap<usize, (Lat, Duration, Duration)>,
     /// By (churn connections in flight, N): rate, changes per frame.
     pub churn: BTreeMap<(usize, usize), (f64, f64)>,
@@ -205,10 +205,10 @@ impl Report {
                 sealed_p50(n, *leave)
             );
         }
-        if !self.redis.is_empty() {
-            eprintln!("redis pub/sub (one publisher, N subscribers; K = {K} PUBLISHes pipelined), and the registry's leave against it:");
-            eprintln!("| N | p50 | p99 | mean | pipelined deliveries/s | p50 / sealed floor | registry leave p50 / redis p50 | peer fan-out p50 (acks held) / redis p50 |");
-            for (n, (l, rate)) in &self.redis {
+        if !self.pubsub.is_empty() {
+            eprintln!("pub/sub systems (one publisher, N subscribers; K = {K} publishes pipelined), and the registry's leave against them:");
+            eprintln!("| system | N | p50 | p99 | mean | pipelined deliveries/s | p50 / sealed floor | registry leave p50 / its p50 | peer fan-out p50 (acks held) / its p50 |");
+            for ((system, n), (l, rate)) in &self.pubsub {
                 let leave = self.reg_lat.get(n).map_or("-".into(), |(_, _, leave)| {
                     format!("{:.2}x", ratio(*leave, l.p50))
                 });
@@ -217,7 +217,7 @@ impl Report {
                     .get(n)
                     .map_or("-".into(), |(p, _)| format!("{:.2}x", ratio(p.p50, l.p50)));
                 eprintln!(
-                    "| {n} | {} | {} | {} | {} | {} | {leave} | {peer} |",
+                    "| {system} | {n} | {} | {} | {} | {} | {} | {leave} | {peer} |",
                     fmt_d(l.p50),
                     fmt_d(l.p99),
                     fmt_d(l.mean),
