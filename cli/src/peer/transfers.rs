@@ -415,6 +415,15 @@ impl Transfers {
     }
 }
 
+/// The disk is done with transfer `number`; its partial file goes if
+/// `discard`.
+fn close_file(number: u64, discard: bool, actions: &mut Actions) {
+    actions.host(HostOutput::Disk(DiskOp::Close {
+        transfer: number,
+        discard,
+    }));
+}
+
 /// Arms `number`'s deadline again, `ttl` from now: the transfer moved.
 fn rearm(deadline: &mut Option<TimerKey>, number: u64, ttl: Duration, actions: &mut Actions) {
     actions.cancel(deadline.take());

@@ -301,10 +301,7 @@ impl Transfers {
                 name: inc.name.clone(),
                 id: inc.id,
             })),
-            _ => actions.host(HostOutput::Disk(DiskOp::Close {
-                transfer: number,
-                discard: true,
-            })),
+            _ => close_file(number, true, actions),
         }
         if let (true, Some(conn)) = (tell, inc.conn) {
             actions.send(conn, cancel_frame(inc.id, code, reason.clone()));
@@ -408,10 +405,7 @@ impl Transfers {
                     "not accepted before quitting; offered again when you are both online"
                 }
                 InPhase::Resuming | InPhase::Opening | InPhase::Receiving { .. } => {
-                    actions.host(HostOutput::Disk(DiskOp::Close {
-                        transfer: number,
-                        discard: false,
-                    }));
+                    close_file(number, false, actions);
                     if kept {
                         continue;
                     }

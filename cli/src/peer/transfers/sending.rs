@@ -269,10 +269,7 @@ impl Transfers {
         };
         actions.cancel(out.deadline);
         out.ended(actions);
-        actions.host(HostOutput::Disk(DiskOp::Close {
-            transfer: number,
-            discard: false,
-        }));
+        close_file(number, false, actions);
         let shown = Self::shown_out(number, &out);
         actions.emit(Event::FileDone {
             transfer: number,
@@ -379,10 +376,7 @@ impl Transfers {
     ) {
         actions.cancel(out.deadline);
         out.ended(actions);
-        actions.host(HostOutput::Disk(DiskOp::Close {
-            transfer: number,
-            discard: false,
-        }));
+        close_file(number, false, actions);
         let conn = self.links.get(&out.folded).and_then(Dialing::up);
         if let (true, Some(conn), false) = (tell, conn, matches!(out.phase, OutPhase::Preparing)) {
             actions.send(conn, cancel_frame(out.id, code, reason.clone()));
@@ -510,10 +504,7 @@ impl Transfers {
             let unkept = matches!(out.phase, OutPhase::Preparing) && !out.kept;
             if kept && !unkept {
                 actions.cancel(out.deadline);
-                actions.host(HostOutput::Disk(DiskOp::Close {
-                    transfer: number,
-                    discard: false,
-                }));
+                close_file(number, false, actions);
             } else {
                 let why = match unkept {
                     true => "the sender quit before the file was hashed",
