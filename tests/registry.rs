@@ -159,6 +159,7 @@ fn rejections_carry_their_codes() {
         version: 7,
         name: "future".into(),
         port: 1,
+        relay: false,
     });
     assert_eq!(code_of(future.recv()), "unsupported_version");
     let (_bob, _) = Client::register(reg.addr, "张伟", 4003);

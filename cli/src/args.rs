@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use peerchat_core::args::parse_duration;
+use peerchat_core::args::{parse_duration, parse_size};
 use peerchat_core::identity::PublicKey;
 
 /// The peerchat peer: chat directly with the peers a registry lists.
@@ -85,10 +85,4 @@ pub struct Args {
     /// pinned for the name.
     #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
     pub accept_files_from: Vec<String>,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>()
-        .map(|size| size.as_u64())
-        .map_err(|e| format!("{s:?} is not a size ({e}); write it like 4GiB or 500MB"))
 }

@@ -13,6 +13,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use indicatif::{HumanBytes, HumanDuration};
+use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::PeerEntry;
 use unicode_segmentation::UnicodeSegmentation;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
@@ -538,14 +539,20 @@ pub(crate) fn status_line(event: &Event) -> Option<String> {
             pinned,
             you,
             pinned_key,
-        } => match (you, pinned_key) {
-            (true, _) => format!("* {name} (you): key {key}"),
-            (false, Some(pin)) => format!(
-                "! {name}: the registry lists key {key}, but known_peers pins {pin} for {name}; links with {name} are refused until you check with them and delete that line"
-            ),
-            (false, None) if *pinned => format!("* {name}: key {key} (pinned in known_peers)"),
-            (false, None) => format!("* {name}: key {key} (not pinned yet: pinned when a link first succeeds)"),
-        },
+            link,
+        } => {
+            let mut line = whois_line(name, key, *pinned, *you, pinned_key.as_ref());
+            match link.as_deref() {
+                Some("relayed") => line.push_str(
+                    "; our link goes through the registry's relay (still end to end encrypted)",
+                ),
+                Some(path) => {
+                    let _ = write!(line, "; our link is {path}");
+                }
+                None => {}
+            }
+            line
+        }
         Event::Status {
             registry,
             error,
@@ -630,6 +637,25 @@ pub(crate) fn status_line(event: &Event) -> Option<String> {
         | Event::Outbox { .. }
         | Event::FileProgress { .. } => return None,
     })
+}
+
+/// `/whois`'s line for a peer (or ourselves), before what it says of our
+/// link.
+fn whois_line(
+    name: &str,
+    key: &PublicKey,
+    pinned: bool,
+    you: bool,
+    pinned_key: Option<&PublicKey>,
+) -> String {
+    match (you, pinned_key) {
+        (true, _) => format!("* {name} (you): key {key}"),
+            (false, Some(pin)) => format!(
+                "! {name}: the registry lists key {key}, but known_peers pins {pin} for {name}; links with {name} are refused until you check with them and delete that line"
+            ),
+            (false, None) if pinned => format!("* {name}: key {key} (pinned in known_peers)"),
+            (false, None) => format!("* {name}: key {key} (not pinned yet: pinned when a link first succeeds)"),
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ mod event;
 mod inbox;
 mod machine;
 mod outbox;
+mod relays;
 mod session;
 mod transfers;
 
@@ -50,6 +51,7 @@ use event::{Code, Reason};
 pub use event::{Direction, Event, Waiting};
 use inbox::Inbox;
 use outbox::Outbox;
+use relays::Relays;
 use session::{Heard, Session};
 pub use transfers::FilesConfig;
 use transfers::Transfers;
@@ -219,6 +221,8 @@ enum Timer {
     /// The transfer of this number has made no progress for the offer's
     /// lifetime.
     FileDeadline(u64),
+    /// This relay connection to us must be up by now.
+    RelayJoinDeadline(LinkId),
 }
 
 /// Milliseconds since the Unix epoch; 0 for a clock set before it.
@@ -235,6 +239,7 @@ pub struct Peer {
     outbox: Outbox,
     inbox: Inbox,
     transfers: Transfers,
+    relays: Relays,
     actions: Actions,
     rng: Rng,
     /// Said in our hello, so that a peer tells our restart from a resend.
@@ -276,7 +281,8 @@ impl Peer {
                 config.backoff_min,
                 config.backoff_max,
             ),
-            actions: Actions::new(config.persistent, now, wall),
+            relays: Relays::default(),
+            actions: Actions::new(config.persistent, now, wall, config.registry),
             rng,
             instance,
             key: config.key,
@@ -361,6 +367,12 @@ impl Peer {
                 }
             }
             Heard::Ended(code) => self.exit(2, &Reason::Code(code)),
+            Heard::RelayInvite { id, from } => {
+                if self.quitting() {
+                    return;
+                }
+                self.relays.invited(id, from, now, &mut self.actions);
+            }
         }
     }
 
@@ -639,6 +651,7 @@ impl Peer {
                 pinned: true,
                 you: true,
                 pinned_key: None,
+                link: None,
             })
         } else {
             self.directory.get(&folded).map(|known| {
@@ -649,6 +662,7 @@ impl Peer {
                     pinned: pin == Some(known.key),
                     you: false,
                     pinned_key: pin.filter(|p| *p != known.key),
+                    link: self.outbox.path_to(&folded).map(|p| p.as_str().into()),
                 }
             })
         };
@@ -727,6 +741,7 @@ impl Peer {
             }
             Timer::FileRetry(target) => self.transfers.on_retry(&target, &self.directory, actions),
             Timer::FileDeadline(number) => self.transfers.on_deadline(number, actions),
+            Timer::RelayJoinDeadline(link) => self.relays.on_deadline(link, actions),
         }
     }
 }

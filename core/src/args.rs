@@ -14,6 +14,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A size flag's value (`4GiB`, `500MB`, `1048576`), in bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|e| format!("{s:?} is not a size ({e}); write it like 4GiB or 500MB"))
+}
+
 /// Parses the command line. On a bad one, prints clap's error with the
 /// usage line (clap omits it for some errors, such as an invalid value) in
 /// clap's own place, before the pointer to `--help`, and exits with status 2.

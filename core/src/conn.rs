@@ -77,6 +77,12 @@ pub(crate) struct Conn {
     pub wants_write: bool,
     /// In the loop's list of connections to write this turn.
     pub dirty: bool,
+    /// The application stopped reading it ([`crate::event_loop::Ctx::set_reading`]):
+    /// its bytes wait in the kernel, which pushes back on the sender.
+    pub reads_paused: bool,
+    /// Tell the application once its queue is empty
+    /// ([`crate::event_loop::Ctx::watch_drain`]).
+    pub watch_drain: bool,
 }
 
 impl Conn {

@@ -183,6 +183,8 @@ pub trait App {
     fn on_signal(&mut self, ctx: &mut Ctx<Self::Timer>, _signal: i32) {
         ctx.stop(Duration::ZERO);
     }
+    /// A connection watched with [`Ctx::watch_drain`] has nothing queued.
+    fn on_drained(&mut self, _ctx: &mut Ctx<Self::Timer>, _conn: ConnId) {}
     /// The loop's [`Waker`] was woken (by another thread).
     fn on_wake(&mut self, _ctx: &mut Ctx<Self::Timer>) {}
     /// Everything of this turn has been dispatched; queued output is flushed
@@ -228,6 +230,7 @@ impl<T> EventLoop<T> {
             closes: VecDeque::new(),
             to_free: Vec::new(),
             read_again: Vec::new(),
+            drained: Vec::new(),
             turn_again: false,
             stop_at: None,
             stats: LoopStats::default(),
@@ -296,7 +299,11 @@ impl<T> EventLoop<T> {
                 }
             }
             let again = std::mem::take(&mut ctx.turn_again);
-            let timeout = if ctx.read_again.is_empty() && ctx.dirty.is_empty() && !again {
+            let timeout = if ctx.read_again.is_empty()
+                && ctx.dirty.is_empty()
+                && ctx.drained.is_empty()
+                && !again
+            {
                 let wake = [ctx.timers.next_wake(), ctx.stop_at]
                     .into_iter()
                     .flatten()
@@ -314,6 +321,12 @@ impl<T> EventLoop<T> {
             ctx.now = Instant::now();
             ctx.turn_started = ctx.now;
 
+            for id in std::mem::take(&mut ctx.drained) {
+                if ctx.conn(id).is_some_and(|c| c.state == ConnState::Open) {
+                    app.on_drained(ctx, id);
+                    process_closes(ctx, app);
+                }
+            }
             for id in std::mem::take(&mut ctx.read_again) {
                 read_ready(ctx, app, id);
             }
@@ -553,6 +566,7 @@ fn read_ready<A: App>(ctx: &mut Ctx<A::Timer>, app: &mut A, id: ConnId) {
             return;
         };
         let draining = match conn.state {
+            ConnState::Open if conn.reads_paused => return,
             ConnState::Open | ConnState::Securing => false,
             ConnState::Draining | ConnState::Closing => true,
             ConnState::Connecting => return,

@@ -24,7 +24,11 @@ use bytes::Bytes;
 
 use crate::event_loop::{App, CloseReason, ConnId, Ctx};
 use crate::identity::PublicKey;
+use crate::secure::{self, SecureError};
 use crate::timer::TimerId;
+pub use crate::transport::Role;
+use crate::transport::{Transport, TransportError};
+use crate::wire;
 
 /// A link as a machine names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,6 +61,16 @@ pub enum Output<L, H> {
     Close(L, String),
     /// Accept frames up to this size on the link from now on.
     SetMaxFrame(L, usize),
+    /// From now on the link's frames carry, as opaque chunks, the bytes of
+    /// another Noise session inside it (a link relayed through the
+    /// registry), with us on `role`'s side of it. The link keeps its id:
+    /// its frames, sends and close are the inner session's, and
+    /// [`Machine::handle_tunneled`] says when that session is up.
+    Tunnel { link: L, role: Role },
+    /// Stop (false) or resume (true) reading the link: backpressure.
+    Reading(L, bool),
+    /// Call [`Machine::handle_drained`] once nothing is queued for the link.
+    WatchDrain(L),
     /// For the binary around the machine.
     Host(H),
 }
@@ -75,6 +89,11 @@ pub trait Machine {
     /// ([`CloseReason::Local`], [`CloseReason::Frame`]) the link still takes
     /// frames during this call: the place to tell the other side why.
     fn handle_closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant);
+    /// The session inside a tunneled link ([`Output::Tunnel`]) completed
+    /// its handshake: the other end proved `key`.
+    fn handle_tunneled(&mut self, _link: LinkId, _key: PublicKey, _now: Instant) {}
+    /// A link watched with [`Output::WatchDrain`] has nothing queued.
+    fn handle_drained(&mut self, _link: LinkId, _now: Instant) {}
     /// When [`Machine::handle_timeout`] is due next, if ever.
     fn poll_timeout(&self) -> Option<Instant>;
     /// Time has reached what [`Machine::poll_timeout`] said (or later).
@@ -127,6 +146,13 @@ pub struct Driver<M, H> {
     refused: HashSet<ConnId>,
     /// The loop timer for the machine's timeout, and when it fires.
     armed: Option<(Instant, TimerId)>,
+    /// Links carrying another session, by their connection.
+    tunnels: HashMap<ConnId, Box<Transport>>,
+    /// Tunnels with bytes to pass on to their connection.
+    tunnels_dirty: Vec<ConnId>,
+    /// Where tunneled Noise messages are opened and sealed (made with the
+    /// first tunnel).
+    tunnel_scratch: Option<(Box<[u8]>, Vec<u8>)>,
 }
 
 impl<M: Machine, H: Host<M>> Driver<M, H> {
@@ -138,6 +164,9 @@ impl<M: Machine, H: Host<M>> Driver<M, H> {
             conns: HashMap::new(),
             refused: HashSet::new(),
             armed: None,
+            tunnels: HashMap::new(),
+            tunnels_dirty: Vec::new(),
+            tunnel_scratch: None,
         }
     }
 
@@ -190,12 +219,36 @@ impl<M: Machine, H: Host<M>> Driver<M, H> {
                 },
                 Output::Send(link, frame) => {
                     if let Some(conn) = self.conn(link) {
-                        ctx.send(conn, frame);
+                        match self.tunnels.get_mut(&conn) {
+                            Some(inner) => {
+                                inner.send(frame);
+                                self.tunnels_dirty.push(conn);
+                            }
+                            None => {
+                                ctx.send(conn, frame);
+                            }
+                        }
                     }
                 }
                 Output::Close(link, reason) => {
                     if let Some(conn) = self.conn(link) {
+                        self.flush_tunnel(ctx, conn);
                         ctx.close(conn, reason);
+                    }
+                }
+                Output::Tunnel { link, role } => {
+                    if let Some(conn) = self.conn(link) {
+                        self.open_tunnel(ctx, conn, role);
+                    }
+                }
+                Output::Reading(link, reading) => {
+                    if let Some(conn) = self.conn(link) {
+                        ctx.set_reading(conn, reading);
+                    }
+                }
+                Output::WatchDrain(link) => {
+                    if let Some(conn) = self.conn(link) {
+                        ctx.watch_drain(conn);
                     }
                 }
                 Output::SetMaxFrame(link, max) => {
@@ -206,7 +259,87 @@ impl<M: Machine, H: Host<M>> Driver<M, H> {
                 Output::Host(output) => self.host.host_output(ctx, &mut self.machine, output),
             }
         }
+        for conn in std::mem::take(&mut self.tunnels_dirty) {
+            self.flush_tunnel(ctx, conn);
+        }
         self.host.settled(ctx, &mut self.machine);
+    }
+
+    /// Starts the session inside `conn`: a dialer's first handshake message
+    /// goes out at once.
+    fn open_tunnel(&mut self, ctx: &mut HostCtx<M, H>, conn: ConnId, role: Role) {
+        let Some(inner) = ctx.inner_transport(role) else {
+            ctx.close(conn, "a tunnel needs a secured loop");
+            return;
+        };
+        self.tunnels.insert(conn, Box::new(inner));
+        self.tunnels_dirty.push(conn);
+    }
+
+    /// Passes what the session inside `conn` has sealed on, in frames of at
+    /// most [`crate::protocol::RELAY_CHUNK`] bytes.
+    fn flush_tunnel(&mut self, ctx: &mut HostCtx<M, H>, conn: ConnId) {
+        let Some(inner) = self.tunnels.get_mut(&conn) else {
+            return;
+        };
+        let (_, seal_buf) = self
+            .tunnel_scratch
+            .get_or_insert_with(|| (secure::scratch(), Vec::new()));
+        match inner.take_wire(seal_buf) {
+            Ok(wire) => {
+                for bytes in wire {
+                    for chunk in bytes.chunks(crate::protocol::RELAY_CHUNK) {
+                        ctx.send(conn, wire::encode_frame(chunk));
+                    }
+                }
+            }
+            Err(e) => ctx.close(conn, format!("relayed session: {e}")),
+        }
+    }
+
+    /// Relayed bytes arrived on `conn`: the session inside it takes them,
+    /// and the machine hears of its handshake and frames.
+    fn tunnel_input(&mut self, ctx: &mut HostCtx<M, H>, conn: ConnId, mut input: &[u8]) {
+        let link = self.link(conn);
+        let now = ctx.now();
+        let Driver {
+            machine,
+            tunnels,
+            tunnels_dirty,
+            tunnel_scratch,
+            ..
+        } = self;
+        let Some(inner) = tunnels.get_mut(&conn) else {
+            return;
+        };
+        let (scratch, _) = tunnel_scratch.get_or_insert_with(|| (secure::scratch(), Vec::new()));
+        let failed = |e: SecureError| format!("relayed session: {e}");
+        while !input.is_empty() {
+            let step = match inner.receive(input, scratch) {
+                Ok(step) => step,
+                Err(e) => return ctx.close(conn, failed(e)),
+            };
+            input = &input[step.consumed..];
+            if inner.queued() > 0 {
+                tunnels_dirty.push(conn);
+            }
+            if step.completed {
+                match inner.remote_key() {
+                    Some(key) => machine.handle_tunneled(link, key, now),
+                    None => return ctx.close(conn, "relayed session without a key"),
+                }
+            }
+            loop {
+                match inner.next_frame() {
+                    Ok(Some(body)) => machine.handle_frame(link, &body, now),
+                    Ok(None) => break,
+                    Err(TransportError::Frame(e)) => {
+                        return ctx.close(conn, format!("bad framing in the relayed session: {e}"))
+                    }
+                    Err(TransportError::Secure(e)) => return ctx.close(conn, failed(e)),
+                }
+            }
+        }
     }
 }
 
@@ -241,8 +374,18 @@ impl<M: Machine, H: Host<M>> App for Driver<M, H> {
         if self.refused.contains(&conn) {
             return;
         }
+        if self.tunnels.contains_key(&conn) {
+            self.tunnel_input(ctx, conn, &body);
+        } else {
+            let link = self.link(conn);
+            self.machine.handle_frame(link, &body, ctx.now());
+        }
+        self.apply(ctx);
+    }
+
+    fn on_drained(&mut self, ctx: &mut Ctx<Self::Timer>, conn: ConnId) {
         let link = self.link(conn);
-        self.machine.handle_frame(link, &body, ctx.now());
+        self.machine.handle_drained(link, ctx.now());
         self.apply(ctx);
     }
 
@@ -256,6 +399,7 @@ impl<M: Machine, H: Host<M>> App for Driver<M, H> {
         self.apply(ctx);
         self.links.remove(&conn);
         self.conns.remove(&link);
+        self.tunnels.remove(&conn);
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<Self::Timer>, timer: Self::Timer) {

@@ -39,11 +39,44 @@ pub enum ToRegistry {
         /// The TCP port the peer listens on for links. Signed and wide on
         /// the wire so that a bad value earns `bad_port`, not a decode error.
         port: i64,
+        /// We answer `relay` invitations: the registry may carry links to
+        /// us when nobody can dial us. Absent (false) from older peers.
+        #[serde(default)]
+        relay: bool,
+    },
+    /// First frame of a relay connection: carry a link from us (registered
+    /// as `from`, under this connection's key) to `to`.
+    RelayOpen {
+        version: u32,
+        from: String,
+        to: String,
+    },
+    /// First frame of a relay connection: the answer to invitation `id`.
+    RelayJoin {
+        version: u32,
+        id: u64,
     },
     Heartbeat {},
     /// Leaving for good (reason `quit` for the others).
     Leave {},
 }
+
+impl ToRegistry {
+    /// The version a first frame carries (other messages carry none).
+    pub fn version(&self) -> u32 {
+        match self {
+            ToRegistry::Register { version, .. }
+            | ToRegistry::RelayOpen { version, .. }
+            | ToRegistry::RelayJoin { version, .. } => *version,
+            ToRegistry::Heartbeat {} | ToRegistry::Leave {} => PROTOCOL_VERSION,
+        }
+    }
+}
+
+/// The most relayed bytes one frame carries on a relay connection (4.6),
+/// the registry's frame limit there: with its length prefix, one frame
+/// fills one Noise message.
+pub const RELAY_CHUNK: usize = crate::secure::MAX_PLAINTEXT - crate::wire::PREFIX_LEN;
 
 /// One online peer as the registry lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +148,15 @@ pub enum FromRegistry {
     Shutdown {
         reason: String,
     },
+    /// On a registered connection: `from` would reach us through the
+    /// registry; answer with a relay connection that sends `relay_join`.
+    Relay {
+        id: u64,
+        from: String,
+    },
+    /// On a relay connection: both ends are there. Every frame after this
+    /// one, both ways, is relayed bytes rather than a message.
+    RelayReady {},
 }
 
 /// Peer ↔ peer, over a direct link. The dialer sends `Hello` first, then
@@ -244,6 +286,12 @@ pub enum ErrorCode {
     /// The name could pass for another one: it mixes scripts that look
     /// alike, or it reads like a name that is online or reserved.
     NameConfusable,
+    /// No path to the peer: it cannot be dialed and no relay reached it.
+    Unreachable,
+    /// This registry relays nothing (`--no-relay`), or not for this peer.
+    RelayRefused,
+    /// The registry's relay limits are reached.
+    RelayFull,
 }
 
 impl ErrorCode {
@@ -261,6 +309,9 @@ impl ErrorCode {
             ErrorCode::Replaced => "replaced",
             ErrorCode::KeyMismatch => "key_mismatch",
             ErrorCode::NameConfusable => "name_confusable",
+            ErrorCode::Unreachable => "unreachable",
+            ErrorCode::RelayRefused => "relay_refused",
+            ErrorCode::RelayFull => "relay_full",
         }
     }
 }
@@ -482,6 +533,7 @@ mod tests {
             version,
             name: "a".into(),
             port: 1,
+            relay: true,
         };
         let body = codec::encode(&reg(2)).unwrap();
         assert!(decode_first(&body, version_of).is_ok());

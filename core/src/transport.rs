@@ -243,6 +243,15 @@ impl Transport {
         Ok((written, before - self.queued))
     }
 
+    /// Seals every waiting frame and hands over everything queued for the
+    /// wire: for a transport whose bytes travel inside another connection's
+    /// frames (a relayed link) rather than on a socket.
+    pub fn take_wire(&mut self, seal_buf: &mut Vec<u8>) -> Result<Vec<Bytes>, SecureError> {
+        self.seal_pending(seal_buf)?;
+        self.queued -= self.out.iter().map(Bytes::len).sum::<usize>();
+        Ok(std::mem::take(&mut self.out).into())
+    }
+
     /// Queues bytes for the wire as they are (handshake messages).
     fn enqueue_wire(&mut self, bytes: Bytes) {
         if !bytes.is_empty() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use peerchat_core::args::parse_duration;
+use peerchat_core::args::{parse_duration, parse_size};
 
 /// The peerchat registry: who is online and where.
 ///
@@ -81,6 +81,24 @@ pub struct Args {
     /// How often to log a stats line.
     #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
     pub stats_interval: Duration,
+    /// Relay nothing: peers that cannot dial each other cannot talk.
+    #[arg(long)]
+    pub no_relay: bool,
+    /// Bytes a second one peer may send through the registry's relays, all
+    /// its relayed links together (e.g. 2MiB).
+    #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_rate)]
+    pub relay_rate: u64,
+    /// Bytes a second the registry relays in all.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_rate)]
+    pub relay_max: u64,
+}
+
+/// A byte rate: a size of at least one byte.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    match parse_size(text)? {
+        0 => Err("must be at least 1 byte a second".into()),
+        n => Ok(n),
+    }
 }
 
 /// A count that must not be zero (a registry that takes no peer is a

@@ -41,6 +41,8 @@ pub mod names_file;
 
 pub use owners::Owner;
 use owners::Reservation;
+use relay::Relays;
+pub use relay::{RelayConfig, RelayStats};
 use window::Window;
 
 /// Changes per update frame: keeps every frame under the 64 KiB a peer must
@@ -77,6 +79,7 @@ pub struct Config {
     /// The longest changes are held to go out together (see
     /// [`Registry::set_load`]).
     pub max_update_delay: Duration,
+    pub relay: RelayConfig,
 }
 
 impl Default for Config {
@@ -90,6 +93,7 @@ impl Default for Config {
             unregistered_max_frame: 4096,
             name_grace: Duration::from_secs(600),
             max_update_delay: Duration::from_millis(400),
+            relay: RelayConfig::default(),
         }
     }
 }
@@ -106,6 +110,10 @@ enum Timer<C> {
     Liveness(C),
     /// The held changes are due: a turn ends, and pushes them.
     Flush,
+    /// This relay invitation must have been answered by now.
+    RelayInvitation(u64),
+    /// This relay connection's rate debt should be paid by now.
+    RelayRate(C),
 }
 
 /// How a connection ended, as far as the registry cares.
@@ -141,6 +149,8 @@ struct Session {
     last_seen: Instant,
     /// Position in registration order (snapshots list peers in it).
     order: u64,
+    /// It takes relay invitations.
+    relay: bool,
 }
 
 /// A connection secured, not registered yet.
@@ -200,6 +210,7 @@ pub struct Registry<C> {
     owners_changed: bool,
     /// Set by [`Registry::shutdown`], with its reason.
     stopping: Option<String>,
+    relays: Relays<C>,
 }
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
@@ -207,6 +218,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     pub fn new(config: Config, now: Instant) -> Self {
         Registry {
             timers: TimerWheel::new(now, TIMER_TICK, TIMER_SLOTS),
+            relays: Relays::new(config.relay.clone()),
             config,
             conns: HashMap::new(),
             names: HashMap::new(),
@@ -235,6 +247,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    pub fn relay_stats(&self) -> RelayStats {
+        self.relays.stats()
     }
 
     /// Registered peers.
@@ -293,7 +309,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
         match self.conns.get_mut(&conn) {
-            None => {}
+            None => self.relay_frame(conn, body, now),
             Some(LinkState::Registering(pending)) => {
                 let (ip, key) = (pending.addr.ip(), pending.key);
                 self.on_register_frame(conn, ip, key, body, now);
@@ -312,6 +328,13 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     Ok(ToRegistry::Register { .. }) => {
                         self.fail(conn, "already registered on this connection".into(), now);
                     }
+                    Ok(ToRegistry::RelayOpen { .. } | ToRegistry::RelayJoin { .. }) => {
+                        self.fail(
+                            conn,
+                            "a relay starts on a connection of its own".into(),
+                            now,
+                        );
+                    }
                     Err(e) => self.fail(conn, format!("undecodable message: {e}"), now),
                 }
             }
@@ -324,6 +347,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         match self.conns.get(&conn) {
             Some(LinkState::Registering(pending)) => (pending.addr.to_string(), ""),
             Some(LinkState::Registered(s)) => (s.addr.to_string(), &s.name),
+            None if self.relays.has(conn) => ("relay connection".into(), ""),
             None => ("unknown".into(), ""),
         }
     }
@@ -344,14 +368,24 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         body: &[u8],
         now: Instant,
     ) {
-        let version_of = |m: &ToRegistry| match m {
-            ToRegistry::Register { version, .. } => *version,
-            _ => PROTOCOL_VERSION,
-        };
-        let (name, port) = match decode_first(body, version_of) {
-            Ok(ToRegistry::Register { name, port, .. }) => (name, port),
+        let (name, port, relay) = match decode_first(body, ToRegistry::version) {
+            Ok(ToRegistry::Register {
+                name, port, relay, ..
+            }) => (name, port, relay),
+            Ok(ToRegistry::RelayOpen { from, to, .. }) => {
+                self.conns.remove(&conn);
+                return self.relay_open(conn, key, &from, &to, now);
+            }
+            Ok(ToRegistry::RelayJoin { id, .. }) => {
+                self.conns.remove(&conn);
+                return self.relay_join(conn, key, id, now);
+            }
             Ok(_) => {
-                return self.reject(conn, ErrorCode::Protocol, "the first message must be register".into())
+                return self.reject(
+                    conn,
+                    ErrorCode::Protocol,
+                    "the first message must be register, relay_open or relay_join".into(),
+                )
             }
             Err(FirstFrameError::Version(v)) => {
                 return self.reject(
@@ -382,7 +416,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let folded = fold_name(&name);
         if let Some(&holder) = self.names.get(&folded) {
             if self.session(holder).is_some_and(|s| s.key == key) {
-                return self.reclaim(conn, holder, name, addr, now);
+                return self.reclaim(conn, holder, name, addr, relay, now);
             }
             return self.reject(
                 conn,
@@ -437,7 +471,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         if self.reserved.remove(&folded).is_none() {
             self.lookalikes.hold(look);
         }
-        self.admit(conn, name, folded, addr, key, now);
+        self.admit(conn, name, folded, (addr, relay), key, now);
     }
 
     /// The key that holds a name registered it again on a new connection
@@ -445,7 +479,15 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// the new session takes over at once, without a leave, and the others
     /// hear of it only if the address or the name's spelling changed. The
     /// old session is told it was replaced, in case it is still alive.
-    fn reclaim(&mut self, conn: C, old: C, name: String, addr: SocketAddr, now: Instant) {
+    fn reclaim(
+        &mut self,
+        conn: C,
+        old: C,
+        name: String,
+        addr: SocketAddr,
+        relay: bool,
+        now: Instant,
+    ) {
         let Some(LinkState::Registered(previous)) = self.conns.remove(&old) else {
             return;
         };
@@ -468,15 +510,24 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             });
         }
         tracing::info!(%name, %addr, old_addr = %previous.addr, "reclaimed its name");
-        self.admit(conn, name, previous.folded, addr, previous.key, now);
+        self.admit(
+            conn,
+            name,
+            previous.folded,
+            (addr, relay),
+            previous.key,
+            now,
+        );
     }
 
+    /// `addr` is where others dial the peer; `relay`, whether it takes
+    /// relay invitations.
     fn admit(
         &mut self,
         conn: C,
         name: String,
         folded: String,
-        addr: SocketAddr,
+        (addr, relay): (SocketAddr, bool),
         key: PublicKey,
         now: Instant,
     ) {
@@ -533,6 +584,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 key,
                 last_seen: now,
                 order,
+                relay,
             })),
         );
         self.timers
@@ -654,6 +706,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         };
         self.remove(conn, reason, now);
         self.conns.remove(&conn);
+        self.relay_closed(conn);
     }
 
     /// When [`Registry::handle_timeout`] is due next, if ever.
@@ -684,6 +737,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             }
             // Nothing to do here: the turn it ends pushes what is due.
             Timer::Flush => {}
+            Timer::RelayInvitation(id) => self.relay_invitation_due(id),
+            Timer::RelayRate(conn) => self.relay_rate_due(conn, now),
             Timer::Liveness(conn) => {
                 let Some(session) = self.session(conn) else {
                     return;
@@ -772,6 +827,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.actions
                 .push_back(Action::Close(conn, "registry shutting down".into()));
         }
+        self.relay_shutdown();
         self.names.clear();
         self.order.clear();
         self.parts.clear();
@@ -797,6 +853,7 @@ fn millis(d: Duration) -> u64 {
 mod lookalikes;
 mod machine;
 mod owners;
+mod relay;
 mod window;
 
 #[cfg(test)]

@@ -42,6 +42,10 @@ impl Machine for Registry<LinkId> {
         self.on_closed(link, how, now);
     }
 
+    fn handle_drained(&mut self, link: LinkId, _now: Instant) {
+        self.relay_drained(link);
+    }
+
     fn poll_timeout(&self) -> Option<Instant> {
         Registry::poll_timeout(self)
     }

@@ -18,7 +18,7 @@ use peerchat_core::{EventLoop, LoopConfig};
 use peerchat_registry::args::{Args, LogFormat};
 use peerchat_registry::metrics::{self, Metrics, Snapshot};
 use peerchat_registry::names_file::{self, Saver};
-use peerchat_registry::{Config, Owner, Registry};
+use peerchat_registry::{Config, Owner, Registry, RelayConfig};
 
 /// The registry binary's own periodic work.
 enum HostTimer {
@@ -82,6 +82,7 @@ impl Host<RegistryMachine> for RegistryHost {
             HostTimer::Stats => {
                 let loop_stats = ctx.stats();
                 let stats = registry.stats();
+                let relay = registry.relay_stats();
                 tracing::info!(
                     peers = registry.peer_count(),
                     connections = ctx.connections(),
@@ -98,6 +99,9 @@ impl Host<RegistryMachine> for RegistryHost {
                     busy_ms = loop_stats.busy.as_millis() as u64,
                     slow = loop_stats.slow_closed,
                     secure_failed = loop_stats.secure_failed,
+                    relays = relay.ends / 2,
+                    relayed_bytes = relay.bytes,
+                    relays_refused = relay.refused,
                     "stats"
                 );
                 release_free_memory();
@@ -380,6 +384,12 @@ fn main() -> ExitCode {
         unregistered_max_frame: 4096.min(args.max_frame as usize),
         name_grace: args.name_grace,
         max_update_delay: args.max_update_delay,
+        relay: RelayConfig {
+            enabled: !args.no_relay,
+            peer_rate: args.relay_rate,
+            total_rate: args.relay_max,
+            ..RelayConfig::default()
+        },
     };
     let identity = match load_identity(args.key) {
         Ok(identity) => identity,

@@ -365,6 +365,7 @@ impl App for LoadGen {
             version: PROTOCOL_VERSION,
             name: state.name.clone(),
             port: state.port,
+            relay: false,
         };
         let (role, name) = (state.role, state.name.clone());
         if !ctx.send(conn, protocol::frame(&register)) {

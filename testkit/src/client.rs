@@ -27,6 +27,7 @@ pub fn register_msg(name: &str, port: i64) -> ToRegistry {
         version: PROTOCOL_VERSION,
         name: name.into(),
         port,
+        relay: false,
     }
 }
 

@@ -56,6 +56,8 @@ trait Node {
     fn connected(&mut self, link: LinkId, key: PublicKey, now: Instant);
     fn frame(&mut self, link: LinkId, body: &[u8], now: Instant);
     fn closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant);
+    fn tunneled(&mut self, link: LinkId, key: PublicKey, now: Instant);
+    fn drained(&mut self, link: LinkId, now: Instant);
     fn timeout(&self) -> Option<Instant>;
     fn wake(&mut self, now: Instant);
     fn end_turn(&mut self, now: Instant);
@@ -81,6 +83,12 @@ where
     fn closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant) {
         self.handle_closed(link, reason, now);
     }
+    fn tunneled(&mut self, link: LinkId, key: PublicKey, now: Instant) {
+        self.handle_tunneled(link, key, now);
+    }
+    fn drained(&mut self, link: LinkId, now: Instant) {
+        self.handle_drained(link, now);
+    }
     fn timeout(&self) -> Option<Instant> {
         self.poll_timeout()
     }
@@ -96,6 +104,9 @@ where
             Output::Send(link, frame) => Output::Send(link, frame),
             Output::Close(link, reason) => Output::Close(link, reason),
             Output::SetMaxFrame(link, max) => Output::SetMaxFrame(link, max),
+            Output::Tunnel { link, role } => Output::Tunnel { link, role },
+            Output::Reading(link, reading) => Output::Reading(link, reading),
+            Output::WatchDrain(link) => Output::WatchDrain(link),
             Output::Host(host) => Output::Host(Box::new(host)),
         })
     }
@@ -123,6 +134,9 @@ struct End {
     link: LinkId,
     addr: SocketAddr,
     transport: Transport,
+    /// The session carried inside this end's frames, once the machine
+    /// tunneled the link ([`Output::Tunnel`]).
+    inner: Option<Transport>,
     /// The machine has been given the link (a dialer from the start).
     known: bool,
     /// Open for frames both ways.
@@ -558,6 +572,11 @@ impl World {
             }
             let (node, link) = (end.node, end.link);
             match end.transport.next_frame() {
+                Ok(Some(body)) if end.inner.is_some() => {
+                    if !self.take_tunneled(conn, side, &body) {
+                        return None;
+                    }
+                }
                 Ok(Some(body)) => {
                     self.nodes[node].machine.frame(link, &body, now);
                     self.settle(node);
@@ -575,15 +594,80 @@ impl World {
         }
     }
 
+    /// Relayed bytes for the session inside a tunneled end, as the
+    /// driver takes them. False once the end takes no more.
+    fn take_tunneled(&mut self, conn: usize, side: usize, mut bytes: &[u8]) -> bool {
+        let now = self.now;
+        while !bytes.is_empty() {
+            let end = &mut self.conns[conn].ends[side];
+            let (node, link) = (end.node, end.link);
+            let Some(inner) = end.inner.as_mut() else {
+                return false;
+            };
+            let step = match inner.receive(bytes, &mut self.scratch) {
+                Ok(step) => step,
+                Err(e) => {
+                    self.close_gracefully(
+                        conn,
+                        side,
+                        CloseReason::Local(format!("relayed session: {e}")),
+                    );
+                    return false;
+                }
+            };
+            bytes = &bytes[step.consumed..];
+            if step.completed {
+                let key = inner.remote_key().expect("a secured session proves a key");
+                self.nodes[node].machine.tunneled(link, key, now);
+                self.settle(node);
+            }
+            loop {
+                let end = &mut self.conns[conn].ends[side];
+                let Some(inner) = end.inner.as_mut().filter(|_| end.open) else {
+                    return false;
+                };
+                match inner.next_frame() {
+                    Ok(Some(body)) => {
+                        self.nodes[node].machine.frame(link, &body, now);
+                        self.settle(node);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let why = format!("relayed session: {e:?}");
+                        self.close_gracefully(conn, side, CloseReason::Local(why));
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
     fn act(&mut self, node: NodeId, output: Output<LinkId, Box<dyn Any>>) {
         match output {
             Output::Dial { link, addr } => self.dial(node, link, addr),
             Output::Send(link, frame) => {
                 if let Some(end) = self.end_of(node, link) {
                     if end.open {
-                        end.transport.send(frame);
+                        match end.inner.as_mut() {
+                            Some(inner) => inner.send(frame),
+                            None => end.transport.send(frame),
+                        }
                     }
                 }
+            }
+            Output::Tunnel { link, role } => {
+                let noise = self.nodes[node].noise.clone();
+                if let Some(end) = self.end_of(node, link) {
+                    end.inner = Some(Transport::secured(role, &noise, DEFAULT_MAX_FRAME));
+                }
+            }
+            // Memory takes everything at once: nothing to slow, and every
+            // queue is empty as soon as it is written.
+            Output::Reading(..) => {}
+            Output::WatchDrain(link) => {
+                let now = self.now;
+                self.nodes[node].machine.drained(link, now);
             }
             Output::Close(link, reason) => {
                 if let Some(&(conn, side)) = self.nodes[node].links.get(&link) {
@@ -625,6 +709,7 @@ impl World {
             link,
             addr: from_addr,
             transport: Transport::secured(Role::Dialer, &from.noise, DEFAULT_MAX_FRAME),
+            inner: None,
             known: true,
             open: false,
             done: false,
@@ -637,6 +722,7 @@ impl World {
             link: accepted,
             addr,
             transport: Transport::secured(Role::Acceptor, &to.noise, DEFAULT_MAX_FRAME),
+            inner: None,
             known: false,
             open: false,
             done: false,
@@ -653,33 +739,50 @@ impl World {
     fn pump(&mut self) {
         for conn in 0..self.conns.len() {
             for side in 0..2 {
-                let end = &mut self.conns[conn].ends[side];
-                if end.done || end.transport.queued() == 0 {
-                    continue;
-                }
-                let mut bytes = Vec::new();
-                match end.transport.write_to(&mut bytes, &mut self.seal_buf) {
-                    Ok((Written::All, _)) => {}
-                    Ok((Written::Blocked, _)) => unreachable!("memory never blocks"),
-                    Err(WriteError::Seal(e)) => {
-                        self.abort(conn, side, CloseReason::Secure(e));
-                        continue;
-                    }
-                    Err(WriteError::Io(e)) => unreachable!("memory never fails: {e}"),
-                }
-                let other = &self.conns[conn].ends[1 - side];
-                if !other.done && !bytes.is_empty() {
-                    let at = self.now + self.latency;
-                    self.schedule(
-                        at,
-                        Arrival::Bytes {
-                            conn,
-                            side: 1 - side,
-                            bytes,
-                        },
-                    );
+                if !self.conns[conn].ends[side].done {
+                    self.pump_end(conn, side);
                 }
             }
+        }
+    }
+
+    /// Sends what one end has queued, a closing end's last words too.
+    fn pump_end(&mut self, conn: usize, side: usize) {
+        let end = &mut self.conns[conn].ends[side];
+        if let Some(inner) = end.inner.as_mut() {
+            match inner.take_wire(&mut self.seal_buf) {
+                Ok(wire) => {
+                    for bytes in wire {
+                        for chunk in bytes.chunks(protocol::RELAY_CHUNK) {
+                            end.transport.send(peerchat_core::wire::encode_frame(chunk));
+                        }
+                    }
+                }
+                Err(e) => return self.abort(conn, side, CloseReason::Secure(e)),
+            }
+        }
+        let end = &mut self.conns[conn].ends[side];
+        if end.transport.queued() == 0 {
+            return;
+        }
+        let mut bytes = Vec::new();
+        match end.transport.write_to(&mut bytes, &mut self.seal_buf) {
+            Ok((Written::All, _)) => {}
+            Ok((Written::Blocked, _)) => unreachable!("memory never blocks"),
+            Err(WriteError::Seal(e)) => return self.abort(conn, side, CloseReason::Secure(e)),
+            Err(WriteError::Io(e)) => unreachable!("memory never fails: {e}"),
+        }
+        let other = &self.conns[conn].ends[1 - side];
+        if !other.done && !bytes.is_empty() {
+            let at = self.now + self.latency;
+            self.schedule(
+                at,
+                Arrival::Bytes {
+                    conn,
+                    side: 1 - side,
+                    bytes,
+                },
+            );
         }
     }
 
@@ -693,7 +796,7 @@ impl World {
             return;
         }
         self.finish(conn, side, &reason);
-        self.pump();
+        self.pump_end(conn, side);
         let at = self.now + self.latency;
         self.schedule(
             at,

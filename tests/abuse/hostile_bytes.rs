@@ -400,6 +400,7 @@ fn registry_bad_names_and_ports_get_their_codes() {
                 version: 1,
                 name: String::new(),
                 port: 0,
+                relay: false,
             })
             .unwrap()
             .to_vec(),

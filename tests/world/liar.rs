@@ -36,6 +36,12 @@ impl<M: Machine, F: FnMut(&mut FromRegistry)> Machine for Liar<M, F> {
     fn handle_closed(&mut self, link: LinkId, reason: &CloseReason, now: Instant) {
         self.inner.handle_closed(link, reason, now);
     }
+    fn handle_tunneled(&mut self, link: LinkId, key: PublicKey, now: Instant) {
+        self.inner.handle_tunneled(link, key, now);
+    }
+    fn handle_drained(&mut self, link: LinkId, now: Instant) {
+        self.inner.handle_drained(link, now);
+    }
     fn poll_timeout(&self) -> Option<Instant> {
         self.inner.poll_timeout()
     }
@@ -47,12 +53,14 @@ impl<M: Machine, F: FnMut(&mut FromRegistry)> Machine for Liar<M, F> {
     }
     fn poll_output(&mut self) -> Option<Output<LinkId, M::HostOutput>> {
         Some(match self.inner.poll_output()? {
-            Output::Send(link, frame) => {
-                let mut msg: FromRegistry =
-                    codec::decode(&frame[4..]).expect("the registry encodes what it sends");
-                (self.rewrite)(&mut msg);
-                Output::Send(link, protocol::frame(&msg))
-            }
+            // Relayed bytes are not messages: they pass as they are.
+            Output::Send(link, frame) => match codec::decode::<FromRegistry>(&frame[4..]) {
+                Ok(mut msg) => {
+                    (self.rewrite)(&mut msg);
+                    Output::Send(link, protocol::frame(&msg))
+                }
+                Err(_) => Output::Send(link, frame),
+            },
             other => other,
         })
     }

@@ -6,5 +6,6 @@ mod liar;
 mod random;
 mod registrar;
 mod registry;
+mod relay;
 mod scenarios;
 mod town;

@@ -102,6 +102,7 @@ impl Machine for Registrar {
             version: PROTOCOL_VERSION,
             name: self.name.clone(),
             port: 7000,
+            relay: false,
         };
         self.out
             .push(Output::Send(link, protocol::frame(&register)));

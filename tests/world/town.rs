@@ -31,8 +31,12 @@ pub struct Town {
 
 impl Town {
     pub fn new() -> Town {
+        Town::with_registry(registry_config())
+    }
+
+    pub fn with_registry(config: peerchat_registry::Config) -> Town {
         let mut world = World::new();
-        let registry = world.add(Some(7000), |n| Registry::new(registry_config(), n.now));
+        let registry = world.add(Some(7000), |n| Registry::new(config, n.now));
         Town {
             world,
             registry,
@@ -56,10 +60,20 @@ impl Town {
     }
 
     pub fn peer_trusting(&mut self, name: &str, trust: Trust) -> NodeId {
+        self.add_peer(name, trust, true)
+    }
+
+    /// A peer nobody can dial (behind a NAT): it declares its port, but
+    /// dials to its address are refused.
+    pub fn peer_behind_nat(&mut self, name: &str) -> NodeId {
+        self.add_peer(name, Trust::default(), false)
+    }
+
+    fn add_peer(&mut self, name: &str, trust: Trust, reachable: bool) -> NodeId {
         let registry = self.world.addr(self.registry);
         self.seed += 1;
         let seed = self.seed;
-        let node = self.world.add(Some(LINK_PORT), |n| {
+        let node = self.world.add(reachable.then_some(LINK_PORT), |n| {
             let config = Config::new(name.into(), registry, LINK_PORT, n.key);
             let mut peer = Peer::new(config, trust, Saved::default(), seed, n.now, n.wall);
             peer.start(n.now);

@@ -225,6 +225,7 @@ fn whois_tells_a_differing_pin_and_yourself_apart() {
         pinned,
         you,
         pinned_key,
+        link: None,
     };
     let differs = view.event(&whois(false, false, Some(key(2))), t);
     assert!(differs[0].contains(&key(1).to_string()) && differs[0].contains(&key(2).to_string()));

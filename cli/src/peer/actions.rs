@@ -49,6 +49,8 @@ pub(super) struct Actions {
     /// What must not happen before a batch is written, in order, each with
     /// the batch it waits for.
     pub(super) held: VecDeque<(u64, Held)>,
+    /// The registry, whose relay carries links that cannot go direct.
+    registry: SocketAddr,
 }
 
 /// What waits for the store: no peer may see a message or an
@@ -62,7 +64,13 @@ pub(super) enum Held {
 
 impl Actions {
     /// `now` and `wall` are the same moment on both clocks.
-    pub(super) fn new(persistent: bool, now: Instant, wall: SystemTime) -> Self {
+    /// `registry` relays links that cannot go direct.
+    pub(super) fn new(
+        persistent: bool,
+        now: Instant,
+        wall: SystemTime,
+        registry: SocketAddr,
+    ) -> Self {
         Actions {
             queue: VecDeque::new(),
             timers: BTreeMap::new(),
@@ -75,7 +83,13 @@ impl Actions {
             batch: 1,
             durable: 0,
             held: VecDeque::new(),
+            registry,
         }
+    }
+
+    /// Where to dial for a relayed link.
+    pub(super) fn relay_via(&self) -> SocketAddr {
+        self.registry
     }
 
     pub(super) fn push(&mut self, action: Action) {

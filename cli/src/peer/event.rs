@@ -107,6 +107,10 @@ pub enum Event {
         /// The key `known_peers` pins for the name, when it is another one.
         #[serde(skip_serializing_if = "Option::is_none")]
         pinned_key: Option<PublicKey>,
+        /// How our chat link to the peer goes, while we have one: `direct`,
+        /// or `relayed` (through the registry, still end to end encrypted).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        link: Option<String>,
     },
     /// Answer to `/status`: the registry session as it stands.
     Status {

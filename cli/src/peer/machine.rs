@@ -9,7 +9,11 @@ use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::{LinkId, Machine};
 use peerchat_core::protocol::{LinkMsg, PROTOCOL_VERSION};
 
-use super::{Action, HostOutput, Peer};
+use super::dialing::{Dialing, RelayAnswer};
+use super::outbox::Outbox;
+use super::transfers::Transfers;
+use super::{Action, HostOutput, Peer, Reason};
+use peerchat_core::protocol::ErrorCode;
 
 impl Peer {
     /// What our links say first.
@@ -20,6 +24,54 @@ impl Peer {
             instance: self.instance,
         }
     }
+
+    /// Our link (chats or files) is up and proved `key`, directly or
+    /// through the relay: its room checks the key, then speaks.
+    fn link_up(&mut self, link: LinkId, key: PublicKey, now: Instant) {
+        let hello = self.hello();
+        let (dir, rng, actions) = (&mut self.directory, &mut self.rng, &mut self.actions);
+        if self.outbox.has(link) {
+            self.outbox
+                .on_connected(link, key, &hello, now, dir, rng, actions);
+        } else if self.transfers.has(link) {
+            self.transfers
+                .on_connected(link, key, &hello, now, dir, rng, actions);
+        }
+    }
+
+    /// The registry would not relay our link to `to` (folded): what waits
+    /// for `to` ends now if no path is left, instead of waiting for one.
+    fn relay_refused(&mut self, link: LinkId, to: &str, code: &str, reason: &str) {
+        tracing::info!(peer = %to, %code, %reason, "the registry did not relay our link");
+        let ends = match code {
+            c if c == ErrorCode::RelayFull.as_str() => Some(ErrorCode::RelayFull),
+            c if c == ErrorCode::Unreachable.as_str() || c == ErrorCode::RelayRefused.as_str() => {
+                Some(ErrorCode::Unreachable)
+            }
+            // Not online there (yet): the directory says when it is.
+            _ => None,
+        };
+        if let (Some(code), true) = (ends, self.outbox.has(link)) {
+            self.outbox
+                .fail_queued(to, &Reason::Code(code), &mut self.actions);
+            self.maybe_finish_quit();
+        }
+    }
+}
+
+/// Our link `link`, if it waits for the registry's relay to open: whose it
+/// is (folded) and its dialing.
+fn opening_relay<'a>(
+    outbox: &'a mut Outbox,
+    transfers: &'a mut Transfers,
+    link: LinkId,
+) -> Option<(String, &'a mut Dialing)> {
+    let found = if outbox.has(link) {
+        outbox.dialing_of(link)
+    } else {
+        transfers.dialing_of(link)
+    };
+    found.filter(|(_, dialing)| dialing.opening_relay(link))
 }
 
 impl Machine for Peer {
@@ -34,19 +86,36 @@ impl Machine for Peer {
     /// A link we dialed is up and proved `key`: check it, then speak.
     fn handle_connected(&mut self, link: LinkId, key: PublicKey, now: Instant) {
         self.actions.now = now;
+        let registry = self.session.registry_key();
         if self.session.conn() == Some(link) {
             let heard = self.session.on_connected(link, key, &mut self.actions);
             self.on_heard(heard, now);
-        } else {
-            let hello = self.hello();
-            let (dir, rng, actions) = (&mut self.directory, &mut self.rng, &mut self.actions);
-            if self.outbox.has(link) {
-                self.outbox
-                    .on_connected(link, key, &hello, now, dir, rng, actions);
-            } else if self.transfers.has(link) {
-                self.transfers
-                    .on_connected(link, key, &hello, now, dir, rng, actions);
+        } else if self.relays.has(link) {
+            self.relays
+                .on_connected(link, key, registry, &mut self.actions);
+        } else if let Some((to, dialing)) =
+            opening_relay(&mut self.outbox, &mut self.transfers, link)
+        {
+            let from = self.session.name().trim();
+            if let Err(why) =
+                dialing.relay_connected(link, key, registry, (from, &to), &mut self.actions)
+            {
+                tracing::warn!(peer = %to, "{why}");
+                self.actions.close(link, why);
             }
+        } else {
+            self.link_up(link, key, now);
+        }
+    }
+
+    /// A relayed link's own session is up: ours goes on like a direct
+    /// link; one to us is the inbox's now.
+    fn handle_tunneled(&mut self, link: LinkId, key: PublicKey, now: Instant) {
+        self.actions.now = now;
+        if self.relays.tunneled(link, &mut self.actions) {
+            self.inbox.on_accept(link, key, now, &mut self.actions);
+        } else {
+            self.link_up(link, key, now);
         }
     }
 
@@ -57,6 +126,22 @@ impl Machine for Peer {
                 .session
                 .on_frame(link, body, now, &mut self.rng, &mut self.actions);
             self.on_heard(heard, now);
+        } else if self.relays.has(link) {
+            self.relays.on_frame(link, body, &mut self.actions);
+        } else if let Some((to, dialing)) =
+            opening_relay(&mut self.outbox, &mut self.transfers, link)
+        {
+            match dialing.relay_frame(link, body, &mut self.actions) {
+                Ok(RelayAnswer::Ready) => {}
+                Ok(RelayAnswer::Refused(code, reason)) => {
+                    self.actions.close(link, format!("relay refused: {code}"));
+                    self.relay_refused(link, &to, &code, &reason);
+                }
+                Err(why) => {
+                    tracing::warn!(peer = %to, "{why}");
+                    self.actions.close(link, why);
+                }
+            }
         } else if self.outbox.has(link) {
             self.outbox.on_frame(link, body, &mut self.actions);
             self.maybe_finish_quit();
@@ -104,6 +189,7 @@ impl Machine for Peer {
             self.transfers
                 .on_closed(link, now, &mut self.rng, &mut self.actions);
         } else {
+            self.relays.on_closed(link, &mut self.actions);
             self.inbox.on_closed(link, &mut self.actions);
             self.transfers.on_link_closed(link);
         }

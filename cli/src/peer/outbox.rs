@@ -23,7 +23,7 @@ use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, ErrorCode, LinkMsg};
 use peerchat_core::wire::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 
-use super::dialing::Dialing;
+use super::dialing::{Dialing, Path};
 use super::directory::Directory;
 use super::{
     Actions, Code, Config, Event, Held, OutboxLimits, Party, Reason, Record, Rng, Timer, TimerKey,
@@ -192,6 +192,18 @@ impl Outbox {
             .or_insert_with(|| OutLink::new(party));
         link.bytes += out.text_len;
         link.queue.push_back(out);
+    }
+
+    /// The target of our link `conn` and how it is dialed.
+    pub(super) fn dialing_of(&mut self, conn: LinkId) -> Option<(String, &mut Dialing)> {
+        let target = self.conns.get(&conn)?;
+        let link = self.links.get_mut(target)?;
+        Some((target.clone(), &mut link.dialing))
+    }
+
+    /// How our chat link to `folded` goes, while there is one.
+    pub(super) fn path_to(&self, folded: &str) -> Option<Path> {
+        self.links.get(folded)?.dialing.path()
     }
 
     pub(super) fn has(&self, conn: LinkId) -> bool {

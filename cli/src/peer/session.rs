@@ -42,6 +42,11 @@ pub(super) enum Heard {
     /// The whole welcome came: who is online.
     Registered(Vec<PeerEntry>),
     Changes(Vec<Change>),
+    /// `from` would reach us through the registry's relay (invitation `id`).
+    RelayInvite {
+        id: u64,
+        from: String,
+    },
     /// The registry refused us, replaced us or proved a key we do not
     /// trust: the peer exits with status 2, reporting this code.
     Ended(ErrorCode),
@@ -139,6 +144,15 @@ impl Session {
         &self.addr
     }
 
+    /// The registry's key, once one is trusted: what a relay connection
+    /// must prove.
+    pub(super) fn registry_key(&self) -> Option<PublicKey> {
+        match self.trust {
+            RegistryTrust::Pinned(key) => Some(key),
+            RegistryTrust::FirstUse | RegistryTrust::Given(_) => None,
+        }
+    }
+
     pub(super) fn is_ending(&self) -> bool {
         self.ending
     }
@@ -207,6 +221,7 @@ impl Session {
             version: PROTOCOL_VERSION,
             name: self.name.clone(),
             port: i64::from(self.listen_port),
+            relay: true,
         };
         actions.send(conn, protocol::frame(&register));
         Heard::Nothing
@@ -292,6 +307,11 @@ impl Session {
             }
             FromRegistry::Shutdown { reason } => {
                 let why = format!("the registry shut down: {reason}");
+                self.hang_up(conn, why, now, rng, actions)
+            }
+            FromRegistry::Relay { id, from } => Heard::RelayInvite { id, from },
+            FromRegistry::RelayReady {} => {
+                let why = "relay_ready on the registry session".to_string();
                 self.hang_up(conn, why, now, rng, actions)
             }
         }

@@ -324,6 +324,13 @@ impl Transfers {
         }
     }
 
+    /// The target of our file link `conn` and how it is dialed.
+    pub(super) fn dialing_of(&mut self, conn: LinkId) -> Option<(String, &mut Dialing)> {
+        let target = self.conns.get(&conn)?;
+        let link = self.links.get_mut(target)?;
+        Some((target.clone(), link))
+    }
+
     pub(super) fn has(&self, conn: LinkId) -> bool {
         self.conns.contains_key(&conn)
     }

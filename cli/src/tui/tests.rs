@@ -518,6 +518,7 @@ fn answers_and_errors_show_in_the_conversation_shown() {
         pinned: true,
         you: false,
         pinned_key: None,
+        link: None,
     });
     let screen = ui.text(120, 6);
     assert!(

@@ -61,6 +61,8 @@ pub struct Ctx<T> {
     pub(super) closes: VecDeque<(ConnId, CloseReason, CloseMode)>,
     pub(super) to_free: Vec<usize>,
     pub(super) read_again: Vec<ConnId>,
+    /// Watched connections whose queue emptied, for [`super::App::on_drained`].
+    pub(super) drained: Vec<ConnId>,
     /// Closes were handled after the turn's last write: run a turn again
     /// at once, so that what they cause goes out now.
     pub(super) turn_again: bool,
@@ -206,6 +208,44 @@ impl<T> Ctx<T> {
         }
     }
 
+    /// A Noise session of this loop's identity that is not on a socket of
+    /// its own, with this loop's frame limit: for a link carried inside
+    /// another connection. `None` on a plaintext loop.
+    pub(crate) fn inner_transport(&self, role: Role) -> Option<Transport> {
+        let noise = self.config.noise.as_ref()?;
+        Some(Transport::secured(role, noise, self.config.max_frame))
+    }
+
+    /// Stops or resumes reading a connection. While it is stopped, what it
+    /// sends waits in the kernel's buffers, and TCP's flow control slows
+    /// the sender: backpressure instead of memory. A read in progress ends
+    /// its current chunk first.
+    pub fn set_reading(&mut self, id: ConnId, reading: bool) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let was_paused = conn.reads_paused;
+        conn.reads_paused = !reading;
+        if reading && was_paused {
+            // Readiness is edge-triggered: what arrived while paused
+            // raised no event we can still see.
+            self.read_again.push(id);
+        }
+    }
+
+    /// Asks for one [`super::App::on_drained`] once everything queued for
+    /// the connection is written (at once, next turn, if nothing is).
+    pub fn watch_drain(&mut self, id: ConnId) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        if conn.transport.queued() == 0 {
+            self.drained.push(id);
+        } else {
+            conn.watch_drain = true;
+        }
+    }
+
     /// Starts a non-blocking connect. [`super::App::on_connected`] or
     /// [`super::App::on_closed`] follows.
     pub fn connect(&mut self, addr: SocketAddr) -> io::Result<ConnId> {
@@ -300,6 +340,8 @@ impl<T> Ctx<T> {
             transport,
             wants_write: state == ConnState::Connecting,
             dirty: false,
+            reads_paused: false,
+            watch_drain: false,
         })));
         self.next_generation = self.next_generation.wrapping_add(1);
         self.conns += 1;
@@ -418,6 +460,11 @@ impl<T> Ctx<T> {
     fn after_write(&mut self, key: usize, state: ConnState, written: Written) {
         match written {
             Written::All => {
+                if let Some(Entry::Conn(conn)) = self.entries.get_mut(key) {
+                    if std::mem::take(&mut conn.watch_drain) {
+                        self.drained.push(conn.id);
+                    }
+                }
                 self.set_write_interest(key, false);
                 if state == ConnState::Closing {
                     self.start_draining(key);

@@ -5,6 +5,7 @@ mod directory;
 mod liveness;
 mod names;
 mod registration;
+mod relay;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -28,6 +29,12 @@ struct Sim {
     inbox: HashMap<Conn, Vec<FromRegistry>>,
     closed: HashMap<Conn, String>,
     max_frame: HashMap<Conn, usize>,
+    /// Frames passed through relays, per receiving end.
+    relayed: HashMap<Conn, Vec<Vec<u8>>>,
+    /// Whether each throttled connection is read, as last set.
+    reading: HashMap<Conn, bool>,
+    /// Drains asked for, in order.
+    watching: Vec<Conn>,
 }
 
 fn config() -> Config {
@@ -52,6 +59,9 @@ impl Sim {
             inbox: HashMap::new(),
             closed: HashMap::new(),
             max_frame: HashMap::new(),
+            relayed: HashMap::new(),
+            reading: HashMap::new(),
+            watching: Vec::new(),
         }
     }
 
@@ -64,8 +74,11 @@ impl Sim {
                     dec.push(&frame);
                     let body = dec.next_frame().unwrap().unwrap();
                     assert_eq!(dec.buffered(), 0, "one frame per send");
-                    let msg = codec::decode::<FromRegistry>(&body).unwrap();
-                    self.inbox.entry(c).or_default().push(msg);
+                    match codec::decode::<FromRegistry>(&body) {
+                        Ok(msg) => self.inbox.entry(c).or_default().push(msg),
+                        // Relayed bytes, not a message.
+                        Err(_) => self.relayed.entry(c).or_default().push(body.to_vec()),
+                    }
                 }
                 Action::Close(c, reason) => {
                     self.closed.entry(c).or_insert(reason);
@@ -73,7 +86,13 @@ impl Sim {
                 Action::SetMaxFrame(c, n) => {
                     self.max_frame.insert(c, n);
                 }
-                Action::Dial { .. } | Action::Host(_) => unreachable!("the registry never dials"),
+                Action::Reading(c, reading) => {
+                    self.reading.insert(c, reading);
+                }
+                Action::WatchDrain(c) => self.watching.push(c),
+                Action::Dial { .. } | Action::Tunnel { .. } | Action::Host(_) => {
+                    unreachable!("the registry never dials or tunnels")
+                }
             }
         }
     }
@@ -170,6 +189,7 @@ fn register(name: &str, port: i64) -> ToRegistry {
         version: PROTOCOL_VERSION,
         name: name.into(),
         port,
+        relay: false,
     }
 }
 

@@ -162,6 +162,7 @@ fn bad_names_ports_versions_and_first_messages_get_their_codes() {
             version: PROTOCOL_VERSION + 1,
             name: "future".into(),
             port: 1,
+            relay: false,
         },
     );
     assert_eq!(sim.error_code(20), "unsupported_version");

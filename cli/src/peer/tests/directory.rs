@@ -157,6 +157,7 @@ fn whois_names_the_pin_that_differs() {
             pinned: false,
             you: false,
             pinned_key: Some(key_of("the erin we met")),
+            link: None,
         }]
     );
 }
@@ -268,6 +269,7 @@ fn whois_shows_the_listed_key_and_whether_it_is_pinned() {
                 pinned: true,
                 you: false,
                 pinned_key: None,
+                link: None,
             },
             Event::Whois {
                 name: "carol".into(),
@@ -275,6 +277,7 @@ fn whois_shows_the_listed_key_and_whether_it_is_pinned() {
                 pinned: false,
                 you: false,
                 pinned_key: None,
+                link: None,
             },
             Event::Whois {
                 name: "alice".into(),
@@ -282,6 +285,7 @@ fn whois_shows_the_listed_key_and_whether_it_is_pinned() {
                 pinned: true,
                 you: true,
                 pinned_key: None,
+                link: None,
             },
         ]
     );

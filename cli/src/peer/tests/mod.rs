@@ -16,6 +16,7 @@ mod inbox;
 mod invariant;
 mod outbox;
 mod quit;
+mod relay;
 mod session;
 mod store;
 mod transfers;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use peerchat_core::codec;
 use peerchat_core::event_loop::CloseReason;
-use peerchat_core::machine::Machine;
+use peerchat_core::machine::{Machine, Role};
 use peerchat_core::protocol::{
     Change, FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
@@ -132,6 +133,7 @@ fn register() -> ToRegistry {
         version: PROTOCOL_VERSION,
         name: "alice".into(),
         port: 4000,
+        relay: true,
     }
 }
 
@@ -282,6 +284,8 @@ struct Sim {
     queries: Vec<Query>,
     /// What the peer asked of the disk, not taken by the test yet.
     disk: Vec<DiskOp>,
+    /// Links the peer turned into tunnels, in order.
+    tunnels: Vec<(Conn, Role)>,
 }
 
 impl Sim {
@@ -317,6 +321,7 @@ impl Sim {
             hold_commits: false,
             queries: Vec::new(),
             disk: Vec::new(),
+            tunnels: Vec::new(),
         }
     }
 
@@ -424,6 +429,10 @@ impl Sim {
                         }
                     }
                     Output::SetMaxFrame(c, max) => panic!("the peer set {max} on {c}"),
+                    Output::Tunnel { link, role } => self.tunnels.push((link, role)),
+                    Output::Reading(c, _) | Output::WatchDrain(c) => {
+                        panic!("the peer throttled {c}")
+                    }
                     Output::Host(HostOutput::Show(event)) => self.events.push(event),
                     Output::Host(HostOutput::Pin(pin)) => self.pins.push(pin),
                     Output::Host(HostOutput::Exit(code)) => self.exits.push(code),
@@ -469,13 +478,35 @@ impl Sim {
         self.reg_conn()
     }
 
+    /// The latest registry connection of the session (not a relay's).
     fn reg_conn(&self) -> Conn {
         self.dialed
             .iter()
             .rev()
-            .find(|(_, d)| *d == Dial::Registry)
+            .find(|(c, d)| *d == Dial::Registry && !self.is_relay_conn(*c))
             .map(|(c, _)| *c)
             .expect("a registry connection")
+    }
+
+    /// A connection to the registry whose first frame opens or joins a relay.
+    fn is_relay_conn(&self, c: Conn) -> bool {
+        let first = self.frames.get(&c).and_then(|f| f.first());
+        first.is_some_and(|(_, frame)| {
+            matches!(
+                codec::decode::<ToRegistry>(&body_of(frame)),
+                Ok(ToRegistry::RelayOpen { .. } | ToRegistry::RelayJoin { .. })
+            )
+        })
+    }
+
+    /// The latest relay connection that connected.
+    fn relay_conn(&self) -> Conn {
+        self.dialed
+            .iter()
+            .rev()
+            .find(|(c, _)| self.is_relay_conn(*c))
+            .map(|(c, _)| *c)
+            .expect("a relay connection")
     }
 
     fn registry_dial_count(&self) -> usize {

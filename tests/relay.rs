@@ -1,0 +1,106 @@
+//! Real `peer --json` processes that nobody can dial, on loopback: each
+//! listens on an address of its own (127.0.0.2, 127.0.0.3), while the
+//! registry lists the address it observes (127.0.0.1), where nothing
+//! listens: the situation of a peer behind a NAT. Their links go through
+//! the registry's relay, still end to end encrypted.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use peerchat_testkit::launch::{is, PeerProc, Registry, LONG};
+use peerchat_testkit::process::DataDir;
+use serde_json::Value;
+
+fn undialable(name: &str, reg: &Registry, ip: &str, extra: &[&str]) -> PeerProc {
+    let listen = format!("{ip}:0");
+    let mut args = vec!["--listen", listen.as_str()];
+    args.extend_from_slice(extra);
+    let mut peer = PeerProc::start_with(name, &reg.addr.to_string(), &args);
+    peer.registered();
+    peer
+}
+
+fn delivered_to(to: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |e| e["event"] == "delivered" && e["to"] == to
+}
+
+#[test]
+fn peers_nobody_can_dial_chat_through_the_relay() {
+    let reg = Registry::start(&[]);
+    let mut alice = undialable("alice", &reg, "127.0.0.2", &[]);
+    let mut bob = undialable("bob", &reg, "127.0.0.3", &[]);
+    let mut carol = PeerProc::start("carol", reg.addr);
+    carol.registered();
+    for p in [&mut alice, &mut bob] {
+        p.expect("carol joined", LONG, is("joined", "name", "carol"));
+    }
+    alice.say("/msg bob through the registry");
+    bob.expect(
+        "the message",
+        LONG,
+        is("message", "text", "through the registry"),
+    );
+    alice.expect("delivered", LONG, delivered_to("bob"));
+    bob.say("/msg alice and back");
+    alice.expect("the answer", LONG, is("message", "text", "and back"));
+    bob.expect("delivered", LONG, delivered_to("alice"));
+    carol.say("to everyone");
+    for p in [&mut alice, &mut bob] {
+        p.expect(
+            "carol's message",
+            LONG,
+            is("message", "text", "to everyone"),
+        );
+    }
+    let mut reached: Vec<String> = (0..2)
+        .map(|_| carol.expect_event("delivered", LONG)["to"].to_string())
+        .collect();
+    reached.sort();
+    assert_eq!(reached, ["\"alice\"", "\"bob\""]);
+    alice.say("/whois bob");
+    let whois = alice.expect_event("whois", LONG);
+    assert_eq!(whois["link"], "relayed", "{whois}");
+}
+
+#[test]
+fn a_file_goes_whole_through_the_relay() {
+    let reg = Registry::start(&[]);
+    let mut alice = undialable("alice", &reg, "127.0.0.2", &[]);
+    let mut bob = undialable("bob", &reg, "127.0.0.3", &["--accept-files-from", "alice"]);
+    alice.expect("bob joined", LONG, is("joined", "name", "bob"));
+    let files = DataDir::fresh();
+    // Larger than the registry's window per direction, and than one
+    // relayed frame, many times over.
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 + i / 4099) as u8).collect();
+    let source = files.path().join("big.bin");
+    fs::write(&source, &data).unwrap();
+    alice.say(&format!("/send bob {}", source.display()));
+    let done = bob.expect(
+        "file_done",
+        Duration::from_secs(60),
+        is("file_done", "direction", "in"),
+    );
+    let saved = done["path"].as_str().expect("a path");
+    assert!(fs::read(saved).unwrap() == data, "the file arrived whole");
+}
+
+#[test]
+fn without_a_relay_a_message_to_a_peer_nobody_can_dial_ends_within_5s() {
+    let reg = Registry::start(&["--no-relay"]);
+    let mut alice = PeerProc::start("alice", reg.addr);
+    alice.registered();
+    let _bob = undialable("bob", &reg, "127.0.0.3", &[]);
+    alice.expect("bob joined", LONG, is("joined", "name", "bob"));
+    let sent = Instant::now();
+    alice.say("/msg bob hello?");
+    let outcome = alice.expect("the outcome", LONG, |e| {
+        e["event"] == "undelivered" || e["event"] == "delivered"
+    });
+    assert_eq!(outcome["event"], "undelivered", "{outcome}");
+    assert_eq!(outcome["reason"], "unreachable", "{outcome}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+}
