@@ -40,6 +40,7 @@ fn welcome_1000() -> FromRegistry {
                 name: format!("peer-{i:04}"),
                 addr: format!("127.0.0.1:{}", 40000 + i),
                 key: Identity::from_private(&private).public(),
+                reachable: None,
             }
         })
         .collect();

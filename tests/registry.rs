@@ -53,6 +53,7 @@ fn welcome_then_deltas_in_order() {
             name: "alice".into(),
             addr: "127.0.0.1:4001".into(),
             key: alice.key(),
+            reachable: None,
         }],
         "the directory lists the key alice proved"
     );
@@ -449,7 +450,8 @@ fn a_name_belongs_to_the_key_that_registered_it() {
         Some(FromRegistry::Update {
             changes: vec![Change::Moved {
                 name: "alice".into(),
-                addr: "127.0.0.1:4003".into()
+                addr: "127.0.0.1:4003".into(),
+                reachable: None,
             }]
         })
     );

@@ -34,6 +34,35 @@ fn peers_nobody_can_dial_chat_through_the_relay() {
     for p in [&mut alice, &mut bob] {
         p.expect("carol joined", LONG, is("joined", "name", "carol"));
     }
+    // The registry's probes find who can be dialed (in carol's welcome, or
+    // soon after).
+    let mut listed = Vec::new();
+    for _ in 0..50 {
+        carol.say("/peers");
+        let peers = carol.expect_event("peers", LONG);
+        listed = peers["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_string(),
+                    p["reachable"].as_bool(),
+                )
+            })
+            .collect::<Vec<_>>();
+        if listed.iter().all(|(_, r)| r.is_some()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        listed,
+        [
+            ("alice".to_string(), Some(false)),
+            ("bob".to_string(), Some(false))
+        ]
+    );
     alice.say("/msg bob through the registry");
     bob.expect(
         "the message",

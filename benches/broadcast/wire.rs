@@ -248,6 +248,7 @@ impl Shapes {
                 name: "a".into(),
                 addr: "127.0.0.1:9".into(),
                 key,
+                reachable: None,
             }],
         };
         assert!(codec::encode(&welcome)

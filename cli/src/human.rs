@@ -507,7 +507,10 @@ fn names(peers: &[PeerEntry]) -> String {
     }
     let list: Vec<String> = peers
         .iter()
-        .map(|p| format!("{} ({})", p.name, p.addr))
+        .map(|p| match p.reachable {
+            Some(false) => format!("{} ({}, relayed: not reachable directly)", p.name, p.addr),
+            _ => format!("{} ({})", p.name, p.addr),
+        })
         .collect();
     format!("{} online: {}", peers.len(), list.join(", "))
 }

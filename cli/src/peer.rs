@@ -390,7 +390,13 @@ impl Peer {
                 continue;
             }
             if let Ok(addr) = entry.addr.parse() {
-                self.learn(folded.clone(), entry.name.clone(), addr, entry.key);
+                self.learn(
+                    folded.clone(),
+                    entry.name.clone(),
+                    addr,
+                    entry.key,
+                    entry.reachable,
+                );
                 listed.insert(folded);
             }
         }
@@ -415,9 +421,13 @@ impl Peer {
 
     fn apply_change(&mut self, change: Change) {
         match change {
-            Change::Joined { name, addr, key } => self.listed(name, addr, Some(key)),
+            Change::Joined { name, addr, key } => self.listed(name, addr, Some(key), None),
             // A move keeps the key.
-            Change::Moved { name, addr } => self.listed(name, addr, None),
+            Change::Moved {
+                name,
+                addr,
+                reachable,
+            } => self.listed(name, addr, None, reachable),
             Change::Left { name, reason } => {
                 let folded = fold_name(&name);
                 if self.directory.contains(&folded) {
@@ -433,8 +443,15 @@ impl Peer {
     }
 
     /// The registry lists `name` at `addr`, under `key` (or the key we
-    /// already have for it, for a move).
-    fn listed(&mut self, name: String, addr: String, key: Option<PublicKey>) {
+    /// already have for it, for a move), reachable there or not if it
+    /// says.
+    fn listed(
+        &mut self,
+        name: String,
+        addr: String,
+        key: Option<PublicKey>,
+        reachable: Option<bool>,
+    ) {
         if !is_valid_name(&name) {
             tracing::warn!(?name, "the registry sent an invalid name; ignored");
             return;
@@ -457,7 +474,7 @@ impl Peer {
         // as far as the user knows: say nothing unless its address or the
         // spelling of its name changed.
         let known = self.directory.contains(&folded);
-        let moved = self.learn(folded.clone(), name.clone(), parsed, key);
+        let moved = self.learn(folded.clone(), name.clone(), parsed, key, reachable);
         if !known {
             self.actions.emit(Event::Joined { name, addr, key });
         } else if moved {
@@ -471,10 +488,17 @@ impl Peer {
     /// Adds or refreshes a directory entry, and carries what changed over to
     /// the links. True when the user should hear of a move: a new address
     /// or spelling.
-    fn learn(&mut self, folded: String, name: String, addr: SocketAddr, key: PublicKey) -> bool {
+    fn learn(
+        &mut self,
+        folded: String,
+        name: String,
+        addr: SocketAddr,
+        key: PublicKey,
+        reachable: Option<bool>,
+    ) -> bool {
         let learned = self
             .directory
-            .learn(&folded, name, addr, key, &mut self.actions);
+            .learn(&folded, name, addr, key, reachable, &mut self.actions);
         if let Some(reason) = &learned.give_up {
             self.outbox.fail_queued(&folded, reason, &mut self.actions);
         }
@@ -486,6 +510,11 @@ impl Peer {
                 .redial(&folded, &self.directory, &mut self.actions);
             self.transfers
                 .redial(&folded, &self.directory, &mut self.actions);
+        } else if learned.reachable_now {
+            self.outbox
+                .go_direct(&folded, &self.directory, &mut self.actions);
+            self.transfers
+                .go_direct(&folded, &self.directory, &mut self.actions);
         }
         self.outbox
             .on_listed(&folded, key, &self.directory, &mut self.actions);

@@ -86,6 +86,10 @@ pub struct PeerEntry {
     pub addr: String,
     /// The static key that owns the name: a link to this peer must prove it.
     pub key: PublicKey,
+    /// Whether the registry could dial `addr` back and reach this key
+    /// there; absent until it tried (and from registries that do not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable: Option<bool>,
 }
 
 /// One change to the directory, pushed after the welcome.
@@ -101,10 +105,14 @@ pub enum Change {
         name: String,
         reason: String,
     },
-    /// The peer (the same key) reclaimed its name from a new address.
+    /// The peer (the same key) reclaimed its name from a new address, or
+    /// under another spelling, or the registry found whether it can be
+    /// dialed there.
     Moved {
         name: String,
         addr: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reachable: Option<bool>,
     },
 }
 
@@ -444,6 +452,7 @@ mod tests {
                 name: "b".into(),
                 addr: "127.0.0.1:9".into(),
                 key: crate::identity::Identity::generate().public(),
+                reachable: None,
             }],
         };
         let body = codec::encode(&welcome).unwrap();

@@ -84,6 +84,10 @@ pub struct Args {
     /// Relay nothing: peers that cannot dial each other cannot talk.
     #[arg(long)]
     pub no_relay: bool,
+    /// Do not dial peers back to learn whether others can reach them: the
+    /// directory then says nothing of it, and peers find out by dialing.
+    #[arg(long)]
+    pub no_probe: bool,
     /// Bytes a second one peer may send through the registry's relays, all
     /// its relayed links together (e.g. 2MiB).
     #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_rate)]

@@ -41,6 +41,7 @@ pub mod names_file;
 
 pub use owners::Owner;
 use owners::Reservation;
+use probe::Probes;
 use relay::Relays;
 pub use relay::{RelayConfig, RelayStats};
 use window::Window;
@@ -56,7 +57,7 @@ pub const CHUNK: usize = 256;
 /// changes, so that a wave of newcomers shares one copy of the directory
 /// instead of each getting its own. At most about 230 bytes an entry (the
 /// longest name and address), a part stays well under a 64 KiB frame.
-const PART_ENTRIES: u64 = 200;
+pub(crate) const PART_ENTRIES: u64 = 200;
 
 /// The registry's timers are only deadlines of seconds: a tick of 10 ms
 /// and a rotation of ~10 s keep the wheel small.
@@ -80,6 +81,8 @@ pub struct Config {
     /// [`Registry::set_load`]).
     pub max_update_delay: Duration,
     pub relay: RelayConfig,
+    /// Dial each peer back to learn whether others can (4.7).
+    pub probe: bool,
 }
 
 impl Default for Config {
@@ -94,6 +97,7 @@ impl Default for Config {
             name_grace: Duration::from_secs(600),
             max_update_delay: Duration::from_millis(400),
             relay: RelayConfig::default(),
+            probe: true,
         }
     }
 }
@@ -114,6 +118,8 @@ enum Timer<C> {
     RelayInvitation(u64),
     /// This relay connection's rate debt should be paid by now.
     RelayRate(C),
+    /// This probe must be done by now.
+    ProbeDeadline(C),
 }
 
 /// How a connection ended, as far as the registry cares.
@@ -141,7 +147,7 @@ pub struct Stats {
     pub rejections_by_code: BTreeMap<&'static str, u64>,
 }
 
-struct Session {
+pub(crate) struct Session {
     name: String,
     folded: String,
     addr: SocketAddr,
@@ -151,6 +157,8 @@ struct Session {
     order: u64,
     /// It takes relay invitations.
     relay: bool,
+    /// Whether the registry could dial it back; `None` until a probe said.
+    reachable: Option<bool>,
 }
 
 /// A connection secured, not registered yet.
@@ -211,6 +219,7 @@ pub struct Registry<C> {
     /// Set by [`Registry::shutdown`], with its reason.
     stopping: Option<String>,
     relays: Relays<C>,
+    probes: Probes<C>,
 }
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
@@ -219,6 +228,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         Registry {
             timers: TimerWheel::new(now, TIMER_TICK, TIMER_SLOTS),
             relays: Relays::new(config.relay.clone()),
+            probes: Probes::new(config.probe),
             config,
             conns: HashMap::new(),
             names: HashMap::new(),
@@ -507,6 +517,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.announce(Change::Moved {
                 name: name.clone(),
                 addr: addr.to_string(),
+                reachable: None,
             });
         }
         tracing::info!(%name, %addr, old_addr = %previous.addr, "reclaimed its name");
@@ -566,6 +577,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             name: name.clone(),
             addr: addr.to_string(),
             key,
+            reachable: None,
         })
         .map(Bytes::from)
         .unwrap_or_else(|e| panic!("cannot encode a peer entry: {e}"));
@@ -585,8 +597,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 last_seen: now,
                 order,
                 relay,
+                reachable: None,
             })),
         );
+        self.want_probe(conn);
         self.timers
             .arm(now + self.config.timeout, Timer::Liveness(conn));
     }
@@ -686,6 +700,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// The connection is gone (the loop says so). A close the registry asked
     /// for itself finds nothing left to do.
     pub fn on_closed(&mut self, conn: C, how: Disconnect, now: Instant) {
+        if self.probe_closed(conn) {
+            return;
+        }
         let reason = match how {
             Disconnect::Lost => LeftReason::Disconnected,
             Disconnect::Slow => LeftReason::Slow,
@@ -739,6 +756,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             Timer::Flush => {}
             Timer::RelayInvitation(id) => self.relay_invitation_due(id),
             Timer::RelayRate(conn) => self.relay_rate_due(conn, now),
+            Timer::ProbeDeadline(link) => self.probe_due(link),
             Timer::Liveness(conn) => {
                 let Some(session) = self.session(conn) else {
                     return;
@@ -828,6 +846,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 .push_back(Action::Close(conn, "registry shutting down".into()));
         }
         self.relay_shutdown();
+        self.probe_shutdown();
         self.names.clear();
         self.order.clear();
         self.parts.clear();
@@ -838,11 +857,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     }
 }
 
-fn entry_of(s: &Session) -> PeerEntry {
+pub(crate) fn entry_of(s: &Session) -> PeerEntry {
     PeerEntry {
         name: s.name.clone(),
         addr: s.addr.to_string(),
         key: s.key,
+        reachable: s.reachable,
     }
 }
 
@@ -853,6 +873,7 @@ fn millis(d: Duration) -> u64 {
 mod lookalikes;
 mod machine;
 mod owners;
+mod probe;
 mod relay;
 mod window;
 

@@ -19,10 +19,9 @@ impl Machine for Registry<LinkId> {
         self.on_accept(link, addr, key, now);
     }
 
-    fn handle_connected(&mut self, link: LinkId, _key: PublicKey, _now: Instant) {
-        // The registry never dials.
-        self.actions
-            .push_back(Action::Close(link, "the registry does not dial".into()));
+    /// The registry dials only to probe.
+    fn handle_connected(&mut self, link: LinkId, key: PublicKey, _now: Instant) {
+        self.probe_connected(link, key);
     }
 
     fn handle_frame(&mut self, link: LinkId, body: &[u8], now: Instant) {
@@ -55,6 +54,7 @@ impl Machine for Registry<LinkId> {
     }
 
     fn end_turn(&mut self, now: Instant) {
+        self.start_probes(now, LinkId::Dialed);
         self.send_batched(now);
     }
 

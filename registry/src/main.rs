@@ -390,6 +390,7 @@ fn main() -> ExitCode {
             total_rate: args.relay_max,
             ..RelayConfig::default()
         },
+        probe: !args.no_probe,
     };
     let identity = match load_identity(args.key) {
         Ok(identity) => identity,

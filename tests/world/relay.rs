@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use peerchat_peer::peer::Event;
+use peerchat_peer::peer::{Event, Peer};
 use peerchat_registry::{Registry, RelayConfig};
 
 use crate::town::{message, registered, registry_config, registry_lost, Town};
@@ -36,6 +36,21 @@ fn every_pair_chats_when_two_of_three_cannot_be_dialed() {
     // carol takes direct links: only links to alice and bob were relayed,
     // one each way between alice and bob, one from carol to each of them.
     assert_eq!(town.registry().relay_stats().opened, 4);
+    // The registry's probes told everyone who can be dialed.
+    let carol_sees: Vec<_> = town
+        .world
+        .machine::<Peer>(carol)
+        .peers()
+        .into_iter()
+        .map(|p| (p.name, p.reachable))
+        .collect();
+    assert_eq!(
+        carol_sees,
+        [("alice".into(), Some(false)), ("bob".into(), Some(false))]
+    );
+    let alice_sees = town.world.machine::<Peer>(alice).peers();
+    assert_eq!(alice_sees[1].name, "carol");
+    assert_eq!(alice_sees[1].reachable, Some(true));
 }
 
 #[test]

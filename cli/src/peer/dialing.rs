@@ -71,13 +71,19 @@ impl Dialing {
         self.conn.and(self.path)
     }
 
-    /// Dials `addr` (or the relay, see the module's doc) unless a link is
+    /// Dials `addr` (or the relay, see the module's doc; at once for a
+    /// peer the registry could not dial, `unreachable`) unless a link is
     /// under way or a redial waits; returns the link dialed.
-    pub(super) fn dial(&mut self, addr: SocketAddr, actions: &mut Actions) -> Option<LinkId> {
+    pub(super) fn dial(
+        &mut self,
+        addr: SocketAddr,
+        unreachable: bool,
+        actions: &mut Actions,
+    ) -> Option<LinkId> {
         if self.conn.is_some() || self.retry.is_some() {
             return None;
         }
-        let (conn, path) = if self.relay_next {
+        let (conn, path) = if self.relay_next || unreachable {
             let registry = actions.relay_via();
             (actions.dial(registry), Path::Relayed { tunneled: false })
         } else {
@@ -86,6 +92,11 @@ impl Dialing {
         self.conn = Some(conn);
         self.path = Some(path);
         Some(conn)
+    }
+
+    /// The link goes (or is being opened) through the relay.
+    pub(super) fn is_relayed(&self) -> bool {
+        matches!(self.path(), Some(Path::Relayed { .. }))
     }
 
     /// `conn` is ours and waits for the relay to open.

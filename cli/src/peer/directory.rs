@@ -23,6 +23,8 @@ pub(super) struct Known {
     pub(super) key: PublicKey,
     /// The key differs from the one pinned for this name: no links.
     pub(super) mismatch: bool,
+    /// Whether the registry could dial it back; `None` until it said.
+    pub(super) reachable: Option<bool>,
     /// Missing from the snapshot of our latest registration.
     stale_since: Option<Instant>,
 }
@@ -38,6 +40,9 @@ pub(super) struct Learned {
     pub(super) redial: bool,
     /// A new address or spelling, for the user to hear of.
     pub(super) moved: bool,
+    /// The registry found it reachable now, where it was not: a relayed
+    /// link to it may go direct.
+    pub(super) reachable_now: bool,
 }
 
 pub(super) struct Directory {
@@ -101,6 +106,7 @@ impl Directory {
                 name: k.name.clone(),
                 addr: k.addr.to_string(),
                 key: k.key,
+                reachable: k.reachable,
             })
             .collect()
     }
@@ -135,9 +141,11 @@ impl Directory {
         name: String,
         addr: SocketAddr,
         key: PublicKey,
+        reachable: Option<bool>,
         actions: &mut Actions,
     ) -> Learned {
         let mismatch = self.pins.get(folded).is_some_and(|k| *k != key);
+        let mut reachable_now = false;
         let (moved, renamed, rekeyed, newly_mismatched) = match self.known.get_mut(folded) {
             Some(known) => {
                 known.stale_since = None;
@@ -149,6 +157,12 @@ impl Directory {
                 known.addr = addr;
                 known.key = key;
                 known.mismatch = mismatch;
+                // What the registry found at the old address says nothing
+                // of the new one.
+                if reachable.is_some() || moved {
+                    reachable_now = reachable == Some(true) && known.reachable != Some(true);
+                    known.reachable = reachable;
+                }
                 (moved, renamed, rekeyed, newly)
             }
             None => {
@@ -159,6 +173,7 @@ impl Directory {
                         addr,
                         key,
                         mismatch,
+                        reachable,
                         stale_since: None,
                     },
                 );
@@ -192,6 +207,7 @@ impl Directory {
             rekeyed,
             redial: moved || rekeyed,
             moved: moved || renamed,
+            reachable_now,
         }
     }
 

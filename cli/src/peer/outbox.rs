@@ -365,17 +365,31 @@ impl Outbox {
 
     /// Dials `folded` if messages wait for it and nothing is under way.
     fn ensure_link(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
-        let Some(addr) = dir.get(folded).filter(|k| !k.mismatch).map(|k| k.addr) else {
+        let Some(known) = dir.get(folded).filter(|k| !k.mismatch) else {
             return;
         };
+        let (addr, unreachable) = (known.addr, known.reachable == Some(false));
         let Some(link) = self.links.get_mut(folded) else {
             return;
         };
         if link.queue.is_empty() {
             return;
         }
-        if let Some(conn) = link.dialing.dial(addr, actions) {
+        if let Some(conn) = link.dialing.dial(addr, unreachable, actions) {
             self.conns.insert(conn, folded.to_string());
+        }
+    }
+
+    /// `folded` can be dialed now: a relayed link to it gives way to a
+    /// direct one (what it has not acknowledged goes again, and its ids
+    /// keep it from being shown twice).
+    pub(super) fn go_direct(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
+        if self
+            .links
+            .get(folded)
+            .is_some_and(|l| l.dialing.is_relayed())
+        {
+            self.redial(folded, dir, actions);
         }
     }
 

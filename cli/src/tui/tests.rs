@@ -28,6 +28,7 @@ fn entry(name: &str, n: u8) -> PeerEntry {
         name: name.into(),
         addr: format!("127.0.0.1:{}", 40000 + u16::from(n)),
         key: key(n),
+        reachable: None,
     }
 }
 

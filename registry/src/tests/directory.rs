@@ -79,10 +79,18 @@ fn apply_view(view: &mut Vec<PeerEntry>, msg: &FromRegistry) {
                         name: name.clone(),
                         addr: addr.clone(),
                         key: *key,
+                        reachable: None,
                     }),
                     Change::Left { name, .. } => view.retain(|e| &e.name != name),
-                    Change::Moved { name, addr } => {
+                    Change::Moved {
+                        name,
+                        addr,
+                        reachable,
+                    } => {
                         for e in view.iter_mut().filter(|e| &e.name == name) {
+                            if reachable.is_some() || &e.addr != addr {
+                                e.reachable = *reachable;
+                            }
                             e.addr = addr.clone();
                         }
                     }

@@ -4,6 +4,7 @@
 mod directory;
 mod liveness;
 mod names;
+mod probe;
 mod registration;
 mod relay;
 
@@ -35,6 +36,8 @@ struct Sim {
     reading: HashMap<Conn, bool>,
     /// Drains asked for, in order.
     watching: Vec<Conn>,
+    /// The registry's dials (its probes), in order.
+    dials: Vec<(Conn, SocketAddr)>,
 }
 
 fn config() -> Config {
@@ -62,6 +65,7 @@ impl Sim {
             relayed: HashMap::new(),
             reading: HashMap::new(),
             watching: Vec::new(),
+            dials: Vec::new(),
         }
     }
 
@@ -90,8 +94,9 @@ impl Sim {
                     self.reading.insert(c, reading);
                 }
                 Action::WatchDrain(c) => self.watching.push(c),
-                Action::Dial { .. } | Action::Tunnel { .. } | Action::Host(_) => {
-                    unreachable!("the registry never dials or tunnels")
+                Action::Dial { link, addr } => self.dials.push((link, addr)),
+                Action::Tunnel { .. } | Action::Host(_) => {
+                    unreachable!("the registry never tunnels")
                 }
             }
         }
@@ -181,6 +186,7 @@ fn entry(name: &str, addr: &str) -> PeerEntry {
         name: name.into(),
         addr: addr.into(),
         key: owner(name),
+        reachable: None,
     }
 }
 

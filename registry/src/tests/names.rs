@@ -40,7 +40,8 @@ fn the_key_that_owns_a_name_replaces_its_old_session_without_a_leave() {
         vec![FromRegistry::Update {
             changes: vec![Change::Moved {
                 name: "BOB".into(),
-                addr: "10.0.0.4:4002".into()
+                addr: "10.0.0.4:4002".into(),
+                reachable: None,
             }]
         }]
     );
@@ -60,7 +61,8 @@ fn the_key_that_owns_a_name_replaces_its_old_session_without_a_leave() {
         vec![FromRegistry::Update {
             changes: vec![Change::Moved {
                 name: "Bob".into(),
-                addr: "10.0.0.4:4002".into()
+                addr: "10.0.0.4:4002".into(),
+                reachable: None,
             }]
         }]
     );

@@ -13,6 +13,7 @@ fn a_new_spelling_is_shown_as_a_move_and_keeps_the_link() {
     sim.update(vec![Change::Moved {
         name: "Bob".into(),
         addr: addr("bob"),
+        reachable: None,
     }]);
     assert_eq!(
         sim.take_events(),
@@ -42,6 +43,7 @@ fn directory_follows_joined_left_and_moved() {
     sim.update(vec![Change::Moved {
         name: "bob".into(),
         addr: "10.0.0.9:4009".into(),
+        reachable: None,
     }]);
     assert_eq!(
         sim.take_events(),
@@ -57,6 +59,7 @@ fn directory_follows_joined_left_and_moved() {
                 name: "bob".into(),
                 addr: "10.0.0.9:4009".into(),
                 key: key_of("bob"),
+                reachable: None,
             },
             entries(&["carol"])[0].clone()
         ]
@@ -78,6 +81,7 @@ fn directory_follows_joined_left_and_moved() {
                 name: "bob".into(),
                 addr: "10.0.0.9:4009".into(),
                 key: key_of("bob"),
+                reachable: None,
             }]
         }]
     );
@@ -186,6 +190,7 @@ fn a_directory_key_unlike_the_pin_is_reported_and_refused_both_ways() {
     sim.update(vec![Change::Moved {
         name: "bob".into(),
         addr: "10.0.0.9:4009".into(),
+        reachable: None,
     }]);
     assert_eq!(errors_with_code(&sim.take_events(), "key_mismatch"), 0);
 }

@@ -99,6 +99,7 @@ fn entries(names: &[&str]) -> Vec<PeerEntry> {
             name: (*n).into(),
             addr: addr(n),
             key: key_of(n),
+            reachable: None,
         })
         .collect()
 }
@@ -125,6 +126,7 @@ fn entry_keyed(name: &str, key: PublicKey) -> PeerEntry {
         name: name.into(),
         addr: addr(name),
         key,
+        reachable: None,
     }
 }
 

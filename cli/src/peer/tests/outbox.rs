@@ -411,6 +411,7 @@ fn a_moved_peer_is_redialed_at_its_new_address_with_unacked_messages() {
     sim.update(vec![Change::Moved {
         name: "bob".into(),
         addr: "10.0.0.9:4009".into(),
+        reachable: None,
     }]);
     assert!(sim.closes.contains_key(&b1), "the old link closes");
     assert_eq!(

@@ -186,3 +186,42 @@ fn an_invitation_that_never_comes_up_is_closed() {
     sim.advance(Duration::from_secs(11));
     assert!(sim.gone.contains(&relay));
 }
+
+#[test]
+fn a_peer_listed_unreachable_is_reached_through_the_relay_at_once() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.update(vec![Change::Moved {
+        name: "bob".into(),
+        addr: addr("bob"),
+        reachable: Some(false),
+    }]);
+    assert!(sim.take_events().is_empty(), "nothing for the user to see");
+    assert_eq!(sim.peer.peers()[0].reachable, Some(false));
+    sim.msg("bob", "hi");
+    assert!(sim.link_dials_to("bob").is_empty(), "no direct dial");
+    let (_, asked) = relay_opened(&mut sim);
+    assert!(matches!(asked, ToRegistry::RelayOpen { to, .. } if to == "bob"));
+}
+
+#[test]
+fn a_relayed_link_moves_to_a_direct_one_once_the_peer_is_reachable() {
+    let mut sim = Sim::online(&["bob"]);
+    let relay = through_the_relay(&mut sim);
+    say_on(&mut sim, relay, &FromRegistry::RelayReady {});
+    sim.peer.handle_tunneled(relay, key_of("bob"), sim.now);
+    sim.apply();
+    sim.take_link(relay);
+    // bob is not acknowledged yet when he becomes reachable.
+    sim.link_dials = DialMode::Answer;
+    sim.update(vec![Change::Moved {
+        name: "bob".into(),
+        addr: addr("bob"),
+        reachable: Some(true),
+    }]);
+    assert!(sim.gone.contains(&relay), "the relayed link gives way");
+    let direct = sim.link_conn("bob");
+    assert_eq!(
+        sim.take_link(direct),
+        vec![sim.my_hello(), chat(1, "hi", true)]
+    );
+}

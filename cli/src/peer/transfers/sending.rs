@@ -100,14 +100,15 @@ impl Transfers {
 
     /// Dials `folded` if a transfer waits for it and nothing is under way.
     fn ensure_link(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
-        let Some(addr) = dir.get(folded).filter(|k| !k.mismatch).map(|k| k.addr) else {
+        let Some(known) = dir.get(folded).filter(|k| !k.mismatch) else {
             return;
         };
+        let (addr, unreachable) = (known.addr, known.reachable == Some(false));
         if !self.waits_for_link(folded) {
             return;
         }
         let link = self.links.entry(folded.to_string()).or_default();
-        if let Some(conn) = link.dial(addr, actions) {
+        if let Some(conn) = link.dial(addr, unreachable, actions) {
             self.conns.insert(conn, folded.to_string());
         }
     }
@@ -464,6 +465,19 @@ impl Transfers {
 
     /// The directory has `folded` at another address: the link goes, and
     /// a new one is dialed.
+    /// `folded` can be dialed now: a relayed file link to it gives way to a
+    /// direct one (transfers resume over it).
+    pub(in crate::peer) fn go_direct(
+        &mut self,
+        folded: &str,
+        dir: &Directory,
+        actions: &mut Actions,
+    ) {
+        if self.links.get(folded).is_some_and(Dialing::is_relayed) {
+            self.redial(folded, dir, actions);
+        }
+    }
+
     pub(in crate::peer) fn redial(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
         self.away(folded, actions);
         self.ensure_link(folded, dir, actions);
