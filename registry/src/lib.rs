@@ -573,14 +573,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             .push_back(Action::SetMaxFrame(conn, self.config.max_frame));
         self.actions
             .extend(frames.into_iter().map(|frame| Action::Send(conn, frame)));
-        let entry = codec::encode(&PeerEntry {
+        let entry = encode_entry(&PeerEntry {
             name: name.clone(),
             addr: addr.to_string(),
             key,
             reachable: None,
-        })
-        .map(Bytes::from)
-        .unwrap_or_else(|e| panic!("cannot encode a peer entry: {e}"));
+        });
         let order = self.next_order;
         self.next_order += 1;
         self.order.insert(order, (conn, entry));
@@ -855,6 +853,14 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.flush_at = None;
         self.fresh.clear();
     }
+}
+
+/// A directory entry as snapshots carry it, encoded once per change of
+/// the peer's listing.
+pub(crate) fn encode_entry(entry: &PeerEntry) -> Bytes {
+    codec::encode(entry)
+        .map(Bytes::from)
+        .unwrap_or_else(|e| panic!("cannot encode a peer entry: {e}"))
 }
 
 pub(crate) fn entry_of(s: &Session) -> PeerEntry {

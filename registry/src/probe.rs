@@ -14,12 +14,10 @@ use std::hash::Hash;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::Change;
 
-use crate::{entry_of, Action, LinkState, Registry, Timer, PART_ENTRIES};
+use crate::{encode_entry, entry_of, Action, LinkState, Registry, Timer, PART_ENTRIES};
 
 /// How long a probe may take, connect and handshake included.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -67,6 +65,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     pub fn start_probes(&mut self, now: Instant, mint: impl Fn(u64) -> C) {
         while self.probes.running.len() < MAX_PROBING {
             let Some(session) = self.probes.waiting.pop_front() else {
+                // A ramp of thousands leaves a queue as long: an idle
+                // registry keeps no memory for it.
+                if self.probes.waiting.capacity() > 64 {
+                    self.probes.waiting = VecDeque::new();
+                }
                 return;
             };
             let Some(LinkState::Registered(s)) = self.conns.get(&session) else {
@@ -142,9 +145,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
         s.reachable = Some(reachable);
         tracing::debug!(name = %s.name, addr = %s.addr, reachable, "probed");
-        let entry = codec::encode(&entry_of(s))
-            .map(Bytes::from)
-            .unwrap_or_else(|e| panic!("cannot encode a peer entry: {e}"));
+        let entry = encode_entry(&entry_of(s));
         let (order, change) = (
             s.order,
             Change::Moved {
