@@ -13,7 +13,13 @@
 //! (default 256), with the registry's relay rates lifted
 //! (`--relay-rate 8GiB --relay-max 8GiB`) so the rate shown is the relay's
 //! own; the registry's CPU time over the transfer gives the cores one
-//! relayed MiB/s costs. Every wait is bounded.
+//! relayed MiB/s costs. Meanwhile, and before it on a quiet registry,
+//! `RELAY_REGISTRATIONS` (default 100) raw clients register one after the
+//! other (connect, Noise handshake, `register`, the whole welcome), to
+//! show what a relay flood does to everyone else's registrations, and
+//! the registry's resident memory is sampled. The same again on a second
+//! registry with its default rates, where the flood is a 16 MiB file held
+//! to `--relay-rate` (2 MiB/s). Every wait is bounded.
 //!
 //! `cargo bench --bench relay`
 
@@ -22,9 +28,10 @@ use std::io::{BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use peerchat_testkit::client::Client;
 use peerchat_testkit::launch::{is, PeerProc, Registry};
 use peerchat_testkit::process::DataDir;
-use peerchat_testkit::procfs::cpu_time;
+use peerchat_testkit::procfs::{cpu_time, rss_kib};
 use peerchat_testkit::stats::percentile;
 
 const PING_EVERY: Duration = Duration::from_millis(10);
@@ -39,6 +46,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 fn main() {
     let pings = env_or("RELAY_PINGS", 300) as usize;
+    let registrations = env_or("RELAY_REGISTRATIONS", 100) as usize;
     let mib = env_or("RELAY_BENCH_MIB", 256);
     let files = DataDir::fresh();
     let source = files.path().join("payload.bin");
@@ -104,13 +112,24 @@ fn main() {
     assert_eq!(whois["link"], "relayed", "ann's link to ben is relayed");
     let hop = loopback_round_trips(pings);
 
+    let mut quiet = register_many(&reg, registrations, "quiet");
+    let rss_quiet = rss_kib(reg.proc.pid());
+
     let cpu_before = cpu_time(reg.proc.pid());
     ann.say(&format!("/send ben {}", source.display()));
     ben.expect("file_offer", WAIT * 4, is("file_offer", "direction", "in"));
     let started = Instant::now();
-    let end = ben.expect("the end of the transfer", WAIT * 20, |e| {
-        e["event"] == "file_done" || e["event"] == "file_failed"
-    });
+    let ended = |e: &serde_json::Value| e["event"] == "file_done" || e["event"] == "file_failed";
+    // Registrations ten at a time while the file is on its way.
+    let mut flooded = Vec::new();
+    let mut rss_flood = 0;
+    while flooded.len() < registrations && !ben.seen.iter().any(ended) {
+        let round = flooded.len() / 10;
+        flooded.extend(register_many(&reg, 10, &format!("flood{round}-")));
+        rss_flood = rss_flood.max(rss_kib(reg.proc.pid()));
+        let _ = ben.try_expect(Duration::from_millis(1), ended);
+    }
+    let end = ben.expect("the end of the transfer", WAIT * 20, ended);
     let took = started.elapsed();
     let cpu = cpu_time(reg.proc.pid()).saturating_sub(cpu_before);
     assert_eq!(end["event"], "file_done", "{end}");
@@ -142,12 +161,103 @@ fn main() {
         "relayed file: {mib} MiB in {:.2} s, {rate:.0} MiB/s",
         took.as_secs_f64()
     );
+    quiet.sort();
+    flooded.sort();
+    for (what, times) in [("quiet", &quiet), ("during the relay flood", &flooded)] {
+        eprintln!(
+            "registrations, {what}: {}, p50 {:.3} ms, p99 {:.3} ms",
+            times.len(),
+            ms(times, 50.0),
+            ms(times, 99.0)
+        );
+    }
+    eprintln!(
+        "registration during the flood / quiet: p50 {:.2}x, p99 {:.2}x",
+        ms(&flooded, 50.0) / ms(&quiet, 50.0),
+        ms(&flooded, 99.0) / ms(&quiet, 99.0)
+    );
+    eprintln!(
+        "registry resident memory: {rss_quiet} KiB quiet, at most {rss_flood} KiB during the flood"
+    );
+    let (quiet, flooded) = capped_flood(registrations, &files);
+    eprintln!(
+        "with the default relay rates: registrations p50 {:.3} ms quiet, {:.3} ms during a capped flood ({:.2}x); p99 {:.3} / {:.3} ms ({:.2}x)",
+        ms(&quiet, 50.0),
+        ms(&flooded, 50.0),
+        ms(&flooded, 50.0) / ms(&quiet, 50.0),
+        ms(&quiet, 99.0),
+        ms(&flooded, 99.0),
+        ms(&flooded, 99.0) / ms(&quiet, 99.0)
+    );
     let cores = cpu.as_secs_f64() / took.as_secs_f64();
     eprintln!(
         "registry CPU over the transfer: {:.2} s, {cores:.2} cores; {:.4} cores per relayed MiB/s",
         cpu.as_secs_f64(),
         cores / rate
     );
+}
+
+/// Registrations on a registry with the default relay rates, quiet and
+/// while two peers nobody can dial send a file through it as fast as it
+/// lets them; both sorted.
+fn capped_flood(registrations: usize, files: &DataDir) -> (Vec<Duration>, Vec<Duration>) {
+    const MIB: u64 = 16;
+    let source = files.path().join("capped.bin");
+    write_payload(&source, MIB << 20);
+    let downloads = files.path().join("capped-in");
+    let downloads = downloads.display().to_string();
+    let reg = Registry::start(&[]);
+    let registry = reg.addr.to_string();
+    let mut sender = PeerProc::start_with("sender", &registry, &["--listen", "127.0.0.2:0"]);
+    sender.registered();
+    let receiving = [
+        "--listen",
+        "127.0.0.3:0",
+        "--accept-files-from",
+        "sender",
+        "--downloads",
+        &downloads,
+    ];
+    let mut receiver = PeerProc::start_with("receiver", &registry, &receiving);
+    receiver.registered();
+    sender.expect(
+        "the receiver joined",
+        WAIT,
+        is("joined", "name", "receiver"),
+    );
+    let mut quiet = register_many(&reg, registrations, "quiet");
+    sender.say(&format!("/send receiver {}", source.display()));
+    let ended = |e: &serde_json::Value| e["event"] == "file_done" || e["event"] == "file_failed";
+    receiver.expect("the first bytes", WAIT, |e| {
+        e["event"] == "file_progress" || ended(e)
+    });
+    let mut flooded = Vec::new();
+    while flooded.len() < registrations && !receiver.seen.iter().any(ended) {
+        let round = flooded.len() / 10;
+        flooded.extend(register_many(&reg, 10, &format!("flood{round}-")));
+        let _ = receiver.try_expect(Duration::from_millis(1), ended);
+    }
+    let end = receiver.expect("the end of the transfer", WAIT * 4, ended);
+    assert_eq!(end["event"], "file_done", "{end}");
+    quiet.sort();
+    flooded.sort();
+    (quiet, flooded)
+}
+
+/// `n` raw clients register one after the other, each timed from its
+/// connect to its whole welcome; they leave once all are in.
+fn register_many(reg: &Registry, n: usize, tag: &str) -> Vec<Duration> {
+    let mut clients = Vec::with_capacity(n);
+    let times = (0..n)
+        .map(|i| {
+            let start = Instant::now();
+            let (client, _) = Client::register(reg.addr, &format!("{tag}{i}"), 4000);
+            clients.push(client);
+            start.elapsed()
+        })
+        .collect();
+    drop(clients);
+    times
 }
 
 /// One `/msg` from `from` to `to`, timed to its `message` event.
