@@ -131,6 +131,7 @@ impl Host<RegistryMachine> for RegistryHost {
                         update_delay: registry.update_delay(),
                         loop_stats: ctx.stats().clone(),
                         stats: registry.stats().clone(),
+                        relay: registry.relay_stats(),
                     });
                 }
                 let next = ctx.now() + METRICS_INTERVAL;

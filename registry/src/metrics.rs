@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as MetricRegistry;
 use std::sync::atomic::AtomicU64;
 
-use crate::Stats;
+use crate::{RelayStats, Stats};
 
 /// A request longer than this (headers included) is refused.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -41,6 +41,7 @@ pub struct Snapshot {
     pub update_delay: Duration,
     pub loop_stats: LoopStats,
     pub stats: Stats,
+    pub relay: RelayStats,
 }
 
 /// The loop's side: handles on the metrics, and the cumulative values last
@@ -63,6 +64,10 @@ pub struct Metrics {
     bytes_out: Counter,
     slow: Counter,
     noise_failed: Counter,
+    relays_open: Gauge,
+    relayed_bytes: Counter,
+    relays_opened: Counter,
+    relays_refused: Counter,
     turn_seconds: Histogram,
     last: Snapshot,
 }
@@ -89,6 +94,10 @@ impl Metrics {
             bytes_out: Counter::default(),
             slow: Counter::default(),
             noise_failed: Counter::default(),
+            relays_open: Gauge::default(),
+            relayed_bytes: Counter::default(),
+            relays_opened: Counter::default(),
+            relays_refused: Counter::default(),
             // 10 µs to about 1.3 s.
             turn_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 9)),
             last: Snapshot::default(),
@@ -110,6 +119,11 @@ impl Metrics {
                 "queued_output_bytes",
                 "Bytes waiting to be written to peers",
                 &m.queued_bytes,
+            ),
+            (
+                "relay_connections",
+                "Relay connections open now (two per relayed link)",
+                &m.relays_open,
             ),
         ] {
             registry.register(name, help, gauge.clone());
@@ -145,6 +159,17 @@ impl Metrics {
                 "noise_failures",
                 "Noise sessions that failed or timed out",
                 &m.noise_failed,
+            ),
+            (
+                "relayed_bytes",
+                "Bytes passed between the two ends of relayed links",
+                &m.relayed_bytes,
+            ),
+            ("relays_opened", "Relayed links that came up", &m.relays_opened),
+            (
+                "relays_refused",
+                "Relays refused (--no-relay, limits, an unknown or unreachable peer) or not answered",
+                &m.relays_refused,
             ),
         ] {
             registry.register(name, help, counter.clone());
@@ -185,6 +210,7 @@ impl Metrics {
         gauge(&self.connections, now.connections);
         gauge(&self.reserved, now.reserved);
         gauge(&self.queued_bytes, now.queued_bytes);
+        gauge(&self.relays_open, now.relay.ends);
         self.update_delay.set(now.update_delay.as_secs_f64());
         let (was, is) = (&self.last, &now);
         let grow = |c: &Counter, before: u64, after: u64| {
@@ -201,6 +227,9 @@ impl Metrics {
         grow(&self.bytes_out, wl.bytes_out, il.bytes_out);
         grow(&self.slow, wl.slow_closed, il.slow_closed);
         grow(&self.noise_failed, wl.secure_failed, il.secure_failed);
+        grow(&self.relayed_bytes, was.relay.bytes, is.relay.bytes);
+        grow(&self.relays_opened, was.relay.opened, is.relay.opened);
+        grow(&self.relays_refused, was.relay.refused, is.relay.refused);
         let by = |family: &Family<Labels, Counter>,
                   label: &str,
                   before: &BTreeMap<&'static str, u64>,
@@ -350,9 +379,12 @@ mod tests {
         snapshot.stats.joins = 3;
         snapshot.stats.leaves_by_reason.insert("quit", 1);
         snapshot.stats.rejections_by_code.insert("name_taken", 2);
+        snapshot.relay.bytes = 1000;
         metrics.update(snapshot.clone());
         snapshot.stats.joins = 5;
         snapshot.stats.leaves_by_reason.insert("quit", 4);
+        snapshot.relay.bytes = 4096;
+        snapshot.relay.ends = 2;
         metrics.update(snapshot);
         metrics.turn(Duration::from_micros(50));
         let addr = serve("127.0.0.1:0".parse().unwrap(), registry).unwrap();
@@ -365,6 +397,8 @@ mod tests {
             "peerchat_registry_leaves_total{reason=\"quit\"} 4\n",
             "peerchat_registry_rejections_total{code=\"name_taken\"} 2\n",
             "peerchat_registry_loop_turn_seconds_count 1\n",
+            "peerchat_registry_relayed_bytes_total 4096\n",
+            "peerchat_registry_relay_connections 2\n",
             "# EOF\n",
         ] {
             assert!(answer.contains(line), "{line:?} in\n{answer}");
