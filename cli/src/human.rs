@@ -522,6 +522,16 @@ pub(crate) fn status_line(event: &Event) -> Option<String> {
         Event::Joined { name, addr, .. } => format!("* {name} joined ({addr})"),
         Event::Left { name, reason } => format!("* {name} left ({reason})"),
         Event::Moved { name, addr } => format!("* {name} moved to {addr}"),
+        Event::Reachable {
+            reachable: false,
+            you: true,
+            ..
+        } => "! others cannot dial you (a NAT or a firewall is in the way): links to you go through the registry's relay, still end to end encrypted".into(),
+        Event::Reachable {
+            reachable: true,
+            you: true,
+            ..
+        } => "* others can dial you directly".into(),
         Event::Peers { peers } => format!("* {}", names(peers)),
         Event::Sent { to, .. } if to.is_empty() => {
             "! nobody else is online; the message went nowhere".into()
@@ -638,7 +648,9 @@ pub(crate) fn status_line(event: &Event) -> Option<String> {
         | Event::History { .. }
         | Event::Search { .. }
         | Event::Outbox { .. }
-        | Event::FileProgress { .. } => return None,
+        | Event::FileProgress { .. }
+        // Of another peer: /peers says it, no need for a line each.
+        | Event::Reachable { you: false, .. } => return None,
     })
 }
 

@@ -458,6 +458,14 @@ impl Peer {
         }
         let folded = fold_name(&name);
         if self.directory.is_me(&folded) {
+            // Our own probe: whether others can dial us.
+            if let Some(reachable) = reachable {
+                self.actions.emit(Event::Reachable {
+                    name,
+                    reachable,
+                    you: true,
+                });
+            }
             return;
         }
         let Ok(parsed) = addr.parse() else {
@@ -474,11 +482,26 @@ impl Peer {
         // as far as the user knows: say nothing unless its address or the
         // spelling of its name changed.
         let known = self.directory.contains(&folded);
-        let moved = self.learn(folded.clone(), name.clone(), parsed, key, reachable);
+        let (moved, reachability) =
+            self.learn(folded.clone(), name.clone(), parsed, key, reachable);
         if !known {
-            self.actions.emit(Event::Joined { name, addr, key });
+            self.actions.emit(Event::Joined {
+                name: name.clone(),
+                addr: addr.clone(),
+                key,
+            });
         } else if moved {
-            self.actions.emit(Event::Moved { name, addr });
+            self.actions.emit(Event::Moved {
+                name: name.clone(),
+                addr,
+            });
+        }
+        if let Some(reachable) = reachability {
+            self.actions.emit(Event::Reachable {
+                name,
+                reachable,
+                you: false,
+            });
         }
         // After the event: chats held from this peer follow its join.
         self.inbox
@@ -486,8 +509,9 @@ impl Peer {
     }
 
     /// Adds or refreshes a directory entry, and carries what changed over to
-    /// the links. True when the user should hear of a move: a new address
-    /// or spelling.
+    /// the links. Says whether the user should hear of a move (a new
+    /// address or spelling), and what the registry newly found of the
+    /// peer's reachability.
     fn learn(
         &mut self,
         folded: String,
@@ -495,7 +519,7 @@ impl Peer {
         addr: SocketAddr,
         key: PublicKey,
         reachable: Option<bool>,
-    ) -> bool {
+    ) -> (bool, Option<bool>) {
         let learned = self
             .directory
             .learn(&folded, name, addr, key, reachable, &mut self.actions);
@@ -521,7 +545,7 @@ impl Peer {
         self.transfers
             .on_listed(&folded, key, &self.directory, &mut self.actions);
         self.maybe_finish_quit();
-        learned.moved
+        (learned.moved, learned.reachability)
     }
 
     /// A peer is gone: what waits for it is kept until it is back, and

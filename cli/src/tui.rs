@@ -143,6 +143,8 @@ pub enum Registry {
 pub struct Online {
     pub name: String,
     pub key: PublicKey,
+    /// The registry could not dial it: links to it are relayed.
+    pub unreachable: bool,
 }
 
 pub struct App {
@@ -341,6 +343,7 @@ impl App {
                         let online = Online {
                             name: p.name,
                             key: p.key,
+                            unreachable: p.reachable == Some(false),
                         };
                         (fold_name(&online.name), online)
                     })
@@ -364,6 +367,7 @@ impl App {
                     Online {
                         name: name.clone(),
                         key,
+                        unreachable: false,
                     },
                 );
                 self.presence(&name, wall, now, |p| p.joined.push(name.clone()));
@@ -378,6 +382,15 @@ impl App {
                 self.presence(&name, wall, now, |p| {
                     p.moved.push((name.clone(), addr.clone()))
                 });
+            }
+            Event::Reachable {
+                name,
+                reachable,
+                you: false,
+            } => {
+                if let Some(online) = self.online.get_mut(&fold_name(&name)) {
+                    online.unreachable = !reachable;
+                }
             }
             Event::Sent { .. } => {}
             Event::Delivered { id, to } => {

@@ -43,6 +43,8 @@ pub(super) struct Learned {
     /// The registry found it reachable now, where it was not: a relayed
     /// link to it may go direct.
     pub(super) reachable_now: bool,
+    /// What the registry found of it, when that is news.
+    pub(super) reachability: Option<bool>,
 }
 
 pub(super) struct Directory {
@@ -146,6 +148,7 @@ impl Directory {
     ) -> Learned {
         let mismatch = self.pins.get(folded).is_some_and(|k| *k != key);
         let mut reachable_now = false;
+        let mut reachability = None;
         let (moved, renamed, rekeyed, newly_mismatched) = match self.known.get_mut(folded) {
             Some(known) => {
                 known.stale_since = None;
@@ -161,6 +164,9 @@ impl Directory {
                 // of the new one.
                 if reachable.is_some() || moved {
                     reachable_now = reachable == Some(true) && known.reachable != Some(true);
+                    if reachable != known.reachable {
+                        reachability = reachable;
+                    }
                     known.reachable = reachable;
                 }
                 (moved, renamed, rekeyed, newly)
@@ -208,6 +214,7 @@ impl Directory {
             redial: moved || rekeyed,
             moved: moved || renamed,
             reachable_now,
+            reachability,
         }
     }
 

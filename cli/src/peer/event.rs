@@ -39,6 +39,15 @@ pub enum Event {
         name: String,
         addr: String,
     },
+    /// The registry found whether a peer can be dialed at its address
+    /// (`you`: whether others can dial us). Links to a peer that cannot be
+    /// go through the registry's relay.
+    Reachable {
+        name: String,
+        reachable: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        you: bool,
+    },
     Peers {
         peers: Vec<PeerEntry>,
     },

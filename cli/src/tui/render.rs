@@ -130,13 +130,21 @@ fn people(frame: &mut Frame, app: &App, area: Rect) {
             None => ("*", Style::default().fg(Color::DarkGray)),
         };
         let colour = nick_colour(app, &online.name, Some(online.key));
-        rows.push(Row::from(vec![
+        let mut row = vec![
             Span::styled(mark, mark_style),
             Span::styled(
                 clean(&online.name).into_owned(),
                 Style::default().fg(colour),
             ),
-        ]));
+        ];
+        if online.unreachable {
+            // Nobody can dial it: our links to it go through the relay.
+            row.push(Span::styled(
+                " ~relay",
+                Style::default().fg(Color::DarkGray),
+            ));
+        }
+        rows.push(Row::from(row));
     }
     frame.render_widget(Paragraph::new(rows).block(block), area);
 }

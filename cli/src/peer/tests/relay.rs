@@ -195,7 +195,14 @@ fn a_peer_listed_unreachable_is_reached_through_the_relay_at_once() {
         addr: addr("bob"),
         reachable: Some(false),
     }]);
-    assert!(sim.take_events().is_empty(), "nothing for the user to see");
+    assert_eq!(
+        sim.take_events(),
+        [Event::Reachable {
+            name: "bob".into(),
+            reachable: false,
+            you: false
+        }]
+    );
     assert_eq!(sim.peer.peers()[0].reachable, Some(false));
     sim.msg("bob", "hi");
     assert!(sim.link_dials_to("bob").is_empty(), "no direct dial");
@@ -223,5 +230,35 @@ fn a_relayed_link_moves_to_a_direct_one_once_the_peer_is_reachable() {
     assert_eq!(
         sim.take_link(direct),
         vec![sim.my_hello(), chat(1, "hi", true)]
+    );
+}
+
+#[test]
+fn our_own_probe_is_told_and_a_peer_s_only_when_it_changes() {
+    let mut sim = Sim::online(&["bob"]);
+    let probed = |name: &str, reachable| Change::Moved {
+        name: name.into(),
+        addr: addr(name),
+        reachable: Some(reachable),
+    };
+    sim.update(vec![probed("alice", false)]);
+    assert_eq!(
+        sim.take_events(),
+        [Event::Reachable {
+            name: "alice".into(),
+            reachable: false,
+            you: true
+        }]
+    );
+    sim.update(vec![probed("bob", true)]);
+    sim.update(vec![probed("bob", true)]);
+    assert_eq!(
+        sim.take_events(),
+        [Event::Reachable {
+            name: "bob".into(),
+            reachable: true,
+            you: false
+        }],
+        "once"
     );
 }
