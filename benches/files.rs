@@ -17,12 +17,11 @@
 //! `cargo bench --bench files` (about half a minute for 1 GiB; the file is
 //! written to the temporary directory, which needs twice its size free).
 
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::fs;
 use std::time::{Duration, Instant};
 
 use peerchat_testkit::launch::{is, PeerProc, Registry};
-use peerchat_testkit::process::DataDir;
+use peerchat_testkit::process::{write_payload, DataDir};
 use peerchat_testkit::stats::percentile;
 
 const PING_EVERY: Duration = Duration::from_millis(20);
@@ -134,27 +133,6 @@ fn main() {
             peak_kib(peer.proc.pid())
         );
     }
-}
-
-/// Writes `len` bytes that do not compress or repeat, in 1 MiB writes, and
-/// syncs them.
-fn write_payload(path: &std::path::Path, len: u64) {
-    let mut out = BufWriter::new(File::create(path).expect("the payload file"));
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut block = vec![0u8; 1 << 20];
-    for _ in 0..len >> 20 {
-        for word in block.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        out.write_all(&block).expect("writing the payload");
-    }
-    let file = out.into_inner().expect("writing the payload");
-    // On disk before anything is timed: its writeback would stall the
-    // peers' stores.
-    file.sync_all().expect("writing the payload");
 }
 
 fn report(what: &str, latencies: &mut [Duration]) {

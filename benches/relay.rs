@@ -23,14 +23,14 @@
 //!
 //! `cargo bench --bench relay`
 
-use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::fs;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use peerchat_testkit::client::Client;
 use peerchat_testkit::launch::{is, PeerProc, Registry};
-use peerchat_testkit::process::DataDir;
+use peerchat_testkit::process::{write_payload, DataDir};
 use peerchat_testkit::procfs::{cpu_time, rss_kib};
 use peerchat_testkit::stats::percentile;
 
@@ -301,25 +301,4 @@ fn loopback_round_trips(n: usize) -> Vec<Duration> {
     echo.join().expect("the echo thread");
     times.sort();
     times
-}
-
-/// Writes `len` bytes that do not compress or repeat, in 1 MiB writes, and
-/// syncs them.
-fn write_payload(path: &std::path::Path, len: u64) {
-    let mut out = BufWriter::new(File::create(path).expect("the payload file"));
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut block = vec![0u8; 1 << 20];
-    for _ in 0..len >> 20 {
-        for word in block.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        out.write_all(&block).expect("writing the payload");
-    }
-    out.into_inner()
-        .expect("writing the payload")
-        .sync_all()
-        .expect("writing the payload");
 }

@@ -11,27 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use peerchat_testkit::launch::{is, PeerProc, Registry, LONG};
-use peerchat_testkit::process::DataDir;
+use peerchat_testkit::process::{run_ok, DataDir};
 use serde_json::Value;
 
 /// What alice and bob say: it must never cross the registry's wire.
 const MARKER: &str = "plaintext-marker-7f3a9c";
-
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
 
 /// The namespaces of one run, removed on drop. Public hosts are
 /// `<public>.1` (the registry), `.2` (NAT-A), `.3` (NAT-B), `.4` (carol);
@@ -45,7 +29,7 @@ struct Net {
 impl Net {
     fn build() -> Result<Net, String> {
         for tool in ["ip", "nft", "tcpdump"] {
-            run("sh", &["-c", &format!("command -v {tool}")])
+            run_ok("sh", &["-c", &format!("command -v {tool}")])
                 .map_err(|_| format!("{tool} is not installed"))?;
         }
         let id = std::process::id() % 100_000;
@@ -58,46 +42,46 @@ impl Net {
             ],
         };
         let hub = net.ns("hub");
-        run("ip", &["netns", "add", &hub])?;
-        run("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-        run("ip", &["-n", &hub, "link", "set", "br0", "up"])?;
+        run_ok("ip", &["netns", "add", &hub])?;
+        run_ok("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        run_ok("ip", &["-n", &hub, "link", "set", "br0", "up"])?;
         for (host, last) in [("r", 1), ("na", 2), ("nb", 3), ("c", 4)] {
             net.host_on(&hub, "br0", host, &net.public, last)?;
         }
         for (nat, host, private) in [("na", "a", &net.private[0]), ("nb", "b", &net.private[1])] {
             // The NAT's private side is a second veth, straight to its host.
             let (nat_ns, host_ns) = (net.ns(nat), net.ns(host));
-            run("ip", &["netns", "add", &host_ns])?;
+            run_ok("ip", &["netns", "add", &host_ns])?;
             let (inside, outside) = (net.dev(host, "i"), net.dev(host, "o"));
-            run(
+            run_ok(
                 "ip",
                 &[
                     "link", "add", &inside, "type", "veth", "peer", "name", &outside,
                 ],
             )?;
-            run("ip", &["link", "set", &inside, "netns", &host_ns])?;
-            run("ip", &["link", "set", &outside, "netns", &nat_ns])?;
+            run_ok("ip", &["link", "set", &inside, "netns", &host_ns])?;
+            run_ok("ip", &["link", "set", &outside, "netns", &nat_ns])?;
             let nat_addr = format!("{private}.1/24");
-            run(
+            run_ok(
                 "ip",
                 &["-n", &nat_ns, "addr", "add", &nat_addr, "dev", &outside],
             )?;
-            run("ip", &["-n", &nat_ns, "link", "set", &outside, "up"])?;
+            run_ok("ip", &["-n", &nat_ns, "link", "set", &outside, "up"])?;
             let host_addr = format!("{private}.2/24");
-            run(
+            run_ok(
                 "ip",
                 &["-n", &host_ns, "addr", "add", &host_addr, "dev", &inside],
             )?;
-            run("ip", &["-n", &host_ns, "link", "set", &inside, "up"])?;
-            run("ip", &["-n", &host_ns, "link", "set", "lo", "up"])?;
+            run_ok("ip", &["-n", &host_ns, "link", "set", &inside, "up"])?;
+            run_ok("ip", &["-n", &host_ns, "link", "set", "lo", "up"])?;
             let gateway = format!("{private}.1");
-            run(
+            run_ok(
                 "ip",
                 &["-n", &host_ns, "route", "add", "default", "via", &gateway],
             )?;
             let exec = ["netns", "exec", nat_ns.as_str()];
             let sysctl = [&exec[..], &["sysctl", "-qw", "net.ipv4.ip_forward=1"]].concat();
-            run("ip", &sysctl)?;
+            run_ok("ip", &sysctl)?;
             let public_dev = net.dev(nat, "i");
             let rules = format!(
                 "add table ip nat\n\
@@ -107,7 +91,7 @@ impl Net {
             let rules_file = std::env::temp_dir().join(format!("{}{nat}.nft", net.prefix));
             fs::write(&rules_file, rules).map_err(|e| e.to_string())?;
             let nft = [&exec[..], &["nft", "-f", rules_file.to_str().unwrap()]].concat();
-            let done = run("ip", &nft);
+            let done = run_ok("ip", &nft);
             let _ = fs::remove_file(&rules_file);
             done?;
         }
@@ -125,23 +109,23 @@ impl Net {
     ) -> Result<(), String> {
         let ns = self.ns(host);
         let (inner, outer) = (self.dev(host, "i"), self.dev(host, "o"));
-        run("ip", &["netns", "add", &ns])?;
-        run(
+        run_ok("ip", &["netns", "add", &ns])?;
+        run_ok(
             "ip",
             &[
                 "link", "add", &inner, "type", "veth", "peer", "name", &outer,
             ],
         )?;
-        run("ip", &["link", "set", &inner, "netns", &ns])?;
-        run("ip", &["link", "set", &outer, "netns", hub])?;
-        run(
+        run_ok("ip", &["link", "set", &inner, "netns", &ns])?;
+        run_ok("ip", &["link", "set", &outer, "netns", hub])?;
+        run_ok(
             "ip",
             &["-n", hub, "link", "set", &outer, "master", bridge, "up"],
         )?;
         let addr = format!("{subnet}.{last}/24");
-        run("ip", &["-n", &ns, "addr", "add", &addr, "dev", &inner])?;
-        run("ip", &["-n", &ns, "link", "set", &inner, "up"])?;
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"])
+        run_ok("ip", &["-n", &ns, "addr", "add", &addr, "dev", &inner])?;
+        run_ok("ip", &["-n", &ns, "link", "set", &inner, "up"])?;
+        run_ok("ip", &["-n", &ns, "link", "set", "lo", "up"])
     }
 
     fn ns(&self, host: &str) -> String {
@@ -165,7 +149,7 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         for host in ["r", "na", "nb", "c", "a", "b", "hub"] {
-            let _ = run("ip", &["netns", "del", &self.ns(host)]);
+            let _ = run_ok("ip", &["netns", "del", &self.ns(host)]);
         }
     }
 }
@@ -211,7 +195,7 @@ impl Capture {
 
     /// Stops the capture and returns what it holds.
     fn finish(mut self) -> Vec<u8> {
-        let _ = run("kill", &["-INT", &self.child.id().to_string()]);
+        let _ = run_ok("kill", &["-INT", &self.child.id().to_string()]);
         let _ = self.child.wait();
         fs::read(&self.file).expect("the capture file")
     }

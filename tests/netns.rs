@@ -4,10 +4,10 @@
 //! and eviction when a cable is cut without a FIN. Needs root and `ip`; it
 //! says so and skips where namespaces cannot be made.
 
-use std::process::Command;
 use std::time::Duration;
 
 use peerchat_testkit::launch::{PeerProc, Registry, EVICT_AFTER, LONG};
+use peerchat_testkit::process::run_ok;
 
 /// The namespaces and links of one test run, removed on drop.
 struct Net {
@@ -16,19 +16,7 @@ struct Net {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run_ok("ip", args)
 }
 
 impl Net {

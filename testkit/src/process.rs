@@ -277,3 +277,45 @@ impl Drop for LoggedProc {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// Writes `len` bytes (whole MiB) that do not compress or repeat, in 1 MiB
+/// writes, and syncs them: a payload on disk before anything is timed,
+/// whose writeback cannot stall what is measured.
+pub fn write_payload(path: &Path, len: u64) {
+    use std::io::{BufWriter, Write};
+    let mut out = BufWriter::new(File::create(path).expect("the payload file"));
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..len >> 20 {
+        for word in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        out.write_all(&block).expect("writing the payload");
+    }
+    out.into_inner()
+        .expect("writing the payload")
+        .sync_all()
+        .expect("writing the payload");
+}
+
+/// Runs `program` with `args` to its end: `Err` with what it printed on
+/// stderr unless it succeeded (for the `ip`, `nft` and the like that set up
+/// a test's network).
+pub fn run_ok(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
