@@ -806,15 +806,26 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.window.pushed();
         let fresh = std::mem::take(&mut self.fresh);
         let pending = std::mem::take(&mut self.pending);
-        let mut encoded: HashMap<usize, Vec<Bytes>> = HashMap::new();
+        let any_probe_news = pending.iter().any(is_probe_news);
+        let mut encoded: HashMap<(usize, bool), Vec<Bytes>> = HashMap::new();
         for (conn, _) in self.order.values() {
             let start = if fresh.is_empty() {
                 0
             } else {
                 fresh.get(conn).copied().unwrap_or(0)
             };
-            let frames = encoded.entry(start).or_insert_with(|| {
-                pending[start..]
+            // Probe results go only to peers that take part in relays
+            // (4.7): the others would get an update that changes nothing
+            // for them after every join.
+            let without_probes = any_probe_news
+                && !matches!(self.conns.get(conn), Some(LinkState::Registered(s)) if s.relay);
+            let frames = encoded.entry((start, without_probes)).or_insert_with(|| {
+                let changes: Vec<Change> = pending[start..]
+                    .iter()
+                    .filter(|change| !(without_probes && is_probe_news(change)))
+                    .cloned()
+                    .collect();
+                changes
                     .chunks(CHUNK)
                     .map(|changes| {
                         protocol::frame(&FromRegistry::Update {
@@ -870,6 +881,18 @@ pub(crate) fn entry_of(s: &Session) -> PeerEntry {
         key: s.key,
         reachable: s.reachable,
     }
+}
+
+/// Only a probe's result carries `reachable` in a `moved`: a move to a
+/// new address makes it unknown again.
+fn is_probe_news(change: &Change) -> bool {
+    matches!(
+        change,
+        Change::Moved {
+            reachable: Some(_),
+            ..
+        }
+    )
 }
 
 fn millis(d: Duration) -> u64 {

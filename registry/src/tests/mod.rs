@@ -140,6 +140,22 @@ impl Sim {
         self.flush();
     }
 
+    /// Registers as a peer that takes relay invitations (and so hears the
+    /// probes' results), with the key of the name's owner.
+    fn register_relaying(&mut self, c: Conn, name: &str, port: i64) {
+        self.accept_as(c, ip(c as u8), owner(name));
+        self.send(
+            c,
+            &ToRegistry::Register {
+                version: PROTOCOL_VERSION,
+                name: name.into(),
+                port,
+                relay: true,
+            },
+        );
+        self.flush();
+    }
+
     /// Advances simulated time, firing timers in order.
     fn advance(&mut self, by: Duration) {
         let until = self.now + by;

@@ -42,8 +42,8 @@ impl Sim {
 #[test]
 fn a_peer_answering_with_its_own_key_is_listed_reachable() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001);
-    sim.register(2, "bob", 4002);
+    sim.register_relaying(1, "alice", 4001);
+    sim.register_relaying(2, "bob", 4002);
     sim.turn();
     sim.take(1);
     // alice's probe went first, to the address listed for her.
@@ -81,8 +81,8 @@ fn another_key_a_refused_dial_or_silence_is_unreachable() {
             timeout: Duration::from_secs(60),
             ..config()
         });
-        sim.register(1, "alice", 4001);
-        sim.register(2, "bob", 4002);
+        sim.register_relaying(1, "alice", 4001);
+        sim.register_relaying(2, "bob", 4002);
         sim.turn();
         sim.take(2);
         let (probe, _) = sim.dials[0];
@@ -105,6 +105,52 @@ fn another_key_a_refused_dial_or_silence_is_unreachable() {
             "{how}: a probe never removes a peer"
         );
     }
+}
+
+#[test]
+fn only_peers_that_take_relays_hear_the_results() {
+    let mut sim = Sim::new(config());
+    sim.register_relaying(1, "alice", 4001);
+    sim.register(2, "old", 4002);
+    sim.turn();
+    sim.take(1);
+    sim.take(2);
+    let (alice_probe, _) = sim.dials[0];
+    sim.reg.probe_connected(alice_probe, owner("alice"));
+    sim.apply();
+    sim.turn();
+    assert_eq!(sim.moves(1), vec![("alice".into(), Some(true))]);
+    assert!(
+        sim.take(2).is_empty(),
+        "a peer from before relays gets no update that changes nothing for it"
+    );
+    // Other news in the same push still reaches it.
+    let (old_probe, _) = sim.dials[1];
+    sim.reg.probe_connected(old_probe, owner("old"));
+    sim.apply();
+    sim.register(3, "carol", 4003);
+    sim.turn();
+    let old_view: Vec<Change> = sim
+        .take(2)
+        .into_iter()
+        .flat_map(|m| match m {
+            FromRegistry::Update { changes } => changes,
+            other => panic!("expected an update, got {other:?}"),
+        })
+        .collect();
+    assert!(
+        matches!(old_view.as_slice(), [Change::Joined { name, .. }] if name == "carol"),
+        "{old_view:?}"
+    );
+    assert_eq!(sim.moves(1), vec![("old".into(), Some(true))]);
+    // Its welcome still lists what the probes found: an optional field.
+    sim.register(4, "dave", 4004);
+    let welcome = sim.take(4);
+    let alice = welcome_peers(&welcome[0])
+        .into_iter()
+        .find(|p| p.name == "alice")
+        .unwrap();
+    assert_eq!(alice.reachable, Some(true));
 }
 
 #[test]
@@ -132,8 +178,8 @@ fn probes_run_a_bounded_number_at_a_time() {
 #[test]
 fn a_result_for_a_peer_that_left_or_moved_meanwhile_is_dropped() {
     let mut sim = Sim::new(config());
-    sim.register(1, "alice", 4001);
-    sim.register(2, "bob", 4002);
+    sim.register_relaying(1, "alice", 4001);
+    sim.register_relaying(2, "bob", 4002);
     sim.turn();
     sim.take(2);
     let (probe, _) = sim.probe();

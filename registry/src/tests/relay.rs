@@ -6,19 +6,10 @@ use super::*;
 use crate::relay::{INVITE_TIMEOUT, RELAY_WINDOW};
 use peerchat_core::protocol::RELAY_CHUNK;
 
-/// Registers `name` as a peer that takes relay invitations.
+/// Registers `name` as a peer that takes relay invitations; its welcome
+/// is dropped.
 fn register_relaying(sim: &mut Sim, c: Conn, name: &str) {
-    sim.accept_as(c, ip(c as u8), owner(name));
-    sim.send(
-        c,
-        &ToRegistry::Register {
-            version: PROTOCOL_VERSION,
-            name: name.into(),
-            port: 4000,
-            relay: true,
-        },
-    );
-    sim.flush();
+    sim.register_relaying(c, name, 4000);
     sim.take(c);
 }
 
