@@ -144,7 +144,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             return;
         }
         s.reachable = Some(reachable);
-        tracing::debug!(name = %s.name, addr = %s.addr, reachable, "probed");
+        tracing::info!(name = %s.name, addr = %s.addr, reachable, "probed");
         let entry = encode_entry(&entry_of(s));
         let (order, change) = (
             s.order,

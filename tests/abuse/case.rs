@@ -39,6 +39,14 @@ impl Case {
 
     pub fn with_registry(name: &str, reg: Registry) -> Case {
         let watcher = Watcher::start(reg.addr, "control");
+        // The registry dials the control client back (4.7): the baseline
+        // is taken once that probe's descriptor is gone.
+        assert!(
+            reg.proc
+                .stderr
+                .wait_for("probed name=control", Duration::from_secs(5)),
+            "{name}: the registry never probed the control client"
+        );
         let base = usage(reg.proc.pid());
         Case {
             name: name.into(),
