@@ -43,6 +43,12 @@ fn welcome_then_deltas_in_order() {
         "the registry proves the key it printed"
     );
 
+    // Nothing listens on alice's port: once the registry's probe has found
+    // that, the snapshot says so.
+    assert!(reg
+        .proc
+        .stderr
+        .wait_for("probed name=alice", Duration::from_secs(5)));
     let (mut bob, welcome) = Client::register(reg.addr, "bob", 4002);
     let FromRegistry::Welcome { peers, .. } = welcome else {
         panic!()
@@ -53,7 +59,7 @@ fn welcome_then_deltas_in_order() {
             name: "alice".into(),
             addr: "127.0.0.1:4001".into(),
             key: alice.key(),
-            reachable: None,
+            reachable: Some(false),
         }],
         "the directory lists the key alice proved"
     );
