@@ -508,7 +508,7 @@ fn names(peers: &[PeerEntry]) -> String {
     let list: Vec<String> = peers
         .iter()
         .map(|p| match p.reachable {
-            Some(false) => format!("{} ({}, relayed: not reachable directly)", p.name, p.addr),
+            Some(false) => format!("{} ({}, not reachable directly)", p.name, p.addr),
             _ => format!("{} ({})", p.name, p.addr),
         })
         .collect();
@@ -526,7 +526,7 @@ pub(crate) fn status_line(event: &Event) -> Option<String> {
             reachable: false,
             you: true,
             ..
-        } => "! others cannot dial you (a NAT or a firewall is in the way): links to you go through the registry's relay, still end to end encrypted".into(),
+        } => "! others cannot dial you (a NAT or a firewall is in the way): peers that can be dialed will be asked to dial you back, and the others reach you through the registry's relay, still end to end encrypted".into(),
         Event::Reachable {
             reachable: true,
             you: true,

@@ -23,6 +23,7 @@
 //! settles its messages and closes its links).
 
 mod actions;
+mod dial_backs;
 mod dialing;
 mod directory;
 mod event;
@@ -46,6 +47,7 @@ use crate::disk::{DiskOp, DiskReply};
 use crate::journal::{Party, Query, Record, Saved};
 use crate::trust;
 use actions::{Actions, Held, Rng, TimerKey};
+use dial_backs::DialBacks;
 use directory::Directory;
 use event::{Code, Reason};
 pub use event::{Direction, Event, Waiting};
@@ -223,6 +225,8 @@ enum Timer {
     FileDeadline(u64),
     /// This relay connection to us must be up by now.
     RelayJoinDeadline(LinkId),
+    /// This connection, dialing back a peer that asked, must be up by now.
+    DialBackDeadline(LinkId),
 }
 
 /// Milliseconds since the Unix epoch; 0 for a clock set before it.
@@ -240,6 +244,7 @@ pub struct Peer {
     inbox: Inbox,
     transfers: Transfers,
     relays: Relays,
+    dial_backs: DialBacks,
     actions: Actions,
     rng: Rng,
     /// Said in our hello, so that a peer tells our restart from a resend.
@@ -282,6 +287,7 @@ impl Peer {
                 config.backoff_max,
             ),
             relays: Relays::default(),
+            dial_backs: DialBacks::default(),
             actions: Actions::new(config.persistent, now, wall, config.registry),
             rng,
             instance,
@@ -373,6 +379,20 @@ impl Peer {
                 }
                 self.relays.invited(id, from, now, &mut self.actions);
             }
+            Heard::DialBack { from } => {
+                if self.quitting() {
+                    return;
+                }
+                self.dial_backs
+                    .asked(&from, &self.directory, now, &mut self.actions);
+            }
+            Heard::ReverseFailed { to, code, reason } => {
+                tracing::info!(peer = %to, %code, %reason, "the registry did not ask the peer to dial us back");
+                let folded = fold_name(to.trim());
+                let (dir, actions) = (&self.directory, &mut self.actions);
+                self.outbox.reversal_failed(&folded, dir, actions);
+                self.transfers.reversal_failed(&folded, dir, actions);
+            }
         }
     }
 
@@ -460,6 +480,7 @@ impl Peer {
         if self.directory.is_me(&folded) {
             // Our own probe: whether others can dial us.
             if let Some(reachable) = reachable {
+                self.now_reachable(reachable);
                 self.actions.emit(Event::Reachable {
                     name,
                     reachable,
@@ -506,6 +527,24 @@ impl Peer {
         // After the event: chats held from this peer follow its join.
         self.inbox
             .admit(&folded, &mut self.directory, &mut self.actions);
+    }
+
+    /// The registry found whether others can dial us. Once they can, our
+    /// relayed links try again, since a peer we cannot dial may now dial
+    /// us back (4.8) and keep the registry off the path.
+    fn now_reachable(&mut self, reachable: bool) {
+        let was = self.actions.reversal_via.is_some();
+        self.session.set_reachable(reachable, &mut self.actions);
+        if was || self.actions.reversal_via.is_none() {
+            return;
+        }
+        let (dir, actions) = (&self.directory, &mut self.actions);
+        for folded in self.outbox.relayed() {
+            self.outbox.redial(&folded, dir, actions);
+        }
+        for folded in self.transfers.relayed() {
+            self.transfers.redial(&folded, dir, actions);
+        }
     }
 
     /// Adds or refreshes a directory entry, and carries what changed over to
@@ -795,6 +834,7 @@ impl Peer {
             Timer::FileRetry(target) => self.transfers.on_retry(&target, &self.directory, actions),
             Timer::FileDeadline(number) => self.transfers.on_deadline(number, actions),
             Timer::RelayJoinDeadline(link) => self.relays.on_deadline(link, actions),
+            Timer::DialBackDeadline(link) => self.dial_backs.on_deadline(link, actions),
         }
     }
 }

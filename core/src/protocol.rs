@@ -59,6 +59,11 @@ pub enum ToRegistry {
     Heartbeat {},
     /// Leaving for good (reason `quit` for the others).
     Leave {},
+    /// On a registered connection: we cannot dial `to`, who can dial us;
+    /// ask it to dial us back (a reversed link, PROTOCOL.md 4.8).
+    Reverse {
+        to: String,
+    },
 }
 
 impl ToRegistry {
@@ -68,7 +73,9 @@ impl ToRegistry {
             ToRegistry::Register { version, .. }
             | ToRegistry::RelayOpen { version, .. }
             | ToRegistry::RelayJoin { version, .. } => *version,
-            ToRegistry::Heartbeat {} | ToRegistry::Leave {} => PROTOCOL_VERSION,
+            ToRegistry::Heartbeat {} | ToRegistry::Leave {} | ToRegistry::Reverse { .. } => {
+                PROTOCOL_VERSION
+            }
         }
     }
 }
@@ -165,6 +172,18 @@ pub enum FromRegistry {
     /// On a relay connection: both ends are there. Every frame after this
     /// one, both ways, is relayed bytes rather than a message.
     RelayReady {},
+    /// On a registered connection: `from` cannot dial us; dial it at the
+    /// address the directory lists and open the link with `dialed_back`.
+    DialBack {
+        from: String,
+    },
+    /// On a registered connection: our `reverse` to `to` was not passed
+    /// on, for `code`. The session goes on.
+    ReverseFailed {
+        to: String,
+        code: String,
+        reason: String,
+    },
 }
 
 /// Peer ↔ peer, over a direct link. The dialer sends `Hello` first, then
@@ -178,6 +197,13 @@ pub enum LinkMsg {
         /// Random per process: lets the receiver tell a restarted sender
         /// (whose ids start again) from a resend.
         instance: u64,
+    },
+    /// First frame of a connection opened because the registry asked us
+    /// to dial `name`'s asker back: on it, the side that accepted the
+    /// connection is the link's dialer (it says `hello` and sends).
+    DialedBack {
+        version: u32,
+        name: String,
     },
     Chat {
         id: u64,

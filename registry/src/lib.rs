@@ -141,6 +141,9 @@ pub struct Stats {
     pub leaves: u64,
     pub evictions: u64,
     pub rejections: u64,
+    /// Requests to dial a peer back that were passed on, and not (4.8).
+    pub reversals: u64,
+    pub reversals_failed: u64,
     /// `leaves` by the reason everyone was told.
     pub leaves_by_reason: BTreeMap<&'static str, u64>,
     /// `rejections` by the error code sent.
@@ -159,6 +162,8 @@ pub(crate) struct Session {
     relay: bool,
     /// Whether the registry could dial it back; `None` until a probe said.
     reachable: Option<bool>,
+    /// Its recent requests to be dialed back.
+    reversals: reversal::Budget,
 }
 
 /// A connection secured, not registered yet.
@@ -338,6 +343,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     Ok(ToRegistry::Register { .. }) => {
                         self.fail(conn, "already registered on this connection".into(), now);
                     }
+                    Ok(ToRegistry::Reverse { to }) => self.reverse(conn, &to, now),
                     Ok(ToRegistry::RelayOpen { .. } | ToRegistry::RelayJoin { .. }) => {
                         self.fail(
                             conn,
@@ -596,6 +602,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 order,
                 relay,
                 reachable: None,
+                reversals: reversal::Budget::new(now),
             })),
         );
         self.want_probe(conn);
@@ -904,6 +911,7 @@ mod machine;
 mod owners;
 mod probe;
 mod relay;
+mod reversal;
 mod window;
 
 #[cfg(test)]

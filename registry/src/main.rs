@@ -102,6 +102,8 @@ impl Host<RegistryMachine> for RegistryHost {
                     relays = relay.ends / 2,
                     relayed_bytes = relay.bytes,
                     relays_refused = relay.refused,
+                    reversals = stats.reversals,
+                    reversals_failed = stats.reversals_failed,
                     "stats"
                 );
                 release_free_memory();

@@ -68,6 +68,8 @@ pub struct Metrics {
     relayed_bytes: Counter,
     relays_opened: Counter,
     relays_refused: Counter,
+    reversals: Counter,
+    reversals_failed: Counter,
     turn_seconds: Histogram,
     last: Snapshot,
 }
@@ -98,6 +100,8 @@ impl Metrics {
             relayed_bytes: Counter::default(),
             relays_opened: Counter::default(),
             relays_refused: Counter::default(),
+            reversals: Counter::default(),
+            reversals_failed: Counter::default(),
             // 10 µs to about 1.3 s.
             turn_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 9)),
             last: Snapshot::default(),
@@ -171,6 +175,16 @@ impl Metrics {
                 "Relays refused (--no-relay, limits, an unknown or unreachable peer) or not answered",
                 &m.relays_refused,
             ),
+            (
+                "reversals",
+                "Requests to dial a peer back that were passed on",
+                &m.reversals,
+            ),
+            (
+                "reversals_failed",
+                "Requests to dial a peer back that were answered reverse_failed",
+                &m.reversals_failed,
+            ),
         ] {
             registry.register(name, help, counter.clone());
         }
@@ -230,6 +244,9 @@ impl Metrics {
         grow(&self.relayed_bytes, was.relay.bytes, is.relay.bytes);
         grow(&self.relays_opened, was.relay.opened, is.relay.opened);
         grow(&self.relays_refused, was.relay.refused, is.relay.refused);
+        grow(&self.reversals, was.stats.reversals, is.stats.reversals);
+        let failed = (was.stats.reversals_failed, is.stats.reversals_failed);
+        grow(&self.reversals_failed, failed.0, failed.1);
         let by = |family: &Family<Labels, Counter>,
                   label: &str,
                   before: &BTreeMap<&'static str, u64>,

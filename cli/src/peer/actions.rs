@@ -51,6 +51,9 @@ pub(super) struct Actions {
     pub(super) held: VecDeque<(u64, Held)>,
     /// The registry, whose relay carries links that cannot go direct.
     registry: SocketAddr,
+    /// Our registry session, while the registry says others can dial us:
+    /// where to ask a peer we cannot dial to dial us back (4.8).
+    pub(super) reversal_via: Option<LinkId>,
 }
 
 /// What waits for the store: no peer may see a message or an
@@ -84,6 +87,7 @@ impl Actions {
             durable: 0,
             held: VecDeque::new(),
             registry,
+            reversal_via: None,
         }
     }
 

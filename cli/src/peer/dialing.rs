@@ -2,12 +2,16 @@
 //! between attempts: what the outbox (for chats) and the transfers room
 //! (for files) each keep per target.
 //!
-//! A link goes direct, to the address the directory lists, unless the last
-//! direct attempt failed: then the next one goes through the registry's
-//! relay (PROTOCOL.md 4.6), and the one after a relayed link tries direct
-//! again, so a link moves back to a direct path once there is one. The
-//! relay's own opening (`relay_open`, `relay_ready`) happens here; once
-//! the tunnel's session is up, the link is like any other.
+//! A link goes direct, to the address the directory lists, unless the
+//! registry found the peer cannot be dialed or the last direct attempt
+//! failed. Then, if the registry found that we can be dialed, we ask the
+//! peer through it to dial us back (a reversed link, PROTOCOL.md 4.8); when
+//! that cannot be asked, is refused or brings no link in time, the next
+//! attempt goes through the registry's relay (4.6). The attempt after a
+//! relayed link tries direct again, so a link moves back to a direct path
+//! once there is one. The relay's own opening (`relay_open`,
+//! `relay_ready`) happens here; once the tunnel's session is up, the link
+//! is like any other.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,10 +23,17 @@ use peerchat_core::protocol::{self, FromRegistry, ToRegistry, PROTOCOL_VERSION};
 
 use super::{Actions, Rng, Timer, TimerKey};
 
+/// How long a peer asked to dial us back has to bring its link up (the
+/// registry passing the request, the peer's dial and handshake) before
+/// the relay is tried instead.
+pub(super) const REVERSAL_WAIT: Duration = Duration::from_secs(3);
+
 /// How a link reaches its peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Path {
     Direct,
+    /// The peer dialed us, on our request (4.8).
+    Reversed,
     /// Through the registry; `tunneled` once it said `relay_ready`.
     Relayed {
         tunneled: bool,
@@ -33,9 +44,25 @@ impl Path {
     pub(super) fn as_str(self) -> &'static str {
         match self {
             Path::Direct => "direct",
+            Path::Reversed => "reversed",
             Path::Relayed { .. } => "relayed",
         }
     }
+}
+
+/// What the next attempt tries, after a direct one or a reversal failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fallback {
+    Reverse,
+    Relay,
+}
+
+/// The peer a link is for, as the directory lists it.
+pub(super) struct Route<'a> {
+    pub(super) name: &'a str,
+    pub(super) addr: SocketAddr,
+    /// The registry's probe could not dial it.
+    pub(super) unreachable: bool,
 }
 
 /// What the registry answered a relay connection.
@@ -51,8 +78,11 @@ pub(super) struct Dialing {
     /// Our link to the target, from the dial on.
     conn: Option<LinkId>,
     path: Option<Path>,
-    /// The last direct attempt failed: the next goes through the relay.
-    relay_next: bool,
+    /// The last attempt failed: what the next one tries.
+    fallback: Option<Fallback>,
+    /// We asked the peer to dial us back, and wait for its link until
+    /// `retry` fires.
+    reversing: bool,
     /// The link proved the listed key and said hello: what waits may go.
     up: bool,
     backoff: Duration,
@@ -71,27 +101,72 @@ impl Dialing {
         self.conn.and(self.path)
     }
 
-    /// Dials `addr` (or the relay, see the module's doc; at once for a
-    /// peer the registry could not dial, `unreachable`) unless a link is
-    /// under way or a redial waits; returns the link dialed.
+    /// Opens a link to `to` (see the module's doc for the path) unless one
+    /// is under way or a redial waits: returns the link dialed, or nothing
+    /// when the peer was asked to dial us back, to be waited for until
+    /// `timer` fires.
     pub(super) fn dial(
         &mut self,
-        addr: SocketAddr,
-        unreachable: bool,
+        to: &Route,
+        timer: Timer,
         actions: &mut Actions,
     ) -> Option<LinkId> {
         if self.conn.is_some() || self.retry.is_some() {
             return None;
         }
-        let (conn, path) = if self.relay_next || unreachable {
-            let registry = actions.relay_via();
-            (actions.dial(registry), Path::Relayed { tunneled: false })
-        } else {
-            (actions.dial(addr), Path::Direct)
+        if std::mem::take(&mut self.reversing) {
+            // The wait is over and no link came.
+            tracing::info!(peer = %to.name, "not dialed back in time; trying the relay");
+            self.fallback = Some(Fallback::Relay);
+        }
+        let mut path = match self.fallback {
+            Some(Fallback::Relay) => Path::Relayed { tunneled: false },
+            Some(Fallback::Reverse) => Path::Reversed,
+            None if to.unreachable => Path::Reversed,
+            None => Path::Direct,
+        };
+        if path == Path::Reversed {
+            match actions.reversal_via {
+                Some(session) => {
+                    let reverse = ToRegistry::Reverse { to: to.name.into() };
+                    actions.send(session, protocol::frame(&reverse));
+                    self.reversing = true;
+                    self.retry = Some(actions.arm(actions.now + REVERSAL_WAIT, timer));
+                    return None;
+                }
+                None => path = Path::Relayed { tunneled: false },
+            }
+        }
+        let conn = match path {
+            Path::Direct => actions.dial(to.addr),
+            _ => actions.dial(actions.relay_via()),
         };
         self.conn = Some(conn);
         self.path = Some(path);
         Some(conn)
+    }
+
+    /// `conn`, a link the peer dialed on our request, is ours: true if we
+    /// were waiting for it.
+    pub(super) fn adopt(&mut self, conn: LinkId, actions: &mut Actions) -> bool {
+        if !std::mem::take(&mut self.reversing) {
+            return false;
+        }
+        actions.cancel(self.retry.take());
+        self.conn = Some(conn);
+        self.path = Some(Path::Reversed);
+        true
+    }
+
+    /// The registry did not pass our request on: the relay is next, at
+    /// once. True if we were waiting for it.
+    pub(super) fn reversal_failed(&mut self, actions: &mut Actions) -> bool {
+        if !std::mem::take(&mut self.reversing) {
+            return false;
+        }
+        actions.cancel(self.retry.take());
+        self.fallback = Some(Fallback::Relay);
+        true
     }
 
     /// The link goes (or is being opened) through the relay.
@@ -159,9 +234,14 @@ impl Dialing {
         if self.conn != Some(conn) {
             return false;
         }
-        // A direct link that never came up sends the next attempt through
-        // the relay; after a relayed one, direct is tried again.
-        self.relay_next = self.path == Some(Path::Direct) && !self.up;
+        // A direct link that never came up sends the next attempt the
+        // other way round, a reversed one through the relay; after a
+        // link that was up, or a relayed one, direct is tried again.
+        self.fallback = match (self.path, self.up) {
+            (Some(Path::Direct), false) => Some(Fallback::Reverse),
+            (Some(Path::Reversed), false) => Some(Fallback::Relay),
+            _ => None,
+        };
         self.conn = None;
         self.up = false;
         true
@@ -196,11 +276,14 @@ impl Dialing {
         self.retry = None;
     }
 
-    /// Lets the link go (a redial may follow at once); returns it, for the
-    /// caller to close and forget.
-    pub(super) fn close(&mut self) -> Option<LinkId> {
+    /// Lets the link go, or the wait for one dialed back (a redial may
+    /// follow at once); returns it, for the caller to close and forget.
+    pub(super) fn close(&mut self, actions: &mut Actions) -> Option<LinkId> {
+        if std::mem::take(&mut self.reversing) {
+            actions.cancel(self.retry.take());
+        }
         self.up = false;
-        self.relay_next = false;
+        self.fallback = None;
         self.conn.take()
     }
 
@@ -209,6 +292,6 @@ impl Dialing {
     pub(super) fn stop(&mut self, actions: &mut Actions) -> Option<LinkId> {
         actions.cancel(self.retry.take());
         self.backoff = Duration::ZERO;
-        self.close()
+        self.close(actions)
     }
 }

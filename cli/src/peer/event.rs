@@ -41,7 +41,7 @@ pub enum Event {
     },
     /// The registry found whether a peer can be dialed at its address
     /// (`you`: whether others can dial us). Links to a peer that cannot be
-    /// go through the registry's relay.
+    /// are reversed (it dials us, if we can be dialed) or relayed.
     Reachable {
         name: String,
         reachable: bool,

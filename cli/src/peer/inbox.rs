@@ -32,6 +32,15 @@ const MAX_HELD_BYTES_TOTAL: usize = 4 * 1024 * 1024;
 /// Distinct (name, key) pairs whose refused links are reported.
 const MAX_KEY_WARNINGS: usize = 256;
 
+/// What a link to us brings that is another room's business.
+pub(super) enum News {
+    /// A file message on a verified link, from its sender.
+    File(Party, LinkMsg),
+    /// The link is one we asked `name` to dial (4.8): ours to send on,
+    /// once its key is checked; the inbox has let it go.
+    DialedBack { name: String, key: PublicKey },
+}
+
 /// A chat message as it arrived on a link.
 struct Chat {
     id: u64,
@@ -156,28 +165,33 @@ impl Inbox {
     }
 
     /// A frame on a link to us. File messages on a verified link are for
-    /// the transfers room: they come back with their sender.
+    /// the transfers room, and a link dialed back on our request is the
+    /// outbox's: they come back as [`News`].
     pub(super) fn on_frame(
         &mut self,
         conn: LinkId,
         body: &[u8],
         dir: &mut Directory,
         actions: &mut Actions,
-    ) -> Option<(Party, LinkMsg)> {
+    ) -> Option<News> {
         let link = self.links.get_mut(&conn)?;
         if let InLink::AwaitHello { key } = *link {
             let version_of = |m: &LinkMsg| match m {
-                LinkMsg::Hello { version, .. } => *version,
+                LinkMsg::Hello { version, .. } | LinkMsg::DialedBack { version, .. } => *version,
                 _ => PROTOCOL_VERSION,
             };
             match decode_first(body, version_of) {
                 Ok(LinkMsg::Hello { name, instance, .. }) => {
                     self.on_hello(conn, key, name, instance, dir, actions)
                 }
+                Ok(LinkMsg::DialedBack { name, .. }) => {
+                    self.unlink(conn, actions);
+                    return Some(News::DialedBack { name, key });
+                }
                 Ok(_) => self.refuse(
                     conn,
                     ErrorCode::Protocol,
-                    "a link starts with hello".into(),
+                    "a link starts with hello or dialed_back".into(),
                     actions,
                 ),
                 Err(FirstFrameError::Version(v)) => self.refuse(
@@ -248,7 +262,7 @@ impl Inbox {
                         key: *key,
                         name: dir.display_name(folded),
                     };
-                    return Some((party, msg));
+                    return Some(News::File(party, msg));
                 }
                 _ => self.refuse(
                     conn,

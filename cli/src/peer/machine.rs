@@ -7,9 +7,10 @@ use std::time::Instant;
 use peerchat_core::event_loop::CloseReason;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::{LinkId, Machine};
-use peerchat_core::protocol::{LinkMsg, PROTOCOL_VERSION};
+use peerchat_core::protocol::{self, fold_name, LinkMsg, PROTOCOL_VERSION};
 
 use super::dialing::{Dialing, RelayAnswer};
+use super::inbox::News;
 use super::outbox::Outbox;
 use super::transfers::Transfers;
 use super::{Action, HostOutput, Peer, Reason};
@@ -59,6 +60,27 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// `link`, accepted, says it is `name` dialing us back (4.8): if we
+    /// asked for it, it is our link to `name` (chats first, then files),
+    /// checked against the directory as if we had dialed it.
+    fn dialed_back(&mut self, link: LinkId, name: &str, key: PublicKey, now: Instant) {
+        let folded = fold_name(name.trim());
+        let actions = &mut self.actions;
+        if self.outbox.adopt(link, &folded, actions) || self.transfers.adopt(link, &folded, actions)
+        {
+            tracing::debug!(peer = %name, "dialed back");
+            self.link_up(link, key, now);
+            return;
+        }
+        let why = format!("no link from us to {name:?} waits to be dialed back");
+        tracing::info!("{why}");
+        let refusal = LinkMsg::error(ErrorCode::Protocol, why.clone());
+        self.actions.send(link, protocol::frame(&refusal));
+        self.actions.close(link, why);
+    }
+}
+
 /// Our link `link`, if it waits for the registry's relay to open: whose it
 /// is (folded) and its dialing.
 fn opening_relay<'a>(
@@ -93,6 +115,14 @@ impl Machine for Peer {
         } else if self.relays.has(link) {
             self.relays
                 .on_connected(link, key, registry, &mut self.actions);
+        } else if self.dial_backs.has(link) {
+            let (name, dir) = (self.session.name(), &self.directory);
+            if self
+                .dial_backs
+                .on_connected(link, key, name, dir, &mut self.actions)
+            {
+                self.inbox.on_accept(link, key, now, &mut self.actions);
+            }
         } else if let Some((to, dialing)) =
             opening_relay(&mut self.outbox, &mut self.transfers, link)
         {
@@ -148,16 +178,20 @@ impl Machine for Peer {
         } else if self.transfers.has(link) {
             self.transfers.on_frame(link, body, &mut self.actions);
         } else if self.inbox.has(link) {
-            let file = self
+            let news = self
                 .inbox
                 .on_frame(link, body, &mut self.directory, &mut self.actions);
-            if let Some((party, msg)) = file {
-                if let Err(why) = self
-                    .transfers
-                    .on_incoming(link, party, msg, &mut self.actions)
-                {
-                    self.inbox.refuse_protocol(link, why, &mut self.actions);
+            match news {
+                Some(News::File(party, msg)) => {
+                    if let Err(why) =
+                        self.transfers
+                            .on_incoming(link, party, msg, &mut self.actions)
+                    {
+                        self.inbox.refuse_protocol(link, why, &mut self.actions);
+                    }
                 }
+                Some(News::DialedBack { name, key }) => self.dialed_back(link, &name, key, now),
+                None => {}
             }
         }
     }
@@ -190,6 +224,7 @@ impl Machine for Peer {
                 .on_closed(link, now, &mut self.rng, &mut self.actions);
         } else {
             self.relays.on_closed(link, &mut self.actions);
+            self.dial_backs.on_closed(link, &mut self.actions);
             self.inbox.on_closed(link, &mut self.actions);
             self.transfers.on_link_closed(link);
         }

@@ -23,7 +23,7 @@ use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, ErrorCode, LinkMsg};
 use peerchat_core::wire::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 
-use super::dialing::{Dialing, Path};
+use super::dialing::{Dialing, Path, Route};
 use super::directory::Directory;
 use super::{
     Actions, Code, Config, Event, Held, OutboxLimits, Party, Reason, Record, Rng, Timer, TimerKey,
@@ -368,16 +368,52 @@ impl Outbox {
         let Some(known) = dir.get(folded).filter(|k| !k.mismatch) else {
             return;
         };
-        let (addr, unreachable) = (known.addr, known.reachable == Some(false));
         let Some(link) = self.links.get_mut(folded) else {
             return;
         };
         if link.queue.is_empty() {
             return;
         }
-        if let Some(conn) = link.dialing.dial(addr, unreachable, actions) {
+        let route = Route {
+            name: &known.name,
+            addr: known.addr,
+            unreachable: known.reachable == Some(false),
+        };
+        let timer = Timer::LinkRetry(folded.to_string());
+        if let Some(conn) = link.dialing.dial(&route, timer, actions) {
             self.conns.insert(conn, folded.to_string());
         }
+    }
+
+    /// `conn` is a link `folded` dialed because we asked it to: ours, if
+    /// we wait for it.
+    pub(super) fn adopt(&mut self, conn: LinkId, folded: &str, actions: &mut Actions) -> bool {
+        let adopted = self
+            .links
+            .get_mut(folded)
+            .is_some_and(|l| l.dialing.adopt(conn, actions));
+        if adopted {
+            self.conns.insert(conn, folded.to_string());
+        }
+        adopted
+    }
+
+    /// The registry would not ask `folded` to dial us back: the relay is
+    /// tried at once.
+    pub(super) fn reversal_failed(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
+        if self
+            .links
+            .get_mut(folded)
+            .is_some_and(|l| l.dialing.reversal_failed(actions))
+        {
+            self.ensure_link(folded, dir, actions);
+        }
+    }
+
+    /// Whom our relayed links go to.
+    pub(super) fn relayed(&self) -> Vec<String> {
+        let relayed = self.links.iter().filter(|(_, l)| l.dialing.is_relayed());
+        relayed.map(|(folded, _)| folded.clone()).collect()
     }
 
     /// `folded` can be dialed now: a relayed link to it gives way to a
@@ -654,7 +690,7 @@ impl Outbox {
     /// have goes, and a new one is dialed if anything waits.
     pub(super) fn redial(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
         if let Some(link) = self.links.get_mut(folded) {
-            if let Some(conn) = link.dialing.close() {
+            if let Some(conn) = link.dialing.close(actions) {
                 self.conns.remove(&conn);
                 actions.close(conn, "the peer moved");
             }

@@ -47,6 +47,16 @@ pub(super) enum Heard {
         id: u64,
         from: String,
     },
+    /// `from` cannot dial us and asks us to dial it (4.8).
+    DialBack {
+        from: String,
+    },
+    /// Our request that `to` dial us back was not passed on.
+    ReverseFailed {
+        to: String,
+        code: String,
+        reason: String,
+    },
     /// The registry refused us, replaced us or proved a key we do not
     /// trust: the peer exits with status 2, reporting this code.
     Ended(ErrorCode),
@@ -269,14 +279,14 @@ impl Session {
                     Duration::from_millis(timeout_ms.clamp(heartbeat_ms + 10, TIMEOUT_MS_MAX));
                 self.name = name;
                 self.addr = addr;
-                self.welcome_part_done(conn, more, now)
+                self.welcome_part_done(conn, more, now, actions)
             }
             FromRegistry::Snapshot { peers, more } => {
                 let State::Registering { snapshot, .. } = &mut self.state else {
                     return self.hang_up(conn, "unexpected snapshot".into(), now, rng, actions);
                 };
                 snapshot.extend(peers);
-                self.welcome_part_done(conn, more, now)
+                self.welcome_part_done(conn, more, now, actions)
             }
             FromRegistry::Update { changes } => Heard::Changes(changes),
             FromRegistry::Heartbeat {} => Heard::Nothing,
@@ -310,6 +320,10 @@ impl Session {
                 self.hang_up(conn, why, now, rng, actions)
             }
             FromRegistry::Relay { id, from } => Heard::RelayInvite { id, from },
+            FromRegistry::DialBack { from } => Heard::DialBack { from },
+            FromRegistry::ReverseFailed { to, code, reason } => {
+                Heard::ReverseFailed { to, code, reason }
+            }
             FromRegistry::RelayReady {} => {
                 let why = "relay_ready on the registry session".to_string();
                 self.hang_up(conn, why, now, rng, actions)
@@ -318,7 +332,13 @@ impl Session {
     }
 
     /// After each part of the welcome: the last one makes us registered.
-    fn welcome_part_done(&mut self, conn: LinkId, more: bool, now: Instant) -> Heard {
+    fn welcome_part_done(
+        &mut self,
+        conn: LinkId,
+        more: bool,
+        now: Instant,
+        actions: &mut Actions,
+    ) -> Heard {
         if more {
             return Heard::Nothing;
         }
@@ -333,7 +353,19 @@ impl Session {
         self.backoff = self.backoff_min;
         self.first_attempt_over = true;
         self.ever_registered = true;
+        // Whether others can dial us is for this registration's probe to
+        // say again.
+        actions.reversal_via = None;
         Heard::Registered(snapshot)
+    }
+
+    /// The registry found whether others can dial us at the address it
+    /// lists: while they can, peers we cannot dial may be asked to dial us.
+    pub(super) fn set_reachable(&self, reachable: bool, actions: &mut Actions) {
+        actions.reversal_via = match self.state {
+            State::Online { conn, .. } if reachable => Some(conn),
+            _ => None,
+        };
     }
 
     /// Called once the rest of the peer has taken the welcome in, so that
@@ -424,6 +456,7 @@ impl Session {
     /// Over for good: the registry refused or replaced us, or proved a key
     /// we do not trust.
     fn end(&mut self, actions: &mut Actions) {
+        actions.reversal_via = None;
         self.state = State::Closed;
         self.ending = true;
         actions.cancel(self.timer.take());
@@ -446,6 +479,7 @@ impl Session {
     /// retry after a capped, jittered, doubling delay. The connection is
     /// closed already.
     fn lost(&mut self, error: String, now: Instant, rng: &mut Rng, actions: &mut Actions) {
+        actions.reversal_via = None;
         if self.ending {
             self.state = State::Closed;
             actions.cancel(self.timer.take());

@@ -138,11 +138,9 @@ fn people(frame: &mut Frame, app: &App, area: Rect) {
             ),
         ];
         if online.unreachable {
-            // Nobody can dial it: our links to it go through the relay.
-            row.push(Span::styled(
-                " ~relay",
-                Style::default().fg(Color::DarkGray),
-            ));
+            // Nobody can dial it (a NAT or a firewall): our links to it are
+            // reversed or relayed.
+            row.push(Span::styled(" ~nat", Style::default().fg(Color::DarkGray)));
         }
         rows.push(Row::from(row));
     }

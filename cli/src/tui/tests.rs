@@ -583,14 +583,14 @@ fn file_commands_go_to_the_peer_and_progress_shows_in_the_status_bar() {
 #[test]
 fn people_nobody_can_dial_are_marked_in_the_list_and_our_own_probe_is_said() {
     let mut ui = Ui::new();
-    assert!(!ui.text(100, 8).contains("~relay"));
+    assert!(!ui.text(100, 8).contains("~nat"));
     ui.event(Event::Reachable {
         name: "bob".into(),
         reachable: false,
         you: false,
     });
     let screen = ui.text(100, 8);
-    assert!(screen.contains("bob ~relay"), "{screen}");
+    assert!(screen.contains("bob ~nat"), "{screen}");
     assert!(!screen.contains("cannot dial you"), "{screen}");
     ui.event(Event::Reachable {
         name: "alice".into(),
@@ -603,5 +603,5 @@ fn people_nobody_can_dial_are_marked_in_the_list_and_our_own_probe_is_said() {
         reachable: true,
         you: false,
     });
-    assert!(!ui.text(100, 8).contains("bob ~relay"));
+    assert!(!ui.text(100, 8).contains("bob ~nat"));
 }

@@ -7,6 +7,7 @@ mod names;
 mod probe;
 mod registration;
 mod relay;
+mod reversal;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

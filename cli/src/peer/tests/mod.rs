@@ -17,6 +17,7 @@ mod invariant;
 mod outbox;
 mod quit;
 mod relay;
+mod reversal;
 mod session;
 mod store;
 mod transfers;

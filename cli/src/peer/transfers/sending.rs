@@ -103,14 +103,60 @@ impl Transfers {
         let Some(known) = dir.get(folded).filter(|k| !k.mismatch) else {
             return;
         };
-        let (addr, unreachable) = (known.addr, known.reachable == Some(false));
         if !self.waits_for_link(folded) {
             return;
         }
+        let route = Route {
+            name: &known.name,
+            addr: known.addr,
+            unreachable: known.reachable == Some(false),
+        };
         let link = self.links.entry(folded.to_string()).or_default();
-        if let Some(conn) = link.dial(addr, unreachable, actions) {
+        let timer = Timer::FileRetry(folded.to_string());
+        if let Some(conn) = link.dial(&route, timer, actions) {
             self.conns.insert(conn, folded.to_string());
         }
+    }
+
+    /// `conn` is a file link `folded` dialed because we asked it to: ours,
+    /// if we wait for it.
+    pub(in crate::peer) fn adopt(
+        &mut self,
+        conn: LinkId,
+        folded: &str,
+        actions: &mut Actions,
+    ) -> bool {
+        let adopted = self
+            .links
+            .get_mut(folded)
+            .is_some_and(|l| l.adopt(conn, actions));
+        if adopted {
+            self.conns.insert(conn, folded.to_string());
+        }
+        adopted
+    }
+
+    /// The registry would not ask `folded` to dial us back: the relay is
+    /// tried at once.
+    pub(in crate::peer) fn reversal_failed(
+        &mut self,
+        folded: &str,
+        dir: &Directory,
+        actions: &mut Actions,
+    ) {
+        if self
+            .links
+            .get_mut(folded)
+            .is_some_and(|l| l.reversal_failed(actions))
+        {
+            self.ensure_link(folded, dir, actions);
+        }
+    }
+
+    /// Whom our relayed file links go to.
+    pub(in crate::peer) fn relayed(&self) -> Vec<String> {
+        let relayed = self.links.iter().filter(|(_, l)| l.is_relayed());
+        relayed.map(|(folded, _)| folded.clone()).collect()
     }
 
     /// Our file link is up and proved `key`: if that is the listed key,

@@ -1,0 +1,185 @@
+//! Reversed links: ours, when we can be dialed and the peer cannot (the
+//! request through the registry, the link it brings, and the relay when
+//! none comes), and theirs, when the registry asks us to dial a peer back.
+
+use super::*;
+use crate::peer::dialing::REVERSAL_WAIT;
+
+fn probed(name: &str, reachable: bool) -> Change {
+    Change::Moved {
+        name: name.into(),
+        addr: addr(name),
+        reachable: Some(reachable),
+    }
+}
+
+fn dialed_back(name: &str) -> LinkMsg {
+    LinkMsg::DialedBack {
+        version: PROTOCOL_VERSION,
+        name: name.into(),
+    }
+}
+
+/// The peers we asked the registry to have dial us back, since last taken.
+fn reversals_asked(sim: &mut Sim) -> Vec<String> {
+    let reg = sim.reg_conn();
+    sim.take_reg(reg)
+        .into_iter()
+        .filter_map(|m| match m {
+            ToRegistry::Reverse { to } => Some(to),
+            _ => None,
+        })
+        .collect()
+}
+
+/// alice can be dialed, bob cannot; alice has a message for bob, and has
+/// asked for him to dial her back.
+fn asked_bob(sim: &mut Sim) {
+    sim.update(vec![probed("alice", true), probed("bob", false)]);
+    sim.take_all();
+    sim.msg("bob", "hi");
+    assert!(sim.link_dials_to("bob").is_empty(), "no direct dial");
+    assert_eq!(reversals_asked(sim), ["bob"]);
+}
+
+#[test]
+fn a_peer_we_cannot_dial_dials_us_back_and_the_link_is_ours() {
+    let mut sim = Sim::online(&["bob"]);
+    asked_bob(&mut sim);
+    let back = sim.accept_as(key_of("bob"));
+    sim.link_in(back, &dialed_back("bob"));
+    assert_eq!(
+        sim.take_link(back),
+        vec![sim.my_hello(), chat(1, "hi", true)],
+        "we are the link's dialer on the connection bob opened"
+    );
+    sim.link_in(back, &LinkMsg::Ack { id: 1 });
+    assert_eq!(sim.take_events().last(), Some(&delivered(1, "bob")));
+    sim.command(Command::Whois("bob".into()));
+    assert!(
+        matches!(sim.take_events().as_slice(), [Event::Whois { link: Some(path), .. }] if path == "reversed")
+    );
+    // The next message goes on the same link.
+    sim.msg("bob", "again");
+    assert_eq!(sim.take_link(back), vec![chat(2, "again", true)]);
+    assert!(reversals_asked(&mut sim).is_empty());
+}
+
+#[test]
+fn no_dial_back_in_time_goes_through_the_relay_and_a_late_one_is_refused() {
+    let mut sim = Sim::online(&["bob"]);
+    asked_bob(&mut sim);
+    sim.advance(REVERSAL_WAIT + ms(1));
+    let relay = sim.relay_conn();
+    assert!(matches!(
+        sim.take_reg(relay).as_slice(),
+        [ToRegistry::RelayOpen { to, .. }] if to == "bob"
+    ));
+    let late = sim.accept_as(key_of("bob"));
+    sim.link_in(late, &dialed_back("bob"));
+    assert_eq!(sim.error_code_on(late), "protocol");
+}
+
+#[test]
+fn a_reversal_the_registry_refuses_goes_through_the_relay_at_once() {
+    let mut sim = Sim::online(&["bob"]);
+    asked_bob(&mut sim);
+    sim.registry_says(&FromRegistry::ReverseFailed {
+        to: "bob".into(),
+        code: "unreachable".into(),
+        reason: "bob's client does not dial back".into(),
+    });
+    let relay = sim.relay_conn();
+    assert!(matches!(
+        sim.take_reg(relay).as_slice(),
+        [ToRegistry::RelayOpen { to, .. }] if to == "bob"
+    ));
+}
+
+#[test]
+fn a_dial_back_that_proves_another_key_gets_nothing() {
+    let mut sim = Sim::online(&["bob"]);
+    asked_bob(&mut sim);
+    let imposter = sim.accept_as(key_of("mallory"));
+    sim.link_in(imposter, &dialed_back("bob"));
+    assert!(sim.take_link(imposter).is_empty(), "not even a hello");
+    assert!(sim.gone.contains(&imposter));
+    assert_eq!(sim.peer.outbox_len(), 1, "the message still waits");
+}
+
+#[test]
+fn a_failed_direct_dial_asks_for_a_dial_back_when_we_can_be_dialed() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.update(vec![probed("alice", true)]);
+    sim.take_all();
+    sim.link_dials = DialMode::Fail;
+    sim.msg("bob", "hi");
+    assert_eq!(sim.link_dials_to("bob").len(), 1, "direct first");
+    let at = sim.link_retry_at("bob").expect("a redial is armed");
+    sim.advance_to(at);
+    assert_eq!(reversals_asked(&mut sim), ["bob"]);
+}
+
+#[test]
+fn once_we_can_be_dialed_a_relayed_link_gives_way_to_a_dial_back() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.update(vec![probed("bob", false)]);
+    sim.msg("bob", "hi");
+    let relay = sim.relay_conn();
+    let ready = codec::encode(&FromRegistry::RelayReady {}).unwrap();
+    sim.raw_in(relay, &ready);
+    sim.peer.handle_tunneled(relay, key_of("bob"), sim.now);
+    sim.apply();
+    sim.take_all();
+    sim.update(vec![probed("alice", true)]);
+    assert!(sim.gone.contains(&relay), "the relay is left");
+    assert_eq!(reversals_asked(&mut sim), ["bob"]);
+    let back = sim.accept_as(key_of("bob"));
+    sim.link_in(back, &dialed_back("bob"));
+    assert_eq!(
+        sim.take_link(back),
+        vec![sim.my_hello(), chat(1, "hi", true)],
+        "what the relayed link left unacknowledged goes again"
+    );
+}
+
+#[test]
+fn asked_to_dial_back_we_dial_the_asker_and_its_link_is_the_inboxs() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.registry_says(&FromRegistry::DialBack { from: "bob".into() });
+    let out = sim.link_conn("bob");
+    assert_eq!(sim.take_link(out), vec![dialed_back("alice")]);
+    sim.link_in(out, &hello("bob", 5));
+    sim.link_in(out, &chat(1, "dialed back", true));
+    assert_eq!(sim.take_link(out), vec![LinkMsg::Ack { id: 1 }]);
+    assert_eq!(sim.take_events(), [message("bob", "dialed back", true, 1)]);
+}
+
+#[test]
+fn a_dial_back_is_made_only_to_the_listed_key_and_only_so_often() {
+    let mut sim = Sim::online(&["bob"]);
+    sim.imposters.insert("bob".into(), key_of("mallory"));
+    sim.registry_says(&FromRegistry::DialBack { from: "bob".into() });
+    let out = sim.link_conn("bob");
+    assert!(sim.take_link(out).is_empty(), "nothing said to another key");
+    assert!(sim.gone.contains(&out));
+
+    sim.registry_says(&FromRegistry::DialBack {
+        from: "nobody".into(),
+    });
+    assert_eq!(sim.link_dials_to("bob").len(), 1, "no dial for a stranger");
+
+    sim.link_dials = DialMode::Pending;
+    for _ in 0..10 {
+        sim.registry_says(&FromRegistry::DialBack { from: "bob".into() });
+    }
+    assert_eq!(
+        sim.link_dials_to("bob").len(),
+        1 + 4,
+        "a few dials to one asker at once"
+    );
+    sim.advance(Duration::from_secs(11));
+    assert_eq!(sim.pending.len(), 4);
+    let ends = sim.pending.iter().filter(|(c, _)| sim.gone.contains(c));
+    assert_eq!(ends.count(), 4, "dials that never connect are given up");
+}
