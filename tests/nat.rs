@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use peerchat_testkit::launch::{is, PeerProc, Registry, LONG};
@@ -26,13 +27,22 @@ struct Net {
     private: [String; 2],
 }
 
+/// Nets made by this process so far: the tests of one process run at
+/// once, and each needs names of its own.
+static NETS: AtomicU32 = AtomicU32::new(0);
+
 impl Net {
+    /// The namespaces, or why this machine cannot make them: it is not
+    /// root, or lacks a tool. Anything else that fails is a failure.
     fn build() -> Result<Net, String> {
+        if run_ok("sh", &["-c", "[ \"$(id -u)\" -eq 0 ]"]).is_err() {
+            return Err("not root".into());
+        }
         for tool in ["ip", "nft", "tcpdump"] {
             run_ok("sh", &["-c", &format!("command -v {tool}")])
                 .map_err(|_| format!("{tool} is not installed"))?;
         }
-        let id = std::process::id() % 100_000;
+        let id = (std::process::id() % 10_000) * 10 + NETS.fetch_add(1, Ordering::Relaxed) % 10;
         let net = Net {
             prefix: format!("pn{id}"),
             public: format!("10.214.{}", id % 250),
@@ -41,6 +51,15 @@ impl Net {
                 format!("192.168.{}", 120 + id % 120),
             ],
         };
+        // On failure `net` is dropped, and what was made goes with it.
+        if let Err(why) = net.populate() {
+            panic!("cannot make the NAT namespaces: {why}");
+        }
+        Ok(net)
+    }
+
+    fn populate(&self) -> Result<(), String> {
+        let net = self;
         let hub = net.ns("hub");
         run_ok("ip", &["netns", "add", &hub])?;
         run_ok("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
@@ -95,7 +114,7 @@ impl Net {
             let _ = fs::remove_file(&rules_file);
             done?;
         }
-        Ok(net)
+        Ok(())
     }
 
     /// A namespace on the bridge at `<subnet>.<last>`.
@@ -258,9 +277,16 @@ fn peers_behind_two_nats_chat_through_the_relay_and_the_registry_sees_no_plainte
     for p in &mut peers[1..] {
         p.1.expect("the broadcast", LONG, is("message", "text", &text));
     }
-    for (name, path) in [("bob", "relayed"), ("carol", "direct")] {
-        peers[0].1.say(&format!("/whois {name}"));
-        let whois = peers[0].1.expect_event("whois", LONG);
+    // Behind two NATs, only the relay joins alice and bob; carol, whom
+    // everyone can dial, is dialed back by the peers she cannot dial.
+    for (from, to, path) in [
+        (0, "bob", "relayed"),
+        (0, "carol", "direct"),
+        (2, "alice", "reversed"),
+        (2, "bob", "reversed"),
+    ] {
+        peers[from].1.say(&format!("/whois {to}"));
+        let whois = peers[from].1.expect_event("whois", LONG);
         assert_eq!(whois["link"], path, "{whois}");
     }
 
@@ -279,7 +305,8 @@ fn peers_behind_two_nats_chat_through_the_relay_and_the_registry_sees_no_plainte
 }
 
 #[test]
-fn without_the_relay_a_message_between_two_nats_ends_as_unreachable_within_5s() {
+fn without_the_relay_a_message_between_two_nats_ends_as_unreachable_within_5s_and_dial_backs_still_work(
+) {
     let net = match Net::build() {
         Ok(net) => net,
         Err(why) => {
@@ -294,7 +321,23 @@ fn without_the_relay_a_message_between_two_nats_ends_as_unreachable_within_5s() 
     alice.registered();
     let mut bob = PeerProc::start_in(&strs(&net.exec("b")), "bob", &listen, &any);
     bob.registered();
+    let mut carol = PeerProc::start_in(&strs(&net.exec("c")), "carol", &listen, &any);
+    carol.registered();
     alice.expect("bob joined", LONG, is("joined", "name", "bob"));
+    alice.expect("carol joined", LONG, is("joined", "name", "carol"));
+    carol.expect("that others can dial her", LONG, |e| {
+        e["event"] == "reachable" && e["you"] == true && e["reachable"] == true
+    });
+    carol.say("/msg alice no relay needed");
+    alice.expect(
+        "the message",
+        LONG,
+        is("message", "text", "no relay needed"),
+    );
+    carol.expect("delivered", LONG, delivered_to("alice"));
+    carol.say("/whois alice");
+    assert_eq!(carol.expect_event("whois", LONG)["link"], "reversed");
+
     let sent = Instant::now();
     alice.say("/msg bob can you hear me?");
     let outcome = alice.expect("the outcome", LONG, |e| {
