@@ -192,6 +192,9 @@ impl Capture {
             "exec",
             &net.ns("r"),
             "tcpdump",
+            // Without it, what the kernel holds in a block not yet full
+            // when tcpdump stops never reaches the file.
+            "--immediate-mode",
             "-U",
             "-s",
             "0",

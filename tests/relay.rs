@@ -2,7 +2,8 @@
 //! listens on an address of its own (127.0.0.2, 127.0.0.3), while the
 //! registry lists the address it observes (127.0.0.1), where nothing
 //! listens: the situation of a peer behind a NAT. Their links go through
-//! the registry's relay, still end to end encrypted.
+//! the registry's relay, still end to end encrypted, or are dialed back by
+//! a peer that can be dialed.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -89,6 +90,9 @@ fn peers_nobody_can_dial_chat_through_the_relay() {
     alice.say("/whois bob");
     let whois = alice.expect_event("whois", LONG);
     assert_eq!(whois["link"], "relayed", "{whois}");
+    carol.say("/whois alice");
+    let whois = carol.expect_event("whois", LONG);
+    assert_eq!(whois["link"], "reversed", "carol was dialed back: {whois}");
 }
 
 #[test]
@@ -114,11 +118,19 @@ fn a_file_goes_whole_through_the_relay() {
 }
 
 #[test]
-fn without_a_relay_a_message_to_a_peer_nobody_can_dial_ends_within_5s() {
+fn without_a_relay_only_peers_that_can_be_dialed_reach_those_that_cannot() {
     let reg = Registry::start(&["--no-relay"]);
-    let mut alice = PeerProc::start("alice", reg.addr);
-    alice.registered();
-    let _bob = undialable("bob", &reg, "127.0.0.3", &[]);
+    let mut alice = undialable("alice", &reg, "127.0.0.2", &[]);
+    let mut bob = undialable("bob", &reg, "127.0.0.3", &[]);
+    let mut carol = PeerProc::start("carol", reg.addr);
+    carol.registered();
+    carol.expect("that others can dial her", LONG, |e| {
+        e["event"] == "reachable" && e["you"] == true && e["reachable"] == true
+    });
+    carol.say("/msg bob dialed back");
+    bob.expect("the message", LONG, is("message", "text", "dialed back"));
+    carol.expect("delivered", LONG, delivered_to("bob"));
+
     alice.expect("bob joined", LONG, is("joined", "name", "bob"));
     let sent = Instant::now();
     alice.say("/msg bob hello?");

@@ -1,5 +1,6 @@
-//! Peers nobody can dial: their links go through the registry's relay,
-//! end to end encrypted, and messages end fast when there is no path.
+//! Peers nobody can dial: a peer that can be dialed has them dial it back,
+//! the others' links go through the registry's relay, end to end
+//! encrypted, and messages end fast when there is no path.
 
 use std::time::Duration;
 
@@ -33,9 +34,10 @@ fn every_pair_chats_when_two_of_three_cannot_be_dialed() {
             town.wait(from, "delivered", delivered_to(to_name));
         }
     }
-    // carol takes direct links: only links to alice and bob were relayed,
-    // one each way between alice and bob, one from carol to each of them.
-    assert_eq!(town.registry().relay_stats().opened, 4);
+    // carol takes direct links, and alice and bob dial her back: only
+    // the links between alice and bob, one each way, were relayed.
+    assert_eq!(town.registry().relay_stats().opened, 2);
+    assert_eq!(town.registry().stats().reversals, 2);
     // The registry's probes told everyone who can be dialed.
     let carol_sees: Vec<_> = town
         .world
@@ -54,7 +56,7 @@ fn every_pair_chats_when_two_of_three_cannot_be_dialed() {
 }
 
 #[test]
-fn without_a_relay_a_message_to_someone_nobody_can_dial_ends_within_5s() {
+fn without_a_relay_a_message_between_two_peers_nobody_can_dial_ends_within_5s() {
     let mut town = Town::with_registry(peerchat_registry::Config {
         relay: RelayConfig {
             enabled: false,
@@ -62,7 +64,7 @@ fn without_a_relay_a_message_to_someone_nobody_can_dial_ends_within_5s() {
         },
         ..registry_config()
     });
-    let alice = town.peer("alice");
+    let alice = town.peer_behind_nat("alice");
     let bob = town.peer_behind_nat("bob");
     for p in [alice, bob] {
         town.wait(p, "registered", registered);
