@@ -353,3 +353,54 @@ fn without_the_relay_a_message_between_two_nats_ends_as_unreachable_within_5s_an
         sent.elapsed()
     );
 }
+
+#[test]
+fn relayed_chat_waits_out_a_registry_killed_mid_conversation() {
+    let net = match Net::build() {
+        Ok(net) => net,
+        Err(why) => {
+            eprintln!("skipped: cannot make the NAT namespaces here ({why})");
+            return;
+        }
+    };
+    let listen = format!("{}.1:7000", net.public);
+    let any = ["--listen", "0.0.0.0:0"];
+    let registry_data = DataDir::fresh();
+    let registry = |data: &DataDir| Registry::launch_in(&strs(&net.exec("r")), data, &listen, &[]);
+    let reg = registry(&registry_data);
+    let mut alice = PeerProc::start_in(&strs(&net.exec("a")), "alice", &listen, &any);
+    alice.registered();
+    let mut bob = PeerProc::start_in(&strs(&net.exec("b")), "bob", &listen, &any);
+    bob.registered();
+    alice.expect("bob joined", LONG, is("joined", "name", "bob"));
+    alice.say("/msg bob before");
+    bob.expect("the message", LONG, is("message", "text", "before"));
+    alice.expect("delivered", LONG, delivered_to("bob"));
+
+    // The registry dies with the relayed link in it.
+    drop(reg);
+    for p in [&mut alice, &mut bob] {
+        p.expect_event("registry_lost", LONG);
+    }
+    alice.say("/msg bob while it was down");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        bob.count(|e| e["event"] == "message" && e["text"] == "while it was down"),
+        0,
+        "no path while the registry is down"
+    );
+    assert_eq!(alice.count(delivered_to("bob")), 1, "it waits");
+
+    // Back, with its key: the peers register again and the message goes.
+    let _reg = registry(&registry_data);
+    bob.expect(
+        "the waiting message",
+        Duration::from_secs(30),
+        is("message", "text", "while it was down"),
+    );
+    alice.expect("delivered", LONG, |e| {
+        delivered_to("bob")(e) && e["id"] != 1
+    });
+    bob.say("/msg alice and back");
+    alice.expect("the answer", LONG, is("message", "text", "and back"));
+}
