@@ -48,6 +48,11 @@ pub enum FileCode {
     Protocol,
     /// The target is listed with another key than the one the offer was for.
     KeyChanged,
+    /// No path to the target: nobody can dial it and the registry would
+    /// not relay (ours alone: never sent, since there is no link to say it).
+    Unreachable,
+    /// The registry's relay is full (ours alone, like `Unreachable`).
+    RelayFull,
 }
 
 impl FileCode {
@@ -64,6 +69,8 @@ impl FileCode {
             FileCode::Unknown => "unknown",
             FileCode::Protocol => "protocol",
             FileCode::KeyChanged => "key_changed",
+            FileCode::Unreachable => "unreachable",
+            FileCode::RelayFull => "relay_full",
         }
     }
 

@@ -14,6 +14,7 @@ use super::inbox::News;
 use super::outbox::Outbox;
 use super::transfers::Transfers;
 use super::{Action, HostOutput, Peer, Reason};
+use crate::disk::FileCode;
 use peerchat_core::protocol::ErrorCode;
 
 impl Peer {
@@ -52,10 +53,20 @@ impl Peer {
             // Not online there (yet): the directory says when it is.
             _ => None,
         };
-        if let (Some(code), true) = (ends, self.outbox.has(link)) {
-            self.outbox
-                .fail_queued(to, &Reason::Code(code), &mut self.actions);
-            self.maybe_finish_quit();
+        match ends {
+            Some(code) if self.outbox.has(link) => {
+                self.outbox
+                    .fail_queued(to, &Reason::Code(code), &mut self.actions);
+                self.maybe_finish_quit();
+            }
+            Some(code) if self.transfers.has(link) => {
+                let code = match code {
+                    ErrorCode::RelayFull => FileCode::RelayFull,
+                    _ => FileCode::Unreachable,
+                };
+                self.transfers.fail_unreachable(to, code, &mut self.actions);
+            }
+            _ => {}
         }
     }
 }

@@ -712,3 +712,46 @@ fn a_file_gone_since_it_was_offered_before_a_restart_ends_as_changed() {
         [Event::FileFailed { code, .. }] if code == "changed"
     ));
 }
+
+#[test]
+fn a_file_to_a_peer_with_no_path_ends_at_once_as_unreachable() {
+    for (refusal, code) in [
+        ("relay_refused", "unreachable"),
+        ("unreachable", "unreachable"),
+        ("relay_full", "relay_full"),
+    ] {
+        let mut sim = Sim::online(&["bob"]);
+        sim.update(vec![Change::Moved {
+            name: "bob".into(),
+            addr: addr("bob"),
+            reachable: Some(false),
+        }]);
+        sim.command(Command::SendFile {
+            to: "bob".into(),
+            path: "/data/report.pdf".into(),
+        });
+        sim.take_disk();
+        sim.disk_says(DiskReply::Prepared {
+            transfer: 1,
+            name: "report.pdf".into(),
+            size: 10,
+            sha256: SHA,
+        });
+        sim.take_events();
+        let relay = sim.relay_conn();
+        let refused = FromRegistry::Error {
+            code: refusal.into(),
+            reason: "no".into(),
+        };
+        sim.raw_in(relay, &codec::encode(&refused).unwrap());
+        let events = sim.take_events();
+        assert!(
+            matches!(&events[..], [Event::FileFailed { code: c, .. }] if c == code),
+            "{refusal}: {events:?}"
+        );
+        assert!(
+            sim.armed(|t| matches!(t, Timer::FileRetry(_))).is_none(),
+            "{refusal}: nothing left to dial for"
+        );
+    }
+}

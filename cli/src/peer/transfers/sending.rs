@@ -400,6 +400,28 @@ impl Transfers {
     }
 
     /// Ends an outgoing transfer for `code`, telling the receiver.
+    /// No path to `folded` is left (`code` says why): what we send it ends
+    /// now rather than at its deadline.
+    pub(in crate::peer) fn fail_unreachable(
+        &mut self,
+        folded: &str,
+        code: FileCode,
+        actions: &mut Actions,
+    ) {
+        let ending: Vec<(u64, String)> = self
+            .outgoing
+            .iter()
+            .filter(|(_, o)| o.folded == folded)
+            .map(|(n, o)| (*n, o.party.name.clone()))
+            .collect();
+        for (number, name) in ending {
+            let reason = format!(
+                "no path to {name}: it cannot be dialed, and the registry would not relay the link"
+            );
+            self.fail_out(number, code, reason, actions);
+        }
+    }
+
     pub(super) fn fail_out(
         &mut self,
         number: u64,
