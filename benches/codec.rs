@@ -50,6 +50,7 @@ fn welcome_1000() -> FromRegistry {
         addr: "127.0.0.1:40000".into(),
         heartbeat_ms: 5000,
         timeout_ms: 15000,
+        probes: false,
         more: false,
         peers,
     }

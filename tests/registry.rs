@@ -167,6 +167,7 @@ fn rejections_carry_their_codes() {
         name: "future".into(),
         port: 1,
         relay: false,
+        dial_back: false,
     });
     assert_eq!(code_of(future.recv()), "unsupported_version");
     let (_bob, _) = Client::register(reg.addr, "张伟", 4003);

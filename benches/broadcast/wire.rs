@@ -166,6 +166,7 @@ impl Shapes {
             addr: "127.0.0.1:9".into(),
             heartbeat_ms: 1,
             timeout_ms: 2,
+            probes: false,
             more: false,
             peers: vec![],
         })
@@ -243,6 +244,7 @@ impl Shapes {
             addr: "127.0.0.1:9".into(),
             heartbeat_ms: 5000,
             timeout_ms: 60000,
+            probes: false,
             more: true,
             peers: vec![PeerEntry {
                 name: "a".into(),

@@ -46,7 +46,7 @@ use crate::command::Command;
 use crate::disk::{DiskOp, DiskReply};
 use crate::journal::{Party, Query, Record, Saved};
 use crate::trust;
-use actions::{Actions, Held, Rng, TimerKey};
+use actions::{Actions, Held, Reversal, Rng, TimerKey};
 use dial_backs::DialBacks;
 use directory::Directory;
 use event::{Code, Reason};
@@ -390,8 +390,8 @@ impl Peer {
                 tracing::info!(peer = %to, %code, %reason, "the registry did not ask the peer to dial us back");
                 let folded = fold_name(to.trim());
                 let (dir, actions) = (&self.directory, &mut self.actions);
-                self.outbox.reversal_failed(&folded, dir, actions);
-                self.transfers.reversal_failed(&folded, dir, actions);
+                self.outbox.reversal_failed(&folded, &code, dir, actions);
+                self.transfers.reversal_failed(&folded, &code, dir, actions);
             }
         }
     }
@@ -533,12 +533,15 @@ impl Peer {
     /// relayed links try again, since a peer we cannot dial may now dial
     /// us back (4.8) and keep the registry off the path.
     fn now_reachable(&mut self, reachable: bool) {
-        let was = self.actions.reversal_via.is_some();
+        let via = |r: Reversal| matches!(r, Reversal::Via(_));
+        let was = via(self.actions.reversal);
         self.session.set_reachable(reachable, &mut self.actions);
-        if was || self.actions.reversal_via.is_none() {
+        let (dir, actions) = (&self.directory, &mut self.actions);
+        self.outbox.probe_answered(dir, actions);
+        self.transfers.probe_answered(dir, actions);
+        if was || !via(actions.reversal) {
             return;
         }
-        let (dir, actions) = (&self.directory, &mut self.actions);
         for folded in self.outbox.relayed() {
             self.outbox.redial(&folded, dir, actions);
         }

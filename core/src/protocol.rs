@@ -43,6 +43,10 @@ pub enum ToRegistry {
         /// us when nobody can dial us. Absent (false) from older peers.
         #[serde(default)]
         relay: bool,
+        /// We answer `dial_back` requests (a reversed link, 4.8). Absent
+        /// (false) from older peers.
+        #[serde(default)]
+        dial_back: bool,
     },
     /// First frame of a relay connection: carry a link from us (registered
     /// as `from`, under this connection's key) to `to`.
@@ -135,6 +139,10 @@ pub enum FromRegistry {
         addr: String,
         heartbeat_ms: u64,
         timeout_ms: u64,
+        /// The registry probes every registration (4.7) and passes on
+        /// `reverse` (4.8). Absent (false) from older registries.
+        #[serde(default)]
+        probes: bool,
         /// More of the snapshot follows in `snapshot` messages.
         #[serde(default)]
         more: bool,
@@ -442,6 +450,10 @@ mod tests {
                 sent_at: Some(1_796_000_000_000),
             },
             LinkMsg::Ack { id: 7 },
+            LinkMsg::DialedBack {
+                version: 2,
+                name: "bob".into(),
+            },
             LinkMsg::FileOffer {
                 id: u64::MAX,
                 name: "report.pdf".into(),
@@ -473,6 +485,7 @@ mod tests {
             addr: "[::1]:5".into(),
             heartbeat_ms: 5000,
             timeout_ms: 15000,
+            probes: true,
             more: false,
             peers: vec![PeerEntry {
                 name: "b".into(),
@@ -483,6 +496,22 @@ mod tests {
         };
         let body = codec::encode(&welcome).unwrap();
         assert_eq!(codec::decode::<FromRegistry>(&body).unwrap(), welcome);
+        for msg in [
+            FromRegistry::DialBack {
+                from: "alice".into(),
+            },
+            FromRegistry::ReverseFailed {
+                to: "bob".into(),
+                code: "unreachable".into(),
+                reason: "no".into(),
+            },
+        ] {
+            let body = codec::encode(&msg).unwrap();
+            assert_eq!(codec::decode::<FromRegistry>(&body).unwrap(), msg);
+        }
+        let reverse = ToRegistry::Reverse { to: "bob".into() };
+        let body = codec::encode(&reverse).unwrap();
+        assert_eq!(codec::decode::<ToRegistry>(&body).unwrap(), reverse);
     }
 
     #[test]
@@ -569,6 +598,7 @@ mod tests {
             name: "a".into(),
             port: 1,
             relay: true,
+            dial_back: true,
         };
         let body = codec::encode(&reg(2)).unwrap();
         assert!(decode_first(&body, version_of).is_ok());

@@ -158,12 +158,20 @@ pub(crate) struct Session {
     last_seen: Instant,
     /// Position in registration order (snapshots list peers in it).
     order: u64,
-    /// It takes relay invitations.
-    relay: bool,
+    answers: Answers,
     /// Whether the registry could dial it back; `None` until a probe said.
     reachable: Option<bool>,
     /// Its recent requests to be dialed back.
     reversals: reversal::Budget,
+}
+
+/// What a peer said, in its `register`, that it answers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Answers {
+    /// `relay` invitations (4.6).
+    relay: bool,
+    /// `dial_back` requests (4.8).
+    dial_back: bool,
 }
 
 /// A connection secured, not registered yet.
@@ -384,10 +392,14 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         body: &[u8],
         now: Instant,
     ) {
-        let (name, port, relay) = match decode_first(body, ToRegistry::version) {
+        let (name, port, answers) = match decode_first(body, ToRegistry::version) {
             Ok(ToRegistry::Register {
-                name, port, relay, ..
-            }) => (name, port, relay),
+                name,
+                port,
+                relay,
+                dial_back,
+                ..
+            }) => (name, port, Answers { relay, dial_back }),
             Ok(ToRegistry::RelayOpen { from, to, .. }) => {
                 self.conns.remove(&conn);
                 return self.relay_open(conn, key, &from, &to, now);
@@ -432,7 +444,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let folded = fold_name(&name);
         if let Some(&holder) = self.names.get(&folded) {
             if self.session(holder).is_some_and(|s| s.key == key) {
-                return self.reclaim(conn, holder, name, addr, relay, now);
+                return self.reclaim(conn, holder, name, addr, answers, now);
             }
             return self.reject(
                 conn,
@@ -487,7 +499,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         if self.reserved.remove(&folded).is_none() {
             self.lookalikes.hold(look);
         }
-        self.admit(conn, name, folded, (addr, relay), key, now);
+        self.admit(conn, name, folded, (addr, answers), key, now);
     }
 
     /// The key that holds a name registered it again on a new connection
@@ -501,7 +513,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         old: C,
         name: String,
         addr: SocketAddr,
-        relay: bool,
+        answers: Answers,
         now: Instant,
     ) {
         let Some(LinkState::Registered(previous)) = self.conns.remove(&old) else {
@@ -531,20 +543,20 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             conn,
             name,
             previous.folded,
-            (addr, relay),
+            (addr, answers),
             previous.key,
             now,
         );
     }
 
-    /// `addr` is where others dial the peer; `relay`, whether it takes
-    /// relay invitations.
+    /// `addr` is where others dial the peer; `answers`, what it said it
+    /// answers.
     fn admit(
         &mut self,
         conn: C,
         name: String,
         folded: String,
-        (addr, relay): (SocketAddr, bool),
+        (addr, answers): (SocketAddr, Answers),
         key: PublicKey,
         now: Instant,
     ) {
@@ -555,6 +567,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             addr: addr.to_string(),
             heartbeat_ms: millis(self.config.heartbeat),
             timeout_ms: millis(self.config.timeout),
+            probes: self.probes.enabled(),
             more,
             peers: Vec::new(),
         };
@@ -600,7 +613,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 key,
                 last_seen: now,
                 order,
-                relay,
+                answers,
                 reachable: None,
                 reversals: reversal::Budget::new(now),
             })),
@@ -825,7 +838,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             // (4.7): the others would get an update that changes nothing
             // for them after every join.
             let without_probes = any_probe_news
-                && !matches!(self.conns.get(conn), Some(LinkState::Registered(s)) if s.relay);
+                && !matches!(self.conns.get(conn), Some(LinkState::Registered(s)) if s.answers.relay);
             let frames = encoded.entry((start, without_probes)).or_insert_with(|| {
                 let changes: Vec<Change> = pending[start..]
                     .iter()

@@ -42,6 +42,10 @@ pub(crate) struct Probes<C> {
 }
 
 impl<C: Copy + Eq + Hash + Debug> Probes<C> {
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     pub(crate) fn new(enabled: bool) -> Self {
         Probes {
             enabled,

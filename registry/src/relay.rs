@@ -251,10 +251,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 format!("no peer {from:?} is registered under this connection's key"),
             );
         };
-        let target = self
-            .names
-            .get(&fold_name(to.trim()))
-            .and_then(|&c| self.session(c).map(|s| (c, s.key, s.relay, s.name.clone())));
+        let target = self.names.get(&fold_name(to.trim())).and_then(|&c| {
+            self.session(c)
+                .map(|s| (c, s.key, s.answers.relay, s.name.clone()))
+        });
         let Some((target, target_key, takes_relays, target_name)) = target else {
             return self.relay_refuse(
                 conn,

@@ -57,10 +57,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         };
         let budget_left = asker.reversals.take(now);
         let (asker_name, asker_reachable) = (asker.name.clone(), asker.reachable);
-        let target = self
-            .names
-            .get(&fold_name(to.trim()))
-            .and_then(|&c| self.session(c).map(|s| (c, s.relay, s.name.clone())));
+        let target = self.names.get(&fold_name(to.trim())).and_then(|&c| {
+            self.session(c)
+                .map(|s| (c, s.answers.dial_back, s.name.clone()))
+        });
         let passed = match target {
             _ if !budget_left => Err((
                 ErrorCode::RelayFull,

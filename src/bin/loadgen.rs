@@ -366,6 +366,7 @@ impl App for LoadGen {
             name: state.name.clone(),
             port: state.port,
             relay: false,
+            dial_back: false,
         };
         let (role, name) = (state.role, state.name.clone());
         if !ctx.send(conn, protocol::frame(&register)) {
@@ -574,6 +575,7 @@ fn main() -> ExitCode {
         addr: String::new(),
         heartbeat_ms: 0,
         timeout_ms: 0,
+        probes: false,
         more: false,
         peers: Vec::new(),
     });

@@ -28,6 +28,7 @@ pub fn register_msg(name: &str, port: i64) -> ToRegistry {
         name: name.into(),
         port,
         relay: false,
+        dial_back: false,
     }
 }
 

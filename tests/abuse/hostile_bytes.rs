@@ -401,6 +401,7 @@ fn registry_bad_names_and_ports_get_their_codes() {
                 name: String::new(),
                 port: 0,
                 relay: false,
+                dial_back: false,
             })
             .unwrap()
             .to_vec(),

@@ -63,6 +63,7 @@ fn frames_one_byte_per_write_or_a_hundred_per_write_work_as_usual() {
                 addr,
                 heartbeat_ms,
                 timeout_ms,
+                probes: _,
                 more,
                 peers,
             },

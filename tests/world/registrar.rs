@@ -103,6 +103,7 @@ impl Machine for Registrar {
             name: self.name.clone(),
             port: 7000,
             relay: false,
+            dial_back: false,
         };
         self.out
             .push(Output::Send(link, protocol::frame(&register)));

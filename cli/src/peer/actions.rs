@@ -51,9 +51,20 @@ pub(super) struct Actions {
     pub(super) held: VecDeque<(u64, Held)>,
     /// The registry, whose relay carries links that cannot go direct.
     registry: SocketAddr,
-    /// Our registry session, while the registry says others can dial us:
-    /// where to ask a peer we cannot dial to dial us back (4.8).
-    pub(super) reversal_via: Option<LinkId>,
+    /// Whether we may ask a peer we cannot dial to dial us back (4.8).
+    pub(super) reversal: Reversal,
+}
+
+/// Whether, and where, we may ask a peer to dial us back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reversal {
+    /// Not registered, or the registry does not probe, or it found that
+    /// others cannot dial us.
+    Off,
+    /// The registry probes, and has not said yet whether others can dial us.
+    Pending,
+    /// Others can dial us: ask on this registry session.
+    Via(LinkId),
 }
 
 /// What waits for the store: no peer may see a message or an
@@ -87,7 +98,7 @@ impl Actions {
             durable: 0,
             held: VecDeque::new(),
             registry,
-            reversal_via: None,
+            reversal: Reversal::Off,
         }
     }
 

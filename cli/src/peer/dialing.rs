@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::{LinkId, Output, Role};
-use peerchat_core::protocol::{self, FromRegistry, ToRegistry, PROTOCOL_VERSION};
+use peerchat_core::protocol::{self, ErrorCode, FromRegistry, ToRegistry, PROTOCOL_VERSION};
 
+use super::actions::Reversal;
 use super::{Actions, Rng, Timer, TimerKey};
 
 /// How long a peer asked to dial us back has to bring its link up (the
@@ -65,6 +66,16 @@ pub(super) struct Route<'a> {
     pub(super) unreachable: bool,
 }
 
+/// What a link without a connection waits for, until `retry` fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// The registry's word on whether others can dial us, before asking
+    /// for a dial-back.
+    OurProbe,
+    /// The peer, asked to dial us back.
+    DialBack,
+}
+
 /// What the registry answered a relay connection.
 pub(super) enum RelayAnswer {
     /// The tunnel is open; the peer's handshake follows.
@@ -80,9 +91,11 @@ pub(super) struct Dialing {
     path: Option<Path>,
     /// The last attempt failed: what the next one tries.
     fallback: Option<Fallback>,
-    /// We asked the peer to dial us back, and wait for its link until
-    /// `retry` fires.
-    reversing: bool,
+    waiting: Option<Waiting>,
+    /// A dial-back was asked for and did not come, for a reason that may
+    /// pass (it took too long, or the registry's budget was spent): a
+    /// relay refused after it does not mean there is no path.
+    dial_back_may_work: bool,
     /// The link proved the listed key and said hello: what waits may go.
     up: bool,
     backoff: Duration,
@@ -103,8 +116,8 @@ impl Dialing {
 
     /// Opens a link to `to` (see the module's doc for the path) unless one
     /// is under way or a redial waits: returns the link dialed, or nothing
-    /// when the peer was asked to dial us back, to be waited for until
-    /// `timer` fires.
+    /// when it waits (for the peer to dial us back, or for the registry to
+    /// say whether it could) until `timer` fires.
     pub(super) fn dial(
         &mut self,
         to: &Route,
@@ -114,11 +127,6 @@ impl Dialing {
         if self.conn.is_some() || self.retry.is_some() {
             return None;
         }
-        if std::mem::take(&mut self.reversing) {
-            // The wait is over and no link came.
-            tracing::info!(peer = %to.name, "not dialed back in time; trying the relay");
-            self.fallback = Some(Fallback::Relay);
-        }
         let mut path = match self.fallback {
             Some(Fallback::Relay) => Path::Relayed { tunneled: false },
             Some(Fallback::Reverse) => Path::Reversed,
@@ -126,11 +134,20 @@ impl Dialing {
             None => Path::Direct,
         };
         if path == Path::Reversed {
-            match actions.reversal_via {
-                Some(session) => {
+            let waiting = match actions.reversal {
+                Reversal::Via(session) => {
                     let reverse = ToRegistry::Reverse { to: to.name.into() };
                     actions.send(session, protocol::frame(&reverse));
-                    self.reversing = true;
+                    Some(Waiting::DialBack)
+                }
+                // Our own probe's result is moments away: a relay now
+                // could be refused for good when a dial-back would work.
+                Reversal::Pending => Some(Waiting::OurProbe),
+                Reversal::Off => None,
+            };
+            match waiting {
+                Some(waiting) => {
+                    self.waiting = Some(waiting);
                     self.retry = Some(actions.arm(actions.now + REVERSAL_WAIT, timer));
                     return None;
                 }
@@ -146,32 +163,64 @@ impl Dialing {
         Some(conn)
     }
 
-    /// `conn`, a link the peer dialed on our request, is ours: true if we
-    /// were waiting for it.
+    /// We wait for the peer to dial us back.
+    pub(super) fn awaits_dial_back(&self) -> bool {
+        self.waiting == Some(Waiting::DialBack)
+    }
+
+    /// `conn`, a link the peer dialed on our request and that proved its
+    /// listed key, is ours: true if we were waiting for it.
     pub(super) fn adopt(&mut self, conn: LinkId, actions: &mut Actions) -> bool {
-        if !std::mem::take(&mut self.reversing) {
+        if !self.awaits_dial_back() {
             return false;
         }
+        self.waiting = None;
         actions.cancel(self.retry.take());
         self.conn = Some(conn);
         self.path = Some(Path::Reversed);
         true
     }
 
-    /// The registry did not pass our request on: the relay is next, at
-    /// once. True if we were waiting for it.
-    pub(super) fn reversal_failed(&mut self, actions: &mut Actions) -> bool {
-        if !std::mem::take(&mut self.reversing) {
+    /// The registry did not pass our request on (`code`): the relay is
+    /// next, at once. True if we were waiting for it.
+    pub(super) fn reversal_failed(&mut self, code: &str, actions: &mut Actions) -> bool {
+        if !self.awaits_dial_back() {
             return false;
         }
+        self.waiting = None;
         actions.cancel(self.retry.take());
         self.fallback = Some(Fallback::Relay);
+        self.dial_back_may_work = code == ErrorCode::RelayFull.as_str();
         true
+    }
+
+    /// Whether a dial-back may still bring a link when the relay refuses
+    /// one: then what waits keeps waiting for another try.
+    pub(super) fn dial_back_may_work(&self) -> bool {
+        self.dial_back_may_work
+    }
+
+    /// We wait for the registry to say whether others can dial us.
+    pub(super) fn awaits_our_probe(&self) -> bool {
+        self.waiting == Some(Waiting::OurProbe)
+    }
+
+    /// Stops waiting (for our probe, or a dial-back), for a redial at once.
+    pub(super) fn stop_waiting(&mut self, actions: &mut Actions) {
+        if self.waiting.take().is_some() {
+            actions.cancel(self.retry.take());
+        }
     }
 
     /// The link goes (or is being opened) through the relay.
     pub(super) fn is_relayed(&self) -> bool {
         matches!(self.path(), Some(Path::Relayed { .. }))
+    }
+
+    /// The link goes through the relay, or waits for a dial-back: a
+    /// direct dial, once the peer can be dialed, beats both.
+    pub(super) fn is_indirect(&self) -> bool {
+        self.is_relayed() || self.awaits_dial_back()
     }
 
     /// `conn` is ours and waits for the relay to open.
@@ -227,6 +276,7 @@ impl Dialing {
 
     pub(super) fn set_up(&mut self) {
         self.up = true;
+        self.dial_back_may_work = false;
     }
 
     /// `conn` is gone; true if it was this link.
@@ -271,19 +321,25 @@ impl Dialing {
         self.retry = Some(actions.arm(now + rng.jitter(base), timer));
     }
 
-    /// The redial timer fired.
+    /// The redial timer fired: a wait it ended leaves the relay next.
     pub(super) fn retried(&mut self) {
         self.retry = None;
+        // Either wait may have been too short: a relay refused next is
+        // not the end of the road.
+        if let Some(waited) = self.waiting.take() {
+            tracing::info!(?waited, "no dial-back in time; the relay is next");
+            self.fallback = Some(Fallback::Relay);
+            self.dial_back_may_work = true;
+        }
     }
 
     /// Lets the link go, or the wait for one dialed back (a redial may
     /// follow at once); returns it, for the caller to close and forget.
     pub(super) fn close(&mut self, actions: &mut Actions) -> Option<LinkId> {
-        if std::mem::take(&mut self.reversing) {
-            actions.cancel(self.retry.take());
-        }
+        self.stop_waiting(actions);
         self.up = false;
         self.fallback = None;
+        self.dial_back_may_work = false;
         self.conn.take()
     }
 

@@ -51,7 +51,12 @@ struct Chat {
 
 enum InLink {
     /// Proved `key`; its hello is due.
-    AwaitHello { key: PublicKey },
+    AwaitHello {
+        key: PublicKey,
+        /// A connection its sender opened to us directly: it may say
+        /// `dialed_back` (a relayed link or one we opened may not).
+        direct: bool,
+    },
     /// Said hello as a peer the directory does not list (yet).
     Pending {
         folded: String,
@@ -93,14 +98,17 @@ impl Inbox {
         self.links.contains_key(&conn)
     }
 
+    /// A link to us whose session proved `key`: `direct` if its sender
+    /// opened it to us (it may then be one we asked to be dialed back).
     pub(super) fn on_accept(
         &mut self,
         conn: LinkId,
         key: PublicKey,
+        direct: bool,
         now: Instant,
         actions: &mut Actions,
     ) {
-        self.links.insert(conn, InLink::AwaitHello { key });
+        self.links.insert(conn, InLink::AwaitHello { key, direct });
         let deadline = actions.arm(now + self.hello_timeout, Timer::HelloDeadline(conn));
         self.hello_deadlines.insert(conn, deadline);
     }
@@ -175,7 +183,7 @@ impl Inbox {
         actions: &mut Actions,
     ) -> Option<News> {
         let link = self.links.get_mut(&conn)?;
-        if let InLink::AwaitHello { key } = *link {
+        if let InLink::AwaitHello { key, direct } = *link {
             let version_of = |m: &LinkMsg| match m {
                 LinkMsg::Hello { version, .. } | LinkMsg::DialedBack { version, .. } => *version,
                 _ => PROTOCOL_VERSION,
@@ -184,7 +192,7 @@ impl Inbox {
                 Ok(LinkMsg::Hello { name, instance, .. }) => {
                     self.on_hello(conn, key, name, instance, dir, actions)
                 }
-                Ok(LinkMsg::DialedBack { name, .. }) => {
+                Ok(LinkMsg::DialedBack { name, .. }) if direct => {
                     self.unlink(conn, actions);
                     return Some(News::DialedBack { name, key });
                 }

@@ -43,9 +43,12 @@ impl Peer {
 
     /// The registry would not relay our link to `to` (folded): what waits
     /// for `to` ends now if no path is left, instead of waiting for one.
-    fn relay_refused(&mut self, link: LinkId, to: &str, code: &str, reason: &str) {
+    /// While a dial-back may still work, it waits for the next try.
+    fn relay_refused(&mut self, link: LinkId, to: &str, refusal: (&str, &str), dial_back: bool) {
+        let (code, reason) = refusal;
         tracing::info!(peer = %to, %code, %reason, "the registry did not relay our link");
         let ends = match code {
+            _ if dial_back => None,
             c if c == ErrorCode::RelayFull.as_str() => Some(ErrorCode::RelayFull),
             c if c == ErrorCode::Unreachable.as_str() || c == ErrorCode::RelayRefused.as_str() => {
                 Some(ErrorCode::Unreachable)
@@ -72,21 +75,30 @@ impl Peer {
 }
 
 impl Peer {
-    /// `link`, accepted, says it is `name` dialing us back (4.8): if we
-    /// asked for it, it is our link to `name` (chats first, then files),
-    /// checked against the directory as if we had dialed it.
+    /// `link`, accepted, says it is `name` dialing us back (4.8): if it
+    /// proved the key the directory lists (and we pinned) for `name`, and
+    /// we asked for it, it is our link to `name` (chats first, then
+    /// files), going on as if we had dialed it. The key is checked first,
+    /// so that nobody else can use up the wait.
     fn dialed_back(&mut self, link: LinkId, name: &str, key: PublicKey, now: Instant) {
         let folded = fold_name(name.trim());
-        let actions = &mut self.actions;
-        if self.outbox.adopt(link, &folded, actions) || self.transfers.adopt(link, &folded, actions)
+        let listed = self.directory.get(&folded);
+        let (code, why) = if !listed.is_some_and(|k| k.key == key && !k.mismatch) {
+            let why =
+                format!("a dial-back as {name:?} proved key {key}, not the one listed for it");
+            (ErrorCode::KeyMismatch, why)
+        } else if self.outbox.adopt(link, &folded, &mut self.actions)
+            || self.transfers.adopt(link, &folded, &mut self.actions)
         {
             tracing::debug!(peer = %name, "dialed back");
             self.link_up(link, key, now);
             return;
-        }
-        let why = format!("no link from us to {name:?} waits to be dialed back");
+        } else {
+            let why = format!("no link from us to {name:?} waits to be dialed back");
+            (ErrorCode::Protocol, why)
+        };
         tracing::info!("{why}");
-        let refusal = LinkMsg::error(ErrorCode::Protocol, why.clone());
+        let refusal = LinkMsg::error(code, why.clone());
         self.actions.send(link, protocol::frame(&refusal));
         self.actions.close(link, why);
     }
@@ -113,7 +125,8 @@ impl Machine for Peer {
     /// An inbound link whose handshake proved `key`.
     fn handle_accepted(&mut self, link: LinkId, _addr: SocketAddr, key: PublicKey, now: Instant) {
         self.actions.now = now;
-        self.inbox.on_accept(link, key, now, &mut self.actions);
+        self.inbox
+            .on_accept(link, key, true, now, &mut self.actions);
     }
 
     /// A link we dialed is up and proved `key`: check it, then speak.
@@ -132,7 +145,8 @@ impl Machine for Peer {
                 .dial_backs
                 .on_connected(link, key, name, dir, &mut self.actions)
             {
-                self.inbox.on_accept(link, key, now, &mut self.actions);
+                self.inbox
+                    .on_accept(link, key, false, now, &mut self.actions);
             }
         } else if let Some((to, dialing)) =
             opening_relay(&mut self.outbox, &mut self.transfers, link)
@@ -154,7 +168,8 @@ impl Machine for Peer {
     fn handle_tunneled(&mut self, link: LinkId, key: PublicKey, now: Instant) {
         self.actions.now = now;
         if self.relays.tunneled(link, &mut self.actions) {
-            self.inbox.on_accept(link, key, now, &mut self.actions);
+            self.inbox
+                .on_accept(link, key, false, now, &mut self.actions);
         } else {
             self.link_up(link, key, now);
         }
@@ -172,11 +187,12 @@ impl Machine for Peer {
         } else if let Some((to, dialing)) =
             opening_relay(&mut self.outbox, &mut self.transfers, link)
         {
+            let dial_back = dialing.dial_back_may_work();
             match dialing.relay_frame(link, body, &mut self.actions) {
                 Ok(RelayAnswer::Ready) => {}
                 Ok(RelayAnswer::Refused(code, reason)) => {
                     self.actions.close(link, format!("relay refused: {code}"));
-                    self.relay_refused(link, &to, &code, &reason);
+                    self.relay_refused(link, &to, (&code, &reason), dial_back);
                 }
                 Err(why) => {
                     tracing::warn!(peer = %to, "{why}");

@@ -398,15 +398,38 @@ impl Outbox {
         adopted
     }
 
-    /// The registry would not ask `folded` to dial us back: the relay is
-    /// tried at once.
-    pub(super) fn reversal_failed(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
+    /// The registry would not ask `folded` to dial us back (`code`): the
+    /// relay is tried at once.
+    pub(super) fn reversal_failed(
+        &mut self,
+        folded: &str,
+        code: &str,
+        dir: &Directory,
+        actions: &mut Actions,
+    ) {
         if self
             .links
             .get_mut(folded)
-            .is_some_and(|l| l.dialing.reversal_failed(actions))
+            .is_some_and(|l| l.dialing.reversal_failed(code, actions))
         {
             self.ensure_link(folded, dir, actions);
+        }
+    }
+
+    /// The registry said whether others can dial us: links that waited
+    /// for it go on.
+    pub(super) fn probe_answered(&mut self, dir: &Directory, actions: &mut Actions) {
+        let waiting: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.dialing.awaits_our_probe())
+            .map(|(folded, _)| folded.clone())
+            .collect();
+        for folded in waiting {
+            if let Some(link) = self.links.get_mut(&folded) {
+                link.dialing.stop_waiting(actions);
+            }
+            self.ensure_link(&folded, dir, actions);
         }
     }
 
@@ -416,14 +439,15 @@ impl Outbox {
         relayed.map(|(folded, _)| folded.clone()).collect()
     }
 
-    /// `folded` can be dialed now: a relayed link to it gives way to a
-    /// direct one (what it has not acknowledged goes again, and its ids
-    /// keep it from being shown twice).
+    /// `folded` can be dialed now: a relayed link to it (or a wait for it
+    /// to dial us back) gives way to a direct one (what it has not
+    /// acknowledged goes again, and its ids keep it from being shown
+    /// twice).
     pub(super) fn go_direct(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
         if self
             .links
             .get(folded)
-            .is_some_and(|l| l.dialing.is_relayed())
+            .is_some_and(|l| l.dialing.is_indirect())
         {
             self.redial(folded, dir, actions);
         }

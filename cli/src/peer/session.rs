@@ -17,6 +17,7 @@ use peerchat_core::protocol::{
     self, Change, ErrorCode, FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
 
+use super::actions::Reversal;
 use super::{
     pin_text, Actions, Config, Event, HostOutput, Pin, RegistryTrust, Rng, Timer, TimerKey,
 };
@@ -97,6 +98,8 @@ pub(super) struct Session {
     backoff: Duration,
     heartbeat: Duration,
     timeout: Duration,
+    /// The registry said in its welcome that it probes registrations.
+    probed: bool,
     /// The first registration attempt has ended, one way or the other.
     first_attempt_over: bool,
     /// A welcome has come at least once: the registry is "lost", not
@@ -123,6 +126,7 @@ impl Session {
             backoff: config.backoff_min,
             heartbeat: Duration::from_secs(5),
             timeout: Duration::from_secs(15),
+            probed: false,
             first_attempt_over: false,
             ever_registered: false,
             registry: config.registry,
@@ -232,6 +236,7 @@ impl Session {
             name: self.name.clone(),
             port: i64::from(self.listen_port),
             relay: true,
+            dial_back: true,
         };
         actions.send(conn, protocol::frame(&register));
         Heard::Nothing
@@ -262,6 +267,7 @@ impl Session {
                 addr,
                 heartbeat_ms,
                 timeout_ms,
+                probes,
                 peers,
                 more,
             } => {
@@ -279,6 +285,7 @@ impl Session {
                     Duration::from_millis(timeout_ms.clamp(heartbeat_ms + 10, TIMEOUT_MS_MAX));
                 self.name = name;
                 self.addr = addr;
+                self.probed = probes;
                 self.welcome_part_done(conn, more, now, actions)
             }
             FromRegistry::Snapshot { peers, more } => {
@@ -354,17 +361,21 @@ impl Session {
         self.first_attempt_over = true;
         self.ever_registered = true;
         // Whether others can dial us is for this registration's probe to
-        // say again.
-        actions.reversal_via = None;
+        // say (again).
+        actions.reversal = if self.probed {
+            Reversal::Pending
+        } else {
+            Reversal::Off
+        };
         Heard::Registered(snapshot)
     }
 
     /// The registry found whether others can dial us at the address it
     /// lists: while they can, peers we cannot dial may be asked to dial us.
     pub(super) fn set_reachable(&self, reachable: bool, actions: &mut Actions) {
-        actions.reversal_via = match self.state {
-            State::Online { conn, .. } if reachable => Some(conn),
-            _ => None,
+        actions.reversal = match self.state {
+            State::Online { conn, .. } if reachable => Reversal::Via(conn),
+            _ => Reversal::Off,
         };
     }
 
@@ -456,7 +467,7 @@ impl Session {
     /// Over for good: the registry refused or replaced us, or proved a key
     /// we do not trust.
     fn end(&mut self, actions: &mut Actions) {
-        actions.reversal_via = None;
+        actions.reversal = Reversal::Off;
         self.state = State::Closed;
         self.ending = true;
         actions.cancel(self.timer.take());
@@ -479,7 +490,7 @@ impl Session {
     /// retry after a capped, jittered, doubling delay. The connection is
     /// closed already.
     fn lost(&mut self, error: String, now: Instant, rng: &mut Rng, actions: &mut Actions) {
-        actions.reversal_via = None;
+        actions.reversal = Reversal::Off;
         if self.ending {
             self.state = State::Closed;
             actions.cancel(self.timer.take());

@@ -152,6 +152,7 @@ impl Sim {
                 name: name.into(),
                 port,
                 relay: true,
+                dial_back: true,
             },
         );
         self.flush();
@@ -213,6 +214,7 @@ fn register(name: &str, port: i64) -> ToRegistry {
         name: name.into(),
         port,
         relay: false,
+        dial_back: false,
     }
 }
 

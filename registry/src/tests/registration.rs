@@ -15,6 +15,7 @@ fn welcome_carries_observed_address_settings_and_snapshot_with_keys() {
         addr,
         heartbeat_ms,
         timeout_ms,
+        probes,
         peers,
         more,
     }] = msgs.as_slice()
@@ -25,6 +26,7 @@ fn welcome_carries_observed_address_settings_and_snapshot_with_keys() {
     assert_eq!(name, "bob");
     assert_eq!(addr, "10.0.0.2:4002", "observed IP, declared port");
     assert_eq!((*heartbeat_ms, *timeout_ms), (200, 1000));
+    assert!(*probes, "probes are on unless --no-probe");
     assert_eq!(peers, &vec![entry("alice", "10.0.0.1:4001")]);
     assert!(!more);
     assert_eq!(
@@ -163,6 +165,7 @@ fn bad_names_ports_versions_and_first_messages_get_their_codes() {
             name: "future".into(),
             port: 1,
             relay: false,
+            dial_back: false,
         },
     );
     assert_eq!(sim.error_code(20), "unsupported_version");

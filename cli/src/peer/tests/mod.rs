@@ -116,6 +116,7 @@ fn welcome_listing(peers: Vec<PeerEntry>, more: bool) -> FromRegistry {
         addr: MY_ADDR.into(),
         heartbeat_ms: HEARTBEAT.as_millis() as u64,
         timeout_ms: TIMEOUT.as_millis() as u64,
+        probes: false,
         peers,
         more,
     }
@@ -137,6 +138,7 @@ fn register() -> ToRegistry {
         name: "alice".into(),
         port: 4000,
         relay: true,
+        dial_back: true,
     }
 }
 

@@ -20,6 +20,20 @@ fn dialed_back(name: &str) -> LinkMsg {
     }
 }
 
+/// Online with a registry that probes registrations (and so passes on
+/// requests to dial back).
+fn online(peers: &[&str]) -> Sim {
+    let mut sim = Sim::new();
+    sim.start();
+    let mut welcome = welcome(peers, false);
+    if let FromRegistry::Welcome { probes, .. } = &mut welcome {
+        *probes = true;
+    }
+    sim.registry_says(&welcome);
+    sim.take_all();
+    sim
+}
+
 /// The peers we asked the registry to have dial us back, since last taken.
 fn reversals_asked(sim: &mut Sim) -> Vec<String> {
     let reg = sim.reg_conn();
@@ -44,7 +58,7 @@ fn asked_bob(sim: &mut Sim) {
 
 #[test]
 fn a_peer_we_cannot_dial_dials_us_back_and_the_link_is_ours() {
-    let mut sim = Sim::online(&["bob"]);
+    let mut sim = online(&["bob"]);
     asked_bob(&mut sim);
     let back = sim.accept_as(key_of("bob"));
     sim.link_in(back, &dialed_back("bob"));
@@ -67,7 +81,7 @@ fn a_peer_we_cannot_dial_dials_us_back_and_the_link_is_ours() {
 
 #[test]
 fn no_dial_back_in_time_goes_through_the_relay_and_a_late_one_is_refused() {
-    let mut sim = Sim::online(&["bob"]);
+    let mut sim = online(&["bob"]);
     asked_bob(&mut sim);
     sim.advance(REVERSAL_WAIT + ms(1));
     let relay = sim.relay_conn();
@@ -82,7 +96,7 @@ fn no_dial_back_in_time_goes_through_the_relay_and_a_late_one_is_refused() {
 
 #[test]
 fn a_reversal_the_registry_refuses_goes_through_the_relay_at_once() {
-    let mut sim = Sim::online(&["bob"]);
+    let mut sim = online(&["bob"]);
     asked_bob(&mut sim);
     sim.registry_says(&FromRegistry::ReverseFailed {
         to: "bob".into(),
@@ -97,19 +111,102 @@ fn a_reversal_the_registry_refuses_goes_through_the_relay_at_once() {
 }
 
 #[test]
-fn a_dial_back_that_proves_another_key_gets_nothing() {
-    let mut sim = Sim::online(&["bob"]);
+fn a_dial_back_that_proves_another_key_gets_nothing_and_takes_nothing() {
+    let mut sim = online(&["bob"]);
     asked_bob(&mut sim);
     let imposter = sim.accept_as(key_of("mallory"));
     sim.link_in(imposter, &dialed_back("bob"));
-    assert!(sim.take_link(imposter).is_empty(), "not even a hello");
-    assert!(sim.gone.contains(&imposter));
+    assert_eq!(
+        sim.error_code_on(imposter),
+        "key_mismatch",
+        "not even a hello"
+    );
     assert_eq!(sim.peer.outbox_len(), 1, "the message still waits");
+    // bob's own dial-back, right after, is still the one we wait for.
+    let back = sim.accept_as(key_of("bob"));
+    sim.link_in(back, &dialed_back("bob"));
+    assert_eq!(
+        sim.take_link(back),
+        vec![sim.my_hello(), chat(1, "hi", true)]
+    );
+}
+
+#[test]
+fn only_a_connection_opened_to_us_may_be_a_dial_back() {
+    let mut sim = online(&["bob"]);
+    asked_bob(&mut sim);
+    // bob invites us into a relayed link, and says dialed_back in it.
+    sim.registry_says(&FromRegistry::Relay {
+        id: 7,
+        from: "bob".into(),
+    });
+    let relay = sim.relay_conn();
+    let ready = codec::encode(&FromRegistry::RelayReady {}).unwrap();
+    sim.raw_in(relay, &ready);
+    sim.peer.handle_tunneled(relay, key_of("bob"), sim.now);
+    sim.apply();
+    sim.take_all();
+    sim.link_in(relay, &dialed_back("bob"));
+    assert_eq!(sim.error_code_on(relay), "protocol");
+}
+
+#[test]
+fn before_the_registry_says_whether_we_can_be_dialed_we_wait_for_it() {
+    let mut sim = online(&["bob"]);
+    sim.update(vec![probed("bob", false)]);
+    sim.take_all();
+    sim.msg("bob", "hi");
+    assert!(reversals_asked(&mut sim).is_empty(), "not yet");
+    assert!(sim.link_dials_to("bob").is_empty());
+    assert_eq!(sim.registry_dial_count(), 1, "no relay either");
+    sim.update(vec![probed("alice", true)]);
+    assert_eq!(reversals_asked(&mut sim), ["bob"], "at once");
+    // Told we cannot be dialed, we go through the relay at once.
+    let mut sim = online(&["bob"]);
+    sim.update(vec![probed("bob", false)]);
+    sim.msg("bob", "hi");
+    sim.update(vec![probed("alice", false)]);
+    let relay = sim.relay_conn();
+    assert!(matches!(
+        sim.take_reg(relay).as_slice(),
+        [ToRegistry::RelayOpen { to, .. }] if to == "bob"
+    ));
+}
+
+#[test]
+fn a_relay_refused_after_a_dial_back_that_did_not_come_keeps_the_messages() {
+    let mut sim = online(&["bob"]);
+    asked_bob(&mut sim);
+    sim.advance(REVERSAL_WAIT + ms(1));
+    let relay = sim.relay_conn();
+    let refused = FromRegistry::error(ErrorCode::RelayRefused, "no relays here");
+    sim.raw_in(relay, &codec::encode(&refused).unwrap());
+    assert!(sim
+        .take_events()
+        .iter()
+        .all(|e| !matches!(e, Event::Undelivered { .. })));
+    assert_eq!(sim.peer.outbox_len(), 1);
+    // The next try asks bob again.
+    let at = sim.link_retry_at("bob").expect("a redial is armed");
+    sim.advance_to(at);
+    assert_eq!(reversals_asked(&mut sim), ["bob"]);
+}
+
+#[test]
+fn a_peer_that_becomes_reachable_while_we_wait_is_dialed_at_once() {
+    let mut sim = online(&["bob"]);
+    asked_bob(&mut sim);
+    sim.update(vec![probed("bob", true)]);
+    let direct = sim.link_conn("bob");
+    assert_eq!(
+        sim.take_link(direct),
+        vec![sim.my_hello(), chat(1, "hi", true)]
+    );
 }
 
 #[test]
 fn a_failed_direct_dial_asks_for_a_dial_back_when_we_can_be_dialed() {
-    let mut sim = Sim::online(&["bob"]);
+    let mut sim = online(&["bob"]);
     sim.update(vec![probed("alice", true)]);
     sim.take_all();
     sim.link_dials = DialMode::Fail;
@@ -122,8 +219,8 @@ fn a_failed_direct_dial_asks_for_a_dial_back_when_we_can_be_dialed() {
 
 #[test]
 fn once_we_can_be_dialed_a_relayed_link_gives_way_to_a_dial_back() {
-    let mut sim = Sim::online(&["bob"]);
-    sim.update(vec![probed("bob", false)]);
+    let mut sim = online(&["bob"]);
+    sim.update(vec![probed("bob", false), probed("alice", false)]);
     sim.msg("bob", "hi");
     let relay = sim.relay_conn();
     let ready = codec::encode(&FromRegistry::RelayReady {}).unwrap();
@@ -145,7 +242,7 @@ fn once_we_can_be_dialed_a_relayed_link_gives_way_to_a_dial_back() {
 
 #[test]
 fn asked_to_dial_back_we_dial_the_asker_and_its_link_is_the_inboxs() {
-    let mut sim = Sim::online(&["bob"]);
+    let mut sim = online(&["bob"]);
     sim.registry_says(&FromRegistry::DialBack { from: "bob".into() });
     let out = sim.link_conn("bob");
     assert_eq!(sim.take_link(out), vec![dialed_back("alice")]);
@@ -157,7 +254,7 @@ fn asked_to_dial_back_we_dial_the_asker_and_its_link_is_the_inboxs() {
 
 #[test]
 fn a_dial_back_is_made_only_to_the_listed_key_and_only_so_often() {
-    let mut sim = Sim::online(&["bob"]);
+    let mut sim = online(&["bob"]);
     sim.imposters.insert("bob".into(), key_of("mallory"));
     sim.registry_says(&FromRegistry::DialBack { from: "bob".into() });
     let out = sim.link_conn("bob");

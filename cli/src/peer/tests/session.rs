@@ -359,6 +359,7 @@ fn absurd_heartbeat_settings_are_clamped() {
         addr: MY_ADDR.into(),
         heartbeat_ms: u64::MAX,
         timeout_ms: 0,
+        probes: false,
         more: false,
         peers: Vec::new(),
     });

@@ -136,20 +136,38 @@ impl Transfers {
         adopted
     }
 
-    /// The registry would not ask `folded` to dial us back: the relay is
-    /// tried at once.
+    /// The registry would not ask `folded` to dial us back (`code`): the
+    /// relay is tried at once.
     pub(in crate::peer) fn reversal_failed(
         &mut self,
         folded: &str,
+        code: &str,
         dir: &Directory,
         actions: &mut Actions,
     ) {
         if self
             .links
             .get_mut(folded)
-            .is_some_and(|l| l.reversal_failed(actions))
+            .is_some_and(|l| l.reversal_failed(code, actions))
         {
             self.ensure_link(folded, dir, actions);
+        }
+    }
+
+    /// The registry said whether others can dial us: file links that
+    /// waited for it go on.
+    pub(in crate::peer) fn probe_answered(&mut self, dir: &Directory, actions: &mut Actions) {
+        let waiting: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.awaits_our_probe())
+            .map(|(folded, _)| folded.clone())
+            .collect();
+        for folded in waiting {
+            if let Some(link) = self.links.get_mut(&folded) {
+                link.stop_waiting(actions);
+            }
+            self.ensure_link(&folded, dir, actions);
         }
     }
 
@@ -541,7 +559,7 @@ impl Transfers {
         dir: &Directory,
         actions: &mut Actions,
     ) {
-        if self.links.get(folded).is_some_and(Dialing::is_relayed) {
+        if self.links.get(folded).is_some_and(Dialing::is_indirect) {
             self.redial(folded, dir, actions);
         }
     }
