@@ -30,6 +30,10 @@
 //!    loop seals a turn's frames), and the reader opening each and counting
 //!    its frames, the work every system compared with it does. Its ratios
 //!    are the like-for-like ones for the registry's `leave` and the peer.
+//!    A floor's clock starts before its writer thread is woken, so that
+//!    it pays the one cross-core wake-up every system compared with it
+//!    pays to take in the message (a registry, Redis or NATS waking to a
+//!    write; section 5's clock starts at the awake writer's write).
 //!
 //! Every connection to the registry, and every link the peer dials to a
 //! receiver, is a Noise session (protocol 2), as the binaries require: the

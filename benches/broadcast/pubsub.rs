@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::floor::Floor;
+use crate::floor::{Clock, Floor};
 use crate::FLOOR_MSG;
 
 const SUBJECT: &[u8] = b"bench";
@@ -156,7 +156,7 @@ pub fn redis_floor(server: &Server, n: usize) -> Floor {
         }
     };
     let delivered = resp(&[b"message", SUBJECT, &payload]).len() as u64;
-    Floor::spawn(readers, Vec::new(), delivered, write)
+    Floor::spawn(readers, Vec::new(), delivered, Clock::AtWrite, write)
 }
 
 /// NATS: a round writes `k` PUB commands (no replies: not verbose); a
@@ -175,5 +175,5 @@ pub fn nats_floor(server: &Server, n: usize) -> Floor {
     publish.extend_from_slice(b"\r\n");
     let write = move |k: usize| publisher.write_all(&publish.repeat(k)).expect("publish");
     let delivered = (format!("MSG bench 1 {}\r\n", payload.len()).len() + payload.len() + 2) as u64;
-    Floor::spawn(readers, Vec::new(), delivered, write)
+    Floor::spawn(readers, Vec::new(), delivered, Clock::AtWrite, write)
 }
