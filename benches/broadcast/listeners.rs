@@ -20,7 +20,7 @@ use peerchat_testkit::process::{DataDir, LoggedProc};
 use crate::procs::{start_registry, RegistryInfo, Usage};
 use crate::report::{fmt_d, latency_group, latency_of, Calls, Report};
 use crate::wire::{dial, open_into, poll_once, read_secure, sealed, write_small, Dialed, Shapes};
-use crate::{DECLARED_PORT, KEEPALIVE, LATENCY_SAMPLES, SCRATCH, WAIT};
+use crate::{BURSTS, DECLARED_PORT, K, KEEPALIVE, LATENCY_SAMPLES, SCRATCH, WAIT};
 
 #[derive(Default)]
 pub struct Tally {
@@ -446,5 +446,51 @@ impl LatencySection {
         if lat.count > 0 {
             report.reg_lat.insert(n, (lat, join, leave));
         }
+    }
+
+    /// `registry_leave_burst/N`: [`K`] clients, registered outside timing,
+    /// send `leave` at once, each on its own connection (the analogue of
+    /// K pipelined PUBLISHes: K small messages in, each a change for all
+    /// N); the clock runs from the first write until every listener has
+    /// all K changes. [`BURSTS`] rounds, not criterion's sampling: each
+    /// round's registrations take far longer than its timed part.
+    pub fn leave_burst(&mut self, n: usize, report: &mut Report) {
+        if !crate::wanted("registry_leave_burst") {
+            return;
+        }
+        let fleet = &mut self.fleet;
+        let deliveries = (n * K) as u64;
+        let mut rates = Vec::with_capacity(BURSTS);
+        for _ in 0..BURSTS {
+            fleet.keepalive();
+            let mut leaving: Vec<(Dialed, Vec<u8>)> = Vec::with_capacity(K);
+            for _ in 0..K {
+                let name = fleet.fresh_name("b");
+                let mut dialed = fleet.dial();
+                let register = sealed(&mut dialed.channel, &register_frame(&name, DECLARED_PORT));
+                dialed.stream.write_all(&register).expect("send register");
+                expect_welcome(&mut dialed, &mut fleet.open);
+                let leave = codec::encode_frame(&ToRegistry::Leave {}).unwrap();
+                let frame = sealed(&mut dialed.channel, &leave);
+                leaving.push((dialed, frame));
+            }
+            for c in &mut fleet.conns {
+                c.tally.change_target = c.tally.changes + K as u64;
+            }
+            fleet.wait(&Want::Changes, "the burst's joins");
+            for c in &mut fleet.conns {
+                c.tally.change_target = c.tally.changes + K as u64;
+            }
+            let t0 = Instant::now();
+            for (dialed, frame) in &mut leaving {
+                dialed.stream.write_all(frame).expect("send leave");
+            }
+            let t1 = fleet.wait(&Want::Changes, "the burst's leaves");
+            rates.push(deliveries as f64 / (t1 - t0).as_secs_f64());
+            for (dialed, _) in &mut leaving {
+                drain_to_eof(&mut dialed.stream);
+            }
+        }
+        report.leave_burst_line(n, &rates);
     }
 }

@@ -118,6 +118,18 @@ const KEEPALIVE: Duration = Duration::from_secs(4);
 const SCRATCH: usize = 64 * 1024;
 const LATENCY_SAMPLES: usize = 20;
 const RATE_SAMPLES: usize = 10;
+/// Rounds of the registry's leave burst, each timed alone.
+const BURSTS: usize = 10;
+
+/// Whether the command line's filter (criterion's, the first argument
+/// that is not a flag) lets `name` run, for the parts measured without
+/// criterion.
+fn wanted(name: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .is_none_or(|filter| name.contains(&filter))
+}
 
 /// [`SIZES`], or those named in `BROADCAST_SIZES`, smallest first (the
 /// sections only ever add clients).
@@ -168,6 +180,7 @@ fn broadcast(c: &mut Criterion) {
             report.pubsub.insert(("nats", n), figures);
         }
         latency.bench(c, n, &mut report);
+        latency.leave_burst(n, &mut report);
         churn.keepalive();
         fanout.keepalive();
         if CHURN_SIZES.contains(&n) {

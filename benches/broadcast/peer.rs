@@ -341,10 +341,21 @@ impl Receivers {
         Instant::now()
     }
 
+    /// Links open that said hello: the registry's probes (4.7) connect
+    /// too, and leave once their handshake is done.
     pub fn open_links(&self) -> usize {
         self.entries
             .iter()
-            .filter(|e| matches!(e, RxEntry::Link { open: true, .. }))
+            .filter(|e| {
+                matches!(
+                    e,
+                    RxEntry::Link {
+                        open: true,
+                        hello: true,
+                        ..
+                    }
+                )
+            })
             .count()
     }
 

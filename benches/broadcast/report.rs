@@ -112,6 +112,9 @@ pub struct Report {
     pub peer_rate: BTreeMap<usize, f64>,
     /// The same with acks held until the clock stops (diagnostic).
     pub peer_rate_held: BTreeMap<usize, f64>,
+    /// The registry's leave burst: the median round's deliveries a
+    /// second, and the slowest and fastest round's.
+    pub leave_burst: BTreeMap<usize, (f64, f64, f64)>,
 }
 
 impl Report {
@@ -135,6 +138,25 @@ impl Report {
             fmt_d(lat.mean),
             lat.count
         );
+    }
+
+    /// Records the leave burst's rounds (deliveries a second each).
+    pub fn leave_burst_line(&mut self, n: usize, rates: &[f64]) {
+        let mut sorted = rates.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let Some((&low, &high)) = sorted.first().zip(sorted.last()) else {
+            return;
+        };
+        // The nearest-rank median, like every percentile here.
+        let median = sorted[sorted.len().div_ceil(2) - 1];
+        eprintln!(
+            "registry_leave_burst/{n}: {} deliveries (median of {} rounds; {} to {})",
+            fmt_rate(median),
+            sorted.len(),
+            fmt_rate(low),
+            fmt_rate(high)
+        );
+        self.leave_burst.insert(n, (median, low, high));
     }
 
     pub fn rate_line(&self, what: &str, n: usize, rate: f64) {
@@ -223,6 +245,24 @@ impl Report {
                     fmt_d(l.mean),
                     fmt_rate(*rate),
                     sealed_p50(n, l.p50)
+                );
+            }
+        }
+        if !self.leave_burst.is_empty() {
+            eprintln!("registry leave burst (K = {K} leaves from K connections at once, each a change for all N; median round, range):");
+            eprintln!("| N | deliveries/s | range | / sealed coalesced floor | / Redis pipelined | / NATS pipelined |");
+            for (n, (median, low, high)) in &self.leave_burst {
+                let vs =
+                    |rate: Option<f64>| rate.map_or("-".into(), |r| format!("{:.2}x", median / r));
+                let pubsub = |system| self.pubsub.get(&(system, *n)).map(|(_, rate)| *rate);
+                eprintln!(
+                    "| {n} | {} | {} to {} | {} | {} | {} |",
+                    fmt_rate(*median),
+                    fmt_rate(*low),
+                    fmt_rate(*high),
+                    vs(self.sealed_rate.get(n).copied()),
+                    vs(pubsub("redis")),
+                    vs(pubsub("nats"))
                 );
             }
         }
