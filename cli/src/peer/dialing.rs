@@ -217,10 +217,11 @@ impl Dialing {
         matches!(self.path(), Some(Path::Relayed { .. }))
     }
 
-    /// The link goes through the relay, or waits for a dial-back: a
-    /// direct dial, once the peer can be dialed, beats both.
+    /// The link goes through the relay, or waits (for a dial-back, or to
+    /// learn whether one can be asked): a direct dial, once the peer can
+    /// be dialed, beats them all.
     pub(super) fn is_indirect(&self) -> bool {
-        self.is_relayed() || self.awaits_dial_back()
+        self.is_relayed() || self.waiting.is_some()
     }
 
     /// `conn` is ours and waits for the relay to open.

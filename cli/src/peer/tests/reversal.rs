@@ -280,3 +280,17 @@ fn a_dial_back_is_made_only_to_the_listed_key_and_only_so_often() {
     let ends = sim.pending.iter().filter(|(c, _)| sim.gone.contains(c));
     assert_eq!(ends.count(), 4, "dials that never connect are given up");
 }
+
+#[test]
+fn a_peer_that_becomes_reachable_while_we_wait_for_our_probe_is_dialed_at_once() {
+    let mut sim = online(&["bob"]);
+    sim.update(vec![probed("bob", false)]);
+    sim.msg("bob", "hi");
+    assert!(sim.link_dials_to("bob").is_empty(), "we wait for our probe");
+    sim.update(vec![probed("bob", true)]);
+    let direct = sim.link_conn("bob");
+    assert_eq!(
+        sim.take_link(direct),
+        vec![sim.my_hello(), chat(1, "hi", true)]
+    );
+}
