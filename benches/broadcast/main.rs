@@ -51,8 +51,8 @@
 //! shares and write calls per delivery go to stderr, with a summary at the
 //! end. Servers start once, outside timing; every child process is killed on
 //! drop; their key files and data directories live in a temporary directory
-//! removed at the end. Run with `cargo bench --bench broadcast` (about two
-//! minutes). For a quick check that everything works, pick sizes with
+//! removed at the end. Run with `cargo bench --bench broadcast` (about four
+//! minutes with Redis and NATS installed). For a quick check that everything works, pick sizes with
 //! `BROADCAST_SIZES` (comma-separated; the churn bench runs for the sizes
 //! among 100 and 1000) and let criterion sample briefly:
 //! `BROADCAST_SIZES=10,100 cargo bench --bench broadcast -- --quick`.
