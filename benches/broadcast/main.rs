@@ -5,7 +5,10 @@
 //! 1. `registry_latency/N`: N raw-protocol clients are registered with a real
 //!    `registry`; one more client registers (next iteration: leaves), and the
 //!    clock runs from its `register` (`leave`) write until the last of the N
-//!    has the matching `update` frame.
+//!    has the matching `update` frame. `registry_leave_burst/N` (ten
+//!    rounds of its own, not criterion's): `K` clients registered outside
+//!    timing send `leave` at once, and the clock runs until all N have
+//!    all `K` changes: the analogue of `K` pipelined PUBLISHes.
 //! 2. `registry_churn/depthD/N`: N listeners; churn clients register and
 //!    leave as fast as they can, D connections in flight (32, then 128); the
 //!    rate is changes received, summed over the listeners, per second.
