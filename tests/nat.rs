@@ -58,6 +58,14 @@ impl Net {
         Ok(net)
     }
 
+    /// [`Net::build`], or nothing (said on stderr) where this machine
+    /// cannot make the namespaces: the test then skips.
+    fn or_skip() -> Option<Net> {
+        Net::build()
+            .map_err(|why| eprintln!("skipped: cannot make the NAT namespaces here ({why})"))
+            .ok()
+    }
+
     fn populate(&self) -> Result<(), String> {
         let net = self;
         let hub = net.ns("hub");
@@ -229,12 +237,8 @@ fn delivered_to(to: &str) -> impl Fn(&Value) -> bool + '_ {
 
 #[test]
 fn peers_behind_two_nats_chat_through_the_relay_and_the_registry_sees_no_plaintext() {
-    let net = match Net::build() {
-        Ok(net) => net,
-        Err(why) => {
-            eprintln!("skipped: cannot make the NAT namespaces here ({why})");
-            return;
-        }
+    let Some(net) = Net::or_skip() else {
+        return;
     };
     let dir = DataDir::fresh();
     let listen = format!("{}.1:7000", net.public);
@@ -310,12 +314,8 @@ fn peers_behind_two_nats_chat_through_the_relay_and_the_registry_sees_no_plainte
 #[test]
 fn without_the_relay_a_message_between_two_nats_ends_as_unreachable_within_5s_and_dial_backs_still_work(
 ) {
-    let net = match Net::build() {
-        Ok(net) => net,
-        Err(why) => {
-            eprintln!("skipped: cannot make the NAT namespaces here ({why})");
-            return;
-        }
+    let Some(net) = Net::or_skip() else {
+        return;
     };
     let listen = format!("{}.1:7000", net.public);
     let any = ["--listen", "0.0.0.0:0"];
@@ -356,12 +356,8 @@ fn without_the_relay_a_message_between_two_nats_ends_as_unreachable_within_5s_an
 
 #[test]
 fn relayed_chat_waits_out_a_registry_killed_mid_conversation() {
-    let net = match Net::build() {
-        Ok(net) => net,
-        Err(why) => {
-            eprintln!("skipped: cannot make the NAT namespaces here ({why})");
-            return;
-        }
+    let Some(net) = Net::or_skip() else {
+        return;
     };
     let listen = format!("{}.1:7000", net.public);
     let any = ["--listen", "0.0.0.0:0"];

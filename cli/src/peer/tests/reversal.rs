@@ -46,6 +46,24 @@ fn reversals_asked(sim: &mut Sim) -> Vec<String> {
         .collect()
 }
 
+/// The relay connection just opened, after checking that it asks for bob.
+fn relay_opened_to_bob(sim: &mut Sim) -> Conn {
+    let relay = sim.relay_conn();
+    assert!(matches!(
+        sim.take_reg(relay).as_slice(),
+        [ToRegistry::RelayOpen { to, .. }] if to == "bob"
+    ));
+    relay
+}
+
+/// The registry pairs `relay`, and bob's session inside proves his key.
+fn tunnel_up(sim: &mut Sim, relay: Conn) {
+    let ready = codec::encode(&FromRegistry::RelayReady {}).unwrap();
+    sim.raw_in(relay, &ready);
+    sim.peer.handle_tunneled(relay, key_of("bob"), sim.now);
+    sim.apply();
+}
+
 /// alice can be dialed, bob cannot; alice has a message for bob, and has
 /// asked for him to dial her back.
 fn asked_bob(sim: &mut Sim) {
@@ -84,11 +102,7 @@ fn no_dial_back_in_time_goes_through_the_relay_and_a_late_one_is_refused() {
     let mut sim = online(&["bob"]);
     asked_bob(&mut sim);
     sim.advance(REVERSAL_WAIT + ms(1));
-    let relay = sim.relay_conn();
-    assert!(matches!(
-        sim.take_reg(relay).as_slice(),
-        [ToRegistry::RelayOpen { to, .. }] if to == "bob"
-    ));
+    relay_opened_to_bob(&mut sim);
     let late = sim.accept_as(key_of("bob"));
     sim.link_in(late, &dialed_back("bob"));
     assert_eq!(sim.error_code_on(late), "protocol");
@@ -103,11 +117,7 @@ fn a_reversal_the_registry_refuses_goes_through_the_relay_at_once() {
         code: "unreachable".into(),
         reason: "bob's client does not dial back".into(),
     });
-    let relay = sim.relay_conn();
-    assert!(matches!(
-        sim.take_reg(relay).as_slice(),
-        [ToRegistry::RelayOpen { to, .. }] if to == "bob"
-    ));
+    relay_opened_to_bob(&mut sim);
 }
 
 #[test]
@@ -141,10 +151,7 @@ fn only_a_connection_opened_to_us_may_be_a_dial_back() {
         from: "bob".into(),
     });
     let relay = sim.relay_conn();
-    let ready = codec::encode(&FromRegistry::RelayReady {}).unwrap();
-    sim.raw_in(relay, &ready);
-    sim.peer.handle_tunneled(relay, key_of("bob"), sim.now);
-    sim.apply();
+    tunnel_up(&mut sim, relay);
     sim.take_all();
     sim.link_in(relay, &dialed_back("bob"));
     assert_eq!(sim.error_code_on(relay), "protocol");
@@ -166,11 +173,7 @@ fn before_the_registry_says_whether_we_can_be_dialed_we_wait_for_it() {
     sim.update(vec![probed("bob", false)]);
     sim.msg("bob", "hi");
     sim.update(vec![probed("alice", false)]);
-    let relay = sim.relay_conn();
-    assert!(matches!(
-        sim.take_reg(relay).as_slice(),
-        [ToRegistry::RelayOpen { to, .. }] if to == "bob"
-    ));
+    relay_opened_to_bob(&mut sim);
 }
 
 #[test]
@@ -178,7 +181,7 @@ fn a_relay_refused_after_a_dial_back_that_did_not_come_keeps_the_messages() {
     let mut sim = online(&["bob"]);
     asked_bob(&mut sim);
     sim.advance(REVERSAL_WAIT + ms(1));
-    let relay = sim.relay_conn();
+    let relay = relay_opened_to_bob(&mut sim);
     let refused = FromRegistry::error(ErrorCode::RelayRefused, "no relays here");
     sim.raw_in(relay, &codec::encode(&refused).unwrap());
     assert!(sim
@@ -222,11 +225,8 @@ fn once_we_can_be_dialed_a_relayed_link_gives_way_to_a_dial_back() {
     let mut sim = online(&["bob"]);
     sim.update(vec![probed("bob", false), probed("alice", false)]);
     sim.msg("bob", "hi");
-    let relay = sim.relay_conn();
-    let ready = codec::encode(&FromRegistry::RelayReady {}).unwrap();
-    sim.raw_in(relay, &ready);
-    sim.peer.handle_tunneled(relay, key_of("bob"), sim.now);
-    sim.apply();
+    let relay = relay_opened_to_bob(&mut sim);
+    tunnel_up(&mut sim, relay);
     sim.take_all();
     sim.update(vec![probed("alice", true)]);
     assert!(sim.gone.contains(&relay), "the relay is left");
