@@ -559,6 +559,12 @@ pub(crate) fn status_line(event: &Event) -> Option<String> {
                 Some("relayed") => line.push_str(
                     "; our link goes through the registry's relay (still end to end encrypted)",
                 ),
+                Some("reversed") => {
+                    let _ = write!(
+                        line,
+                        "; {name} cannot be dialed, so our link runs on a connection {name} opened to us when we asked"
+                    );
+                }
                 Some(path) => {
                     let _ = write!(line, "; our link is {path}");
                 }

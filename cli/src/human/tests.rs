@@ -240,6 +240,30 @@ fn whois_tells_a_differing_pin_and_yourself_apart() {
 }
 
 #[test]
+fn whois_says_how_our_link_goes_in_words() {
+    let mut view = view();
+    let whois = |link: &str| Event::Whois {
+        name: "ivy".into(),
+        key: key(1),
+        pinned: true,
+        you: false,
+        pinned_key: None,
+        link: Some(link.into()),
+    };
+    for (link, says) in [
+        ("direct", "our link is direct"),
+        (
+            "reversed",
+            "ivy cannot be dialed, so our link runs on a connection ivy opened to us",
+        ),
+        ("relayed", "through the registry's relay"),
+    ] {
+        let lines = view.event(&whois(link), at(1_000));
+        assert!(lines[0].contains(says), "{link}: {lines:?}");
+    }
+}
+
+#[test]
 fn an_unconfirmed_message_is_not_claimed_lost() {
     let mut view = view();
     let lines = view.event(
