@@ -69,7 +69,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     BUDGET_WINDOW.as_secs()
                 ),
             )),
-            None => Err((ErrorCode::UnknownPeer, format!("no peer {to:?} is online"))),
+            None => Err((ErrorCode::UnknownPeer, "no such peer is online".into())),
             Some((target, ..)) if target == conn => Err((
                 ErrorCode::UnknownPeer,
                 "a peer cannot ask itself to dial back".into(),
