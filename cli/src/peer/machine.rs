@@ -83,7 +83,10 @@ impl Peer {
     fn dialed_back(&mut self, link: LinkId, name: &str, key: PublicKey, now: Instant) {
         let folded = fold_name(name.trim());
         let listed = self.directory.get(&folded);
-        let (code, why) = if !listed.is_some_and(|k| k.key == key && !k.mismatch) {
+        let (code, why) = if listed.is_none() {
+            let why = format!("a dial-back as {name:?}, whom the directory does not list");
+            (ErrorCode::UnknownPeer, why)
+        } else if !listed.is_some_and(|k| k.key == key && !k.mismatch) {
             let why =
                 format!("a dial-back as {name:?} proved key {key}, not the one listed for it");
             (ErrorCode::KeyMismatch, why)

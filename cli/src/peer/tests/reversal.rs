@@ -294,3 +294,12 @@ fn a_peer_that_becomes_reachable_while_we_wait_for_our_probe_is_dialed_at_once()
         vec![sim.my_hello(), chat(1, "hi", true)]
     );
 }
+
+#[test]
+fn a_dial_back_from_a_name_we_do_not_list_is_refused_as_unknown() {
+    let mut sim = online(&["bob"]);
+    asked_bob(&mut sim);
+    let stranger = sim.accept_as(key_of("mallory"));
+    sim.link_in(stranger, &dialed_back("mallory"));
+    assert_eq!(sim.error_code_on(stranger), "unknown_peer");
+}
