@@ -227,6 +227,9 @@ enum Timer {
     RelayJoinDeadline(LinkId),
     /// This connection, dialing back a peer that asked, must be up by now.
     DialBackDeadline(LinkId),
+    /// Our relayed link's own session must be up by now (a link that is
+    /// up, or gone, lets it pass).
+    TunnelDeadline(LinkId),
 }
 
 /// Milliseconds since the Unix epoch; 0 for a clock set before it.
@@ -838,6 +841,16 @@ impl Peer {
             Timer::FileDeadline(number) => self.transfers.on_deadline(number, actions),
             Timer::RelayJoinDeadline(link) => self.relays.on_deadline(link, actions),
             Timer::DialBackDeadline(link) => self.dial_backs.on_deadline(link, actions),
+            Timer::TunnelDeadline(link) => {
+                let dialing = match self.outbox.dialing_of(link) {
+                    Some(found) => Some(found),
+                    None => self.transfers.dialing_of(link),
+                };
+                if dialing.is_some_and(|(_, d)| d.up().is_none()) {
+                    tracing::info!(%link, "the relayed session did not come up in time");
+                    actions.close(link, "the relayed session did not come up in time");
+                }
+            }
         }
     }
 }

@@ -43,7 +43,7 @@ pub use owners::Owner;
 use owners::Reservation;
 use probe::Probes;
 use relay::Relays;
-pub use relay::{RelayConfig, RelayStats};
+pub use relay::{RelayConfig, RelayStats, RELAY_WINDOW};
 use window::Window;
 
 /// Changes per update frame: keeps every frame under the 64 KiB a peer must
@@ -116,6 +116,8 @@ enum Timer<C> {
     Flush,
     /// This relay invitation must have been answered by now.
     RelayInvitation(u64),
+    /// This relay connection's sends should have been read by now.
+    RelayStall(C),
     /// This relay connection's rate debt should be paid by now.
     RelayRate(C),
     /// This probe must be done by now.
@@ -734,8 +736,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 if matches!(self.conns.get(&conn), Some(LinkState::Registering(_))) {
                     self.count_rejection(code);
                 }
-                let frame = protocol::frame(&FromRegistry::error(code, err.to_string()));
-                self.actions.push_back(Action::Send(conn, frame));
+                // After relay_ready a relay connection's frames are the
+                // peers' bytes: a message there would only garble them.
+                if !self.relays.is_paired(conn) {
+                    let frame = protocol::frame(&FromRegistry::error(code, err.to_string()));
+                    self.actions.push_back(Action::Send(conn, frame));
+                }
                 LeftReason::Protocol
             }
         };
@@ -774,6 +780,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             Timer::Flush => {}
             Timer::RelayInvitation(id) => self.relay_invitation_due(id),
             Timer::RelayRate(conn) => self.relay_rate_due(conn, now),
+            Timer::RelayStall(conn) => self.relay_stall_due(conn, now),
             Timer::ProbeDeadline(link) => self.probe_due(link),
             Timer::Liveness(conn) => {
                 let Some(session) = self.session(conn) else {

@@ -364,6 +364,20 @@ fn main() -> ExitCode {
             )
             .exit();
     }
+    // A relayed direction holds up to its window unwritten: a smaller
+    // queue would drop a receiver as slow instead of holding its sender.
+    let relay_queue = 2 * peerchat_registry::RELAY_WINDOW;
+    if !args.no_relay && args.max_queue < relay_queue {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "--max-queue {} is below the {relay_queue} bytes a relayed link may hold; raise it, or pass --no-relay",
+                    args.max_queue
+                ),
+            )
+            .exit();
+    }
     let listen_addrs = resolve_listen(args.listen.as_deref().unwrap_or_default());
     let _log_flush_on_exit = init_logs(args.log_format);
     let max_connections = args

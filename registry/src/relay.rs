@@ -21,11 +21,21 @@ use peerchat_core::wire;
 
 use crate::{Action, Registry, Timer};
 
-/// Bytes a direction of a pair may hold unwritten before the registry
-/// stops reading its sender.
+/// Bytes a direction of a pair may hold unwritten. The registry stops
+/// reading the sender two frames short of it: what one read already took
+/// in still goes through.
 pub const RELAY_WINDOW: usize = 256 * 1024;
+pub(crate) const PAUSE_AT: usize = RELAY_WINDOW - 2 * RELAY_CHUNK;
 /// How long an invited peer has to join.
 pub const INVITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a direction may stay full (its receiver not reading) before
+/// the pair is closed: a stalled pair holds its window and two relay
+/// connections' worth of the registry's limits.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keys whose relays all closed are kept, with their rate's debt, for at
+/// least this many beyond the keys with relays open: closing and reopening
+/// must not refill a bucket.
+const IDLE_BUCKETS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -115,8 +125,8 @@ struct End<C> {
     other: Option<C>,
     /// Bytes passed to `other` since it last had nothing queued.
     unwritten: usize,
-    /// Not read until `other` drains.
-    held_by_window: bool,
+    /// Not read until `other` drains; since when.
+    held_by_window: Option<Instant>,
     /// Not read until the rates allow.
     held_by_rate: bool,
 }
@@ -168,7 +178,19 @@ impl<C: Copy + Eq + Hash + Debug> Relays<C> {
         self.ends.contains_key(&conn)
     }
 
+    /// A paired relay connection: its frames are the peers' bytes.
+    pub(crate) fn is_paired(&self, conn: C) -> bool {
+        self.ends.get(&conn).is_some_and(|e| e.other.is_some())
+    }
+
     fn add_end(&mut self, conn: C, key: PublicKey, other: Option<C>, now: Instant) {
+        if self.peers.len() > self.ends.len() + IDLE_BUCKETS {
+            // Keys without relays whose buckets are full again owe nothing.
+            self.peers.retain(|_, p| {
+                p.bucket.refill(now);
+                p.ends > 0 || p.bucket.tokens < p.bucket.capacity()
+            });
+        }
         let rate = self.config.peer_rate;
         self.peers
             .entry(key)
@@ -183,7 +205,7 @@ impl<C: Copy + Eq + Hash + Debug> Relays<C> {
                 key,
                 other,
                 unwritten: 0,
-                held_by_window: false,
+                held_by_window: None,
                 held_by_rate: false,
             },
         );
@@ -192,11 +214,10 @@ impl<C: Copy + Eq + Hash + Debug> Relays<C> {
     /// Forgets `conn`; returns the other end of its pair, if it had one.
     fn remove_end(&mut self, conn: C) -> Option<C> {
         let end = self.ends.remove(&conn)?;
+        // The key's entry stays (see `IDLE_BUCKETS`): its bucket's debt
+        // outlives its connections.
         if let Some(peer) = self.peers.get_mut(&end.key) {
             peer.ends -= 1;
-            if peer.ends == 0 {
-                self.peers.remove(&end.key);
-            }
         }
         self.invitations.retain(|_, i| i.opener != conn);
         end.other
@@ -310,6 +331,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             );
         }
         let opener = invitation.opener;
+        if let Some(why) = self.relays.over_limit(&key) {
+            // The joiner's end counts like the opener's: neither waits.
+            self.relays.remove_end(opener);
+            self.send_error(opener, ErrorCode::RelayFull, why.clone());
+            return self.relay_refuse(conn, ErrorCode::RelayFull, why);
+        }
         self.relays.add_end(conn, key, Some(opener), now);
         if let Some(end) = self.relays.ends.get_mut(&opener) {
             end.other = Some(conn);
@@ -350,10 +377,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.actions
             .push_back(Action::Send(other, wire::encode_frame(body)));
         end.unwritten += body.len();
-        if end.unwritten > RELAY_WINDOW && !end.held_by_window {
-            end.held_by_window = true;
+        if end.unwritten > PAUSE_AT && end.held_by_window.is_none() {
+            end.held_by_window = Some(now);
             self.actions.push_back(Action::Reading(conn, false));
             self.actions.push_back(Action::WatchDrain(other));
+            self.timers
+                .arm(now + STALL_TIMEOUT, Timer::RelayStall(conn));
         }
         let peer_debt = relays
             .peers
@@ -367,7 +396,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         if let Some(wait) = peer_debt.max(total_debt) {
             if !end.held_by_rate {
                 end.held_by_rate = true;
-                if !end.held_by_window {
+                if end.held_by_window.is_none() {
                     self.actions.push_back(Action::Reading(conn, false));
                 }
                 self.timers.arm(now + wait, Timer::RelayRate(conn));
@@ -385,8 +414,30 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             return;
         };
         end.unwritten = 0;
-        if std::mem::take(&mut end.held_by_window) && !end.held_by_rate {
+        if end.held_by_window.take().is_some() && !end.held_by_rate {
             self.actions.push_back(Action::Reading(sender, true));
+        }
+    }
+
+    /// `conn`'s stall timer: if what it sent has waited unread for the
+    /// whole timeout, the pair is closed.
+    pub(crate) fn relay_stall_due(&mut self, conn: C, now: Instant) {
+        let stalled = self
+            .relays
+            .ends
+            .get(&conn)
+            .and_then(|e| e.held_by_window)
+            .is_some_and(|since| now.saturating_duration_since(since) >= STALL_TIMEOUT);
+        if stalled {
+            tracing::info!(
+                ?conn,
+                "a relayed link's receiver stopped reading; closing the pair"
+            );
+            self.actions.push_back(Action::Close(
+                conn,
+                "the other end of the relay stopped reading".into(),
+            ));
+            self.relay_closed(conn);
         }
     }
 
@@ -409,7 +460,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             return;
         }
         end.held_by_rate = false;
-        if !end.held_by_window {
+        if end.held_by_window.is_none() {
             self.actions.push_back(Action::Reading(conn, true));
         }
     }

@@ -174,7 +174,7 @@ fn two_thousand_silent_connections_are_closed_at_the_deadline() {
 #[test]
 fn a_client_that_never_reads_is_dropped_as_slow_and_the_others_miss_nothing() {
     let _heavy = heavy();
-    let mut case = Case::start("slow", &["--max-queue", "65536"]);
+    let mut case = Case::start("slow", &["--max-queue", "65536", "--no-relay"]);
     let addr = case.reg.addr;
     let sloth_id = Identity::generate();
     let mut sloth = secure_as(connect_small_rcvbuf(addr, 4096), &sloth_id);

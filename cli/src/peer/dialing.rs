@@ -24,6 +24,11 @@ use peerchat_core::protocol::{self, ErrorCode, FromRegistry, ToRegistry, PROTOCO
 use super::actions::Reversal;
 use super::{Actions, Rng, Timer, TimerKey};
 
+/// How long the peer's own session inside a relay has to come up, from
+/// `relay_ready`: a direct dial's handshake has the loop's deadline, a
+/// relayed one only this.
+pub(super) const TUNNEL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a peer asked to dial us back has to bring its link up (the
 /// registry passing the request, the peer's dial and handshake) before
 /// the relay is tried instead.
@@ -267,6 +272,7 @@ impl Dialing {
                     link: conn,
                     role: Role::Dialer,
                 });
+                actions.arm(actions.now + TUNNEL_TIMEOUT, Timer::TunnelDeadline(conn));
                 Ok(RelayAnswer::Ready)
             }
             Ok(FromRegistry::Error { code, reason }) => Ok(RelayAnswer::Refused(code, reason)),

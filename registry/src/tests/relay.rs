@@ -3,7 +3,7 @@
 //! per direction, the byte rates, the number of relay connections).
 
 use super::*;
-use crate::relay::{INVITE_TIMEOUT, RELAY_WINDOW};
+use crate::relay::{INVITE_TIMEOUT, PAUSE_AT, STALL_TIMEOUT};
 use peerchat_core::protocol::RELAY_CHUNK;
 
 /// Registers `name` as a peer that takes relay invitations; its welcome
@@ -211,7 +211,7 @@ fn a_direction_past_its_window_is_not_read_until_the_other_end_drains() {
     let mut sim = Sim::new(config());
     paired(&mut sim);
     let chunk = vec![7u8; 32 * 1024];
-    for _ in 0..(RELAY_WINDOW / chunk.len()) {
+    for _ in 0..(PAUSE_AT / chunk.len()) {
         sim.send_raw(10, &chunk);
     }
     assert_eq!(sim.reading.get(&10), None, "within the window");
@@ -224,6 +224,117 @@ fn a_direction_past_its_window_is_not_read_until_the_other_end_drains() {
     sim.reg.relay_drained(11);
     sim.apply();
     assert_eq!(sim.reading.get(&10), Some(&true));
+}
+
+#[test]
+fn a_pair_whose_receiver_stops_reading_is_closed_after_the_stall_timeout() {
+    let mut sim = Sim::new(Config {
+        timeout: Duration::from_secs(600),
+        ..config()
+    });
+    paired(&mut sim);
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..3 {
+        sim.send_raw(10, &chunk);
+    }
+    assert_eq!(sim.reading.get(&10), Some(&false));
+    sim.advance(STALL_TIMEOUT - Duration::from_millis(100));
+    assert!(!sim.closed.contains_key(&10));
+    sim.advance(Duration::from_millis(200));
+    assert!(sim.closed.contains_key(&10) && sim.closed.contains_key(&11));
+    assert_eq!(sim.reg.relay_stats().ends, 0);
+}
+
+#[test]
+fn a_receiver_that_drains_in_time_keeps_the_pair() {
+    let mut sim = Sim::new(Config {
+        timeout: Duration::from_secs(600),
+        ..config()
+    });
+    paired(&mut sim);
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..3 {
+        sim.send_raw(10, &chunk);
+    }
+    sim.advance(STALL_TIMEOUT / 2);
+    sim.reg.relay_drained(11);
+    sim.apply();
+    sim.advance(STALL_TIMEOUT);
+    assert!(!sim.closed.contains_key(&10) && !sim.closed.contains_key(&11));
+}
+
+#[test]
+fn a_join_counts_against_the_limits_too() {
+    let mut sim = Sim::new(Config {
+        relay: RelayConfig {
+            per_peer: 1,
+            ..RelayConfig::default()
+        },
+        ..config()
+    });
+    register_relaying(&mut sim, 1, "alice");
+    register_relaying(&mut sim, 2, "bob");
+    register_relaying(&mut sim, 3, "carol");
+    sim.take(2);
+    // bob already holds his one relay connection, with carol.
+    sim.accept_as(20, ip(3), owner("carol"));
+    sim.send(20, &open("carol", "bob"));
+    let id = match sim.take(2).as_slice() {
+        [FromRegistry::Relay { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    sim.accept_as(21, ip(2), owner("bob"));
+    sim.send(21, &join(id));
+    assert_eq!(sim.take(21), vec![FromRegistry::RelayReady {}]);
+    // alice invites him too: his join would be his second.
+    sim.accept_as(10, ip(1), owner("alice"));
+    sim.send(10, &open("alice", "bob"));
+    let id = match sim.take(2).as_slice() {
+        [FromRegistry::Relay { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    sim.accept_as(11, ip(2), owner("bob"));
+    sim.send(11, &join(id));
+    assert_eq!(sim.error_code(11), "relay_full");
+    assert_eq!(sim.error_code(10), "relay_full", "the opener is told too");
+    assert_eq!(sim.reg.relay_stats().ends, 2);
+}
+
+#[test]
+fn closing_and_reopening_does_not_refill_a_rate() {
+    let rate = 256 * 1024;
+    let mut sim = Sim::new(Config {
+        relay: RelayConfig {
+            peer_rate: rate,
+            ..RelayConfig::default()
+        },
+        ..config()
+    });
+    paired(&mut sim);
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..5 {
+        sim.send_raw(10, &chunk);
+        sim.reg.relay_drained(11);
+        sim.apply();
+    }
+    assert_eq!(sim.reading.get(&10), Some(&false), "alice is in debt");
+    sim.reg.on_closed(10, Disconnect::Lost, sim.now);
+    sim.apply();
+    // A new pair, at once: alice's debt is still hers.
+    sim.accept_as(12, ip(1), owner("alice"));
+    sim.send(12, &open("alice", "bob"));
+    let id = match sim.take(2).as_slice() {
+        [FromRegistry::Relay { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    sim.accept_as(13, ip(2), owner("bob"));
+    sim.send(13, &join(id));
+    sim.send_raw(12, &chunk);
+    assert_eq!(
+        sim.reading.get(&12),
+        Some(&false),
+        "not a fresh second's worth"
+    );
 }
 
 #[test]
@@ -269,4 +380,22 @@ fn shutdown_closes_the_relays_too() {
     sim.reg.shutdown("bye");
     sim.apply();
     assert!(sim.closed.contains_key(&10) && sim.closed.contains_key(&11));
+}
+
+#[test]
+fn an_oversized_relayed_frame_closes_the_pair_without_a_message() {
+    let mut sim = Sim::new(config());
+    paired(&mut sim);
+    let too_large = FrameError::TooLarge {
+        len: RELAY_CHUNK + 1,
+        max: RELAY_CHUNK,
+    };
+    sim.reg
+        .on_closed(10, Disconnect::BadFrame(too_large), sim.now);
+    sim.apply();
+    assert!(
+        sim.take(10).is_empty(),
+        "nothing that would pass for relayed bytes"
+    );
+    assert!(sim.closed.contains_key(&11));
 }

@@ -262,3 +262,19 @@ fn our_own_probe_is_told_and_a_peer_s_only_when_it_changes() {
         "once"
     );
 }
+
+#[test]
+fn a_relayed_session_that_never_comes_up_is_given_up() {
+    let mut sim = Sim::online(&["bob"]);
+    let relay = through_the_relay(&mut sim);
+    say_on(&mut sim, relay, &FromRegistry::RelayReady {});
+    sim.advance(Duration::from_secs(9));
+    assert!(!sim.gone.contains(&relay), "still in time");
+    sim.advance(Duration::from_secs(2));
+    assert!(sim.gone.contains(&relay), "no handshake inside in 10 s");
+    assert_eq!(
+        sim.peer.outbox_len(),
+        1,
+        "the message waits for the next try"
+    );
+}
