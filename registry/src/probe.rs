@@ -23,6 +23,11 @@ use crate::{encode_entry, entry_of, Action, LinkState, Registry, Timer, PART_ENT
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Probes under way at once, at most.
 pub const MAX_PROBING: usize = 32;
+/// Registrations waiting for their probe, at most. Peers whose ports drop
+/// packets hold a probe for its whole timeout; past this many waiting,
+/// a registration is not probed (its entry says nothing of it) rather
+/// than queued for ever longer.
+pub const MAX_WAITING: usize = 4096;
 
 /// A probe under way.
 struct Running<C> {
@@ -46,6 +51,11 @@ impl<C: Copy + Eq + Hash + Debug> Probes<C> {
         self.enabled
     }
 
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
     pub(crate) fn new(enabled: bool) -> Self {
         Probes {
             enabled,
@@ -59,9 +69,17 @@ impl<C: Copy + Eq + Hash + Debug> Probes<C> {
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// `session` registered (or moved): it is probed in its turn.
     pub(crate) fn want_probe(&mut self, session: C) {
-        if self.probes.enabled {
-            self.probes.waiting.push_back(session);
+        if !self.probes.enabled {
+            return;
         }
+        if self.probes.waiting.len() >= MAX_WAITING {
+            tracing::debug!(
+                ?session,
+                "too many probes waiting; this registration is not probed"
+            );
+            return;
+        }
+        self.probes.waiting.push_back(session);
     }
 
     /// Starts the probes that may run now; `mint` names a probe's link

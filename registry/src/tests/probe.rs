@@ -3,7 +3,7 @@
 //! there; a bounded number at a time.
 
 use super::*;
-use crate::probe::{MAX_PROBING, PROBE_TIMEOUT};
+use crate::probe::{MAX_PROBING, MAX_WAITING, PROBE_TIMEOUT};
 
 /// Probe links are numbered from here, apart from the peers' connections.
 const PROBES: Conn = 1000;
@@ -173,6 +173,17 @@ fn probes_run_a_bounded_number_at_a_time() {
         MAX_PROBING + 1,
         "one ended, one more starts"
     );
+}
+
+#[test]
+fn the_queue_of_probes_waiting_is_bounded() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001);
+    // A peer reclaiming its name over and over queues a probe each time.
+    for _ in 0..MAX_WAITING + 10 {
+        sim.reg.want_probe(1);
+    }
+    assert_eq!(sim.reg.probes.waiting(), MAX_WAITING);
 }
 
 #[test]
