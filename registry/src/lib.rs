@@ -12,14 +12,15 @@
 //! never touches a socket or the clock, so tests drive it with simulated
 //! time. Connections are named by any small key type `C`; on the event
 //! loop, by the driver's [`peerchat_core::machine::LinkId`]s (see
-//! `machine.rs`). Name ownership beyond the online peers lives in
+//! `machine.rs`). A connection's first frame and a newcomer's welcome are
+//! in `registration.rs`; name ownership beyond the online peers lives in
 //! `owners.rs`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,8 +28,7 @@ use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::Output;
 use peerchat_core::protocol::{
-    self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
-    FromRegistry, LeftReason, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+    self, Change, ErrorCode, FromRegistry, LeftReason, PeerEntry, ToRegistry,
 };
 use peerchat_core::timer::TimerWheel;
 use peerchat_core::wire::FrameError;
@@ -386,245 +386,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.send_error(conn, ErrorCode::Protocol, reason);
     }
 
-    fn on_register_frame(
-        &mut self,
-        conn: C,
-        ip: IpAddr,
-        key: PublicKey,
-        body: &[u8],
-        now: Instant,
-    ) {
-        let (name, port, answers) = match decode_first(body, ToRegistry::version) {
-            Ok(ToRegistry::Register {
-                name,
-                port,
-                relay,
-                dial_back,
-                ..
-            }) => (name, port, Answers { relay, dial_back }),
-            Ok(ToRegistry::RelayOpen { from, to, .. }) => {
-                self.conns.remove(&conn);
-                return self.relay_open(conn, key, &from, &to, now);
-            }
-            Ok(ToRegistry::RelayJoin { id, .. }) => {
-                self.conns.remove(&conn);
-                return self.relay_join(conn, key, id, now);
-            }
-            Ok(_) => {
-                return self.reject(
-                    conn,
-                    ErrorCode::Protocol,
-                    "the first message must be register, relay_open or relay_join".into(),
-                )
-            }
-            Err(FirstFrameError::Version(v)) => {
-                return self.reject(
-                    conn,
-                    ErrorCode::UnsupportedVersion,
-                    format!("protocol version {v} is not supported; this registry speaks version {PROTOCOL_VERSION}"),
-                )
-            }
-            Err(FirstFrameError::Malformed(e)) => {
-                return self.reject(conn, ErrorCode::Protocol, format!("undecodable register message: {e}"))
-            }
-        };
-        let name = match normalize_name(&name) {
-            Ok(name) => name,
-            Err(why) => return self.reject(conn, why.code(), why.to_string()),
-        };
-        let port = match u16::try_from(port) {
-            Ok(p) if p != 0 => p,
-            _ => {
-                return self.reject(
-                    conn,
-                    ErrorCode::BadPort,
-                    format!("port {port} is not a TCP port (1-65535)"),
-                )
-            }
-        };
-        let addr = SocketAddr::new(ip.to_canonical(), port);
-        let folded = fold_name(&name);
-        if let Some(&holder) = self.names.get(&folded) {
-            if self.session(holder).is_some_and(|s| s.key == key) {
-                return self.reclaim(conn, holder, name, addr, answers, now);
-            }
-            return self.reject(
-                conn,
-                ErrorCode::NameTaken,
-                format!("the name {name:?} is taken by a peer that is online"),
-            );
-        }
-        // Expired reservations go at the end of the turn; until then their
-        // deadline says they no longer count.
-        let held_for_another = |r: &&Reservation| r.key != key && r.until > now;
-        if let Some(r) = self.reserved.get(&folded).filter(held_for_another) {
-            let secs = r.until.saturating_duration_since(now).as_secs() + 1;
-            return self.reject(
-                conn,
-                ErrorCode::NameTaken,
-                format!(
-                    "the name {name:?} is kept for the key of the peer that had it, for another {secs}s"
-                ),
-            );
-        }
-        // A reservation that ran out this turn must not keep its look.
-        self.expire_reservations(now);
-        let held_itself = self.reserved.contains_key(&folded);
-        let look = self.lookalikes.look(&folded);
-        if self.lookalikes.taken_by_another(look, held_itself) {
-            return self.reject(
-                conn,
-                ErrorCode::NameConfusable,
-                format!(
-                    "the name {name:?} looks like the name of a peer that is online or left recently; choose one that reads differently"
-                ),
-            );
-        }
-        if self.names.len() >= self.config.max_peers {
-            return self.reject(
-                conn,
-                ErrorCode::RegistryFull,
-                format!(
-                    "the registry holds its maximum of {} peers",
-                    self.config.max_peers
-                ),
-            );
-        }
-        self.announce(Change::Joined {
-            name: name.clone(),
-            addr: addr.to_string(),
-            key,
-        });
-        self.stats.joins += 1;
-        tracing::info!(%name, %addr, %key, "joined");
-        // Only now: an owner turned away (a full registry) keeps its name.
-        if self.reserved.remove(&folded).is_none() {
-            self.lookalikes.hold(look);
-        }
-        self.admit(conn, name, folded, (addr, answers), key, now);
-    }
-
-    /// The key that holds a name registered it again on a new connection
-    /// (a restart, or a reconnect while the old connection is half-open):
-    /// the new session takes over at once, without a leave, and the others
-    /// hear of it only if the address or the name's spelling changed. The
-    /// old session is told it was replaced, in case it is still alive.
-    fn reclaim(
-        &mut self,
-        conn: C,
-        old: C,
-        name: String,
-        addr: SocketAddr,
-        answers: Answers,
-        now: Instant,
-    ) {
-        let Some(LinkState::Registered(previous)) = self.conns.remove(&old) else {
-            return;
-        };
-        self.unlist(previous.order);
-        self.names.remove(&previous.folded);
-        let notice = FromRegistry::error(
-            ErrorCode::Replaced,
-            format!("a newer session of this key registered {name:?} from {addr}"),
-        );
-        self.actions
-            .push_back(Action::Send(old, protocol::frame(&notice)));
-        self.actions
-            .push_back(Action::Close(old, "replaced by a new session".into()));
-        // A new spelling of the name is news too: views apply it by the
-        // folded name and then show the new one.
-        if previous.addr != addr || previous.name != name {
-            self.announce(Change::Moved {
-                name: name.clone(),
-                addr: addr.to_string(),
-                reachable: None,
-            });
-        }
-        tracing::info!(%name, %addr, old_addr = %previous.addr, "reclaimed its name");
-        self.admit(
-            conn,
-            name,
-            previous.folded,
-            (addr, answers),
-            previous.key,
-            now,
-        );
-    }
-
-    /// `addr` is where others dial the peer; `answers`, what it said it
-    /// answers.
-    fn admit(
-        &mut self,
-        conn: C,
-        name: String,
-        folded: String,
-        (addr, answers): (SocketAddr, Answers),
-        key: PublicKey,
-        now: Instant,
-    ) {
-        self.owners_changed = true;
-        let welcome = |more| FromRegistry::Welcome {
-            version: PROTOCOL_VERSION,
-            name: name.clone(),
-            addr: addr.to_string(),
-            heartbeat_ms: millis(self.config.heartbeat),
-            timeout_ms: millis(self.config.timeout),
-            probes: self.probes.enabled(),
-            more,
-            peers: Vec::new(),
-        };
-        let frames = if self.order.len() as u64 <= PART_ENTRIES {
-            let entries: Vec<&[u8]> = self.order.values().map(|(_, e)| &e[..]).collect();
-            match codec::encode_frame_with_items(&welcome(false), &entries) {
-                Ok(frame) => vec![frame],
-                Err(e) => panic!("cannot encode a welcome: {e}"),
-            }
-        } else {
-            // The parts are shared: only the welcome's head and the closing
-            // empty part are this newcomer's own.
-            let mut frames = vec![protocol::frame(&welcome(true))];
-            frames.extend(self.snapshot_parts());
-            frames.push(protocol::frame(&FromRegistry::Snapshot {
-                more: false,
-                peers: Vec::new(),
-            }));
-            frames
-        };
-        self.actions
-            .push_back(Action::SetMaxFrame(conn, self.config.max_frame));
-        self.actions
-            .extend(frames.into_iter().map(|frame| Action::Send(conn, frame)));
-        let entry = encode_entry(&PeerEntry {
-            name: name.clone(),
-            addr: addr.to_string(),
-            key,
-            reachable: None,
-        });
-        let order = self.next_order;
-        self.next_order += 1;
-        self.order.insert(order, (conn, entry));
-        self.parts.remove(&(order / PART_ENTRIES));
-        self.fresh.insert(conn, self.pending.len());
-        self.names.insert(folded.clone(), conn);
-        self.conns.insert(
-            conn,
-            LinkState::Registered(Box::new(Session {
-                name,
-                folded,
-                addr,
-                key,
-                last_seen: now,
-                order,
-                answers,
-                reachable: None,
-                reversals: reversal::Budget::new(now),
-            })),
-        );
-        self.want_probe(conn);
-        self.timers
-            .arm(now + self.config.timeout, Timer::Liveness(conn));
-    }
-
     /// A change to the directory, for everyone (see `send_batched`).
     fn announce(&mut self, change: Change) {
         self.window.changed();
@@ -930,6 +691,7 @@ mod lookalikes;
 mod machine;
 mod owners;
 mod probe;
+mod registration;
 mod relay;
 mod reversal;
 mod window;
