@@ -11,9 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use peerchat_testkit::launch::{is, PeerProc, Registry, LONG};
+use peerchat_testkit::launch::{can_be_dialed, is, PeerProc, Registry, LONG};
 use peerchat_testkit::process::{run_ok, DataDir};
-use serde_json::Value;
 
 /// What alice and bob say: it must never cross the registry's wire.
 const MARKER: &str = "plaintext-marker-7f3a9c";
@@ -231,10 +230,6 @@ impl Capture {
     }
 }
 
-fn delivered_to(to: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |e| e["event"] == "delivered" && e["to"] == to
-}
-
 #[test]
 fn peers_behind_two_nats_chat_through_the_relay_and_the_registry_sees_no_plaintext() {
     let Some(net) = Net::or_skip() else {
@@ -275,7 +270,7 @@ fn peers_behind_two_nats_chat_through_the_relay_and_the_registry_sees_no_plainte
                 .expect("the message", LONG, is("message", "text", &text));
             peers[from]
                 .1
-                .expect("delivered", LONG, delivered_to(to_name));
+                .expect("delivered", LONG, is("delivered", "to", to_name));
         }
     }
     // To everyone, from behind a NAT.
@@ -328,16 +323,14 @@ fn without_the_relay_a_message_between_two_nats_ends_as_unreachable_within_5s_an
     carol.registered();
     alice.expect("bob joined", LONG, is("joined", "name", "bob"));
     alice.expect("carol joined", LONG, is("joined", "name", "carol"));
-    carol.expect("that others can dial her", LONG, |e| {
-        e["event"] == "reachable" && e["you"] == true && e["reachable"] == true
-    });
+    carol.expect("that others can dial her", LONG, can_be_dialed);
     carol.say("/msg alice no relay needed");
     alice.expect(
         "the message",
         LONG,
         is("message", "text", "no relay needed"),
     );
-    carol.expect("delivered", LONG, delivered_to("alice"));
+    carol.expect("delivered", LONG, is("delivered", "to", "alice"));
     carol.say("/whois alice");
     assert_eq!(carol.expect_event("whois", LONG)["link"], "reversed");
 
@@ -371,7 +364,7 @@ fn relayed_chat_waits_out_a_registry_killed_mid_conversation() {
     alice.expect("bob joined", LONG, is("joined", "name", "bob"));
     alice.say("/msg bob before");
     bob.expect("the message", LONG, is("message", "text", "before"));
-    alice.expect("delivered", LONG, delivered_to("bob"));
+    alice.expect("delivered", LONG, is("delivered", "to", "bob"));
 
     // The registry dies with the relayed link in it.
     drop(reg);
@@ -385,7 +378,7 @@ fn relayed_chat_waits_out_a_registry_killed_mid_conversation() {
         0,
         "no path while the registry is down"
     );
-    assert_eq!(alice.count(delivered_to("bob")), 1, "it waits");
+    assert_eq!(alice.count(is("delivered", "to", "bob")), 1, "it waits");
 
     // Back, with its key: the peers register again and the message goes.
     let _reg = registry(&registry_data);
@@ -395,7 +388,7 @@ fn relayed_chat_waits_out_a_registry_killed_mid_conversation() {
         is("message", "text", "while it was down"),
     );
     alice.expect("delivered", LONG, |e| {
-        delivered_to("bob")(e) && e["id"] != 1
+        is("delivered", "to", "bob")(e) && e["id"] != 1
     });
     bob.say("/msg alice and back");
     alice.expect("the answer", LONG, is("message", "text", "and back"));

@@ -8,9 +8,8 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use peerchat_testkit::launch::{is, PeerProc, Registry, LONG};
+use peerchat_testkit::launch::{can_be_dialed, is, PeerProc, Registry, LONG};
 use peerchat_testkit::process::DataDir;
-use serde_json::Value;
 
 fn undialable(name: &str, reg: &Registry, ip: &str, extra: &[&str]) -> PeerProc {
     let listen = format!("{ip}:0");
@@ -19,10 +18,6 @@ fn undialable(name: &str, reg: &Registry, ip: &str, extra: &[&str]) -> PeerProc 
     let mut peer = PeerProc::start_with(name, &reg.addr.to_string(), &args);
     peer.registered();
     peer
-}
-
-fn delivered_to(to: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |e| e["event"] == "delivered" && e["to"] == to
 }
 
 #[test]
@@ -70,10 +65,10 @@ fn peers_nobody_can_dial_chat_through_the_relay() {
         LONG,
         is("message", "text", "through the registry"),
     );
-    alice.expect("delivered", LONG, delivered_to("bob"));
+    alice.expect("delivered", LONG, is("delivered", "to", "bob"));
     bob.say("/msg alice and back");
     alice.expect("the answer", LONG, is("message", "text", "and back"));
-    bob.expect("delivered", LONG, delivered_to("alice"));
+    bob.expect("delivered", LONG, is("delivered", "to", "alice"));
     carol.say("to everyone");
     for p in [&mut alice, &mut bob] {
         p.expect(
@@ -124,12 +119,10 @@ fn without_a_relay_only_peers_that_can_be_dialed_reach_those_that_cannot() {
     let mut bob = undialable("bob", &reg, "127.0.0.3", &[]);
     let mut carol = PeerProc::start("carol", reg.addr);
     carol.registered();
-    carol.expect("that others can dial her", LONG, |e| {
-        e["event"] == "reachable" && e["you"] == true && e["reachable"] == true
-    });
+    carol.expect("that others can dial her", LONG, can_be_dialed);
     carol.say("/msg bob dialed back");
     bob.expect("the message", LONG, is("message", "text", "dialed back"));
-    carol.expect("delivered", LONG, delivered_to("bob"));
+    carol.expect("delivered", LONG, is("delivered", "to", "bob"));
 
     alice.expect("bob joined", LONG, is("joined", "name", "bob"));
     let sent = Instant::now();

@@ -32,6 +32,12 @@ pub fn is(event: &str, key: &str, value: &str) -> impl Fn(&Value) -> bool {
     move |v: &Value| v["event"] == event.as_str() && v[key.as_str()] == value.as_str()
 }
 
+/// A predicate on `--json` events: the registry found that others can dial
+/// this peer.
+pub fn can_be_dialed(v: &Value) -> bool {
+    v["event"] == "reachable" && v["you"] == true && v["reachable"] == true
+}
+
 /// Where a registry listens and the key it proves, once its stderr `lines`
 /// have said both (it names its key before it says where it listens), as
 /// the messages of its log lines (`TIME  INFO registry key KEY`).

@@ -28,21 +28,53 @@ fn join(id: u64) -> ToRegistry {
     }
 }
 
+/// `from`'s new relay connection `c` asks for `to`, online on connection
+/// `to_conn`; the id of the invitation `to` gets.
+fn open_to(
+    sim: &mut Sim,
+    c: Conn,
+    (from, from_conn): (&str, Conn),
+    (to, to_conn): (&str, Conn),
+) -> u64 {
+    sim.accept_as(c, ip(from_conn as u8), owner(from));
+    sim.send(c, &open(from, to));
+    match sim.take(to_conn).as_slice() {
+        [FromRegistry::Relay { id, from: asker }] => {
+            assert_eq!(asker, from);
+            *id
+        }
+        other => panic!("expected an invitation, got {other:?}"),
+    }
+}
+
 /// alice (1) and bob (2) online; alice's relay connection (10) asks for
 /// bob; the invitation's id.
 fn invited(sim: &mut Sim) -> u64 {
     register_relaying(sim, 1, "alice");
     register_relaying(sim, 2, "bob");
     sim.take(1);
-    sim.accept_as(10, ip(1), owner("alice"));
-    sim.send(10, &open("alice", "bob"));
-    match sim.take(2).as_slice() {
-        [FromRegistry::Relay { id, from }] => {
-            assert_eq!(from, "alice");
-            *id
-        }
-        other => panic!("expected an invitation, got {other:?}"),
+    open_to(sim, 10, ("alice", 1), ("bob", 2))
+}
+
+/// A registry whose relays carry at most `rate` bytes a second per key,
+/// and alice in debt on it: her relay connection (10) is not read.
+fn alice_in_debt(rate: u64) -> Sim {
+    let mut sim = Sim::new(Config {
+        relay: RelayConfig {
+            peer_rate: rate,
+            ..RelayConfig::default()
+        },
+        ..config()
+    });
+    paired(&mut sim);
+    // The bucket starts full (one second's worth), then runs dry.
+    for _ in 0..5 {
+        sim.send_raw(10, &vec![7u8; 64 * 1024]);
+        sim.reg.relay_drained(11);
+        sim.apply();
     }
+    assert_eq!(sim.reading.get(&10), Some(&false), "alice is in debt");
+    sim
 }
 
 /// alice's relay connection (10) paired with bob's (11).
@@ -277,22 +309,12 @@ fn a_join_counts_against_the_limits_too() {
     register_relaying(&mut sim, 3, "carol");
     sim.take(2);
     // bob already holds his one relay connection, with carol.
-    sim.accept_as(20, ip(3), owner("carol"));
-    sim.send(20, &open("carol", "bob"));
-    let id = match sim.take(2).as_slice() {
-        [FromRegistry::Relay { id, .. }] => *id,
-        other => panic!("{other:?}"),
-    };
+    let id = open_to(&mut sim, 20, ("carol", 3), ("bob", 2));
     sim.accept_as(21, ip(2), owner("bob"));
     sim.send(21, &join(id));
     assert_eq!(sim.take(21), vec![FromRegistry::RelayReady {}]);
     // alice invites him too: his join would be his second.
-    sim.accept_as(10, ip(1), owner("alice"));
-    sim.send(10, &open("alice", "bob"));
-    let id = match sim.take(2).as_slice() {
-        [FromRegistry::Relay { id, .. }] => *id,
-        other => panic!("{other:?}"),
-    };
+    let id = open_to(&mut sim, 10, ("alice", 1), ("bob", 2));
     sim.accept_as(11, ip(2), owner("bob"));
     sim.send(11, &join(id));
     assert_eq!(sim.error_code(11), "relay_full");
@@ -302,34 +324,14 @@ fn a_join_counts_against_the_limits_too() {
 
 #[test]
 fn closing_and_reopening_does_not_refill_a_rate() {
-    let rate = 256 * 1024;
-    let mut sim = Sim::new(Config {
-        relay: RelayConfig {
-            peer_rate: rate,
-            ..RelayConfig::default()
-        },
-        ..config()
-    });
-    paired(&mut sim);
-    let chunk = vec![7u8; 64 * 1024];
-    for _ in 0..5 {
-        sim.send_raw(10, &chunk);
-        sim.reg.relay_drained(11);
-        sim.apply();
-    }
-    assert_eq!(sim.reading.get(&10), Some(&false), "alice is in debt");
+    let mut sim = alice_in_debt(256 * 1024);
     sim.reg.on_closed(10, Disconnect::Lost, sim.now);
     sim.apply();
     // A new pair, at once: alice's debt is still hers.
-    sim.accept_as(12, ip(1), owner("alice"));
-    sim.send(12, &open("alice", "bob"));
-    let id = match sim.take(2).as_slice() {
-        [FromRegistry::Relay { id, .. }] => *id,
-        other => panic!("{other:?}"),
-    };
+    let id = open_to(&mut sim, 12, ("alice", 1), ("bob", 2));
     sim.accept_as(13, ip(2), owner("bob"));
     sim.send(13, &join(id));
-    sim.send_raw(12, &chunk);
+    sim.send_raw(12, &vec![7u8; 64 * 1024]);
     assert_eq!(
         sim.reading.get(&12),
         Some(&false),
@@ -339,23 +341,8 @@ fn closing_and_reopening_does_not_refill_a_rate() {
 
 #[test]
 fn a_peer_over_its_rate_is_read_again_once_under_it() {
-    let rate = 256 * 1024;
-    let mut sim = Sim::new(Config {
-        relay: RelayConfig {
-            peer_rate: rate,
-            ..RelayConfig::default()
-        },
-        ..config()
-    });
-    paired(&mut sim);
+    let mut sim = alice_in_debt(256 * 1024);
     let chunk = vec![7u8; 64 * 1024];
-    // The bucket starts full (one second's worth), then runs dry.
-    for _ in 0..5 {
-        sim.send_raw(10, &chunk);
-        sim.reg.relay_drained(11);
-        sim.apply();
-    }
-    assert_eq!(sim.reading.get(&10), Some(&false));
     sim.advance(Duration::from_millis(100));
     assert_eq!(sim.reading.get(&10), Some(&false), "still in debt");
     sim.advance(Duration::from_millis(200));

@@ -34,6 +34,15 @@ fn online(peers: &[&str]) -> Sim {
     sim
 }
 
+/// Our hello and then the waiting "hi" went on `link`, as on any link we
+/// dialed.
+fn goes_first_on(sim: &mut Sim, link: Conn) {
+    assert_eq!(
+        sim.take_link(link),
+        vec![sim.my_hello(), chat(1, "hi", true)]
+    );
+}
+
 /// The peers we asked the registry to have dial us back, since last taken.
 fn reversals_asked(sim: &mut Sim) -> Vec<String> {
     let reg = sim.reg_conn();
@@ -80,11 +89,8 @@ fn a_peer_we_cannot_dial_dials_us_back_and_the_link_is_ours() {
     asked_bob(&mut sim);
     let back = sim.accept_as(key_of("bob"));
     sim.link_in(back, &dialed_back("bob"));
-    assert_eq!(
-        sim.take_link(back),
-        vec![sim.my_hello(), chat(1, "hi", true)],
-        "we are the link's dialer on the connection bob opened"
-    );
+    // We are the link's dialer on the connection bob opened.
+    goes_first_on(&mut sim, back);
     sim.link_in(back, &LinkMsg::Ack { id: 1 });
     assert_eq!(sim.take_events().last(), Some(&delivered(1, "bob")));
     sim.command(Command::Whois("bob".into()));
@@ -135,10 +141,7 @@ fn a_dial_back_that_proves_another_key_gets_nothing_and_takes_nothing() {
     // bob's own dial-back, right after, is still the one we wait for.
     let back = sim.accept_as(key_of("bob"));
     sim.link_in(back, &dialed_back("bob"));
-    assert_eq!(
-        sim.take_link(back),
-        vec![sim.my_hello(), chat(1, "hi", true)]
-    );
+    goes_first_on(&mut sim, back);
 }
 
 #[test]
@@ -201,10 +204,7 @@ fn a_peer_that_becomes_reachable_while_we_wait_is_dialed_at_once() {
     asked_bob(&mut sim);
     sim.update(vec![probed("bob", true)]);
     let direct = sim.link_conn("bob");
-    assert_eq!(
-        sim.take_link(direct),
-        vec![sim.my_hello(), chat(1, "hi", true)]
-    );
+    goes_first_on(&mut sim, direct);
 }
 
 #[test]
@@ -233,11 +233,8 @@ fn once_we_can_be_dialed_a_relayed_link_gives_way_to_a_dial_back() {
     assert_eq!(reversals_asked(&mut sim), ["bob"]);
     let back = sim.accept_as(key_of("bob"));
     sim.link_in(back, &dialed_back("bob"));
-    assert_eq!(
-        sim.take_link(back),
-        vec![sim.my_hello(), chat(1, "hi", true)],
-        "what the relayed link left unacknowledged goes again"
-    );
+    // What the relayed link left unacknowledged goes again.
+    goes_first_on(&mut sim, back);
 }
 
 #[test]
@@ -289,10 +286,7 @@ fn a_peer_that_becomes_reachable_while_we_wait_for_our_probe_is_dialed_at_once()
     assert!(sim.link_dials_to("bob").is_empty(), "we wait for our probe");
     sim.update(vec![probed("bob", true)]);
     let direct = sim.link_conn("bob");
-    assert_eq!(
-        sim.take_link(direct),
-        vec![sim.my_hello(), chat(1, "hi", true)]
-    );
+    goes_first_on(&mut sim, direct);
 }
 
 #[test]
