@@ -258,17 +258,23 @@ fn a_direction_past_its_window_is_not_read_until_the_other_end_drains() {
     assert_eq!(sim.reading.get(&10), Some(&true));
 }
 
-#[test]
-fn a_pair_whose_receiver_stops_reading_is_closed_after_the_stall_timeout() {
+/// alice and bob paired, on a registry that never times them out, and
+/// alice's direction full: bob has not taken what she sent.
+fn window_full() -> Sim {
     let mut sim = Sim::new(Config {
         timeout: Duration::from_secs(600),
         ..config()
     });
     paired(&mut sim);
-    let chunk = vec![7u8; 64 * 1024];
     for _ in 0..3 {
-        sim.send_raw(10, &chunk);
+        sim.send_raw(10, &vec![7u8; 64 * 1024]);
     }
+    sim
+}
+
+#[test]
+fn a_pair_whose_receiver_stops_reading_is_closed_after_the_stall_timeout() {
+    let mut sim = window_full();
     assert_eq!(sim.reading.get(&10), Some(&false));
     sim.advance(STALL_TIMEOUT - Duration::from_millis(100));
     assert!(!sim.closed.contains_key(&10));
@@ -279,15 +285,7 @@ fn a_pair_whose_receiver_stops_reading_is_closed_after_the_stall_timeout() {
 
 #[test]
 fn a_receiver_that_drains_in_time_keeps_the_pair() {
-    let mut sim = Sim::new(Config {
-        timeout: Duration::from_secs(600),
-        ..config()
-    });
-    paired(&mut sim);
-    let chunk = vec![7u8; 64 * 1024];
-    for _ in 0..3 {
-        sim.send_raw(10, &chunk);
-    }
+    let mut sim = window_full();
     sim.advance(STALL_TIMEOUT / 2);
     sim.reg.relay_drained(11);
     sim.apply();
