@@ -842,10 +842,7 @@ impl Peer {
             Timer::RelayJoinDeadline(link) => self.relays.on_deadline(link, actions),
             Timer::DialBackDeadline(link) => self.dial_backs.on_deadline(link, actions),
             Timer::TunnelDeadline(link) => {
-                let dialing = match self.outbox.dialing_of(link) {
-                    Some(found) => Some(found),
-                    None => self.transfers.dialing_of(link),
-                };
+                let dialing = machine::our_dialing(&mut self.outbox, &mut self.transfers, link);
                 if dialing.is_some_and(|(_, d)| d.up().is_none()) {
                     tracing::info!(%link, "the relayed session did not come up in time");
                     actions.close(link, "the relayed session did not come up in time");

@@ -107,19 +107,26 @@ impl Peer {
     }
 }
 
-/// Our link `link`, if it waits for the registry's relay to open: whose it
-/// is (folded) and its dialing.
+/// Our link `link` (chats or files): whose it is (folded) and its dialing.
+pub(super) fn our_dialing<'a>(
+    outbox: &'a mut Outbox,
+    transfers: &'a mut Transfers,
+    link: LinkId,
+) -> Option<(String, &'a mut Dialing)> {
+    if outbox.has(link) {
+        outbox.dialing_of(link)
+    } else {
+        transfers.dialing_of(link)
+    }
+}
+
+/// Our link `link`, if it waits for the registry's relay to open.
 fn opening_relay<'a>(
     outbox: &'a mut Outbox,
     transfers: &'a mut Transfers,
     link: LinkId,
 ) -> Option<(String, &'a mut Dialing)> {
-    let found = if outbox.has(link) {
-        outbox.dialing_of(link)
-    } else {
-        transfers.dialing_of(link)
-    };
-    found.filter(|(_, dialing)| dialing.opening_relay(link))
+    our_dialing(outbox, transfers, link).filter(|(_, dialing)| dialing.opening_relay(link))
 }
 
 impl Machine for Peer {
