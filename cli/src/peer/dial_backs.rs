@@ -24,7 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_DIALING: usize = 64;
 const MAX_DIALING_ONE: usize = 4;
 
-struct Dialing {
+struct DialingBack {
     /// The asker, folded.
     folded: String,
     deadline: TimerKey,
@@ -32,7 +32,7 @@ struct Dialing {
 
 #[derive(Default)]
 pub(super) struct DialBacks {
-    dialing: HashMap<LinkId, Dialing>,
+    dialing: HashMap<LinkId, DialingBack>,
 }
 
 impl DialBacks {
@@ -62,7 +62,7 @@ impl DialBacks {
         tracing::debug!(%from, addr = %known.addr, "dialing back");
         let conn = actions.dial(known.addr);
         let deadline = actions.arm(now + CONNECT_TIMEOUT, Timer::DialBackDeadline(conn));
-        self.dialing.insert(conn, Dialing { folded, deadline });
+        self.dialing.insert(conn, DialingBack { folded, deadline });
     }
 
     /// Our connection is up and proved `key`: if the directory lists the
