@@ -29,8 +29,12 @@ pub struct Args {
     #[arg(long, allow_hyphen_values = true)]
     pub name: String,
     /// The registry's address, e.g. 127.0.0.1:7000 or chat.example:7000.
-    #[arg(long, value_name = "ADDR")]
-    pub registry: String,
+    /// Give it several times (or a host name with several addresses) for
+    /// the registries of one cluster: when one fails, the peer moves to
+    /// the next and keeps its name. They must all prove the key pinned
+    /// for the list.
+    #[arg(long, value_name = "ADDR", required = true)]
+    pub registry: Vec<String>,
     /// Where to accept links from other peers; its port is what the
     /// registry hands out.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]

@@ -409,16 +409,26 @@ fn usage_error(message: String) -> ! {
         .exit()
 }
 
-fn resolve(registry: &str) -> SocketAddr {
-    match registry.to_socket_addrs() {
-        Ok(mut addrs) => match addrs.next() {
-            Some(addr) => addr,
-            None => usage_error(format!("--registry {registry}: no address found")),
-        },
-        Err(e) => usage_error(format!(
-            "--registry {registry}: {e} (write it as HOST:PORT, e.g. 127.0.0.1:7000)"
-        )),
+/// Every address of every `--registry`, each once, in the order given.
+fn resolve_all(registries: &[String]) -> Vec<SocketAddr> {
+    let mut all: Vec<SocketAddr> = Vec::new();
+    for registry in registries {
+        let addrs = match registry.to_socket_addrs() {
+            Ok(addrs) => addrs.collect::<Vec<_>>(),
+            Err(e) => usage_error(format!(
+                "--registry {registry}: {e} (write it as HOST:PORT, e.g. 127.0.0.1:7000)"
+            )),
+        };
+        if addrs.is_empty() {
+            usage_error(format!("--registry {registry}: no address found"));
+        }
+        for addr in addrs {
+            if !all.contains(&addr) {
+                all.push(addr);
+            }
+        }
     }
+    all
 }
 
 /// Others dial us at the IP the registry sees plus our port. With an IPv6
@@ -533,7 +543,8 @@ fn main() -> ExitCode {
             format!("--name {:?}: {why}", args.name),
         );
     }
-    let registry = resolve(&args.registry);
+    let registries = resolve_all(&args.registry);
+    let registry = registries[0];
     let (key_file, known_peers_path) = match trust_paths(&args) {
         Ok(paths) => paths,
         Err(e) => return fail(args.json, "identity", e),
@@ -572,7 +583,14 @@ fn main() -> ExitCode {
             Err(e) => return fail(args.json, "store", e.to_string()),
         }
     };
-    let registry_name = args.registry.trim().to_string();
+    // The pin's subject: the registries as given, so that one cluster
+    // (whose registries share a key) has one pin.
+    let registry_name = args
+        .registry
+        .iter()
+        .map(|r| r.trim())
+        .collect::<Vec<_>>()
+        .join(",");
     let pinned_registry = known.registries.get(&registry_name).copied();
     if let (Some(given), Some(pinned)) = (args.registry_key, pinned_registry) {
         if given != pinned {
@@ -627,6 +645,7 @@ fn main() -> ExitCode {
         local.port(),
         identity.public(),
     );
+    config.fallbacks = registries[1..].to_vec();
     let pins: HashMap<String, PublicKey> = known.peers.clone();
     let trust = Trust {
         registry: match (pinned_registry, args.registry_key) {

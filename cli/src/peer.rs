@@ -64,6 +64,10 @@ pub struct Config {
     /// otherwise (see [`Peer::name`]).
     pub name: String,
     pub registry: SocketAddr,
+    /// The other registries of its cluster: after losing one registry,
+    /// the peer tries the next, in turn (keeping its name: a cluster's
+    /// registries share the names).
+    pub fallbacks: Vec<SocketAddr>,
     /// The port this peer accepts links on, declared to the registry.
     pub listen_port: u16,
     /// Reconnect delays start here and double up to `backoff_max`.
@@ -106,6 +110,7 @@ impl Config {
             known_peers: "known_peers".into(),
             name,
             registry,
+            fallbacks: Vec::new(),
             listen_port,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),

@@ -334,6 +334,9 @@ pub enum ErrorCode {
     RelayRefused,
     /// The registry's relay limits are reached.
     RelayFull,
+    /// The registry cannot confirm the name with its cluster now; another
+    /// try (or another registry of the cluster) may succeed.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -354,6 +357,7 @@ impl ErrorCode {
             ErrorCode::Unreachable => "unreachable",
             ErrorCode::RelayRefused => "relay_refused",
             ErrorCode::RelayFull => "relay_full",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -61,6 +61,21 @@ pub struct Args {
     /// one on it takes the owners in it and keeps its own in memory.
     #[arg(long, value_name = "PATH")]
     pub names: Option<PathBuf>,
+    /// Serve one directory with the other registries of a cluster,
+    /// through these NATS servers (JetStream on): nats://HOST:PORT,
+    /// comma-separated or repeated. Names are then kept by the cluster,
+    /// not in a --names file.
+    #[arg(
+        long,
+        value_name = "URL",
+        value_delimiter = ',',
+        conflicts_with = "names"
+    )]
+    pub cluster: Vec<String>,
+    /// Copies of the cluster's records NATS keeps, each on another server:
+    /// at most the number of NATS servers. 3 survives the loss of one.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub cluster_replicas: u8,
     /// Bytes that may wait to be sent to one peer before it is dropped as
     /// too slow; at least 64 KiB, so that a welcome fits.
     #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(65_536..))]

@@ -38,7 +38,11 @@ use lookalikes::Lookalikes;
 pub mod args;
 pub mod metrics;
 pub mod names_file;
+pub mod nats;
 
+pub use cluster::{
+    record_key, ClusterEvent, ClusterWrite, Expect, NameRecord, RecordState, WriteResult,
+};
 pub use owners::Owner;
 use owners::Reservation;
 use probe::Probes;
@@ -122,6 +126,8 @@ enum Timer<C> {
     RelayRate(C),
     /// This probe must be done by now.
     ProbeDeadline(C),
+    /// Look for registries of the cluster that went silent.
+    ClusterCheck,
 }
 
 /// How a connection ended, as far as the registry cares.
@@ -189,7 +195,16 @@ struct Unregistered {
 /// it after it doubles) then costs 8 bytes a slot, not 150.
 enum LinkState {
     Registering(Box<Unregistered>),
+    /// Its name waits for the cluster's word (cluster mode only).
+    Claiming(Box<cluster::Claim>),
     Registered(Box<Session>),
+}
+
+/// Who a directory entry is: a session of this registry, or a peer of
+/// another registry of the cluster (its entry).
+pub(crate) enum Listed<C> {
+    Local(C),
+    Remote(PeerEntry),
 }
 
 pub struct Registry<C> {
@@ -206,7 +221,7 @@ pub struct Registry<C> {
     lookalikes: Lookalikes,
     /// Registration order → connection and its snapshot entry, encoded
     /// once: a welcome copies these bytes instead of encoding every peer.
-    order: BTreeMap<u64, (C, Bytes)>,
+    order: BTreeMap<u64, (Listed<C>, Bytes)>,
     /// The snapshot frames of the directory's parts (see [`PART_ENTRIES`])
     /// that have not changed since they were encoded, by part.
     parts: BTreeMap<u64, Bytes>,
@@ -235,6 +250,8 @@ pub struct Registry<C> {
     stopping: Option<String>,
     relays: Relays<C>,
     probes: Probes<C>,
+    /// Cluster mode: the directory and the names are shared.
+    cluster: Option<cluster::Cluster<C>>,
 }
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
@@ -263,6 +280,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             stats: Stats::default(),
             owners_changed: false,
             stopping: None,
+            cluster: None,
         }
     }
 
@@ -283,13 +301,24 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.names.len()
     }
 
-    /// The directory as the registry holds it, in registration order.
+    /// The directory as the registry holds it, in registration order
+    /// (with the peers of other registries, in cluster mode).
     pub fn directory(&self) -> Vec<PeerEntry> {
         self.order
             .values()
-            .filter_map(|(c, _)| self.session(*c))
-            .map(entry_of)
+            .filter_map(|(listed, _)| match listed {
+                Listed::Local(c) => self.session(*c).map(entry_of),
+                Listed::Remote(entry) => Some(entry.clone()),
+            })
             .collect()
+    }
+
+    /// The sessions of this registry, in registration order.
+    fn local_sessions(&self) -> impl Iterator<Item = (C, &Session)> {
+        self.order.values().filter_map(|(listed, _)| match listed {
+            Listed::Local(c) => self.session(*c).map(|s| (*c, s)),
+            Listed::Remote(..) => None,
+        })
     }
 
     /// The next thing to do, oldest first.
@@ -339,6 +368,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 let (ip, key) = (pending.addr.ip(), pending.key);
                 self.on_register_frame(conn, ip, key, body, now);
             }
+            Some(LinkState::Claiming(_)) => self.reject(
+                conn,
+                ErrorCode::Protocol,
+                "a message before the welcome".into(),
+            ),
             Some(LinkState::Registered(session)) => {
                 session.last_seen = now;
                 match codec::decode::<ToRegistry>(body) {
@@ -372,6 +406,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     fn who(&self, conn: C) -> (String, &str) {
         match self.conns.get(&conn) {
             Some(LinkState::Registering(pending)) => (pending.addr.to_string(), ""),
+            Some(LinkState::Claiming(claim)) => (claim.addr.to_string(), &claim.name),
             Some(LinkState::Registered(s)) => (s.addr.to_string(), &s.name),
             None if self.relays.has(conn) => ("relay connection".into(), ""),
             None => ("unknown".into(), ""),
@@ -461,6 +496,14 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 .entry(reason.as_str())
                 .or_default() += 1;
             tracing::info!(name = %s.name, addr = %s.addr, reason = reason.as_str(), "left");
+            self.announce(Change::Left {
+                name: s.name.clone(),
+                reason: reason.as_str().into(),
+            });
+            // In a cluster the name's record keeps it for its key.
+            if self.cluster.is_some() {
+                return self.cluster_left(conn, &s.folded, reason, now);
+            }
             let until = now + self.config.name_grace;
             self.reserved_order.push_back((until, s.folded.clone()));
             let reservation = Reservation {
@@ -471,10 +514,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.reserved.insert(s.folded, reservation);
             self.owners_changed = true;
             self.limit_reservations();
-            self.announce(Change::Left {
-                name: s.name,
-                reason: reason.as_str().into(),
-            });
         }
     }
 
@@ -527,8 +566,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     fn fire(&mut self, timer: Timer<C>, now: Instant) {
         match timer {
-            Timer::RegisterDeadline(conn) => {
-                if let Some(LinkState::Registering(_)) = self.conns.get(&conn) {
+            Timer::RegisterDeadline(conn) => match self.conns.get(&conn) {
+                Some(LinkState::Registering(_)) => {
                     let secs = self.config.register_timeout.as_secs_f64();
                     self.reject(
                         conn,
@@ -536,13 +575,20 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                         format!("no register message within {secs}s"),
                     );
                 }
-            }
+                Some(LinkState::Claiming(_)) => self.reject(
+                    conn,
+                    ErrorCode::Unavailable,
+                    "the cluster did not confirm the name in time; try again".into(),
+                ),
+                _ => {}
+            },
             // Nothing to do here: the turn it ends pushes what is due.
             Timer::Flush => {}
             Timer::RelayInvitation(id) => self.relay_invitation_due(id),
             Timer::RelayRate(conn) => self.relay_rate_due(conn, now),
             Timer::RelayStall(conn) => self.relay_stall_due(conn, now),
             Timer::ProbeDeadline(link) => self.probe_due(link),
+            Timer::ClusterCheck => self.cluster_check(now),
             Timer::Liveness(conn) => {
                 let Some(session) = self.session(conn) else {
                     return;
@@ -596,7 +642,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let pending = std::mem::take(&mut self.pending);
         let any_probe_news = pending.iter().any(is_probe_news);
         let mut encoded: HashMap<(usize, bool), Vec<Bytes>> = HashMap::new();
-        for (conn, _) in self.order.values() {
+        for (listed, _) in self.order.values() {
+            let Listed::Local(conn) = listed else {
+                continue;
+            };
             let start = if fresh.is_empty() {
                 0
             } else {
@@ -687,6 +736,7 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+mod cluster;
 mod lookalikes;
 mod machine;
 mod owners;

@@ -18,6 +18,7 @@ use peerchat_core::{EventLoop, LoopConfig};
 use peerchat_registry::args::{Args, LogFormat};
 use peerchat_registry::metrics::{self, Metrics, Snapshot};
 use peerchat_registry::names_file::{self, Saver};
+use peerchat_registry::nats::{ClusterLink, ClusterOptions};
 use peerchat_registry::{Config, Owner, Registry, RelayConfig};
 
 /// The registry binary's own periodic work.
@@ -58,6 +59,8 @@ struct RegistryHost {
     metrics: Option<Metrics>,
     /// The loop's busy time when the load was last measured, and when.
     last_load: (Duration, Instant),
+    /// With `--cluster`.
+    cluster: Option<ClusterLink>,
 }
 
 impl Host<RegistryMachine> for RegistryHost {
@@ -157,7 +160,30 @@ impl Host<RegistryMachine> for RegistryHost {
         }
     }
 
-    fn end_turn(&mut self, ctx: &mut HostCtx<RegistryMachine, Self>, _: &mut RegistryMachine) {
+    /// The cluster thread woke the loop: its news goes to the registry.
+    fn on_wake(
+        &mut self,
+        ctx: &mut HostCtx<RegistryMachine, Self>,
+        registry: &mut RegistryMachine,
+    ) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        while let Some(event) = cluster.try_event() {
+            registry.cluster_event(event, ctx.now());
+        }
+    }
+
+    fn end_turn(
+        &mut self,
+        ctx: &mut HostCtx<RegistryMachine, Self>,
+        registry: &mut RegistryMachine,
+    ) {
+        if let Some(cluster) = &self.cluster {
+            while let Some(write) = registry.poll_cluster_write() {
+                cluster.write(write);
+            }
+        }
         if let Some(metrics) = &self.metrics {
             metrics.turn(ctx.turn_started().elapsed());
         }
@@ -348,6 +374,36 @@ fn listen_all<T>(event_loop: &mut EventLoop<T>, addrs: &[SocketAddr]) -> Option<
     Some(listening)
 }
 
+/// With `--cluster`: the thread that talks to NATS, and this registry's
+/// id in the cluster (new at every start: a restarted registry is a new
+/// one, and its old self's peers are judged by its silence).
+fn start_cluster<T>(
+    servers: &[String],
+    replicas: u8,
+    event_loop: &EventLoop<T>,
+    heartbeat: Duration,
+) -> std::io::Result<Option<(ClusterLink, String)>> {
+    if servers.is_empty() {
+        return Ok(None);
+    }
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let waker = event_loop.waker();
+    let wake = std::sync::Arc::new(move || {
+        if let Err(e) = waker.wake() {
+            tracing::error!(error = %e, "cannot wake the event loop");
+        }
+    });
+    let options = ClusterOptions {
+        servers: servers.to_vec(),
+        replicas: usize::from(replicas),
+        id: id.clone(),
+        heartbeat,
+    };
+    Ok(Some((ClusterLink::start(options, wake)?, id)))
+}
+
 fn main() -> ExitCode {
     let args: Args = peerchat_core::args::parse_args();
     if args.print_key {
@@ -456,6 +512,23 @@ fn main() -> ExitCode {
     }
     let mut registry = Registry::new(config, now);
     registry.restore(owners, now);
+    let cluster = match start_cluster(
+        &args.cluster,
+        args.cluster_replicas,
+        &event_loop,
+        args.heartbeat,
+    ) {
+        Ok(None) => None,
+        Ok(Some((link, id))) => {
+            tracing::info!(id = %id, servers = %args.cluster.join(","), "joining the cluster");
+            registry.join_cluster(id, now, SystemTime::now());
+            Some(link)
+        }
+        Err(e) => {
+            tracing::error!("cannot start the cluster thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let metrics = match args.metrics {
         None => None,
         Some(addr) => {
@@ -478,6 +551,7 @@ fn main() -> ExitCode {
         at_shutdown: None,
         metrics,
         last_load: (Duration::ZERO, Instant::now()),
+        cluster,
     };
     event_loop
         .ctx()

@@ -37,8 +37,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// Every name with an owner: the peers online and the reservations
     /// still running, in no particular order.
     pub fn owners(&self, now: Instant) -> Vec<Owner> {
-        let online = self.order.values().filter_map(|(c, _)| self.session(*c));
-        let online = online.map(|s| Owner {
+        let online = self.local_sessions().map(|(_, s)| Owner {
             name: s.name.clone(),
             key: s.key,
             reserved_for: None,

@@ -17,9 +17,10 @@ use peerchat_core::protocol::{
     FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
 
+use crate::cluster::Claim;
 use crate::owners::Reservation;
 use crate::{
-    encode_entry, millis, reversal, Action, Answers, LinkState, Registry, Session, Timer,
+    encode_entry, millis, reversal, Action, Answers, LinkState, Listed, Registry, Session, Timer,
     PART_ENTRIES,
 };
 
@@ -91,6 +92,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 ErrorCode::NameTaken,
                 format!("the name {name:?} is taken by a peer that is online"),
             );
+        }
+        if self.is_clustered() {
+            let claim = Claim::new(name, folded, addr, answers, key);
+            return self.claim(conn, claim, now);
         }
         // Expired reservations go at the end of the turn; until then their
         // deadline says they no longer count.
@@ -191,7 +196,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// `addr` is where others dial the peer; `answers`, what it said it
     /// answers.
-    fn admit(
+    pub(crate) fn admit(
         &mut self,
         conn: C,
         name: String,
@@ -240,7 +245,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         });
         let order = self.next_order;
         self.next_order += 1;
-        self.order.insert(order, (conn, entry));
+        self.order.insert(order, (Listed::Local(conn), entry));
         self.parts.remove(&(order / PART_ENTRIES));
         self.fresh.insert(conn, self.pending.len());
         self.names.insert(folded.clone(), conn);
@@ -261,5 +266,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.want_probe(conn);
         self.timers
             .arm(now + self.config.timeout, Timer::Liveness(conn));
+        self.cluster_assert(conn);
     }
 }

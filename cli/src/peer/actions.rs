@@ -107,6 +107,11 @@ impl Actions {
         self.registry
     }
 
+    /// Relays go through the registry we are registered with.
+    pub(super) fn set_relay_via(&mut self, registry: SocketAddr) {
+        self.registry = registry;
+    }
+
     pub(super) fn push(&mut self, action: Action) {
         self.queue.push_back(action);
     }

@@ -105,7 +105,10 @@ pub(super) struct Session {
     /// A welcome has come at least once: the registry is "lost", not
     /// "unreachable", when it goes.
     ever_registered: bool,
+    /// The registry dialed last: one of `registries`.
     registry: SocketAddr,
+    /// The registry, then its cluster's others, tried in turn.
+    registries: Vec<SocketAddr>,
     registry_name: String,
     known_peers: String,
     listen_port: u16,
@@ -130,6 +133,9 @@ impl Session {
             first_attempt_over: false,
             ever_registered: false,
             registry: config.registry,
+            registries: std::iter::once(config.registry)
+                .chain(config.fallbacks.iter().copied())
+                .collect(),
             registry_name: config.registry_name.clone(),
             known_peers: config.known_peers.clone(),
             listen_port: config.listen_port,
@@ -184,6 +190,7 @@ impl Session {
 
     pub(super) fn dial(&mut self, now: Instant, actions: &mut Actions) {
         let conn = actions.dial(self.registry);
+        actions.set_relay_via(self.registry);
         self.state = State::Registering {
             conn,
             snapshot: Vec::new(),
@@ -495,6 +502,11 @@ impl Session {
             self.state = State::Closed;
             actions.cancel(self.timer.take());
             return;
+        }
+        // The next registry of the cluster may serve us while this one
+        // cannot (it died, or lost its cluster).
+        if let Some(at) = self.registries.iter().position(|r| *r == self.registry) {
+            self.registry = self.registries[(at + 1) % self.registries.len()];
         }
         let delay = rng.jitter(self.backoff);
         self.state = State::Idle {

@@ -180,10 +180,10 @@ proptest! {
                 let first = *first_key.entry(entry.name.clone()).or_insert(entry.key);
                 prop_assert_eq!(entry.key, first, "{} changed hands", &entry.name);
             }
-            for (c, _) in sim.reg.order.values() {
-                let me = sim.reg.session(*c).unwrap().name.clone();
+            for (c, session) in sim.reg.local_sessions() {
+                let me = session.name.clone();
                 let expected: Vec<PeerEntry> = table.iter().filter(|e| e.name != me).cloned().collect();
-                let mut got = views.get(c).cloned().unwrap_or_default();
+                let mut got = views.get(&c).cloned().unwrap_or_default();
                 let mut want = expected.clone();
                 got.sort_by(|a, b| a.name.cmp(&b.name));
                 want.sort_by(|a, b| a.name.cmp(&b.name));

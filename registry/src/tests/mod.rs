@@ -1,6 +1,7 @@
 //! The registry's rules, driven with simulated time and no sockets: the
 //! harness ([`Sim`]) here, the rules by concern in the modules below.
 
+mod cluster;
 mod directory;
 mod liveness;
 mod names;

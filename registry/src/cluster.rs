@@ -1,0 +1,913 @@
+//! Cluster mode, the sans-IO half: several registries share one directory
+//! and one set of names through a replicated key-value bucket (NATS
+//! JetStream's, driven by `nats.rs` on a thread of its own).
+//!
+//! Each name has one record in the bucket, under a key made from how the
+//! name reads (its skeleton), so that names that read alike share a record
+//! and the look-alike rule holds across the cluster. A record says which
+//! key owns the name and whether its peer is online (at which registry and
+//! address) or left (kept for its key until a Unix time). Records change
+//! only by compare-and-set on the bucket's revisions: two registries that
+//! race for a name, or that are cut off from each other, cannot both win.
+//!
+//! The bucket's ordered change feed is this registry's view of the cluster:
+//! records of peers online at other registries are listed in the directory
+//! like local peers, and their changes go out in the same updates. The
+//! view may lag; every write says which revision it expects, so a stale
+//! view costs a retry, never a wrong owner. A registry that stops
+//! heartbeating is dead once this registry's own heartbeats have gone
+//! round for a timeout without one of its: its peers that did not move
+//! to another registry meanwhile are then marked left (`timeout`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use peerchat_core::identity::PublicKey;
+use peerchat_core::protocol::{name_skeleton, Change, ErrorCode, LeftReason, PeerEntry};
+use serde::{Deserialize, Serialize};
+
+use crate::{encode_entry, Answers, LinkState, Listed, Registry, Timer, PART_ENTRIES};
+
+/// How many times a claim is decided again after the bucket moved under
+/// it, before the name counts as contested and is refused.
+const CLAIM_TRIES: u8 = 4;
+
+/// How long a registration waits for the cluster to confirm its name
+/// before it is refused as `unavailable`: well within the 5 s a peer gives
+/// a registry to answer, so that it hears why.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A name's record in the bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameRecord {
+    /// As its owner registered it.
+    pub name: String,
+    pub key: PublicKey,
+    pub state: RecordState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordState {
+    /// Registered at `registry`, dialed at `addr`.
+    Online {
+        registry: String,
+        addr: String,
+        reachable: Option<bool>,
+    },
+    /// Gone for `reason`; the name is kept for its key until `until`
+    /// (Unix seconds).
+    Left { reason: String, until: u64 },
+}
+
+/// What the cluster thread reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// A record, in the bucket's order; `None` when it was deleted. A
+    /// record that cannot be decoded comes as `None` too (the thread logs
+    /// it): nobody can hold a name through it.
+    Record {
+        key: String,
+        revision: u64,
+        record: Option<NameRecord>,
+    },
+    /// The feed has delivered the bucket as it was when it (re)started.
+    CaughtUp,
+    /// A registry's heartbeat came round the feed.
+    Alive {
+        registry: String,
+    },
+    /// The connection to the cluster is up, or lost.
+    Up,
+    Down {
+        reason: String,
+    },
+    /// A write asked for with [`ClusterWrite`] ended.
+    Written {
+        id: u64,
+        result: WriteResult,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteResult {
+    Done {
+        revision: u64,
+    },
+    /// The record was not at the revision expected; this is what it is
+    /// now (`None`: absent or deleted).
+    Conflict {
+        current: Option<(u64, NameRecord)>,
+    },
+    /// The write could not be made, or its outcome is unknown.
+    Failed {
+        reason: String,
+    },
+}
+
+/// A compare-and-set on one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterWrite {
+    pub id: u64,
+    pub key: String,
+    pub record: NameRecord,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The record must not exist (or be deleted).
+    Absent,
+    /// The record must be at this revision.
+    Revision(u64),
+}
+
+/// The bucket key of a name: the hex of its skeleton's UTF-8, so that
+/// names that read alike share one record, within the characters a
+/// bucket key allows.
+pub fn record_key(folded: &str) -> String {
+    use std::fmt::Write;
+    name_skeleton(folded)
+        .bytes()
+        .fold(String::new(), |mut key, b| {
+            let _ = write!(key, "{b:02x}");
+            key
+        })
+}
+
+/// A registration waiting for the cluster to confirm its name.
+pub(crate) struct Claim {
+    pub name: String,
+    pub folded: String,
+    pub addr: SocketAddr,
+    pub answers: Answers,
+    pub key: PublicKey,
+    record_key: String,
+    tries: u8,
+}
+
+impl Claim {
+    pub(crate) fn new(
+        name: String,
+        folded: String,
+        addr: SocketAddr,
+        answers: Answers,
+        key: PublicKey,
+    ) -> Self {
+        Claim {
+            record_key: record_key(&folded),
+            name,
+            folded,
+            addr,
+            answers,
+            key,
+            tries: 0,
+        }
+    }
+}
+
+/// Why a write was made: what its result means.
+enum Purpose<C> {
+    Claim(C),
+    /// Keeps the record of a local session up to date (its address, its
+    /// probe result, or after the cluster lost it).
+    Assert,
+    /// Marks a peer gone.
+    Release,
+}
+
+pub(crate) struct Cluster<C> {
+    id: String,
+    /// A wall-clock reading and the instant it was taken: reservations in
+    /// the bucket end at Unix times.
+    anchor: (Instant, SystemTime),
+    up: bool,
+    caught_up: bool,
+    /// A write failed or the connection was lost: local sessions and the
+    /// bucket are compared once the feed is up again.
+    resync: bool,
+    /// The bucket as the feed has shown it: key → revision and record.
+    records: HashMap<String, (u64, NameRecord)>,
+    /// Peers of other registries in the directory: record key → order.
+    listed: HashMap<String, u64>,
+    /// Local sessions by record key.
+    local: HashMap<String, C>,
+    /// Writes in flight: their record key, what they write, and why.
+    writes: HashMap<u64, (String, NameRecord, Purpose<C>)>,
+    /// Record keys with a write in flight that must not be doubled.
+    busy: HashSet<String>,
+    out: VecDeque<ClusterWrite>,
+    next_write: u64,
+    /// When each registry's heartbeat (ours included) last came round.
+    heard: HashMap<String, Instant>,
+}
+
+impl<C: Copy + Eq + Hash + Debug> Cluster<C> {
+    pub(crate) fn new(id: String, now: Instant, wall: SystemTime) -> Self {
+        Cluster {
+            id,
+            anchor: (now, wall),
+            up: false,
+            caught_up: false,
+            resync: false,
+            records: HashMap::new(),
+            listed: HashMap::new(),
+            local: HashMap::new(),
+            writes: HashMap::new(),
+            busy: HashSet::new(),
+            out: VecDeque::new(),
+            next_write: 0,
+            heard: HashMap::new(),
+        }
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        let wall = self.anchor.1 + now.saturating_duration_since(self.anchor.0);
+        wall.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    fn write(&mut self, key: String, record: NameRecord, purpose: Purpose<C>) {
+        let expect = match self.records.get(&key) {
+            Some((revision, _)) => Expect::Revision(*revision),
+            None => Expect::Absent,
+        };
+        let id = self.next_write;
+        self.next_write += 1;
+        self.out.push_back(ClusterWrite {
+            id,
+            key: key.clone(),
+            record: record.clone(),
+            expect,
+        });
+        self.writes.insert(id, (key, record, purpose));
+    }
+
+    /// Whether the record says its peer is registered here.
+    fn is_ours(&self, record: &NameRecord) -> bool {
+        matches!(&record.state, RecordState::Online { registry, .. } if *registry == self.id)
+    }
+
+    fn online(
+        &self,
+        name: &str,
+        key: PublicKey,
+        addr: SocketAddr,
+        reachable: Option<bool>,
+    ) -> NameRecord {
+        NameRecord {
+            name: name.to_string(),
+            key,
+            state: RecordState::Online {
+                registry: self.id.clone(),
+                addr: addr.to_string(),
+                reachable,
+            },
+        }
+    }
+}
+
+/// Whether `record` keeps its name from `key` at `unix` seconds.
+fn held_against(record: &NameRecord, key: PublicKey, unix: u64) -> bool {
+    record.key != key
+        && match record.state {
+            RecordState::Online { .. } => true,
+            RecordState::Left { until, .. } => until > unix,
+        }
+}
+
+fn entry_of_record(record: &NameRecord) -> Option<PeerEntry> {
+    match &record.state {
+        RecordState::Online {
+            addr, reachable, ..
+        } => Some(PeerEntry {
+            name: record.name.clone(),
+            addr: addr.clone(),
+            key: record.key,
+            reachable: *reachable,
+        }),
+        RecordState::Left { .. } => None,
+    }
+}
+
+impl<C: Copy + Eq + Hash + Debug> Registry<C> {
+    /// Serves one directory with the registries of a cluster, as `id`.
+    pub fn join_cluster(&mut self, id: String, now: Instant, wall: SystemTime) {
+        self.cluster = Some(Cluster::new(id, now, wall));
+        self.timers
+            .arm(now + self.config.heartbeat, Timer::ClusterCheck);
+    }
+
+    pub fn is_clustered(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// The next write for the cluster thread.
+    pub fn poll_cluster_write(&mut self) -> Option<ClusterWrite> {
+        self.cluster.as_mut()?.out.pop_front()
+    }
+
+    /// Peers of other registries in the directory.
+    pub fn remote_count(&self) -> usize {
+        self.cluster.as_ref().map_or(0, |c| c.listed.len())
+    }
+
+    pub fn cluster_event(&mut self, event: ClusterEvent, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        match event {
+            ClusterEvent::Up => {
+                tracing::info!("cluster connection up");
+                cluster.up = true;
+            }
+            ClusterEvent::Down { reason } => {
+                if cluster.up {
+                    tracing::warn!(%reason, "cluster connection lost; names cannot be confirmed until it is back");
+                }
+                cluster.up = false;
+                cluster.resync = true;
+            }
+            ClusterEvent::CaughtUp => {
+                if !cluster.caught_up {
+                    tracing::info!(records = cluster.records.len(), "cluster directory loaded");
+                }
+                cluster.caught_up = true;
+                cluster.up = true;
+                if std::mem::take(&mut cluster.resync) {
+                    self.resync(now);
+                }
+            }
+            ClusterEvent::Alive { registry } => {
+                cluster.heard.insert(registry, now);
+            }
+            ClusterEvent::Record {
+                key,
+                revision,
+                record,
+            } => self.apply_record(key, revision, record, now),
+            ClusterEvent::Written { id, result } => self.written(id, result, now),
+        }
+    }
+
+    /// A registration whose name must be confirmed by the cluster first.
+    pub(crate) fn claim(&mut self, conn: C, claim: Claim, now: Instant) {
+        let Some(cluster) = self.cluster.as_ref() else {
+            return;
+        };
+        if !cluster.up || !cluster.caught_up {
+            return self.reject(
+                conn,
+                ErrorCode::Unavailable,
+                "this registry cannot reach its cluster to confirm names; try again (or another registry of the cluster)".into(),
+            );
+        }
+        if self.names.len() >= self.config.max_peers {
+            return self.reject(
+                conn,
+                ErrorCode::RegistryFull,
+                format!(
+                    "the registry holds its maximum of {} peers",
+                    self.config.max_peers
+                ),
+            );
+        }
+        self.decide_claim(conn, claim, now);
+    }
+
+    /// Writes the claim, or refuses it, as the view of its record says.
+    fn decide_claim(&mut self, conn: C, mut claim: Claim, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let unix = cluster.unix(now);
+        if let Some((_, record)) = cluster.records.get(&claim.record_key) {
+            if held_against(record, claim.key, unix) {
+                let (code, why) = if peerchat_core::protocol::fold_name(&record.name)
+                    == claim.folded
+                {
+                    let why = match record.state {
+                        RecordState::Online { .. } => format!(
+                            "the name {:?} is taken by a peer that is online",
+                            claim.name
+                        ),
+                        RecordState::Left { until, .. } => format!(
+                            "the name {:?} is kept for the key of the peer that had it, for another {}s",
+                            claim.name,
+                            until.saturating_sub(unix)
+                        ),
+                    };
+                    (ErrorCode::NameTaken, why)
+                } else {
+                    (ErrorCode::NameConfusable, format!(
+                        "the name {:?} looks like the name of a peer that is online or left recently; choose one that reads differently",
+                        claim.name
+                    ))
+                };
+                return self.reject(conn, code, why);
+            }
+        }
+        if claim.tries == 0 {
+            self.timers
+                .arm(now + CLAIM_TIMEOUT, Timer::RegisterDeadline(conn));
+        }
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        claim.tries += 1;
+        let record = cluster.online(&claim.name, claim.key, claim.addr, None);
+        cluster.write(claim.record_key.clone(), record, Purpose::Claim(conn));
+        self.conns
+            .insert(conn, LinkState::Claiming(Box::new(claim)));
+    }
+
+    fn written(&mut self, id: u64, result: WriteResult, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some((key, written, purpose)) = cluster.writes.remove(&id) else {
+            return;
+        };
+        cluster.busy.remove(&key);
+        match result {
+            // A claim is admitted before its record counts as seen: a peer
+            // listed from another registry moves here instead of leaving.
+            WriteResult::Done { revision } => match purpose {
+                Purpose::Claim(conn) => {
+                    cluster.records.insert(key.clone(), (revision, written));
+                    self.claimed(conn, &key, revision, now);
+                }
+                Purpose::Assert | Purpose::Release => {
+                    self.apply_record(key, revision, Some(written), now)
+                }
+            },
+            WriteResult::Conflict { current } => {
+                // What the bucket holds now is news like any other.
+                match current {
+                    Some((revision, record)) => {
+                        self.apply_record(key.clone(), revision, Some(record), now)
+                    }
+                    None => {
+                        if let Some(cluster) = self.cluster.as_mut() {
+                            cluster.records.remove(&key);
+                        }
+                    }
+                }
+                if let Purpose::Claim(conn) = purpose {
+                    match self.conns.remove(&conn) {
+                        Some(LinkState::Claiming(claim)) if claim.tries < CLAIM_TRIES => {
+                            self.decide_claim(conn, *claim, now)
+                        }
+                        Some(LinkState::Claiming(claim)) => self.reject(
+                            conn,
+                            ErrorCode::NameTaken,
+                            format!("the name {:?} is contested; try again", claim.name),
+                        ),
+                        Some(other) => {
+                            self.conns.insert(conn, other);
+                        }
+                        None => {}
+                    }
+                }
+            }
+            WriteResult::Failed { reason } => {
+                tracing::warn!(record = %key, %reason, "cluster write failed");
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.resync = true;
+                }
+                if let Purpose::Claim(conn) = purpose {
+                    if matches!(self.conns.get(&conn), Some(LinkState::Claiming(_))) {
+                        self.reject(
+                            conn,
+                            ErrorCode::Unavailable,
+                            format!("the cluster could not confirm the name: {reason}; try again"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The cluster gave the name to a waiting registration: it joins, or,
+    /// if it was online at another registry, moves here.
+    fn claimed(&mut self, conn: C, record_key: &str, revision: u64, now: Instant) {
+        let claim = match self.conns.remove(&conn) {
+            Some(LinkState::Claiming(claim)) => claim,
+            other => {
+                if let Some(other) = other {
+                    self.conns.insert(conn, other);
+                }
+                // It went (closed, or its deadline passed) while the claim
+                // was in flight: the name it took is given back.
+                self.release(record_key, revision, LeftReason::Disconnected, now);
+                return;
+            }
+        };
+        let Claim {
+            name,
+            folded,
+            addr,
+            answers,
+            key,
+            ..
+        } = *claim;
+        self.admit_claimed(conn, name, folded, (addr, answers), key, now);
+    }
+
+    /// Marks the record at `revision` left, unless it has moved on.
+    fn release(&mut self, record_key: &str, revision: u64, reason: LeftReason, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some((known, record)) = cluster.records.get(record_key) else {
+            return;
+        };
+        if *known != revision {
+            return;
+        }
+        let record = NameRecord {
+            name: record.name.clone(),
+            key: record.key,
+            state: RecordState::Left {
+                reason: reason.as_str().into(),
+                until: cluster.unix(now) + self.config.name_grace.as_secs(),
+            },
+        };
+        cluster.busy.insert(record_key.to_string());
+        cluster.write(record_key.to_string(), record, Purpose::Release);
+    }
+
+    /// A local session ended: its record says so, its name kept for its
+    /// key for the grace.
+    pub(crate) fn cluster_left(&mut self, conn: C, folded: &str, reason: LeftReason, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let key = record_key(folded);
+        if cluster.local.get(&key) != Some(&conn) {
+            return;
+        }
+        cluster.local.remove(&key);
+        if let Some((revision, _)) = cluster.records.get(&key) {
+            let revision = *revision;
+            self.release(&key, revision, reason, now);
+        }
+    }
+
+    /// A local session's record must say what the session is now.
+    pub(crate) fn cluster_assert(&mut self, conn: C) {
+        let Some(LinkState::Registered(s)) = self.conns.get(&conn) else {
+            return;
+        };
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let key = record_key(&s.folded);
+        cluster.local.insert(key.clone(), conn);
+        let record = cluster.online(&s.name, s.key, s.addr, s.reachable);
+        if cluster.records.get(&key).is_some_and(|(_, r)| *r == record) {
+            return;
+        }
+        cluster.write(key, record, Purpose::Assert);
+    }
+
+    /// A record changed in the bucket (or a write told us it had): the
+    /// directory follows it.
+    fn apply_record(
+        &mut self,
+        key: String,
+        revision: u64,
+        record: Option<NameRecord>,
+        now: Instant,
+    ) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        if cluster
+            .records
+            .get(&key)
+            .is_some_and(|(known, _)| *known >= revision)
+        {
+            return;
+        }
+        match &record {
+            Some(record) => {
+                if let RecordState::Online { registry, .. } = &record.state {
+                    cluster.heard.entry(registry.clone()).or_insert(now);
+                }
+                cluster
+                    .records
+                    .insert(key.clone(), (revision, record.clone()));
+            }
+            None => {
+                cluster.records.remove(&key);
+            }
+        }
+        let remote = record
+            .as_ref()
+            .is_some_and(|r| !cluster.is_ours(r) && entry_of_record(r).is_some());
+        let local = cluster.local.get(&key).copied();
+        if let Some(conn) = local {
+            if let Some(LinkState::Registered(s)) = self.conns.get(&conn) {
+                let same_key = record.as_ref().is_some_and(|r| r.key == s.key);
+                let ours = record
+                    .as_ref()
+                    .is_some_and(|r| self.cluster.as_ref().is_some_and(|c| c.is_ours(r)));
+                match &record {
+                    _ if ours => {}
+                    // Our peer registered at another registry: this session
+                    // is a stale one.
+                    Some(_) if same_key && remote => self.drop_replaced(conn),
+                    // Marked left while this registry was cut off, or
+                    // deleted: the session is alive, its record says so again.
+                    _ if same_key || record.is_none() => {
+                        self.cluster_assert(conn);
+                        return;
+                    }
+                    // Another key has the name now (its grace ran out while
+                    // this registry was cut off): the session loses it.
+                    _ => {
+                        tracing::warn!(name = %s.name, "another key took this name while the registry was cut off from its cluster");
+                        self.cluster_lost_name(conn, now);
+                    }
+                }
+            }
+        }
+        self.list_remote(key, record);
+    }
+
+    /// Puts a peer of another registry in the directory, changes its
+    /// listing, or takes it out, and tells everyone, as its record now
+    /// says.
+    fn list_remote(&mut self, key: String, record: Option<NameRecord>) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let listed = cluster.listed.get(&key).copied();
+        let before = listed.and_then(|order| match self.order.get(&order) {
+            Some((Listed::Remote(entry), _)) => Some(entry.clone()),
+            _ => None,
+        });
+        let after = record
+            .as_ref()
+            .filter(|r| !cluster.is_ours(r))
+            .and_then(entry_of_record);
+        match (before, after) {
+            (None, None) => {}
+            (Some(before), None) => {
+                if let Some(order) = listed {
+                    self.unlist(order);
+                }
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.listed.remove(&key);
+                }
+                let reason = match record.map(|r| r.state) {
+                    Some(RecordState::Left { reason, .. }) => reason,
+                    _ => LeftReason::Disconnected.as_str().into(),
+                };
+                self.announce(Change::Left {
+                    name: before.name,
+                    reason,
+                });
+            }
+            (Some(before), Some(after)) if before.key == after.key => {
+                if before == after {
+                    return;
+                }
+                if let Some(order) = listed {
+                    let entry = encode_entry(&after);
+                    self.order
+                        .insert(order, (Listed::Remote(after.clone()), entry));
+                    self.parts.remove(&(order / PART_ENTRIES));
+                }
+                let probe_news = before.addr == after.addr
+                    && before.name == after.name
+                    && after.reachable.is_some();
+                self.announce(Change::Moved {
+                    name: after.name,
+                    addr: after.addr,
+                    reachable: if probe_news { after.reachable } else { None },
+                });
+            }
+            (before, Some(after)) => {
+                if let (Some(before), Some(order)) = (before, listed) {
+                    self.unlist(order);
+                    self.announce(Change::Left {
+                        name: before.name,
+                        reason: LeftReason::Disconnected.as_str().into(),
+                    });
+                }
+                let order = self.next_order;
+                self.next_order += 1;
+                let entry = encode_entry(&after);
+                self.announce(Change::Joined {
+                    name: after.name.clone(),
+                    addr: after.addr.clone(),
+                    key: after.key,
+                });
+                if let Some(reachable) = after.reachable {
+                    self.announce(Change::Moved {
+                        name: after.name.clone(),
+                        addr: after.addr.clone(),
+                        reachable: Some(reachable),
+                    });
+                }
+                self.order.insert(order, (Listed::Remote(after), entry));
+                self.parts.remove(&(order / PART_ENTRIES));
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.listed.insert(key, order);
+                }
+            }
+        }
+    }
+
+    /// A claimed registration becomes a session. A peer that was listed
+    /// from another registry moves here rather than joining again.
+    fn admit_claimed(
+        &mut self,
+        conn: C,
+        name: String,
+        folded: String,
+        (addr, answers): (SocketAddr, Answers),
+        key: PublicKey,
+        now: Instant,
+    ) {
+        let record_key = record_key(&folded);
+        let listed = self
+            .cluster
+            .as_mut()
+            .and_then(|c| c.listed.remove(&record_key));
+        let before = listed.and_then(|order| {
+            let entry = match self.order.get(&order) {
+                Some((Listed::Remote(entry), _)) => Some(entry.clone()),
+                _ => None,
+            };
+            self.unlist(order);
+            entry
+        });
+        match before {
+            Some(before) if before.key == key => {
+                if before.addr != addr.to_string() || before.name != name {
+                    self.announce(Change::Moved {
+                        name: name.clone(),
+                        addr: addr.to_string(),
+                        reachable: None,
+                    });
+                }
+                tracing::info!(%name, %addr, "moved here from another registry");
+            }
+            before => {
+                if let Some(before) = before {
+                    self.announce(Change::Left {
+                        name: before.name,
+                        reason: LeftReason::Disconnected.as_str().into(),
+                    });
+                }
+                self.announce(Change::Joined {
+                    name: name.clone(),
+                    addr: addr.to_string(),
+                    key,
+                });
+                self.stats.joins += 1;
+                tracing::info!(%name, %addr, %key, "joined");
+            }
+        }
+        self.admit(conn, name, folded, (addr, answers), key, now);
+    }
+
+    /// The peer of a local session registered at another registry: the
+    /// session here is stale. Nobody hears `left`: the peer is online.
+    fn drop_replaced(&mut self, conn: C) {
+        let Some(LinkState::Registered(s)) = self.conns.remove(&conn) else {
+            return;
+        };
+        self.names.remove(&s.folded);
+        self.unlist(s.order);
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.local.remove(&record_key(&s.folded));
+        }
+        tracing::info!(name = %s.name, "moved to another registry of the cluster");
+        let notice = peerchat_core::protocol::FromRegistry::error(
+            ErrorCode::Replaced,
+            "a newer session of this key registered at another registry of the cluster",
+        );
+        self.actions.push_back(crate::Action::Send(
+            conn,
+            peerchat_core::protocol::frame(&notice),
+        ));
+        self.actions.push_back(crate::Action::Close(
+            conn,
+            "replaced by a new session".into(),
+        ));
+    }
+
+    /// A local session's name went to another key: it ends.
+    fn cluster_lost_name(&mut self, conn: C, now: Instant) {
+        let Some(LinkState::Registered(s)) = self.conns.get(&conn) else {
+            return;
+        };
+        let folded = s.folded.clone();
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.local.remove(&record_key(&folded));
+        }
+        // Out of `local` first: `remove` then leaves the record alone, as
+        // it is not ours any more.
+        self.remove(conn, LeftReason::Disconnected, now);
+        self.send_error(
+            conn,
+            ErrorCode::NameTaken,
+            "another key took this name while the registry was cut off from its cluster".into(),
+        );
+    }
+
+    /// After the connection to the cluster came back, or a write failed:
+    /// every local session's record is made to say so, and records that
+    /// say a peer is here when it is not are marked left.
+    fn resync(&mut self, now: Instant) {
+        let sessions: Vec<C> = self
+            .conns
+            .iter()
+            .filter(|(_, state)| matches!(state, LinkState::Registered(_)))
+            .map(|(conn, _)| *conn)
+            .collect();
+        tracing::info!(
+            sessions = sessions.len(),
+            "comparing local peers with the cluster"
+        );
+        for conn in sessions {
+            self.cluster_assert(conn);
+        }
+        let Some(cluster) = self.cluster.as_ref() else {
+            return;
+        };
+        let claiming: HashSet<&String> = cluster
+            .writes
+            .values()
+            .filter(|(_, _, p)| matches!(p, Purpose::Claim(_)))
+            .map(|(key, _, _)| key)
+            .collect();
+        let stale: Vec<(String, u64)> = cluster
+            .records
+            .iter()
+            .filter(|(key, (_, r))| {
+                cluster.is_ours(r)
+                    && !cluster.local.contains_key(*key)
+                    && !claiming.contains(key)
+                    && !cluster.busy.contains(*key)
+            })
+            .map(|(key, (revision, _))| (key.clone(), *revision))
+            .collect();
+        for (key, revision) in stale {
+            self.release(&key, revision, LeftReason::Disconnected, now);
+        }
+    }
+
+    /// The periodic check: peers of registries that stopped heartbeating
+    /// are marked left.
+    pub(crate) fn cluster_check(&mut self, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        self.timers
+            .arm(now + self.config.heartbeat, Timer::ClusterCheck);
+        let timeout = self.config.timeout;
+        // Judged only by heartbeats that came round the same feed as ours:
+        // while the feed stalls, nobody is found dead.
+        let Some(&ours) = cluster.heard.get(&cluster.id) else {
+            return;
+        };
+        if !cluster.caught_up {
+            return;
+        }
+        let dead: HashSet<String> = cluster
+            .heard
+            .iter()
+            .filter(|(_, &heard)| ours.saturating_duration_since(heard) > timeout)
+            .map(|(registry, _)| registry.clone())
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        let gone: Vec<(String, u64)> = cluster
+            .records
+            .iter()
+            .filter(|(key, (_, r))| {
+                matches!(&r.state, RecordState::Online { registry, .. } if dead.contains(registry))
+                    && !cluster.busy.contains(*key)
+            })
+            .map(|(key, (revision, _))| (key.clone(), *revision))
+            .collect();
+        if gone.is_empty() {
+            // Nothing of theirs is left: forget them.
+            cluster.heard.retain(|registry, _| !dead.contains(registry));
+            return;
+        }
+        tracing::info!(registries = ?dead, peers = gone.len(), "registries silent past the timeout; their peers left");
+        for (key, revision) in gone {
+            self.release(&key, revision, LeftReason::Timeout, now);
+        }
+    }
+}
