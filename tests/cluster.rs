@@ -119,16 +119,18 @@ fn cluster_registry(key: &DataDir, servers: &[String]) -> Registry {
 /// The NATS servers and three registries, each registry on all servers.
 struct Cluster {
     nats: Vec<NatsNode>,
-    registries: Vec<Registry>,
+    registries: Registries,
     _key: DataDir,
 }
 
-/// A failed test shows what the registries said.
-impl Drop for Cluster {
+/// Registries whose logs a failed test shows.
+struct Registries(Vec<Registry>);
+
+impl Drop for Registries {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for (i, registry) in self.registries.iter().enumerate() {
-                let mut tail = registry.proc.stderr.tail(40);
+            for (i, registry) in self.0.iter().enumerate() {
+                let mut tail = registry.proc.stderr.tail(60);
                 tail.reverse();
                 eprintln!("registry {i}:\n{}", tail.join("\n"));
             }
@@ -141,7 +143,7 @@ impl Cluster {
         let nats = nats_cluster();
         let urls: Vec<String> = nats.iter().map(NatsNode::url).collect();
         let key = DataDir::fresh();
-        let registries = (0..3).map(|_| cluster_registry(&key, &urls)).collect();
+        let registries = Registries((0..3).map(|_| cluster_registry(&key, &urls)).collect());
         Cluster {
             nats,
             registries,
@@ -150,13 +152,13 @@ impl Cluster {
     }
 
     fn addr(&self, i: usize) -> SocketAddr {
-        self.registries[i].addr
+        self.registries.0[i].addr
     }
 
     /// A peer on registry `i`, with the others as its fallbacks.
     fn peer(&self, name: &str, i: usize) -> PeerProc {
         let mut extra: Vec<String> = Vec::new();
-        for j in (0..self.registries.len()).filter(|j| *j != i) {
+        for j in (0..self.registries.0.len()).filter(|j| *j != i) {
             extra.push("--registry".into());
             extra.push(self.addr(j).to_string());
         }
@@ -285,7 +287,7 @@ fn a_killed_registrys_peers_move_to_the_others_and_keep_their_names() {
     alice.expect("dave joining", LONG, is("joined", "name", "dave"));
 
     let killed_at = Instant::now();
-    cluster.registries[1].proc.child.kill().unwrap();
+    cluster.registries.0[1].proc.child.kill().unwrap();
     bob.expect("bob's re-registration", LONG, |v| {
         v["event"] == "registered" && v["name"] == "bob"
     });
@@ -367,4 +369,116 @@ fn nats_losing_quorum_refuses_new_names_until_it_is_back() {
     carol.registered();
     alice.expect("carol joining", LONG, is("joined", "name", "carol"));
     bob.expect("carol joining", LONG, is("joined", "name", "carol"));
+}
+
+/// What `/peers` says now: the names in the peer's directory, sorted.
+fn directory_of(peer: &mut PeerProc) -> Vec<String> {
+    peer.say("/peers");
+    let peers = peer.expect_event("peers", LONG);
+    names_in(&peers)
+}
+
+/// Each name's `joined` and `left` events alternate, starting from the
+/// welcome's list: no change heard twice, none lost in between.
+fn assert_changes_alternate(peer: &PeerProc) {
+    let mut online: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for event in &peer.seen {
+        let name = event["name"].as_str().unwrap_or_default().to_string();
+        match event["event"].as_str() {
+            Some("registered") => online.extend(names_in(event)),
+            Some("joined") => assert!(
+                online.insert(name.clone()),
+                "{}: {name} joined twice: {:?}",
+                peer.name,
+                peer.seen
+            ),
+            Some("left") => assert!(
+                online.remove(&name),
+                "{}: {name} left twice: {:?}",
+                peer.name,
+                peer.seen
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// A registry cut off from NATS (its server frozen), then back: once
+/// things settle, every peer's directory is the cluster's, and no peer
+/// heard a change twice or missed one.
+#[test]
+fn a_registry_cut_off_from_nats_and_back_leaves_every_view_equal_to_the_cluster() {
+    let nats = nats_cluster();
+    let urls: Vec<String> = nats.iter().map(NatsNode::url).collect();
+    let key = DataDir::fresh();
+    // Registry 0 on server 0 only; the others on the other two.
+    let registries = Registries(vec![
+        cluster_registry(&key, &urls[..1]),
+        cluster_registry(&key, &urls[1..]),
+        cluster_registry(&key, &urls[1..]),
+    ]);
+    // While the cluster elects new leaders for what server 0 led, a name
+    // may wait for a few of the peer's retries.
+    let start = |name: &str, at: usize| {
+        let mut peer =
+            PeerProc::start_with(name, &registries.0[at].addr.to_string(), &["--no-store"]);
+        peer.expect_event("registered", Duration::from_secs(40));
+        peer
+    };
+    let mut alice = start("alice", 0);
+    let mut frank = start("frank", 0);
+    let mut bob = start("bob", 1);
+    let mut carol = start("carol", 2);
+    for name in ["alice", "frank", "bob", "carol"] {
+        let everyone_else: Vec<String> = ["alice", "bob", "carol", "frank"]
+            .into_iter()
+            .filter(|n| *n != name)
+            .map(String::from)
+            .collect();
+        let peer = match name {
+            "alice" => &mut alice,
+            "frank" => &mut frank,
+            "bob" => &mut bob,
+            _ => &mut carol,
+        };
+        let deadline = Instant::now() + LONG;
+        while directory_of(peer) != everyone_else {
+            assert!(Instant::now() < deadline, "{name} never saw everyone");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    nats[0].signal(libc::SIGSTOP);
+    let mut dave = start("dave", 1);
+    carol.close_input();
+    frank.close_input();
+    // Past the registries' timeout (5 s): registry 0 looks dead meanwhile.
+    std::thread::sleep(Duration::from_secs(8));
+    nats[0].signal(libc::SIGCONT);
+
+    let cluster = ["alice", "bob", "dave"];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for peer in [&mut alice, &mut bob, &mut dave] {
+        let want: Vec<String> = cluster
+            .iter()
+            .filter(|n| **n != peer.name)
+            .map(|n| n.to_string())
+            .collect();
+        loop {
+            let got = directory_of(peer);
+            if got == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}'s directory {got:?}, the cluster's {want:?}",
+                peer.name
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    for peer in [&alice, &bob, &dave] {
+        assert_changes_alternate(peer);
+    }
+    drop(registries);
 }

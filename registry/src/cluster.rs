@@ -342,7 +342,13 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 }
             }
             ClusterEvent::Alive { registry } => {
+                // Our own heartbeat came round: writes and the feed work
+                // again, whether or not the connection was seen to drop.
+                let ours = registry == cluster.id;
                 cluster.heard.insert(registry, now);
+                if ours && cluster.caught_up && std::mem::take(&mut cluster.resync) {
+                    self.resync(now);
+                }
             }
             ClusterEvent::Record {
                 key,

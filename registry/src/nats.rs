@@ -32,6 +32,10 @@ pub const REGISTRIES_BUCKET: &str = "peerchat_registries";
 /// two of them (a write, then a read after a conflict) within its 2 s.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(900);
 
+/// How long the names feed may be quiet before the bucket is asked
+/// whether it missed something.
+const FEED_CHECK: Duration = Duration::from_secs(3);
+
 /// How long making or finding a bucket may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -131,7 +135,7 @@ async fn serve(
         .retry_on_initial_connect()
         .max_reconnects(None)
         // A frozen server is noticed in seconds, not the default minutes.
-        .ping_interval(Duration::from_secs(5))
+        .ping_interval(Duration::from_secs(2))
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((attempts as u64 * 100).min(2000))
         })
@@ -189,7 +193,11 @@ async fn serve(
         options.id.clone(),
         options.heartbeat,
     ));
-    tokio::spawn(watch_registries(registries, sink.clone()));
+    tokio::spawn(watch_registries(
+        registries,
+        options.heartbeat,
+        sink.clone(),
+    ));
     tokio::spawn(watch_names(names.clone(), sink.clone()));
     run_writes(names, writes, sink).await;
 }
@@ -248,36 +256,52 @@ async fn open_bucket(js: &Context, config: Bucket, sink: &Sink) -> Store {
 
 async fn heartbeat(registries: Store, id: String, every: Duration) {
     let mut ticks = tokio::time::interval(every);
+    let mut failing = false;
     loop {
         ticks.tick().await;
-        if let Err(e) = registries.put(&id, Bytes::new()).await {
-            tracing::debug!(error = %e, "heartbeat not written");
+        match registries.put(&id, Bytes::new()).await {
+            Ok(_) if failing => {
+                tracing::info!("heartbeats reach the cluster again");
+                failing = false;
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "heartbeat not written; the cluster will find this registry dead if this lasts");
+                failing = true;
+            }
+            Err(_) => {}
         }
     }
 }
 
-async fn watch_registries(registries: Store, sink: Sink) {
+/// Heartbeats come every `every`: a feed silent for several of them has
+/// stalled (its server froze, its consumer was lost) and is made again.
+async fn watch_registries(registries: Store, every: Duration, sink: Sink) {
+    let stalled = (every * 5).max(Duration::from_secs(2));
     loop {
         match registries.watch_all().await {
-            Ok(mut watch) => {
-                while let Some(entry) = watch.next().await {
-                    match entry {
-                        Ok(entry) if entry.operation == Operation::Put => {
-                            sink.send(ClusterEvent::Alive {
-                                registry: entry.key,
-                            })
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(error = %e, "registry heartbeats feed broke");
-                            break;
-                        }
+            Ok(mut watch) => loop {
+                match tokio::time::timeout(stalled, watch.next()).await {
+                    Ok(Some(Ok(entry))) if entry.operation == Operation::Put => {
+                        sink.send(ClusterEvent::Alive {
+                            registry: entry.key,
+                        })
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => {
+                        tracing::debug!(error = %e, "registry heartbeats feed broke");
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::debug!("registry heartbeats feed stalled; making it again");
+                        break;
                     }
                 }
-            }
+            },
             Err(e) => tracing::debug!(error = %e, "cannot follow registry heartbeats"),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -310,13 +334,26 @@ async fn watch_names(names: Store, sink: Sink) {
                 continue;
             }
         };
-        while let Some(entry) = watch.next().await {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) => {
+        loop {
+            let entry = match tokio::time::timeout(FEED_CHECK, watch.next()).await {
+                Ok(Some(Ok(entry))) => entry,
+                Ok(Some(Err(e))) => {
                     tracing::debug!(error = %e, "names feed broke");
                     break;
                 }
+                Ok(None) => break,
+                // Quiet: fine if the bucket is too; if it has moved on
+                // without us, the feed has stalled and is made again.
+                Err(_) => match names.status().await {
+                    Ok(status) if status.info.state.last_sequence > last => {
+                        tracing::info!(
+                            behind = status.info.state.last_sequence - last,
+                            "names feed stalled; following it again from where it stopped"
+                        );
+                        break;
+                    }
+                    _ => continue,
+                },
             };
             last = entry.revision;
             let record = match entry.operation {

@@ -1,5 +1,6 @@
 //! `loadgen`: simulates many peers from one process against a running
-//! registry, to show how far one registry scales.
+//! registry (or the registries of a cluster), to show how far one
+//! registry scales.
 //!
 //! It opens `--peers` idle connections (spread over several loopback source
 //! addresses so that no source runs out of ephemeral ports), registers them,
@@ -40,9 +41,11 @@ use peerchat_testkit::stats::percentile;
     about = "Load generator for a peerchat registry"
 )]
 struct Args {
-    /// The registry to load, e.g. 127.0.0.1:7000.
-    #[arg(long, value_name = "ADDR")]
-    registry: SocketAddr,
+    /// The registry to load, e.g. 127.0.0.1:7000. Give it several times
+    /// for the registries of a cluster: peers are spread over them in
+    /// turn, so that a join is timed to probes on every registry.
+    #[arg(long, value_name = "ADDR", required = true)]
+    registry: Vec<SocketAddr>,
     /// Idle peers to keep registered.
     #[arg(long, default_value_t = 1000)]
     peers: usize,
@@ -68,9 +71,11 @@ struct Args {
     /// Idle peers that decode every update to time propagation.
     #[arg(long, default_value_t = 100)]
     probes: usize,
-    /// The registry's process id, for its memory and CPU (read from /proc).
+    /// The registry's process id, for its memory and CPU (read from
+    /// /proc); several times for a cluster's registries, whose figures are
+    /// then added up.
     #[arg(long, value_name = "PID")]
-    registry_pid: Option<u32>,
+    registry_pid: Vec<u32>,
     /// Give up on the ramp after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     ramp_timeout: Duration,
@@ -126,6 +131,17 @@ struct ProcSample {
     at: Instant,
     cpu_ticks: u64,
     rss_kib: u64,
+}
+
+/// The processes' figures added up; `None` if there are none, or one is
+/// gone.
+fn sample_all(pids: &[u32]) -> Option<ProcSample> {
+    let samples: Option<Vec<ProcSample>> = pids.iter().map(|pid| sample(*pid)).collect();
+    samples?.into_iter().reduce(|a, b| ProcSample {
+        at: a.at.max(b.at),
+        cpu_ticks: a.cpu_ticks + b.cpu_ticks,
+        rss_kib: a.rss_kib + b.rss_kib,
+    })
 }
 
 fn sample(pid: u32) -> Option<ProcSample> {
@@ -202,10 +218,11 @@ impl LoadGen {
 
     fn open(&mut self, ctx: &mut Ctx<Timer>, role: Role, name: String) {
         let source = self.source(self.opened);
+        let registry = self.args.registry[self.opened % self.args.registry.len()];
         self.opened += 1;
         let result = match source {
-            Some(ip) => ctx.connect_from(ip, self.args.registry),
-            None => ctx.connect(self.args.registry),
+            Some(ip) => ctx.connect_from(ip, registry),
+            None => ctx.connect(registry),
         };
         let conn = match result {
             Ok(conn) => conn,
@@ -249,12 +266,12 @@ impl LoadGen {
     fn start_phase(&mut self, ctx: &mut Ctx<Timer>, phase: Phase) {
         self.phase = phase;
         self.phase_started = ctx.now();
-        let pid = self.args.registry_pid;
+        let pid = &self.args.registry_pid;
         let now = ctx.now();
         match phase {
             Phase::Ramp => {}
             Phase::Idle => {
-                self.registry_ramped = pid.and_then(sample);
+                self.registry_ramped = sample_all(pid);
                 let took = now.duration_since(self.ramp_started);
                 self.report.push(format!(
                     "ramp: {} of {} idle peers registered in {:.1} s ({} failed)",
@@ -266,14 +283,14 @@ impl LoadGen {
                 ctx.arm(now + self.args.idle, Timer::PhaseEnd(Phase::Idle));
             }
             Phase::Churn => {
-                self.registry_idle_end = pid.and_then(sample);
+                self.registry_idle_end = sample_all(pid);
                 self.own_churn_start = sample(std::process::id());
                 self.churn_started = Some(now);
                 ctx.arm(now, Timer::ChurnTick);
                 ctx.arm(now + self.args.duration, Timer::PhaseEnd(Phase::Churn));
             }
             Phase::Settle => {
-                self.registry_churn_end = pid.and_then(sample);
+                self.registry_churn_end = sample_all(pid);
                 self.own_churn_end = sample(std::process::id());
                 ctx.arm(now + Duration::from_secs(5), Timer::PhaseEnd(Phase::Settle));
             }
@@ -540,7 +557,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let sources: Vec<IpAddr> = if args.registry.ip().is_loopback() && args.registry.is_ipv4() {
+    let on_loopback = args
+        .registry
+        .iter()
+        .all(|r| r.ip().is_loopback() && r.is_ipv4());
+    let sources: Vec<IpAddr> = if on_loopback {
         (0..args.sources)
             .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i)))
             .collect()
@@ -581,7 +602,7 @@ fn main() -> ExitCode {
     });
     // The frame's body starts with the map header and the "welcome" key.
     let welcome_prefix = welcome[4..4 + 1 + 1 + "welcome".len()].to_vec();
-    let registry_pid = args.registry_pid;
+    let registry_before = sample_all(&args.registry_pid);
     let now = event_loop.ctx().now();
     let mut app = LoadGen {
         heartbeat: None,
@@ -603,7 +624,7 @@ fn main() -> ExitCode {
         joins: HashMap::new(),
         probe_changes: 0,
         churn_started: None,
-        registry_before: registry_pid.and_then(sample),
+        registry_before,
         registry_ramped: None,
         registry_idle_end: None,
         registry_churn_end: None,

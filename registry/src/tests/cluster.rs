@@ -384,3 +384,34 @@ fn cut_off_a_registry_refuses_new_names_and_resynchronises() {
         FromRegistry::Welcome { .. }
     ));
 }
+
+#[test]
+fn a_failed_write_is_made_good_once_our_own_heartbeat_comes_round() {
+    let mut cluster = Cluster::new(2);
+    cluster.register(0, 1, "alice");
+    cluster.register(1, 2, "bob");
+    cluster.m(1).take(2);
+    // Alice leaves while the write cannot land, and the feed never
+    // restarts (no `CaughtUp`): the connection was never seen to drop.
+    cluster.m(0).send(1, &ToRegistry::Leave {});
+    cluster.m(0).flush();
+    cluster.members[0].collect();
+    let lost = std::mem::take(&mut cluster.members[0].pending);
+    cluster.members[0].event(ClusterEvent::Written {
+        id: lost[0].id,
+        result: WriteResult::Failed {
+            reason: "timed out".into(),
+        },
+    });
+    cluster.settle();
+    assert!(changes(&cluster.m(1).take(2)).is_empty());
+    cluster.members[0].heartbeat("r0");
+    cluster.settle();
+    assert_eq!(
+        changes(&cluster.m(1).take(2)),
+        vec![Change::Left {
+            name: "alice".into(),
+            reason: "disconnected".into()
+        }]
+    );
+}

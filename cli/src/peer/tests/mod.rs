@@ -252,8 +252,9 @@ enum DialMode {
 
 struct Sim {
     peer: Peer,
-    /// Where the peer dials the registry.
+    /// Where the peer dials the registry, and the others of its cluster.
     registry: SocketAddr,
+    fallbacks: Vec<SocketAddr>,
     now: Instant,
     next_accepted: u64,
     registry_dials: DialMode,
@@ -303,6 +304,7 @@ impl Sim {
         let now = Instant::now();
         Sim {
             registry: config.registry,
+            fallbacks: config.fallbacks.clone(),
             peer: Peer::new(config, trust, saved, 7, now, wall()),
             now,
             next_accepted: 0,
@@ -359,7 +361,7 @@ impl Sim {
     /// Who a dial to `addr` is for: the registry, or whoever the directory
     /// lists there.
     fn dial_for(&self, addr: SocketAddr) -> Dial {
-        if addr == self.registry {
+        if addr == self.registry || self.fallbacks.contains(&addr) {
             return Dial::Registry;
         }
         let listed = self

@@ -293,6 +293,33 @@ fn closed_registry_connection_is_registry_lost_and_retried() {
 }
 
 #[test]
+fn a_lost_registry_is_followed_by_the_next_of_its_cluster_in_turn() {
+    let mut config = config();
+    let other: SocketAddr = "10.9.0.2:7000".parse().unwrap();
+    config.fallbacks = vec![other];
+    let mut sim = Sim::with(config, Trust::default());
+    sim.start();
+    sim.registry_says(&welcome(&["bob"], false));
+    sim.take_all();
+    sim.remote_close(sim.reg_conn(), "connection reset by peer");
+    sim.advance(ms(100));
+    let dialed: Vec<SocketAddr> = sim.dials.iter().map(|(_, addr, _)| *addr).collect();
+    assert_eq!(dialed, vec![registry_addr(), other]);
+    // The same name, at the next registry.
+    assert_eq!(sim.take_reg(sim.reg_conn()), vec![register()]);
+    sim.registry_says(&welcome(&["bob"], false));
+    assert!(sim.peer.is_online());
+    sim.take_all();
+    // Losing that one too goes back to the first.
+    sim.remote_close(sim.reg_conn(), "connection reset by peer");
+    sim.advance(ms(100));
+    assert_eq!(
+        sim.dials.last().map(|(_, addr, _)| *addr),
+        Some(registry_addr())
+    );
+}
+
+#[test]
 fn no_welcome_within_the_register_timeout_is_registry_lost() {
     let mut sim = Sim::new();
     let reg = sim.start();
