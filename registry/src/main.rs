@@ -88,6 +88,7 @@ impl Host<RegistryMachine> for RegistryHost {
                 let relay = registry.relay_stats();
                 tracing::info!(
                     peers = registry.peer_count(),
+                    cluster_peers = registry.remote_count(),
                     connections = ctx.connections(),
                     frames_in = loop_stats.frames_in,
                     frames_out = loop_stats.frames_out,

@@ -133,6 +133,14 @@ struct ProcSample {
     rss_kib: u64,
 }
 
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// The processes' figures added up; `None` if there are none, or one is
 /// gone.
 fn sample_all(pids: &[u32]) -> Option<ProcSample> {
@@ -486,7 +494,13 @@ impl App for LoadGen {
                 }
                 let per_tick = (self.args.ramp / 100).max(1) as usize;
                 let target = self.args.peers;
-                let stride = (target / self.args.probes.max(1)).max(1);
+                // Coprime to the number of registries, so that probes are
+                // spread over all of them.
+                let registries = self.args.registry.len();
+                let mut stride = (target / self.args.probes.max(1)).max(1);
+                while registries > 1 && gcd(stride, registries) != 1 {
+                    stride += 1;
+                }
                 for _ in 0..per_tick {
                     let i = self.opened;
                     if i >= target {
