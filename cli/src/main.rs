@@ -591,7 +591,16 @@ fn main() -> ExitCode {
         .map(|r| r.trim())
         .collect::<Vec<_>>()
         .join(",");
-    let pinned_registry = known.registries.get(&registry_name).copied();
+    // Adding a registry to the list keeps the pin of the one before.
+    let pinned_registry = known
+        .registries
+        .get(&registry_name)
+        .or_else(|| {
+            args.registry
+                .iter()
+                .find_map(|r| known.registries.get(r.trim()))
+        })
+        .copied();
     if let (Some(given), Some(pinned)) = (args.registry_key, pinned_registry) {
         if given != pinned {
             return fail(
@@ -621,7 +630,9 @@ fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(args.json, "io", format!("cannot start the event loop: {e}")),
     };
-    let local = match event_loop.listen(listen_addr(args.listen, registry)) {
+    // Any registry on IPv6 lists us at an IPv6 address.
+    let v6 = registries.iter().copied().find(SocketAddr::is_ipv6);
+    let local = match event_loop.listen(listen_addr(args.listen, v6.unwrap_or(registry))) {
         Ok(addr) => addr,
         Err(e) => {
             return fail(

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use peerchat_core::identity::PublicKey;
-use peerchat_core::protocol::{name_skeleton, Change, ErrorCode, LeftReason, PeerEntry};
+use peerchat_core::protocol::{fold_name, name_skeleton, Change, ErrorCode, LeftReason, PeerEntry};
 use serde::{Deserialize, Serialize};
 
 use crate::{encode_entry, Answers, LinkState, Listed, Registry, Timer, PART_ENTRIES};
@@ -34,6 +34,9 @@ use crate::{encode_entry, Answers, LinkState, Listed, Registry, Timer, PART_ENTR
 /// How many times a claim is decided again after the bucket moved under
 /// it, before the name counts as contested and is refused.
 const CLAIM_TRIES: u8 = 4;
+
+/// How often records whose name grace is over are looked for.
+const EXPIRY_SCAN: Duration = Duration::from_secs(60);
 
 /// How long a registration waits for the cluster to confirm its name
 /// before it is refused as `unavailable`: well within the 5 s a peer gives
@@ -107,12 +110,13 @@ pub enum WriteResult {
     },
 }
 
-/// A compare-and-set on one record.
+/// A compare-and-set on one record: a new record, or (`None`) the
+/// record's removal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterWrite {
     pub id: u64,
     pub key: String,
-    pub record: NameRecord,
+    pub record: Option<NameRecord>,
     pub expect: Expect,
 }
 
@@ -176,6 +180,8 @@ enum Purpose<C> {
     Assert,
     /// Marks a peer gone.
     Release,
+    /// Removes a record whose name grace is over.
+    Expire,
 }
 
 pub(crate) struct Cluster<C> {
@@ -195,9 +201,17 @@ pub(crate) struct Cluster<C> {
     /// Local sessions by record key.
     local: HashMap<String, C>,
     /// Writes in flight: their record key, what they write, and why.
-    writes: HashMap<u64, (String, NameRecord, Purpose<C>)>,
-    /// Record keys with a write in flight that must not be doubled.
-    busy: HashSet<String>,
+    writes: HashMap<u64, (String, Option<NameRecord>, Purpose<C>)>,
+    /// Record keys with a write other than a claim in flight: one at a
+    /// time, as each expects the revision the last one made. What a key
+    /// should hold is worked out again when its write ends.
+    flying: HashSet<String>,
+    /// Record keys with claims in flight, and how many.
+    claiming: HashMap<String, usize>,
+    /// Why local peers whose release had to wait left.
+    left_reasons: HashMap<String, LeftReason>,
+    /// When the records whose grace is over were last looked for.
+    expired_at: Instant,
     out: VecDeque<ClusterWrite>,
     next_write: u64,
     /// When each registry's heartbeat (ours included) last came round.
@@ -216,7 +230,10 @@ impl<C: Copy + Eq + Hash + Debug> Cluster<C> {
             listed: HashMap::new(),
             local: HashMap::new(),
             writes: HashMap::new(),
-            busy: HashSet::new(),
+            flying: HashSet::new(),
+            claiming: HashMap::new(),
+            left_reasons: HashMap::new(),
+            expired_at: now,
             out: VecDeque::new(),
             next_write: 0,
             heard: HashMap::new(),
@@ -230,7 +247,15 @@ impl<C: Copy + Eq + Hash + Debug> Cluster<C> {
             .unwrap_or(0)
     }
 
-    fn write(&mut self, key: String, record: NameRecord, purpose: Purpose<C>) {
+    /// Asks for a write against the revision in our view. A write other
+    /// than a claim waits while another is in flight for its key (and is
+    /// worked out again when that one ends): `false` then.
+    fn write(&mut self, key: String, record: Option<NameRecord>, purpose: Purpose<C>) -> bool {
+        match purpose {
+            Purpose::Claim(_) => *self.claiming.entry(key.clone()).or_default() += 1,
+            _ if !self.flying.insert(key.clone()) => return false,
+            _ => {}
+        }
         let expect = match self.records.get(&key) {
             Some((revision, _)) => Expect::Revision(*revision),
             None => Expect::Absent,
@@ -244,6 +269,24 @@ impl<C: Copy + Eq + Hash + Debug> Cluster<C> {
             expect,
         });
         self.writes.insert(id, (key, record, purpose));
+        true
+    }
+
+    /// A write ended: its key is free for the next.
+    fn landed(&mut self, key: &str, purpose: &Purpose<C>) {
+        match purpose {
+            Purpose::Claim(_) => {
+                if let Some(n) = self.claiming.get_mut(key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.claiming.remove(key);
+                    }
+                }
+            }
+            _ => {
+                self.flying.remove(key);
+            }
+        }
     }
 
     /// Whether the record says its peer is registered here.
@@ -272,11 +315,15 @@ impl<C: Copy + Eq + Hash + Debug> Cluster<C> {
 
 /// Whether `record` keeps its name from `key` at `unix` seconds.
 fn held_against(record: &NameRecord, key: PublicKey, unix: u64) -> bool {
-    record.key != key
-        && match record.state {
-            RecordState::Online { .. } => true,
-            RecordState::Left { until, .. } => until > unix,
-        }
+    record.key != key && held(record, unix)
+}
+
+/// Whether `record` still holds its name at `unix` seconds.
+fn held(record: &NameRecord, unix: u64) -> bool {
+    match record.state {
+        RecordState::Online { .. } => true,
+        RecordState::Left { until, .. } => until > unix,
+    }
 }
 
 fn entry_of_record(record: &NameRecord) -> Option<PeerEntry> {
@@ -391,10 +438,13 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         };
         let unix = cluster.unix(now);
         if let Some((_, record)) = cluster.records.get(&claim.record_key) {
-            if held_against(record, claim.key, unix) {
-                let (code, why) = if peerchat_core::protocol::fold_name(&record.name)
-                    == claim.folded
-                {
+            let same_name = fold_name(&record.name) == claim.folded;
+            // One key may take its own name back from anywhere, but not a
+            // look-alike spelling of it, as with a registry alone.
+            let blocks = held_against(record, claim.key, unix)
+                || (!same_name && record.key == claim.key && held(record, unix));
+            if blocks {
+                let (code, why) = if same_name {
                     let why = match record.state {
                         RecordState::Online { .. } => format!(
                             "the name {:?} is taken by a peer that is online",
@@ -425,7 +475,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         };
         claim.tries += 1;
         let record = cluster.online(&claim.name, claim.key, claim.addr, None);
-        cluster.write(claim.record_key.clone(), record, Purpose::Claim(conn));
+        cluster.write(claim.record_key.clone(), Some(record), Purpose::Claim(conn));
         self.conns
             .insert(conn, LinkState::Claiming(Box::new(claim)));
     }
@@ -437,18 +487,27 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let Some((key, written, purpose)) = cluster.writes.remove(&id) else {
             return;
         };
-        cluster.busy.remove(&key);
+        cluster.landed(&key, &purpose);
+        let done = matches!(result, WriteResult::Done { .. });
         match result {
             // A claim is admitted before its record counts as seen: a peer
             // listed from another registry moves here instead of leaving.
-            WriteResult::Done { revision } => match purpose {
-                Purpose::Claim(conn) => {
-                    cluster.records.insert(key.clone(), (revision, written));
+            WriteResult::Done { revision } => match (purpose, written) {
+                (Purpose::Claim(conn), Some(written)) => {
+                    if cluster
+                        .records
+                        .get(&key)
+                        .is_none_or(|(known, _)| *known < revision)
+                    {
+                        cluster.records.insert(key.clone(), (revision, written));
+                    }
                     self.claimed(conn, &key, revision, now);
                 }
-                Purpose::Assert | Purpose::Release => {
-                    self.apply_record(key, revision, Some(written), now)
+                (Purpose::Assert | Purpose::Release, Some(written)) => {
+                    self.apply_record(key.clone(), revision, Some(written), now)
                 }
+                // The feed brings the removal.
+                _ => {}
             },
             WriteResult::Conflict { current } => {
                 // What the bucket holds now is news like any other.
@@ -456,10 +515,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     Some((revision, record)) => {
                         self.apply_record(key.clone(), revision, Some(record), now)
                     }
+                    // Gone, or unreadable: it lists nobody.
                     None => {
                         if let Some(cluster) = self.cluster.as_mut() {
                             cluster.records.remove(&key);
                         }
+                        self.list_remote(key.clone(), None, None);
                     }
                 }
                 if let Purpose::Claim(conn) = purpose {
@@ -467,9 +528,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                         Some(LinkState::Claiming(claim)) if claim.tries < CLAIM_TRIES => {
                             self.decide_claim(conn, *claim, now)
                         }
+                        // Not a refusal: a peer gives up on a name taken.
                         Some(LinkState::Claiming(claim)) => self.reject(
                             conn,
-                            ErrorCode::NameTaken,
+                            ErrorCode::Unavailable,
                             format!("the name {:?} is contested; try again", claim.name),
                         ),
                         Some(other) => {
@@ -478,6 +540,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                         None => {}
                     }
                 }
+                self.reconcile(&key, now);
             }
             WriteResult::Failed { reason } => {
                 tracing::warn!(record = %key, %reason, "cluster write failed");
@@ -494,6 +557,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     }
                 }
             }
+        }
+        if done {
+            self.reconcile(&key, now);
         }
     }
 
@@ -520,6 +586,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             key,
             ..
         } = *claim;
+        // Another session of this key took the name here meanwhile (two
+        // claims raced): this one replaces it, as on a registry alone.
+        if let Some(&old) = self.names.get(&folded) {
+            return self.reclaim(conn, old, name, addr, answers, now);
+        }
         self.admit_claimed(conn, name, folded, (addr, answers), key, now);
     }
 
@@ -542,8 +613,37 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 until: cluster.unix(now) + self.config.name_grace.as_secs(),
             },
         };
-        cluster.busy.insert(record_key.to_string());
-        cluster.write(record_key.to_string(), record, Purpose::Release);
+        if !cluster.write(record_key.to_string(), Some(record), Purpose::Release) {
+            cluster.left_reasons.insert(record_key.to_string(), reason);
+        }
+    }
+
+    /// A write on `key` ended (or could not be made): the record is made
+    /// to say what this registry knows, if it is this registry's to say.
+    /// A local session's record says it is online here; a record that
+    /// says a peer is online here when no session has it says it left.
+    fn reconcile(&mut self, key: &str, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        if cluster.flying.contains(key) || cluster.claiming.contains_key(key) {
+            return;
+        }
+        if let Some(&conn) = cluster.local.get(key) {
+            return self.cluster_assert(conn);
+        }
+        let stale = cluster
+            .records
+            .get(key)
+            .filter(|(_, r)| cluster.is_ours(r))
+            .map(|(revision, _)| *revision);
+        if let Some(revision) = stale {
+            let reason = cluster
+                .left_reasons
+                .remove(key)
+                .unwrap_or(LeftReason::Disconnected);
+            self.release(key, revision, reason, now);
+        }
     }
 
     /// A local session ended: its record says so, its name kept for its
@@ -577,7 +677,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         if cluster.records.get(&key).is_some_and(|(_, r)| *r == record) {
             return;
         }
-        cluster.write(key, record, Purpose::Assert);
+        // If a write is in flight, its end works this one out again.
+        cluster.write(key, Some(record), Purpose::Assert);
     }
 
     /// A record changed in the bucket (or a write told us it had): the
@@ -615,18 +716,22 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let remote = record
             .as_ref()
             .is_some_and(|r| !cluster.is_ours(r) && entry_of_record(r).is_some());
+        let ours = record.as_ref().is_some_and(|r| cluster.is_ours(r));
         let local = cluster.local.get(&key).copied();
+        // Our claim's record, before the claim's answer: the claim moves
+        // the listing when it is admitted.
+        if ours && local.is_none() && cluster.claiming.contains_key(&key) {
+            return;
+        }
+        let mut moved_away = None;
         if let Some(conn) = local {
             if let Some(LinkState::Registered(s)) = self.conns.get(&conn) {
                 let same_key = record.as_ref().is_some_and(|r| r.key == s.key);
-                let ours = record
-                    .as_ref()
-                    .is_some_and(|r| self.cluster.as_ref().is_some_and(|c| c.is_ours(r)));
                 match &record {
                     _ if ours => {}
                     // Our peer registered at another registry: this session
                     // is a stale one.
-                    Some(_) if same_key && remote => self.drop_replaced(conn),
+                    Some(_) if same_key && remote => moved_away = self.drop_replaced(conn),
                     // Marked left while this registry was cut off, or
                     // deleted: the session is alive, its record says so again.
                     _ if same_key || record.is_none() => {
@@ -642,21 +747,37 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 }
             }
         }
-        self.list_remote(key, record);
+        self.list_remote(key.clone(), record, moved_away);
+        if ours && local.is_none() {
+            // Says a peer is here that is not (a session that ended while
+            // a write was in flight).
+            self.reconcile(&key, now);
+        }
     }
 
     /// Puts a peer of another registry in the directory, changes its
     /// listing, or takes it out, and tells everyone, as its record now
     /// says.
-    fn list_remote(&mut self, key: String, record: Option<NameRecord>) {
+    ///
+    /// `moved_away` is the entry of a local session whose peer registered
+    /// at another registry: what the others knew of it, with nothing
+    /// listed.
+    fn list_remote(
+        &mut self,
+        key: String,
+        record: Option<NameRecord>,
+        moved_away: Option<PeerEntry>,
+    ) {
         let Some(cluster) = self.cluster.as_mut() else {
             return;
         };
         let listed = cluster.listed.get(&key).copied();
-        let before = listed.and_then(|order| match self.order.get(&order) {
-            Some((Listed::Remote(entry), _)) => Some(entry.clone()),
-            _ => None,
-        });
+        let before = listed
+            .and_then(|order| match self.order.get(&order) {
+                Some((Listed::Remote(entry), _)) => Some(entry.clone()),
+                _ => None,
+            })
+            .or(moved_away);
         let after = record
             .as_ref()
             .filter(|r| !cluster.is_ours(r))
@@ -679,15 +800,29 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     reason,
                 });
             }
-            (Some(before), Some(after)) if before.key == after.key => {
-                if before == after {
+            // The same peer: its listing changes, or it comes from a
+            // local session; a new spelling that folds otherwise is a new
+            // name to peers, so it leaves and joins instead.
+            (Some(before), Some(after))
+                if before.key == after.key && fold_name(&before.name) == fold_name(&after.name) =>
+            {
+                if before == after && listed.is_some() {
                     return;
                 }
-                if let Some(order) = listed {
-                    let entry = encode_entry(&after);
-                    self.order
-                        .insert(order, (Listed::Remote(after.clone()), entry));
-                    self.parts.remove(&(order / PART_ENTRIES));
+                let order = listed.unwrap_or_else(|| {
+                    let order = self.next_order;
+                    self.next_order += 1;
+                    order
+                });
+                let entry = encode_entry(&after);
+                self.order
+                    .insert(order, (Listed::Remote(after.clone()), entry));
+                self.parts.remove(&(order / PART_ENTRIES));
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.listed.insert(key, order);
+                }
+                if before == after {
+                    return;
                 }
                 let probe_news = before.addr == after.addr
                     && before.name == after.name
@@ -699,8 +834,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 });
             }
             (before, Some(after)) => {
-                if let (Some(before), Some(order)) = (before, listed) {
-                    self.unlist(order);
+                if let Some(before) = before {
+                    if let Some(order) = listed {
+                        self.unlist(order);
+                    }
                     self.announce(Change::Left {
                         name: before.name,
                         reason: LeftReason::Disconnected.as_str().into(),
@@ -755,7 +892,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             entry
         });
         match before {
-            Some(before) if before.key == key => {
+            Some(before) if before.key == key && fold_name(&before.name) == folded => {
                 if before.addr != addr.to_string() || before.name != name {
                     self.announce(Change::Moved {
                         name: name.clone(),
@@ -786,9 +923,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// The peer of a local session registered at another registry: the
     /// session here is stale. Nobody hears `left`: the peer is online.
-    fn drop_replaced(&mut self, conn: C) {
+    /// Returns what the directory listed for it.
+    fn drop_replaced(&mut self, conn: C) -> Option<PeerEntry> {
         let Some(LinkState::Registered(s)) = self.conns.remove(&conn) else {
-            return;
+            return None;
         };
         self.names.remove(&s.folded);
         self.unlist(s.order);
@@ -808,6 +946,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             conn,
             "replaced by a new session".into(),
         ));
+        Some(crate::entry_of(&s))
     }
 
     /// A local session's name went to another key: it ends.
@@ -862,12 +1001,52 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 cluster.is_ours(r)
                     && !cluster.local.contains_key(*key)
                     && !claiming.contains(key)
-                    && !cluster.busy.contains(*key)
+                    && !cluster.flying.contains(*key)
             })
             .map(|(key, (revision, _))| (key.clone(), *revision))
             .collect();
         for (key, revision) in stale {
             self.release(&key, revision, LeftReason::Disconnected, now);
+        }
+    }
+
+    /// Removes the records whose name grace is over, so that neither the
+    /// bucket nor any registry's view keeps every name ever used. Any
+    /// registry may; the compare-and-set keeps one removal.
+    fn expire_records(&mut self, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let unix = cluster.unix(now);
+        let over: Vec<String> = cluster
+            .records
+            .iter()
+            .filter(|(key, (_, r))| !held(r, unix) && !cluster.flying.contains(*key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in over {
+            cluster.write(key, None, Purpose::Expire);
+        }
+    }
+
+    /// This registry's heartbeats have not come round for `cut_off`:
+    /// its peers are told to register elsewhere.
+    fn leave_cluster_peers(&mut self, cut_off: Duration) {
+        let reason = format!(
+            "this registry has been cut off from its cluster for {}s; register at another registry of the cluster",
+            cut_off.as_secs()
+        );
+        tracing::warn!(%reason, "closing every local peer");
+        let sessions: Vec<C> = self.local_sessions().map(|(c, _)| c).collect();
+        for conn in sessions {
+            if let Some(LinkState::Registered(s)) = self.conns.remove(&conn) {
+                self.names.remove(&s.folded);
+                self.unlist(s.order);
+                if let Some(cluster) = self.cluster.as_mut() {
+                    cluster.local.remove(&record_key(&s.folded));
+                }
+                self.send_error(conn, ErrorCode::Unavailable, reason.clone());
+            }
         }
     }
 
@@ -888,6 +1067,19 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         if !cluster.caught_up {
             return;
         }
+        // Cut off for half a name grace: past the grace, another key may
+        // take a name this registry still serves. Its peers go elsewhere.
+        let cut_off = now.saturating_duration_since(ours);
+        if cut_off > self.config.name_grace / 2 && !cluster.local.is_empty() {
+            return self.leave_cluster_peers(cut_off);
+        }
+        if now.saturating_duration_since(cluster.expired_at) >= EXPIRY_SCAN {
+            cluster.expired_at = now;
+            self.expire_records(now);
+        }
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
         let dead: HashSet<String> = cluster
             .heard
             .iter()
@@ -902,7 +1094,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             .iter()
             .filter(|(key, (_, r))| {
                 matches!(&r.state, RecordState::Online { registry, .. } if dead.contains(registry))
-                    && !cluster.busy.contains(*key)
+                    && !cluster.flying.contains(*key)
             })
             .map(|(key, (revision, _))| (key.clone(), *revision))
             .collect();

@@ -408,23 +408,34 @@ async fn run_writes(
 /// not at the revision expected is a conflict, whatever error the write
 /// met; one that is means the write itself failed.
 async fn compare_and_set(names: &Store, write: ClusterWrite) -> WriteResult {
-    let value = match codec::encode(&write.record) {
-        Ok(value) => Bytes::from(value),
-        Err(e) => {
-            return WriteResult::Failed {
-                reason: format!("cannot encode the record: {e}"),
+    let written = match (&write.record, write.expect) {
+        (Some(record), expect) => {
+            let value = match codec::encode(record) {
+                Ok(value) => Bytes::from(value),
+                Err(e) => {
+                    return WriteResult::Failed {
+                        reason: format!("cannot encode the record: {e}"),
+                    }
+                }
+            };
+            match expect {
+                Expect::Absent => names
+                    .create(&write.key, value)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Expect::Revision(revision) => names
+                    .update(&write.key, value, revision)
+                    .await
+                    .map_err(|e| e.to_string()),
             }
         }
-    };
-    let written = match write.expect {
-        Expect::Absent => names
-            .create(&write.key, value)
+        // The purge's own revision comes with the feed.
+        (None, Expect::Revision(revision)) => names
+            .purge_expect_revision(&write.key, Some(revision))
             .await
+            .map(|()| 0)
             .map_err(|e| e.to_string()),
-        Expect::Revision(revision) => names
-            .update(&write.key, value, revision)
-            .await
-            .map_err(|e| e.to_string()),
+        (None, Expect::Absent) => Ok(0),
     };
     let error = match written {
         Ok(revision) => return WriteResult::Done { revision },

@@ -152,7 +152,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// the new session takes over at once, without a leave, and the others
     /// hear of it only if the address or the name's spelling changed. The
     /// old session is told it was replaced, in case it is still alive.
-    fn reclaim(
+    pub(crate) fn reclaim(
         &mut self,
         conn: C,
         old: C,

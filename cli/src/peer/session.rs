@@ -190,7 +190,6 @@ impl Session {
 
     pub(super) fn dial(&mut self, now: Instant, actions: &mut Actions) {
         let conn = actions.dial(self.registry);
-        actions.set_relay_via(self.registry);
         self.state = State::Registering {
             conn,
             snapshot: Vec::new(),
@@ -367,6 +366,8 @@ impl Session {
         self.backoff = self.backoff_min;
         self.first_attempt_over = true;
         self.ever_registered = true;
+        // Relays pair peers of one registry: ours, from now on.
+        actions.set_relay_via(self.registry);
         // Whether others can dial us is for this registration's probe to
         // say (again).
         actions.reversal = if self.probed {

@@ -12,7 +12,7 @@ use crate::cluster::{ClusterEvent, ClusterWrite, Expect, NameRecord, RecordState
 #[derive(Default)]
 struct Bucket {
     records: HashMap<String, (u64, NameRecord)>,
-    log: Vec<(String, u64, NameRecord)>,
+    log: Vec<(String, u64, Option<NameRecord>)>,
 }
 
 impl Bucket {
@@ -27,8 +27,12 @@ impl Bucket {
             return WriteResult::Conflict { current };
         }
         let revision = self.log.len() as u64 + 1;
-        self.records
-            .insert(write.key.clone(), (revision, write.record.clone()));
+        match &write.record {
+            Some(record) => self
+                .records
+                .insert(write.key.clone(), (revision, record.clone())),
+            None => self.records.remove(&write.key),
+        };
         self.log
             .push((write.key.clone(), revision, write.record.clone()));
         WriteResult::Done { revision }
@@ -97,7 +101,7 @@ impl Member {
             self.event(ClusterEvent::Record {
                 key,
                 revision,
-                record: Some(record),
+                record,
             });
         }
     }
@@ -414,4 +418,72 @@ fn a_failed_write_is_made_good_once_our_own_heartbeat_comes_round() {
             reason: "disconnected".into()
         }]
     );
+}
+
+#[test]
+fn a_key_cannot_take_a_look_alike_of_its_own_name_at_another_registry() {
+    let mut cluster = Cluster::new(2);
+    cluster.register(0, 1, "alice");
+    cluster.m(1).register_as(2, "a1ice", 7000, owner("alice"));
+    cluster.settle();
+    assert_eq!(cluster.m(1).error_code(2), "name_confusable");
+}
+
+#[test]
+fn a_leave_while_the_record_is_being_written_is_written_after_it() {
+    let mut cluster = Cluster::new(2);
+    cluster.register(0, 1, "alice");
+    cluster.register(1, 3, "bob");
+    cluster.m(1).take(3);
+    // Alice comes back from a new port (her record is rewritten), and
+    // leaves before that write lands.
+    cluster.members[0].sim.accept_as(2, ip(1), owner("alice"));
+    cluster.m(0).send(2, &register("alice", 7001));
+    cluster.m(0).send(2, &ToRegistry::Leave {});
+    cluster.m(0).flush();
+    cluster.settle();
+    let (_, record) = &cluster.bucket.records[&record_key("alice")];
+    assert!(
+        matches!(&record.state, RecordState::Left { reason, .. } if reason == "quit"),
+        "{record:?}"
+    );
+    let seen = changes(&cluster.m(1).take(3));
+    assert_eq!(
+        seen.last(),
+        Some(&Change::Left {
+            name: "alice".into(),
+            reason: "quit".into()
+        }),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn two_claims_of_one_key_at_one_registry_leave_one_session() {
+    let mut cluster = Cluster::new(2);
+    cluster.register(1, 9, "bob");
+    cluster.m(1).take(9);
+    // Both claims go out before either lands.
+    cluster.members[0].sim.register(1, "carol", 7000);
+    cluster.members[0].sim.register(2, "carol", 7001);
+    cluster.settle();
+    assert_eq!(cluster.m(0).reg.peer_count(), 1);
+    let first = cluster.m(0).take(1);
+    assert!(
+        matches!(first.last(), Some(FromRegistry::Error { code, .. }) if code == "replaced"),
+        "{first:?}"
+    );
+    let carols = cluster
+        .m(1)
+        .reg
+        .directory()
+        .into_iter()
+        .filter(|e| e.name == "carol")
+        .count();
+    assert_eq!(carols, 1);
+    let joins = changes(&cluster.m(1).take(9))
+        .into_iter()
+        .filter(|c| matches!(c, Change::Joined { name, .. } if name == "carol"))
+        .count();
+    assert_eq!(joins, 1);
 }
