@@ -155,6 +155,15 @@ impl Cluster {
         self.registries.0[i].addr
     }
 
+    /// Alice on registry 0 and bob on registry 1, registered.
+    fn alice_and_bob(&self) -> (PeerProc, PeerProc) {
+        let mut alice = self.peer("alice", 0);
+        alice.registered();
+        let mut bob = self.peer("bob", 1);
+        bob.registered();
+        (alice, bob)
+    }
+
     /// A peer on registry `i`, with the others as its fallbacks.
     fn peer(&self, name: &str, i: usize) -> PeerProc {
         let mut extra: Vec<String> = Vec::new();
@@ -278,10 +287,7 @@ fn a_name_raced_from_two_keys_at_two_registries_goes_to_exactly_one() {
 #[test]
 fn a_killed_registrys_peers_move_to_the_others_and_keep_their_names() {
     let mut cluster = Cluster::start();
-    let mut alice = cluster.peer("alice", 0);
-    alice.registered();
-    let mut bob = cluster.peer("bob", 1);
-    bob.registered();
+    let (mut alice, mut bob) = cluster.alice_and_bob();
     let mut dave = PeerProc::start_with("dave", &cluster.addr(1).to_string(), &["--no-store"]);
     dave.registered();
     alice.expect("dave joining", LONG, is("joined", "name", "dave"));
@@ -315,10 +321,7 @@ fn a_killed_registrys_peers_move_to_the_others_and_keep_their_names() {
 #[test]
 fn nats_losing_quorum_refuses_new_names_until_it_is_back() {
     let mut cluster = Cluster::start();
-    let mut alice = cluster.peer("alice", 0);
-    alice.registered();
-    let mut bob = cluster.peer("bob", 1);
-    bob.registered();
+    let (mut alice, mut bob) = cluster.alice_and_bob();
     alice.expect("bob joining", LONG, is("joined", "name", "bob"));
 
     for node in &cluster.nats[..2] {

@@ -422,17 +422,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 "this registry cannot reach its cluster to confirm names; try again (or another registry of the cluster)".into(),
             );
         }
-        if self.names.len() >= self.config.max_peers {
-            return self.reject(
-                conn,
-                ErrorCode::RegistryFull,
-                format!(
-                    "the registry holds its maximum of {} peers",
-                    self.config.max_peers
-                ),
-            );
+        if !self.refused_as_full(conn) {
+            self.decide_claim(conn, claim, now);
         }
-        self.decide_claim(conn, claim, now);
     }
 
     /// Writes the claim, or refuses it, as the view of its record says.

@@ -123,15 +123,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 ),
             );
         }
-        if self.names.len() >= self.config.max_peers {
-            return self.reject(
-                conn,
-                ErrorCode::RegistryFull,
-                format!(
-                    "the registry holds its maximum of {} peers",
-                    self.config.max_peers
-                ),
-            );
+        if self.refused_as_full(conn) {
+            return;
         }
         self.announce(Change::Joined {
             name: name.clone(),
@@ -145,6 +138,21 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.lookalikes.hold(look);
         }
         self.admit(conn, name, folded, (addr, answers), key, now);
+    }
+
+    /// Refuses `conn` (`registry_full`) if the registry holds its most
+    /// peers already; says whether it did.
+    pub(crate) fn refused_as_full(&mut self, conn: C) -> bool {
+        let full = self.names.len() >= self.config.max_peers;
+        if full {
+            let max = self.config.max_peers;
+            self.reject(
+                conn,
+                ErrorCode::RegistryFull,
+                format!("the registry holds its maximum of {max} peers"),
+            );
+        }
+        full
     }
 
     /// The key that holds a name registered it again on a new connection
