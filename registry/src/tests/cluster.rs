@@ -51,10 +51,10 @@ struct Member {
 }
 
 impl Member {
-    fn new(id: &str, now: Instant) -> Member {
-        let mut sim = Sim::new(config());
+    fn new(id: &str, config: Config, now: Instant) -> Member {
+        let mut sim = Sim::new(config.clone());
         sim.now = now;
-        sim.reg = Registry::new(config(), now);
+        sim.reg = Registry::new(config, now);
         sim.reg
             .join_cluster(id.into(), now, std::time::SystemTime::now());
         sim.reg.cluster_event(ClusterEvent::Up, now);
@@ -121,9 +121,15 @@ struct Cluster {
 
 impl Cluster {
     fn new(n: usize) -> Cluster {
+        Cluster::with(n, config())
+    }
+
+    fn with(n: usize, config: Config) -> Cluster {
         let now = Instant::now();
         Cluster {
-            members: (0..n).map(|i| Member::new(&format!("r{i}"), now)).collect(),
+            members: (0..n)
+                .map(|i| Member::new(&format!("r{i}"), config.clone(), now))
+                .collect(),
             bucket: Bucket::default(),
         }
     }
@@ -486,4 +492,30 @@ fn two_claims_of_one_key_at_one_registry_leave_one_session() {
         .filter(|c| matches!(c, Change::Joined { name, .. } if name == "carol"))
         .count();
     assert_eq!(joins, 1);
+}
+
+#[test]
+fn a_name_whose_grace_is_over_is_removed_from_the_bucket() {
+    let mut cluster = Cluster::with(
+        2,
+        Config {
+            name_grace: Duration::from_secs(2),
+            ..config()
+        },
+    );
+    cluster.register(0, 1, "alice");
+    cluster.m(0).send(1, &ToRegistry::Leave {});
+    cluster.m(0).flush();
+    cluster.settle();
+    assert!(cluster.bucket.records.contains_key(&record_key("alice")));
+    // Looked for once a minute.
+    cluster.advance(Duration::from_secs(62), &[0, 1]);
+    assert!(!cluster.bucket.records.contains_key(&record_key("alice")));
+    // And another key may have the name.
+    cluster.m(1).register_as(2, "alice", 7000, key("stranger"));
+    cluster.settle();
+    assert!(matches!(
+        cluster.m(1).take(2)[0],
+        FromRegistry::Welcome { .. }
+    ));
 }
