@@ -415,7 +415,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let Some(cluster) = self.cluster.as_ref() else {
             return;
         };
-        if !cluster.up || !cluster.caught_up {
+        if !cluster.up || !cluster.caught_up || self.cut_off(now).is_some() {
             return self.reject(
                 conn,
                 ErrorCode::Unavailable,
@@ -490,14 +490,23 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             // listed from another registry moves here instead of leaving.
             WriteResult::Done { revision } => match (purpose, written) {
                 (Purpose::Claim(conn), Some(written)) => {
-                    if cluster
+                    let overtaken = cluster
                         .records
                         .get(&key)
-                        .is_none_or(|(known, _)| *known < revision)
-                    {
+                        .is_some_and(|(known, _)| *known > revision);
+                    if !overtaken {
                         cluster.records.insert(key.clone(), (revision, written));
+                        self.claimed(conn, &key, revision, now);
+                    } else if matches!(self.conns.get(&conn), Some(LinkState::Claiming(_))) {
+                        // The feed already showed a later registration (the
+                        // peer went on elsewhere): this claim is stale, and
+                        // the record not ours to undo.
+                        self.reject(
+                            conn,
+                            ErrorCode::Unavailable,
+                            "a later registration of this name overtook this one; try again".into(),
+                        );
                     }
-                    self.claimed(conn, &key, revision, now);
                 }
                 (Purpose::Assert | Purpose::Release, Some(written)) => {
                     self.apply_record(key.clone(), revision, Some(written), now)
@@ -506,6 +515,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 _ => {}
             },
             WriteResult::Conflict { current } => {
+                // A record we cannot read is not rewritten over and over:
+                // only a record we know is worked out again.
+                let known = current.is_some();
                 // What the bucket holds now is news like any other.
                 match current {
                     Some((revision, record)) => {
@@ -536,7 +548,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                         None => {}
                     }
                 }
-                self.reconcile(&key, now);
+                if known {
+                    self.reconcile(&key, now);
+                }
             }
             WriteResult::Failed { reason } => {
                 tracing::warn!(record = %key, %reason, "cluster write failed");

@@ -95,6 +95,11 @@ enum Phase {
 
 enum Timer {
     RampTick,
+    /// An idle peer refused as `unavailable` tries again, as a peer would.
+    Retry {
+        name: String,
+        probe: bool,
+    },
     Heartbeat(ConnId),
     ChurnTick,
     ChurnLeave(ConnId),
@@ -185,6 +190,10 @@ fn cpu_share(a: ProcSample, b: ProcSample) -> f64 {
 
 struct LoadGen {
     args: Args,
+    /// Registrations tried again after `unavailable`.
+    retried: usize,
+    /// Idle peers the ramp has started (their retries not counted).
+    ramped: usize,
     /// Prefix of every name: `lg` or `ch` follow it.
     tag: String,
     sources: Vec<IpAddr>,
@@ -282,11 +291,12 @@ impl LoadGen {
                 self.registry_ramped = sample_all(pid);
                 let took = now.duration_since(self.ramp_started);
                 self.report.push(format!(
-                    "ramp: {} of {} idle peers registered in {:.1} s ({} failed)",
+                    "ramp: {} of {} idle peers registered in {:.1} s ({} failed, {} retried after unavailable)",
                     self.registered,
                     self.args.peers,
                     took.as_secs_f64(),
-                    self.failed
+                    self.failed,
+                    self.retried
                 ));
                 ctx.arm(now + self.args.idle, Timer::PhaseEnd(Phase::Idle));
             }
@@ -422,12 +432,22 @@ impl App for LoadGen {
         };
         if !state.registered {
             if !body.starts_with(&self.welcome_prefix) {
-                let why = codec::decode::<FromRegistry>(&body)
-                    .map_or_else(|e| e.to_string(), |m| format!("{m:?}"));
+                let refusal = codec::decode::<FromRegistry>(&body);
                 let (role, name) = (state.role, state.name.clone());
                 // Forgotten first, so that its close is not counted again.
                 self.conns.remove(&conn);
                 ctx.close(conn, "refused");
+                // A cluster that cannot confirm a name now may later.
+                if let (Role::Idle { probe }, Ok(FromRegistry::Error { code, .. })) =
+                    (role, &refusal)
+                {
+                    if code == "unavailable" && self.phase == Phase::Ramp {
+                        self.retried += 1;
+                        ctx.arm(now + Duration::from_secs(1), Timer::Retry { name, probe });
+                        return;
+                    }
+                }
+                let why = refusal.map_or_else(|e| e.to_string(), |m| format!("{m:?}"));
                 self.failure(ctx, role, format!("{name} was refused: {why}"));
                 return;
             }
@@ -502,10 +522,11 @@ impl App for LoadGen {
                     stride += 1;
                 }
                 for _ in 0..per_tick {
-                    let i = self.opened;
+                    let i = self.ramped;
                     if i >= target {
                         break;
                     }
+                    self.ramped += 1;
                     let probe = i % stride == stride - 1 && i / stride < self.args.probes;
                     let name = format!("{}lg{i}", self.tag);
                     self.open(ctx, Role::Idle { probe }, name);
@@ -517,6 +538,7 @@ impl App for LoadGen {
                 }
                 ctx.arm(now + Duration::from_millis(10), Timer::RampTick);
             }
+            Timer::Retry { name, probe } => self.open(ctx, Role::Idle { probe }, name),
             Timer::Heartbeat(conn) => {
                 let every = self.heartbeat.unwrap_or(Duration::from_secs(5));
                 if self.conns.contains_key(&conn) && ctx.send(conn, self.heartbeat_frame.clone()) {
@@ -619,6 +641,8 @@ fn main() -> ExitCode {
     let registry_before = sample_all(&args.registry_pid);
     let now = event_loop.ctx().now();
     let mut app = LoadGen {
+        retried: 0,
+        ramped: 0,
         heartbeat: None,
         heartbeat_frame: protocol::frame(&ToRegistry::Heartbeat {}),
         leave_frame: protocol::frame(&ToRegistry::Leave {}),

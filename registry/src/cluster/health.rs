@@ -74,9 +74,29 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
     }
 
+    /// How long this registry's heartbeats have not come round, once that
+    /// is past half the name grace (and well past a timeout, whatever the
+    /// grace): past the grace, another key may take a name it serves.
+    pub(crate) fn cut_off(&self, now: Instant) -> Option<Duration> {
+        let cluster = self.cluster.as_ref()?;
+        let ours = *cluster.heard.get(&cluster.id)?;
+        let cut_off = now.saturating_duration_since(ours);
+        let limit =
+            (self.config.name_grace / 2).max(self.config.timeout + 5 * self.config.heartbeat);
+        (cut_off > limit).then_some(cut_off)
+    }
+
     /// This registry's heartbeats have not come round for `cut_off`:
-    /// its peers are told to register elsewhere.
+    /// its peers are told to register elsewhere, and their records are
+    /// marked left once the cluster is back.
     fn leave_cluster_peers(&mut self, cut_off: Duration) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        if cluster.local.is_empty() {
+            return;
+        }
+        cluster.resync = true;
         let reason = format!(
             "this registry has been cut off from its cluster for {}s; register at another registry of the cluster",
             cut_off.as_secs()
@@ -114,10 +134,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
         // Cut off for half a name grace: past the grace, another key may
         // take a name this registry still serves. Its peers go elsewhere.
-        let cut_off = now.saturating_duration_since(ours);
-        if cut_off > self.config.name_grace / 2 && !cluster.local.is_empty() {
+        if let Some(cut_off) = self.cut_off(now) {
             return self.leave_cluster_peers(cut_off);
         }
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
         if now.saturating_duration_since(cluster.expired_at) >= EXPIRY_SCAN {
             cluster.expired_at = now;
             self.expire_records(now);

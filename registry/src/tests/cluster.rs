@@ -519,3 +519,34 @@ fn a_name_whose_grace_is_over_is_removed_from_the_bucket() {
         FromRegistry::Welcome { .. }
     ));
 }
+
+#[test]
+fn a_registry_cut_off_for_half_the_grace_sends_its_peers_elsewhere() {
+    let mut cluster = Cluster::with(
+        2,
+        Config {
+            name_grace: Duration::from_secs(4),
+            ..config()
+        },
+    );
+    cluster.register(0, 1, "alice");
+    cluster.m(0).take(1);
+    cluster.advance(Duration::from_millis(300), &[0, 1]);
+    cluster.members[0].cut = true;
+    // Two seconds: half the grace, and past the timeout and five
+    // heartbeats.
+    cluster.advance(Duration::from_millis(1900), &[1]);
+    assert!(!cluster.m(0).closed.contains_key(&1));
+    cluster.advance(Duration::from_millis(300), &[1]);
+    assert_eq!(cluster.m(0).error_code(1), "unavailable");
+    cluster.m(0).register(2, "bob", 7000);
+    assert_eq!(cluster.m(0).error_code(2), "unavailable");
+    // Back: alice's record says she left, as she did here.
+    cluster.members[0].cut = false;
+    cluster.advance(Duration::from_millis(300), &[0, 1]);
+    let (_, record) = &cluster.bucket.records[&record_key("alice")];
+    assert!(
+        matches!(record.state, RecordState::Left { .. }),
+        "{record:?}"
+    );
+}
