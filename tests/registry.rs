@@ -255,6 +255,21 @@ fn bad_command_lines_are_usage_errors() {
         vec!["--listen", "127.0.0.1:0", "--max-connections", "0"],
         vec!["--listen", "127.0.0.1:0", "--max-queue", "1000"],
         vec!["--print-key", "--listen", "127.0.0.1:0"],
+        vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster",
+            "nats://no such host",
+        ],
+        vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster",
+            "nats://127.0.0.1:4222",
+            "--names",
+            "n",
+        ],
+        vec!["--listen", "127.0.0.1:0", "--cluster-replicas", "0"],
     ] {
         let data = DataDir::fresh();
         let out = Command::new(bin("registry"))

@@ -69,7 +69,8 @@ pub struct Args {
         long,
         value_name = "URL",
         value_delimiter = ',',
-        conflicts_with = "names"
+        conflicts_with = "names",
+        value_parser = nats_url
     )]
     pub cluster: Vec<String>,
     /// Copies of the cluster's records NATS keeps, each on another server:
@@ -122,6 +123,14 @@ fn parse_rate(text: &str) -> Result<u64, String> {
 
 /// A count that must not be zero (a registry that takes no peer is a
 /// mistake, not a setting).
+/// A NATS server's address as the client takes it (`nats://HOST:PORT`,
+/// or `HOST[:PORT]`), kept as given.
+fn nats_url(text: &str) -> Result<String, String> {
+    text.parse::<async_nats::ServerAddr>()
+        .map(|_| text.to_string())
+        .map_err(|e| format!("{e} (write it as nats://HOST:PORT)"))
+}
+
 fn at_least_one(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
