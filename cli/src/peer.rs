@@ -397,9 +397,22 @@ impl Peer {
             Heard::ReverseFailed { to, code, reason } => {
                 tracing::info!(peer = %to, %code, %reason, "the registry did not ask the peer to dial us back");
                 let folded = fold_name(to.trim());
+                // Waiting links try the relay at once.
                 let (dir, actions) = (&self.directory, &mut self.actions);
-                self.outbox.reversal_failed(&folded, &code, dir, actions);
-                self.transfers.reversal_failed(&folded, &code, dir, actions);
+                if self
+                    .outbox
+                    .targets()
+                    .reversal_failed(&folded, &code, actions)
+                {
+                    self.outbox.ensure_link(&folded, dir, actions);
+                }
+                if self
+                    .transfers
+                    .targets()
+                    .reversal_failed(&folded, &code, actions)
+                {
+                    self.transfers.ensure_link(&folded, dir, actions);
+                }
             }
         }
     }
@@ -545,15 +558,19 @@ impl Peer {
         let was = via(self.actions.reversal);
         self.session.set_reachable(reachable, &mut self.actions);
         let (dir, actions) = (&self.directory, &mut self.actions);
-        self.outbox.probe_answered(dir, actions);
-        self.transfers.probe_answered(dir, actions);
+        for folded in self.outbox.targets().probe_answered(actions) {
+            self.outbox.ensure_link(&folded, dir, actions);
+        }
+        for folded in self.transfers.targets().probe_answered(actions) {
+            self.transfers.ensure_link(&folded, dir, actions);
+        }
         if was || !via(actions.reversal) {
             return;
         }
-        for folded in self.outbox.relayed() {
+        for folded in self.outbox.targets().relayed() {
             self.outbox.redial(&folded, dir, actions);
         }
-        for folded in self.transfers.relayed() {
+        for folded in self.transfers.targets().relayed() {
             self.transfers.redial(&folded, dir, actions);
         }
     }

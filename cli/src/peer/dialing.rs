@@ -13,6 +13,7 @@
 //! `relay_ready`) happens here; once the tunnel's session is up, the link
 //! is like any other.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -356,5 +357,73 @@ impl Dialing {
         actions.cancel(self.retry.take());
         self.backoff = Duration::ZERO;
         self.close(actions)
+    }
+}
+
+/// What the outbox and the transfers room each keep: per target (folded
+/// name) something with a [`Dialing`], and which link is whose. The
+/// registry's answers about reversals and probes reach both the same way.
+pub(super) struct Targets<'a, L> {
+    pub links: &'a mut HashMap<String, L>,
+    pub conns: &'a mut HashMap<LinkId, String>,
+}
+
+impl<L: AsRef<Dialing> + AsMut<Dialing>> Targets<'_, L> {
+    /// `conn` is a link `folded` dialed because we asked it to: ours, if
+    /// we wait for it.
+    pub(super) fn adopt(&mut self, conn: LinkId, folded: &str, actions: &mut Actions) -> bool {
+        let adopted = self
+            .links
+            .get_mut(folded)
+            .is_some_and(|l| l.as_mut().adopt(conn, actions));
+        if adopted {
+            self.conns.insert(conn, folded.to_string());
+        }
+        adopted
+    }
+
+    /// The registry would not ask `folded` to dial us back (`code`): true
+    /// if its link waited for that, and should be dialed on at once.
+    pub(super) fn reversal_failed(
+        &mut self,
+        folded: &str,
+        code: &str,
+        actions: &mut Actions,
+    ) -> bool {
+        self.links
+            .get_mut(folded)
+            .is_some_and(|l| l.as_mut().reversal_failed(code, actions))
+    }
+
+    /// The registry said whether others can dial us: the targets whose
+    /// links waited for it, no longer waiting, to be dialed on.
+    pub(super) fn probe_answered(&mut self, actions: &mut Actions) -> Vec<String> {
+        let mut waited = Vec::new();
+        for (folded, link) in self.links.iter_mut() {
+            let dialing = link.as_mut();
+            if dialing.awaits_our_probe() {
+                dialing.stop_waiting(actions);
+                waited.push(folded.clone());
+            }
+        }
+        waited
+    }
+
+    /// Whom our relayed links go to.
+    pub(super) fn relayed(&self) -> Vec<String> {
+        let relayed = self.links.iter().filter(|(_, l)| l.as_ref().is_relayed());
+        relayed.map(|(folded, _)| folded.clone()).collect()
+    }
+}
+
+impl AsRef<Dialing> for Dialing {
+    fn as_ref(&self) -> &Dialing {
+        self
+    }
+}
+
+impl AsMut<Dialing> for Dialing {
+    fn as_mut(&mut self) -> &mut Dialing {
+        self
     }
 }

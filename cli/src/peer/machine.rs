@@ -90,8 +90,14 @@ impl Peer {
             let why =
                 format!("a dial-back as {name:?} proved key {key}, not the one listed for it");
             (ErrorCode::KeyMismatch, why)
-        } else if self.outbox.adopt(link, &folded, &mut self.actions)
-            || self.transfers.adopt(link, &folded, &mut self.actions)
+        } else if self
+            .outbox
+            .targets()
+            .adopt(link, &folded, &mut self.actions)
+            || self
+                .transfers
+                .targets()
+                .adopt(link, &folded, &mut self.actions)
         {
             tracing::debug!(peer = %name, "dialed back");
             self.link_up(link, key, now);

@@ -23,7 +23,7 @@ use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, ErrorCode, LinkMsg};
 use peerchat_core::wire::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 
-use super::dialing::{Dialing, Path, Route};
+use super::dialing::{Dialing, Path, Route, Targets};
 use super::directory::Directory;
 use super::{
     Actions, Code, Config, Event, Held, OutboxLimits, Party, Reason, Record, Rng, Timer, TimerKey,
@@ -57,7 +57,7 @@ struct Outgoing {
     released: bool,
 }
 
-struct OutLink {
+pub(super) struct OutLink {
     /// The key the queued messages are for, and the name they were sent to.
     party: Party,
     /// Our link to the target, and its redials.
@@ -67,6 +67,18 @@ struct OutLink {
     bytes: usize,
     /// The deadline of the front of the queue.
     deadline: Option<TimerKey>,
+}
+
+impl AsRef<Dialing> for OutLink {
+    fn as_ref(&self) -> &Dialing {
+        &self.dialing
+    }
+}
+
+impl AsMut<Dialing> for OutLink {
+    fn as_mut(&mut self) -> &mut Dialing {
+        &mut self.dialing
+    }
 }
 
 impl OutLink {
@@ -364,7 +376,7 @@ impl Outbox {
     }
 
     /// Dials `folded` if messages wait for it and nothing is under way.
-    fn ensure_link(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
+    pub(super) fn ensure_link(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
         let Some(known) = dir.get(folded).filter(|k| !k.mismatch) else {
             return;
         };
@@ -385,58 +397,12 @@ impl Outbox {
         }
     }
 
-    /// `conn` is a link `folded` dialed because we asked it to: ours, if
-    /// we wait for it.
-    pub(super) fn adopt(&mut self, conn: LinkId, folded: &str, actions: &mut Actions) -> bool {
-        let adopted = self
-            .links
-            .get_mut(folded)
-            .is_some_and(|l| l.dialing.adopt(conn, actions));
-        if adopted {
-            self.conns.insert(conn, folded.to_string());
+    /// Our links, for what the registry says of reversals and probes.
+    pub(super) fn targets(&mut self) -> Targets<'_, OutLink> {
+        Targets {
+            links: &mut self.links,
+            conns: &mut self.conns,
         }
-        adopted
-    }
-
-    /// The registry would not ask `folded` to dial us back (`code`): the
-    /// relay is tried at once.
-    pub(super) fn reversal_failed(
-        &mut self,
-        folded: &str,
-        code: &str,
-        dir: &Directory,
-        actions: &mut Actions,
-    ) {
-        if self
-            .links
-            .get_mut(folded)
-            .is_some_and(|l| l.dialing.reversal_failed(code, actions))
-        {
-            self.ensure_link(folded, dir, actions);
-        }
-    }
-
-    /// The registry said whether others can dial us: links that waited
-    /// for it go on.
-    pub(super) fn probe_answered(&mut self, dir: &Directory, actions: &mut Actions) {
-        let waiting: Vec<String> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.dialing.awaits_our_probe())
-            .map(|(folded, _)| folded.clone())
-            .collect();
-        for folded in waiting {
-            if let Some(link) = self.links.get_mut(&folded) {
-                link.dialing.stop_waiting(actions);
-            }
-            self.ensure_link(&folded, dir, actions);
-        }
-    }
-
-    /// Whom our relayed links go to.
-    pub(super) fn relayed(&self) -> Vec<String> {
-        let relayed = self.links.iter().filter(|(_, l)| l.dialing.is_relayed());
-        relayed.map(|(folded, _)| folded.clone()).collect()
     }
 
     /// `folded` can be dialed now: a relayed link to it (or a wait for it

@@ -26,7 +26,7 @@ use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, LinkMsg};
 
-use super::dialing::{Dialing, Route};
+use super::dialing::{Dialing, Route, Targets};
 use super::directory::Directory;
 use super::event::{Direction, Event};
 use super::outbox::Target;

@@ -99,7 +99,12 @@ impl Transfers {
     }
 
     /// Dials `folded` if a transfer waits for it and nothing is under way.
-    fn ensure_link(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
+    pub(in crate::peer) fn ensure_link(
+        &mut self,
+        folded: &str,
+        dir: &Directory,
+        actions: &mut Actions,
+    ) {
         let Some(known) = dir.get(folded).filter(|k| !k.mismatch) else {
             return;
         };
@@ -118,63 +123,13 @@ impl Transfers {
         }
     }
 
-    /// `conn` is a file link `folded` dialed because we asked it to: ours,
-    /// if we wait for it.
-    pub(in crate::peer) fn adopt(
-        &mut self,
-        conn: LinkId,
-        folded: &str,
-        actions: &mut Actions,
-    ) -> bool {
-        let adopted = self
-            .links
-            .get_mut(folded)
-            .is_some_and(|l| l.adopt(conn, actions));
-        if adopted {
-            self.conns.insert(conn, folded.to_string());
+    /// Our file links, for what the registry says of reversals and
+    /// probes.
+    pub(in crate::peer) fn targets(&mut self) -> Targets<'_, Dialing> {
+        Targets {
+            links: &mut self.links,
+            conns: &mut self.conns,
         }
-        adopted
-    }
-
-    /// The registry would not ask `folded` to dial us back (`code`): the
-    /// relay is tried at once.
-    pub(in crate::peer) fn reversal_failed(
-        &mut self,
-        folded: &str,
-        code: &str,
-        dir: &Directory,
-        actions: &mut Actions,
-    ) {
-        if self
-            .links
-            .get_mut(folded)
-            .is_some_and(|l| l.reversal_failed(code, actions))
-        {
-            self.ensure_link(folded, dir, actions);
-        }
-    }
-
-    /// The registry said whether others can dial us: file links that
-    /// waited for it go on.
-    pub(in crate::peer) fn probe_answered(&mut self, dir: &Directory, actions: &mut Actions) {
-        let waiting: Vec<String> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.awaits_our_probe())
-            .map(|(folded, _)| folded.clone())
-            .collect();
-        for folded in waiting {
-            if let Some(link) = self.links.get_mut(&folded) {
-                link.stop_waiting(actions);
-            }
-            self.ensure_link(&folded, dir, actions);
-        }
-    }
-
-    /// Whom our relayed file links go to.
-    pub(in crate::peer) fn relayed(&self) -> Vec<String> {
-        let relayed = self.links.iter().filter(|(_, l)| l.is_relayed());
-        relayed.map(|(folded, _)| folded.clone()).collect()
     }
 
     /// Our file link is up and proved `key`: if that is the listed key,
@@ -417,7 +372,6 @@ impl Transfers {
         }
     }
 
-    /// Ends an outgoing transfer for `code`, telling the receiver.
     /// No path to `folded` is left (`code` says why): what we send it ends
     /// now rather than at its deadline.
     pub(in crate::peer) fn fail_unreachable(
@@ -440,6 +394,7 @@ impl Transfers {
         }
     }
 
+    /// Ends an outgoing transfer for `code`, telling the receiver.
     pub(super) fn fail_out(
         &mut self,
         number: u64,
