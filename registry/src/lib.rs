@@ -201,10 +201,11 @@ enum LinkState {
 }
 
 /// Who a directory entry is: a session of this registry, or a peer of
-/// another registry of the cluster (its entry).
+/// another registry of the cluster (whose entry is only the encoded one
+/// beside it).
 pub(crate) enum Listed<C> {
     Local(C),
-    Remote(PeerEntry),
+    Remote,
 }
 
 pub struct Registry<C> {
@@ -306,9 +307,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     pub fn directory(&self) -> Vec<PeerEntry> {
         self.order
             .values()
-            .filter_map(|(listed, _)| match listed {
+            .filter_map(|(listed, encoded)| match listed {
                 Listed::Local(c) => self.session(*c).map(entry_of),
-                Listed::Remote(entry) => Some(entry.clone()),
+                Listed::Remote => codec::decode(encoded).ok(),
             })
             .collect()
     }
@@ -317,7 +318,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     fn local_sessions(&self) -> impl Iterator<Item = (C, &Session)> {
         self.order.values().filter_map(|(listed, _)| match listed {
             Listed::Local(c) => self.session(*c).map(|s| (*c, s)),
-            Listed::Remote(..) => None,
+            Listed::Remote => None,
         })
     }
 

@@ -7,6 +7,7 @@ use std::hash::Hash;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{fold_name, Change, ErrorCode, LeftReason, PeerEntry};
 
@@ -88,6 +89,14 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
     }
 
+    /// The entry of the peer of another registry listed at `order`.
+    fn remote_entry(&self, order: u64) -> Option<PeerEntry> {
+        match self.order.get(&order) {
+            Some((Listed::Remote, encoded)) => codec::decode(encoded).ok(),
+            _ => None,
+        }
+    }
+
     /// Puts a peer of another registry in the directory, changes its
     /// listing, or takes it out, and tells everyone, as its record now
     /// says.
@@ -101,16 +110,15 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         record: Option<NameRecord>,
         moved_away: Option<PeerEntry>,
     ) {
-        let Some(cluster) = self.cluster.as_mut() else {
+        let Some(listed) = self.cluster.as_ref().map(|c| c.listed.get(&key).copied()) else {
             return;
         };
-        let listed = cluster.listed.get(&key).copied();
         let before = listed
-            .and_then(|order| match self.order.get(&order) {
-                Some((Listed::Remote(entry), _)) => Some(entry.clone()),
-                _ => None,
-            })
+            .and_then(|order| self.remote_entry(order))
             .or(moved_away);
+        let Some(cluster) = self.cluster.as_ref() else {
+            return;
+        };
         let after = record
             .as_ref()
             .filter(|r| !cluster.is_ours(r))
@@ -148,8 +156,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     order
                 });
                 let entry = encode_entry(&after);
-                self.order
-                    .insert(order, (Listed::Remote(after.clone()), entry));
+                self.order.insert(order, (Listed::Remote, entry));
                 self.parts.remove(&(order / PART_ENTRIES));
                 if let Some(cluster) = self.cluster.as_mut() {
                     cluster.listed.insert(key, order);
@@ -191,7 +198,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                         reachable: Some(reachable),
                     });
                 }
-                self.order.insert(order, (Listed::Remote(after), entry));
+                self.order.insert(order, (Listed::Remote, entry));
                 self.parts.remove(&(order / PART_ENTRIES));
                 if let Some(cluster) = self.cluster.as_mut() {
                     cluster.listed.insert(key, order);
@@ -217,10 +224,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             .as_mut()
             .and_then(|c| c.listed.remove(&record_key));
         let before = listed.and_then(|order| {
-            let entry = match self.order.get(&order) {
-                Some((Listed::Remote(entry), _)) => Some(entry.clone()),
-                _ => None,
-            };
+            let entry = self.remote_entry(order);
             self.unlist(order);
             entry
         });
