@@ -643,10 +643,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let pending = std::mem::take(&mut self.pending);
         let any_probe_news = pending.iter().any(is_probe_news);
         let mut encoded: HashMap<(usize, bool), Vec<Bytes>> = HashMap::new();
-        for (listed, _) in self.order.values() {
-            let Listed::Local(conn) = listed else {
-                continue;
-            };
+        // Our own sessions only: in a cluster most of the directory is
+        // other registries' peers.
+        for conn in self.names.values() {
             let start = if fresh.is_empty() {
                 0
             } else {

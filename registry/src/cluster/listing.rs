@@ -37,7 +37,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         match &record {
             Some(record) => {
                 if let RecordState::Online { registry, .. } = &record.state {
-                    cluster.heard.entry(registry.clone()).or_insert(now);
+                    if !cluster.heard.contains_key(registry) {
+                        cluster.heard.insert(registry.clone(), now);
+                    }
                 }
                 cluster
                     .records
