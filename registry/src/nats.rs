@@ -352,7 +352,14 @@ async fn watch_names(names: Store, sink: Sink) {
                         );
                         break;
                     }
-                    _ => continue,
+                    Ok(_) => continue,
+                    // Made again from where it stopped: that loses and
+                    // repeats nothing, and a feed whose server froze may
+                    // never say so.
+                    Err(e) => {
+                        tracing::info!(error = %e, "names feed quiet and the bucket does not answer; following it again");
+                        break;
+                    }
                 },
             };
             last = entry.revision;
