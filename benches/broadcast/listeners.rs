@@ -28,9 +28,11 @@ pub struct Tally {
     pub matched: u64,
     pub changes: u64,
     pub updates: u64,
-    pub heartbeats: u64,
+    /// Heartbeat replies, and updates, which answer a heartbeat that came
+    /// while they were held (PROTOCOL.md 4.5).
+    pub answers: u64,
     pub change_target: u64,
-    pub heartbeat_target: u64,
+    pub answer_target: u64,
 }
 
 pub struct Listener {
@@ -51,8 +53,8 @@ pub enum Want<'a> {
     },
     /// `change_target` changes counted.
     Changes,
-    /// `heartbeat_target` heartbeat replies.
-    Heartbeats,
+    /// `answer_target` answers to heartbeats.
+    Answers,
 }
 
 impl Want<'_> {
@@ -60,7 +62,7 @@ impl Want<'_> {
         match self {
             Want::Change { round, .. } => t.matched == *round,
             Want::Changes => t.changes >= t.change_target,
-            Want::Heartbeats => t.heartbeats >= t.heartbeat_target,
+            Want::Answers => t.answers >= t.answer_target,
         }
     }
 }
@@ -205,7 +207,7 @@ impl Fleet {
     }
 
     /// Between iterations: a heartbeat from everyone once in a while, and
-    /// the replies read, so that the registry's timeout never strikes and
+    /// the answers read, so that the registry's timeout never strikes and
     /// no reply lands inside a timed iteration.
     pub fn keepalive(&mut self) {
         if self.last_keepalive.elapsed() < KEEPALIVE {
@@ -213,26 +215,27 @@ impl Fleet {
         }
         let frame = codec::encode_frame(&ToRegistry::Heartbeat {}).unwrap();
         for c in &mut self.conns {
-            c.tally.heartbeat_target = c.tally.heartbeats + 1;
+            c.tally.answer_target = c.tally.answers + 1;
             let wire = sealed(&mut c.channel, &frame);
             write_small(&mut c.stream, &wire);
         }
-        self.wait(&Want::Heartbeats, "heartbeat replies");
+        self.wait(&Want::Answers, "heartbeat replies");
         self.last_keepalive = Instant::now();
     }
 
     /// Returns once the registry has read everything written to it before
-    /// this call, on any connection: a heartbeat's reply on one listener.
+    /// this call, on any connection: a heartbeat's answer on one listener.
     /// On loopback a write is in the receiving socket before it returns,
     /// so the registry's poll that sees the heartbeat sees every earlier
-    /// write too, and it answers at the end of that turn.
+    /// write too, and it answers at the end of that turn (or with the
+    /// update it is holding, PROTOCOL.md 4.5).
     pub fn fence(&mut self) {
         let frame = codec::encode_frame(&ToRegistry::Heartbeat {}).unwrap();
         let c = &mut self.conns[0];
-        c.tally.heartbeat_target = c.tally.heartbeats + 1;
+        c.tally.answer_target = c.tally.answers + 1;
         let wire = sealed(&mut c.channel, &frame);
         write_small(&mut c.stream, &wire);
-        self.wait(&Want::Heartbeats, "a heartbeat reply");
+        self.wait(&Want::Answers, "a heartbeat reply");
         self.fences += 1;
     }
 
@@ -301,12 +304,13 @@ impl Fleet {
 
 pub fn on_registry_frame(shapes: &Shapes, tally: &mut Tally, body: &[u8], want: &Want) {
     if body == shapes.heartbeat.as_slice() {
-        tally.heartbeats += 1;
+        tally.answers += 1;
         return;
     }
     if let Some(k) = shapes.change_count(body) {
         tally.changes += k;
         tally.updates += 1;
+        tally.answers += 1;
         if let Want::Change {
             body: expected,
             change,

@@ -31,7 +31,7 @@ pub enum RxEntry {
         stream: TcpStream,
         channel: SecureChannel,
         dec: FrameDecoder,
-        heartbeats: u64,
+        answers: u64,
         open: bool,
     },
     /// A receiver's listening socket, whose port it registered.
@@ -160,7 +160,7 @@ impl Receivers {
                 stream: TcpStream::from_std(std),
                 channel,
                 dec,
-                heartbeats: 0,
+                answers: 0,
                 open: true,
             });
             self.chats.push(0);
@@ -180,7 +180,7 @@ impl Receivers {
                     stream,
                     channel,
                     dec,
-                    heartbeats,
+                    answers,
                     open,
                 } => {
                     if !*open {
@@ -197,8 +197,12 @@ impl Receivers {
                     );
                     assert!(*open, "the registry closed a receiver's connection");
                     while let Some(body) = dec.next_frame().expect("valid framing") {
-                        if body == self.shapes.heartbeat.as_slice() {
-                            *heartbeats += 1;
+                        // An update answers a heartbeat that came while it
+                        // was held (PROTOCOL.md 4.5).
+                        if body == self.shapes.heartbeat.as_slice()
+                            || self.shapes.change_count(&body).is_some()
+                        {
+                            *answers += 1;
                         } else if body.starts_with(&self.shapes.error_prefix) {
                             panic!(
                                 "the registry refused a receiver: {:?}",
@@ -370,11 +374,11 @@ impl Receivers {
         }
     }
 
-    pub fn heartbeat_counts(&self) -> Vec<u64> {
+    pub fn answer_counts(&self) -> Vec<u64> {
         self.entries
             .iter()
             .filter_map(|e| match e {
-                RxEntry::Registry { heartbeats, .. } => Some(*heartbeats),
+                RxEntry::Registry { answers, .. } => Some(*answers),
                 _ => None,
             })
             .collect()
@@ -386,7 +390,7 @@ impl Receivers {
             return;
         }
         let frame = codec::encode_frame(&ToRegistry::Heartbeat {}).unwrap();
-        let before = self.heartbeat_counts();
+        let before = self.answer_counts();
         for e in &mut self.entries {
             if let RxEntry::Registry {
                 stream, channel, ..
@@ -398,7 +402,7 @@ impl Receivers {
         }
         let deadline = Instant::now() + WAIT;
         loop {
-            let now = self.heartbeat_counts();
+            let now = self.answer_counts();
             if now.iter().zip(&before).all(|(a, b)| a > b) {
                 break;
             }

@@ -171,6 +171,9 @@ pub(crate) struct Session {
     reachable: Option<bool>,
     /// Its recent requests to be dialed back.
     reversals: reversal::Budget,
+    /// Its last heartbeat waits for the update being held to answer it
+    /// (it is in `unanswered`).
+    answer_held: bool,
 }
 
 /// What a peer said, in its `register`, that it answers.
@@ -244,6 +247,10 @@ pub struct Registry<C> {
     /// is gone, or has moved on, finds its state changed and does nothing.
     timers: TimerWheel<Timer<C>>,
     heartbeat_reply: Bytes,
+    /// Sessions whose heartbeat waits for the update being held to answer
+    /// it (or for a heartbeat, if that update will not reach them); at
+    /// most one each.
+    unanswered: Vec<C>,
     stats: Stats,
     /// Some name changed owner or state since [`Registry::take_owners_changed`].
     owners_changed: bool,
@@ -278,6 +285,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             fresh: HashMap::new(),
             actions: VecDeque::new(),
             heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
+            unanswered: Vec::new(),
             stats: Stats::default(),
             owners_changed: false,
             stopping: None,
@@ -363,6 +371,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     }
 
     pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
+        let hold_answer = self.answer_may_wait(now);
         match self.conns.get_mut(&conn) {
             None => self.relay_frame(conn, body, now),
             Some(LinkState::Registering(pending)) => {
@@ -378,8 +387,16 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 session.last_seen = now;
                 match codec::decode::<ToRegistry>(body) {
                     Ok(ToRegistry::Heartbeat {}) => {
-                        self.actions
-                            .push_back(Action::Send(conn, self.heartbeat_reply.clone()));
+                        // One answer held per session: more heartbeats than
+                        // one per window are not a peer's, and are answered
+                        // at once rather than piled up.
+                        if hold_answer && !session.answer_held {
+                            session.answer_held = true;
+                            self.unanswered.push(conn);
+                        } else {
+                            self.actions
+                                .push_back(Action::Send(conn, self.heartbeat_reply.clone()));
+                        }
                     }
                     Ok(ToRegistry::Leave {}) => {
                         self.remove(conn, LeftReason::Quit, now);
@@ -624,6 +641,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
         let since = *self.held_since.get_or_insert(now);
         let due = since + self.window.delay;
+        if due.saturating_duration_since(now) > self.answer_allowance() {
+            self.answer_heartbeats(|_| true);
+        }
         // A window ends early once it fills an update frame: a push then
         // queues at most one frame for a listener beyond what a single
         // turn's changes would, so a window never makes a reader that
@@ -642,6 +662,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let fresh = std::mem::take(&mut self.fresh);
         let pending = std::mem::take(&mut self.pending);
         let any_probe_news = pending.iter().any(is_probe_news);
+        // Probe news alone skips the peers outside relays; anything else
+        // reaches every session, and answers its heartbeat, except one
+        // admitted this turn whose welcome already holds all of it.
+        let answered = pending.iter().any(|change| !is_probe_news(change));
+        self.answer_heartbeats(|conn| !answered || fresh.contains_key(conn));
         let mut encoded: HashMap<(usize, bool), Vec<Bytes>> = HashMap::new();
         // Our own sessions only: in a cluster most of the directory is
         // other registries' peers.
@@ -673,6 +698,38 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             });
             for frame in frames.iter() {
                 self.actions.push_back(Action::Send(*conn, frame.clone()));
+            }
+        }
+    }
+
+    /// How long a heartbeat's answer may wait for the update being held
+    /// (4.5). Under load every listener gets an update per window anyway,
+    /// and a heartbeat answered on its own is one more write per peer per
+    /// heartbeat. Answered within `heartbeat`, a peer hears from the
+    /// registry before its next heartbeat; and within half the margin to
+    /// `timeout`, so that a late answer never looks like a lost registry.
+    fn answer_allowance(&self) -> Duration {
+        let margin = self.config.timeout.saturating_sub(self.config.heartbeat);
+        (margin / 2).min(self.config.heartbeat)
+    }
+
+    /// Whether a heartbeat now may wait for the update being held: it
+    /// goes out within the allowance.
+    fn answer_may_wait(&self, now: Instant) -> bool {
+        self.held_since
+            .is_some_and(|since| since + self.window.delay <= now + self.answer_allowance())
+    }
+
+    /// Answers the held heartbeats: with a heartbeat those the update
+    /// going out does not answer (`needs_heartbeat`), the others by it.
+    fn answer_heartbeats(&mut self, needs_heartbeat: impl Fn(&C) -> bool) {
+        for conn in self.unanswered.drain(..) {
+            if let Some(LinkState::Registered(session)) = self.conns.get_mut(&conn) {
+                session.answer_held = false;
+                if needs_heartbeat(&conn) {
+                    self.actions
+                        .push_back(Action::Send(conn, self.heartbeat_reply.clone()));
+                }
             }
         }
     }

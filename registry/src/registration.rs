@@ -269,6 +269,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 answers,
                 reachable: None,
                 reversals: reversal::Budget::new(now),
+                answer_held: false,
             })),
         );
         self.want_probe(conn);

@@ -165,8 +165,12 @@ impl Cluster {
             for i in 0..self.members.len() {
                 let sim = &mut self.members[i].sim;
                 let peers: Vec<Conn> = sim.reg.local_sessions().map(|(c, _)| c).collect();
-                for c in peers {
+                for &c in &peers {
                     sim.send(c, &ToRegistry::Heartbeat {});
+                }
+                // The turn that read them ends, and answers them.
+                sim.flush();
+                for c in peers {
                     if let Some(inbox) = sim.inbox.get_mut(&c) {
                         inbox.retain(|m| *m != FromRegistry::Heartbeat {});
                     }

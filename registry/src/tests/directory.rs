@@ -333,6 +333,42 @@ fn a_window_goes_out_early_once_it_fills_an_update_frame() {
 }
 
 #[test]
+fn a_held_update_answers_the_heartbeats_of_its_window() {
+    let mut sim = listeners();
+    busy_with_churn(&mut sim);
+    let window = sim.reg.update_delay();
+    sim.register(6, "frank", 4000);
+    sim.take(6);
+    sim.send(1, &ToRegistry::Heartbeat {});
+    sim.flush();
+    assert!(sim.take(1).is_empty(), "the answer waits for the window");
+    sim.advance(window + Duration::from_millis(10));
+    assert_eq!(updates(&sim.take(1)).len(), 1, "the update, no heartbeat");
+    // Nothing held: a heartbeat is answered at the end of its turn.
+    sim.send(1, &ToRegistry::Heartbeat {});
+    sim.flush();
+    assert_eq!(sim.take(1), [FromRegistry::Heartbeat {}]);
+}
+
+#[test]
+fn a_heartbeat_is_not_kept_waiting_past_half_the_margin_to_the_timeout() {
+    // 100 ms of margin: the 400 ms window is too long to wait for.
+    let mut sim = Sim::new(Config {
+        heartbeat: Duration::from_secs(20),
+        timeout: Duration::from_millis(20_200),
+        max_peers: 1000,
+        ..config()
+    });
+    sim.register(1, "alice", 4000);
+    busy_with_churn(&mut sim);
+    assert_eq!(sim.reg.update_delay(), config().max_update_delay);
+    sim.register(6, "frank", 4000);
+    sim.send(1, &ToRegistry::Heartbeat {});
+    sim.flush();
+    assert_eq!(sim.take(1), [FromRegistry::Heartbeat {}]);
+}
+
+#[test]
 fn changes_that_come_one_at_a_time_are_not_held_even_when_busy() {
     let mut sim = listeners();
     let mut next: Conn = 100;

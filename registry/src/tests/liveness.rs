@@ -112,3 +112,75 @@ fn oversized_frames_are_told_and_closed() {
         }]
     );
 }
+
+#[test]
+fn a_quiet_registry_answers_every_heartbeat() {
+    let mut sim = Sim::new(config());
+    sim.register(1, "alice", 4001);
+    sim.take(1);
+    for _ in 0..5 {
+        sim.advance(Duration::from_millis(200));
+        sim.send(1, &ToRegistry::Heartbeat {});
+        sim.flush();
+        assert_eq!(sim.take(1), vec![FromRegistry::Heartbeat {}]);
+    }
+}
+
+#[test]
+fn under_load_updates_answer_heartbeats_and_no_peer_hears_nothing_for_long() {
+    let heartbeat = Duration::from_secs(1);
+    let mut sim = Sim::new(Config {
+        heartbeat,
+        timeout: Duration::from_secs(3),
+        max_peers: 1000,
+        ..config()
+    });
+    sim.register(1, "alice", 4001);
+    sim.take(1);
+    let step = Duration::from_millis(50);
+    let (mut heard_at, mut longest_silence) = (sim.now, Duration::ZERO);
+    let mut answers = [0, 0];
+    let mut next: Conn = 100;
+    // 5 s of churn (two joins and two leaves every 50 ms, the load
+    // reported high), then 5 s of quiet; alice heartbeats every second.
+    for tick in 1..=200u32 {
+        let churning = tick <= 100;
+        sim.advance(step);
+        if churning {
+            for _ in 0..2 {
+                sim.register(next, &format!("churn{next}"), 4000);
+                if next >= 104 {
+                    sim.send(next - 4, &ToRegistry::Leave {});
+                }
+                next += 1;
+            }
+        }
+        if tick % 5 == 0 {
+            let load = if churning { 0.95 } else { 0.05 };
+            sim.reg.set_load(load, Duration::from_millis(250));
+        }
+        if tick % 20 == 0 {
+            sim.send(1, &ToRegistry::Heartbeat {});
+        }
+        sim.flush();
+        let heard = sim.take(1);
+        if !heard.is_empty() {
+            longest_silence = longest_silence.max(sim.now - heard_at);
+            heard_at = sim.now;
+        }
+        answers[usize::from(!churning)] += heard
+            .iter()
+            .filter(|m| **m == FromRegistry::Heartbeat {})
+            .count();
+    }
+    assert!(!sim.closed.contains_key(&1), "alice stays");
+    assert_eq!(
+        answers,
+        [0, 5],
+        "under churn the updates answer alice's heartbeats; in quiet, heartbeats do"
+    );
+    assert!(
+        longest_silence <= heartbeat,
+        "alice heard nothing for {longest_silence:?}"
+    );
+}
