@@ -441,7 +441,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// A change to the directory, for everyone (see `send_batched`).
     fn announce(&mut self, change: Change) {
-        self.window.changed();
+        if !is_probe_news(&change) {
+            self.window.changed();
+        }
         self.pending.push(change);
     }
 
@@ -634,7 +636,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// has passed (a timer ends a turn then), or until they fill a frame.
     pub fn send_batched(&mut self, now: Instant) {
         self.expire_reservations(now);
-        self.window.end_turn();
         if self.pending.is_empty() {
             self.fresh.clear();
             return;

@@ -3,14 +3,23 @@
 //!
 //! Each push costs a write to every listener, and one frame carries a whole
 //! window's changes, so a busy registry holds them, but only while that
-//! bundles the changes of several turns: changes that come one turn at a
-//! time (a client that waits for each to arrive before the next) gain
-//! nothing from a window and would only wait. So a busy registry with no
-//! window tries one sized to bundle a few turns' changes at their recent
-//! rate; while a push carries two or more turns' changes it doubles the
-//! window, up to `max_update_delay`; when not, it drops the window and
-//! tries again only after a backoff that doubles. An idle registry halves
-//! the window, to none.
+//! bundles several changes: changes that come one at a time (a client that
+//! waits for each to arrive before the next) gain nothing from a window and
+//! would only wait. So a busy registry with no window tries one sized to
+//! bundle a few changes at their recent rate; while a push carries two or
+//! more changes it doubles the window, up to `max_update_delay`; when not,
+//! it drops the window and tries again only after a backoff that doubles.
+//! An idle registry halves the window, to none.
+//!
+//! Changes are counted, not the loop turns that made them: a saturated
+//! loop makes many changes in each of its long turns, and pushing every
+//! turn then costs a write per listener per turn, which keeps it
+//! saturated. Reachability news (4.7) is not counted: it follows each
+//! join, so a client joining one at a time would look like two changes.
+//!
+//! The load is judged over at least one window: a held window's work is
+//! all in its push, so a load report shorter than the window sees either
+//! the push (busy) or the wait (idle), and the window would swing.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -25,14 +34,14 @@ const LOAD_HIGH: f64 = 0.45;
 const LOAD_LOW: f64 = 0.2;
 /// The smallest window worth having; below it, changes go out at once.
 const MIN_UPDATE_DELAY: Duration = Duration::from_millis(5);
-/// A first window is sized to bundle the changes of about this many turns.
+/// A first window is sized to bundle about this many changes.
 const PROBE_BUNDLE: f64 = 4.0;
 /// Load reports to wait, after a window that bundled nothing, before
 /// trying one again: at first, and at most (it doubles with each window
 /// that fails in a row).
 const PROBE_BACKOFF: u32 = 8;
 const PROBE_BACKOFF_MAX: u32 = 128;
-/// Pushes in a row that each carry one turn's changes: the window is
+/// Pushes in a row that each carry one change or none: the window is
 /// dropped at once, without waiting for the next load report.
 const LONE_PUSHES: u32 = 3;
 
@@ -40,17 +49,20 @@ const LONE_PUSHES: u32 = 3;
 pub(crate) struct Window {
     /// How long changes are held now: zero when the registry is not busy.
     pub(crate) delay: Duration,
-    /// This turn made a change.
-    changed: bool,
-    /// Turns that made changes, and pushes of changes, since the start;
-    /// and both at the last load report.
-    turns: u64,
+    /// Changes made, pushes of changes, and the changes those pushes
+    /// carried, since the start; and all three when the load was last
+    /// judged.
+    changes: u64,
     pushes: u64,
-    mark: (u64, u64),
-    /// Pushes in a row, under a window, that carried one turn's changes;
-    /// and the turns counted at the last push.
+    carried: u64,
+    mark: (u64, u64, u64),
+    /// Load reported since it was last judged: busy time and time.
+    busy_for: Duration,
+    reported_for: Duration,
+    /// Pushes in a row, under a window, that carried one change or none;
+    /// and the changes counted at the last push.
     lone_pushes: u32,
-    turns_at_push: u64,
+    changes_at_push: u64,
     /// Load reports left before a window is tried again, and how many to
     /// wait after the next failed one.
     backoff: u32,
@@ -61,34 +73,30 @@ impl Window {
     pub(crate) fn new() -> Window {
         Window {
             delay: Duration::ZERO,
-            changed: false,
-            turns: 0,
+            changes: 0,
             pushes: 0,
-            mark: (0, 0),
+            carried: 0,
+            mark: (0, 0, 0),
+            busy_for: Duration::ZERO,
+            reported_for: Duration::ZERO,
             lone_pushes: 0,
-            turns_at_push: 0,
+            changes_at_push: 0,
             backoff: 0,
             next_backoff: PROBE_BACKOFF,
         }
     }
 
-    /// A change was made this turn.
+    /// A change was made.
     pub(crate) fn changed(&mut self) {
-        self.changed = true;
-    }
-
-    /// The turn ends.
-    pub(crate) fn end_turn(&mut self) {
-        if std::mem::take(&mut self.changed) {
-            self.turns += 1;
-        }
+        self.changes += 1;
     }
 
     /// The held changes went out.
     pub(crate) fn pushed(&mut self) {
         self.pushes += 1;
-        let turns = self.turns - std::mem::replace(&mut self.turns_at_push, self.turns);
-        if self.delay.is_zero() || turns > 1 {
+        let changes = self.changes - std::mem::replace(&mut self.changes_at_push, self.changes);
+        self.carried += changes;
+        if self.delay.is_zero() || changes > 1 {
             self.lone_pushes = 0;
         } else {
             self.lone_pushes += 1;
@@ -99,19 +107,28 @@ impl Window {
     }
 
     fn set_load(&mut self, busy: f64, elapsed: Duration, max: Duration) {
-        let turns = self.turns - self.mark.0;
+        self.busy_for += elapsed.mul_f64(busy.max(0.0));
+        self.reported_for += elapsed;
+        if self.reported_for < self.delay {
+            return;
+        }
+        let elapsed = std::mem::take(&mut self.reported_for);
+        let busy =
+            std::mem::take(&mut self.busy_for).as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
+        let changes = self.changes - self.mark.0;
         let pushes = self.pushes - self.mark.1;
-        self.mark = (self.turns, self.pushes);
+        let carried = self.carried - self.mark.2;
+        self.mark = (self.changes, self.pushes, self.carried);
         self.backoff = self.backoff.saturating_sub(1);
-        // Whatever the load: a window whose pushes carry one turn's changes
-        // each only delays them.
-        if !self.delay.is_zero() && pushes > 0 && turns < 2 * pushes {
+        // Whatever the load: a window whose pushes carry one change each
+        // only delays it.
+        if !self.delay.is_zero() && pushes > 0 && carried < 2 * pushes {
             self.drop();
             return;
         }
         if busy > LOAD_HIGH {
             if self.delay.is_zero() {
-                let rate = turns as f64 / elapsed.as_secs_f64().max(1e-3);
+                let rate = changes as f64 / elapsed.as_secs_f64().max(1e-3);
                 if self.backoff == 0 && rate > 0.0 {
                     let bundle = Duration::from_secs_f64(PROBE_BUNDLE / rate);
                     self.delay = bundle.max(MIN_UPDATE_DELAY).min(max);

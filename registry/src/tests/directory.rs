@@ -369,6 +369,36 @@ fn a_heartbeat_is_not_kept_waiting_past_half_the_margin_to_the_timeout() {
 }
 
 #[test]
+fn a_saturated_loop_keeps_its_window() {
+    let mut sim = listeners();
+    busy_with_churn(&mut sim);
+    let max = config().max_update_delay;
+    assert_eq!(sim.reg.update_delay(), max);
+    let mut next: Conn = 500;
+    // Each loop turn is as long as a window and makes many changes; the
+    // push's work falls in one load report and the wait in the next.
+    for round in 0..20 {
+        for _ in 0..8 {
+            sim.accept(next, ip(next as u8));
+            sim.send(next, &register(&format!("sat{next}"), 4000));
+            next += 1;
+        }
+        sim.flush();
+        sim.advance(Duration::from_millis(250));
+        sim.reg.set_load(0.95, Duration::from_millis(250));
+        sim.advance(Duration::from_millis(250));
+        sim.reg.set_load(0.1, Duration::from_millis(250));
+        assert_eq!(sim.reg.update_delay(), max, "round {round}");
+    }
+    let frames = updates(&sim.take(1));
+    assert!(
+        frames.len() <= 20,
+        "one frame a round at most: {}",
+        frames.len()
+    );
+}
+
+#[test]
 fn changes_that_come_one_at_a_time_are_not_held_even_when_busy() {
     let mut sim = listeners();
     let mut next: Conn = 100;
