@@ -203,12 +203,12 @@ enum LinkState {
     Registered(Box<Session>),
 }
 
-/// Who a directory entry is: a session of this registry, or a peer of
-/// another registry of the cluster (whose entry is only the encoded one
-/// beside it).
+/// Who a directory entry is: a session of this registry (its entry is
+/// made from the session when a snapshot part is encoded), or a peer of
+/// another registry of the cluster (held only as its encoded entry).
 pub(crate) enum Listed<C> {
     Local(C),
-    Remote,
+    Remote(Bytes),
 }
 
 pub struct Registry<C> {
@@ -223,12 +223,15 @@ pub struct Registry<C> {
     reserved_order: VecDeque<(Instant, String)>,
     /// The looks of every name in `names` or `reserved`.
     lookalikes: Lookalikes,
-    /// Registration order → connection and its snapshot entry, encoded
-    /// once: a welcome copies these bytes instead of encoding every peer.
-    order: BTreeMap<u64, (Listed<C>, Bytes)>,
+    /// Registration order → who is listed there.
+    order: BTreeMap<u64, Listed<C>>,
     /// The snapshot frames of the directory's parts (see [`PART_ENTRIES`])
-    /// that have not changed since they were encoded, by part.
+    /// that have not changed since they were encoded, by part: a welcome
+    /// copies these instead of encoding every peer. Dropped when no
+    /// welcome used them for a while ([`Registry::release_caches`]).
     parts: BTreeMap<u64, Bytes>,
+    /// A welcome used `parts` since the last [`Registry::release_caches`].
+    parts_used: bool,
     next_order: u64,
     /// Changes not yet pushed: this turn's, or, under load, those of the
     /// current window.
@@ -277,6 +280,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             lookalikes: Lookalikes::default(),
             order: BTreeMap::new(),
             parts: BTreeMap::new(),
+            parts_used: false,
             next_order: 0,
             pending: Vec::new(),
             held_since: None,
@@ -315,18 +319,18 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     pub fn directory(&self) -> Vec<PeerEntry> {
         self.order
             .values()
-            .filter_map(|(listed, encoded)| match listed {
+            .filter_map(|listed| match listed {
                 Listed::Local(c) => self.session(*c).map(entry_of),
-                Listed::Remote => codec::decode(encoded).ok(),
+                Listed::Remote(encoded) => codec::decode(encoded).ok(),
             })
             .collect()
     }
 
     /// The sessions of this registry, in registration order.
     fn local_sessions(&self) -> impl Iterator<Item = (C, &Session)> {
-        self.order.values().filter_map(|(listed, _)| match listed {
+        self.order.values().filter_map(|listed| match listed {
             Listed::Local(c) => self.session(*c).map(|s| (*c, s)),
-            Listed::Remote => None,
+            Listed::Remote(_) => None,
         })
     }
 
@@ -454,29 +458,49 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     }
 
     /// The directory as snapshot frames (each with `more`), one per part
-    /// that has peers, encoded anew only where a peer joined or left.
+    /// that has peers, encoded anew only where a peer joined, left or
+    /// changed.
     fn snapshot_parts(&mut self) -> Vec<Bytes> {
+        self.parts_used = true;
         let mut frames = Vec::new();
         let mut from = 0;
         while let Some(&first) = self.order.range(from..).next().map(|(k, _)| k) {
             let part = first / PART_ENTRIES;
             from = (part + 1) * PART_ENTRIES;
-            let order = &self.order;
-            let frame = self.parts.entry(part).or_insert_with(|| {
-                let entries: Vec<&[u8]> = order
-                    .range(part * PART_ENTRIES..from)
-                    .map(|(_, (_, e))| &e[..])
-                    .collect();
+            if !self.parts.contains_key(&part) {
+                let entries = self.encoded_entries(part * PART_ENTRIES..from);
+                let entries: Vec<&[u8]> = entries.iter().map(|e| &e[..]).collect();
                 let head = FromRegistry::Snapshot {
                     more: true,
                     peers: Vec::new(),
                 };
-                codec::encode_frame_with_items(&head, &entries)
-                    .unwrap_or_else(|e| panic!("cannot encode a snapshot part: {e}"))
-            });
-            frames.push(frame.clone());
+                let frame = codec::encode_frame_with_items(&head, &entries)
+                    .unwrap_or_else(|e| panic!("cannot encode a snapshot part: {e}"));
+                self.parts.insert(part, frame);
+            }
+            frames.push(self.parts[&part].clone());
         }
         frames
+    }
+
+    /// The encoded entries of the peers listed in `orders`, in order.
+    fn encoded_entries(&self, orders: impl std::ops::RangeBounds<u64>) -> Vec<Bytes> {
+        self.order
+            .range(orders)
+            .filter_map(|(_, listed)| match listed {
+                Listed::Local(c) => self.session(*c).map(|s| encode_entry(&entry_of(s))),
+                Listed::Remote(encoded) => Some(encoded.clone()),
+            })
+            .collect()
+    }
+
+    /// Drops the snapshot parts if no welcome used them since the last
+    /// call: an idle directory keeps no second copy of itself. The host
+    /// calls this now and then (with its stats line).
+    pub fn release_caches(&mut self) {
+        if !std::mem::take(&mut self.parts_used) {
+            self.parts.clear();
+        }
     }
 
     fn reject(&mut self, conn: C, code: ErrorCode, reason: String) {

@@ -110,6 +110,7 @@ impl Host<RegistryMachine> for RegistryHost {
                     reversals_failed = stats.reversals_failed,
                     "stats"
                 );
+                registry.release_caches();
                 release_free_memory();
                 let next = ctx.now() + self.stats_interval;
                 ctx.arm(next, Wake::Host(HostTimer::Stats));

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::Change;
 
-use crate::{encode_entry, entry_of, Action, LinkState, Listed, Registry, Timer, PART_ENTRIES};
+use crate::{Action, LinkState, Registry, Timer, PART_ENTRIES};
 
 /// How long a probe may take, connect and handshake included.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -167,7 +167,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
         s.reachable = Some(reachable);
         tracing::info!(name = %s.name, addr = %s.addr, reachable, "probed");
-        let entry = encode_entry(&entry_of(s));
         let (order, change) = (
             s.order,
             Change::Moved {
@@ -176,8 +175,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 reachable: Some(reachable),
             },
         );
-        self.order
-            .insert(order, (Listed::Local(run.session), entry));
         self.parts.remove(&(order / PART_ENTRIES));
         self.announce(change);
         self.cluster_assert(run.session);

@@ -14,14 +14,13 @@ use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{
     self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
-    FromRegistry, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+    FromRegistry, ToRegistry, PROTOCOL_VERSION,
 };
 
 use crate::cluster::Claim;
 use crate::owners::Reservation;
 use crate::{
-    encode_entry, millis, reversal, Action, Answers, LinkState, Listed, Registry, Session, Timer,
-    PART_ENTRIES,
+    millis, reversal, Action, Answers, LinkState, Listed, Registry, Session, Timer, PART_ENTRIES,
 };
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
@@ -225,7 +224,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             peers: Vec::new(),
         };
         let frames = if self.order.len() as u64 <= PART_ENTRIES {
-            let entries: Vec<&[u8]> = self.order.values().map(|(_, e)| &e[..]).collect();
+            let entries = self.encoded_entries(..);
+            let entries: Vec<&[u8]> = entries.iter().map(|e| &e[..]).collect();
             match codec::encode_frame_with_items(&welcome(false), &entries) {
                 Ok(frame) => vec![frame],
                 Err(e) => panic!("cannot encode a welcome: {e}"),
@@ -245,15 +245,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             .push_back(Action::SetMaxFrame(conn, self.config.max_frame));
         self.actions
             .extend(frames.into_iter().map(|frame| Action::Send(conn, frame)));
-        let entry = encode_entry(&PeerEntry {
-            name: name.clone(),
-            addr: addr.to_string(),
-            key,
-            reachable: None,
-        });
         let order = self.next_order;
         self.next_order += 1;
-        self.order.insert(order, (Listed::Local(conn), entry));
+        self.order.insert(order, Listed::Local(conn));
         self.parts.remove(&(order / PART_ENTRIES));
         self.fresh.insert(conn, self.pending.len());
         self.names.insert(folded.clone(), conn);

@@ -94,7 +94,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// The entry of the peer of another registry listed at `order`.
     fn remote_entry(&self, order: u64) -> Option<PeerEntry> {
         match self.order.get(&order) {
-            Some((Listed::Remote, encoded)) => codec::decode(encoded).ok(),
+            Some(Listed::Remote(encoded)) => codec::decode(encoded).ok(),
             _ => None,
         }
     }
@@ -158,7 +158,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     order
                 });
                 let entry = encode_entry(&after);
-                self.order.insert(order, (Listed::Remote, entry));
+                self.order.insert(order, Listed::Remote(entry));
                 self.parts.remove(&(order / PART_ENTRIES));
                 if let Some(cluster) = self.cluster.as_mut() {
                     cluster.listed.insert(key, order);
@@ -200,7 +200,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                         reachable: Some(reachable),
                     });
                 }
-                self.order.insert(order, (Listed::Remote, entry));
+                self.order.insert(order, Listed::Remote(entry));
                 self.parts.remove(&(order / PART_ENTRIES));
                 if let Some(cluster) = self.cluster.as_mut() {
                     cluster.listed.insert(key, order);

@@ -472,4 +472,19 @@ fn a_large_directory_goes_to_newcomers_in_shared_parts() {
     sim.send(5, &ToRegistry::Leave {});
     sim.flush();
     assert!(!sim.reg.parts.contains_key(&0) && sim.reg.parts.contains_key(&1));
+
+    // Parts no welcome used since the last look are dropped; the next
+    // newcomer's welcome encodes them again, from the sessions.
+    sim.reg.release_caches();
+    assert!(!sim.reg.parts.is_empty(), "used since the start");
+    sim.reg.release_caches();
+    assert!(sim.reg.parts.is_empty(), "unused since the last look");
+    sim.register(1002, "new3", 4000);
+    let mut view = Vec::new();
+    for m in &sim.take(1002) {
+        apply_view(&mut view, m);
+    }
+    let mut want = sim.reg.directory();
+    want.retain(|e| e.name != "new3");
+    assert_eq!(view, want, "new3's view, in registration order");
 }
