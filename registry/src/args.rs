@@ -94,7 +94,8 @@ pub struct Args {
     /// message, fields) or `json` (one object per line, for log shippers).
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// How often to log a stats line.
+    /// How often to log a stats line (and hand back memory not needed since
+    /// the last one).
     #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
     pub stats_interval: Duration,
     /// Relay nothing: peers that cannot dial each other cannot talk.
