@@ -11,7 +11,7 @@ use mio::{Events, Poll};
 use peerchat_core::codec;
 use peerchat_core::identity::{Identity, PublicKey};
 use peerchat_core::protocol::{
-    Change, FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+    self, FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
 use peerchat_core::secure::SecureChannel;
 use peerchat_core::wire::FrameDecoder;
@@ -144,8 +144,6 @@ pub fn dial(registry: SocketAddr, key: PublicKey, identity: &Identity, open: &mu
 /// them; each is checked against the codec once, at start.
 pub struct Shapes {
     pub heartbeat: Vec<u8>,
-    /// An `update` body up to its `changes` array header.
-    pub update_prefix: Vec<u8>,
     /// A `welcome` body's first bytes: `{"welcome": …`.
     pub welcome_prefix: Vec<u8>,
     /// An `error` body's first bytes.
@@ -158,8 +156,6 @@ pub struct Shapes {
 impl Shapes {
     pub fn new() -> Shapes {
         let heartbeat = codec::encode(&FromRegistry::Heartbeat {}).unwrap();
-        let mut update_prefix = codec::encode(&FromRegistry::Update { changes: vec![] }).unwrap();
-        assert_eq!(update_prefix.pop(), Some(0x80), "empty changes array");
         let welcome = codec::encode(&FromRegistry::Welcome {
             version: PROTOCOL_VERSION,
             name: "x".into(),
@@ -178,7 +174,6 @@ impl Shapes {
         .unwrap();
         let shapes = Shapes {
             heartbeat,
-            update_prefix,
             welcome_prefix: welcome[..9].to_vec(),
             error_prefix: error[..7].to_vec(),
             chat_prefix: b"\xa1\x64chat".to_vec(),
@@ -192,23 +187,6 @@ impl Shapes {
     /// The fast paths must agree with the codec, or the figures are wrong.
     pub fn check(&self) {
         let key = Identity::from_private(&[7; 32]).public();
-        for count in [0usize, 1, 23, 24, 255, 256] {
-            let changes = (0..count)
-                .map(|i| match i % 2 {
-                    0 => Change::Left {
-                        name: format!("n{i}"),
-                        reason: "quit".into(),
-                    },
-                    _ => Change::Joined {
-                        name: format!("n{i}"),
-                        addr: "127.0.0.1:9".into(),
-                        key,
-                    },
-                })
-                .collect();
-            let body = codec::encode(&FromRegistry::Update { changes }).unwrap();
-            assert_eq!(self.change_count(&body), Some(count as u64));
-        }
         for id in [
             0u64,
             23,
@@ -260,19 +238,7 @@ impl Shapes {
 
     /// Changes in an `update` body; `None` for any other message.
     pub fn change_count(&self, body: &[u8]) -> Option<u64> {
-        let rest = body.strip_prefix(self.update_prefix.as_slice())?;
-        let (&head, rest) = rest.split_first()?;
-        match head {
-            0x80..=0x97 => Some(u64::from(head - 0x80)),
-            0x98 => rest.first().map(|&b| u64::from(b)),
-            0x99 => rest
-                .get(..2)
-                .map(|b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
-            0x9a => rest
-                .get(..4)
-                .map(|b| u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
-            _ => None,
-        }
+        protocol::update_change_count(body)
     }
 
     /// The id of a `chat` body; `None` for any other message.

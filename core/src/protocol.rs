@@ -395,6 +395,36 @@ pub fn frame<T: Serialize + fmt::Debug>(msg: &T) -> Bytes {
     }
 }
 
+/// How many changes an encoded `update` body carries, read from its array
+/// header without decoding them; `None` for any other message. Written by
+/// hand for load tools, which count deliveries at rates where decoding
+/// every frame would cost more than what they measure.
+pub fn update_change_count(body: &[u8]) -> Option<u64> {
+    static PREFIX: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| {
+        let mut empty = codec::encode(&FromRegistry::Update { changes: vec![] })
+            .unwrap_or_else(|e| panic!("cannot encode an empty update: {e}"));
+        // The empty `changes` array's header.
+        empty.pop();
+        empty
+    });
+    let rest = body.strip_prefix(prefix.as_slice())?;
+    let (&head, rest) = rest.split_first()?;
+    // A CBOR array header: the length in the header byte, or in the 1, 2
+    // or 4 bytes after it.
+    match head {
+        0x80..=0x97 => Some(u64::from(head - 0x80)),
+        0x98 => rest.first().map(|&b| u64::from(b)),
+        0x99 => rest
+            .get(..2)
+            .map(|b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
+        0x9a => rest
+            .get(..4)
+            .map(|b| u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
+        _ => None,
+    }
+}
+
 /// Why a first frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstFrameError {
@@ -438,6 +468,33 @@ struct VersionOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_update_is_counted_from_its_header_as_the_codec_encodes_it() {
+        for count in [0usize, 1, 23, 24, 255, 256, 65_535, 65_536] {
+            let changes = changes_only(count);
+            let body = codec::encode(&FromRegistry::Update { changes }).unwrap();
+            assert_eq!(update_change_count(&body), Some(count as u64), "{count}");
+            // Cut after the header's first byte: only a count under 24 is
+            // whole there.
+            let cut = &body[..body.len() - codec::encode(&changes_only(count)).unwrap().len() + 1];
+            let whole = (count < 24).then_some(count as u64);
+            assert_eq!(update_change_count(cut), whole, "{count}, cut");
+        }
+        let heartbeat = codec::encode(&FromRegistry::Heartbeat {}).unwrap();
+        assert_eq!(update_change_count(&heartbeat), None);
+        assert_eq!(update_change_count(&[]), None);
+    }
+
+    /// The `changes` array of `count` changes alone, as the codec encodes it.
+    fn changes_only(count: usize) -> Vec<Change> {
+        (0..count)
+            .map(|i| Change::Left {
+                name: format!("n{i}"),
+                reason: "quit".into(),
+            })
+            .collect()
+    }
 
     #[test]
     fn messages_round_trip() {
