@@ -11,7 +11,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use peerchat_core::codec;
 use peerchat_core::identity::{Identity, PublicKey};
-use peerchat_core::protocol::{Change, FromRegistry, ToRegistry};
+use peerchat_core::protocol::{self, Change, FromRegistry, ToRegistry};
 use peerchat_core::secure::{self, SecureChannel};
 use peerchat_core::wire::FrameDecoder;
 use peerchat_testkit::client::register_frame;
@@ -307,7 +307,7 @@ pub fn on_registry_frame(shapes: &Shapes, tally: &mut Tally, body: &[u8], want: 
         tally.answers += 1;
         return;
     }
-    if let Some(k) = shapes.change_count(body) {
+    if let Some(k) = protocol::update_change_count(body) {
         tally.changes += k;
         tally.updates += 1;
         tally.answers += 1;

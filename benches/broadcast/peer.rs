@@ -14,7 +14,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use peerchat_core::codec;
 use peerchat_core::identity::{Identity, PublicKey};
-use peerchat_core::protocol::{FromRegistry, LinkMsg, ToRegistry};
+use peerchat_core::protocol::{self, FromRegistry, LinkMsg, ToRegistry};
 use peerchat_core::secure::{self, SecureChannel};
 use peerchat_core::wire::FrameDecoder;
 use peerchat_testkit::client::register_frame;
@@ -200,7 +200,7 @@ impl Receivers {
                         // An update answers a heartbeat that came while it
                         // was held (PROTOCOL.md 4.5).
                         if body == self.shapes.heartbeat.as_slice()
-                            || self.shapes.change_count(&body).is_some()
+                            || protocol::update_change_count(&body).is_some()
                         {
                             *answers += 1;
                         } else if body.starts_with(&self.shapes.error_prefix) {

@@ -10,9 +10,7 @@ use mio::net::TcpStream;
 use mio::{Events, Poll};
 use peerchat_core::codec;
 use peerchat_core::identity::{Identity, PublicKey};
-use peerchat_core::protocol::{
-    self, FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
-};
+use peerchat_core::protocol::{FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION};
 use peerchat_core::secure::SecureChannel;
 use peerchat_core::wire::FrameDecoder;
 
@@ -234,11 +232,6 @@ impl Shapes {
         assert!(codec::encode(&welcome)
             .unwrap()
             .starts_with(&self.welcome_prefix));
-    }
-
-    /// Changes in an `update` body; `None` for any other message.
-    pub fn change_count(&self, body: &[u8]) -> Option<u64> {
-        protocol::update_change_count(body)
     }
 
     /// The id of a `chat` body; `None` for any other message.
