@@ -33,7 +33,8 @@ use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{fold_name, name_skeleton, ErrorCode, LeftReason, PeerEntry};
 use serde::{Deserialize, Serialize};
 
-use crate::{Answers, LinkState, Registry, Timer};
+use crate::registration::Newcomer;
+use crate::{LinkState, Registry, Timer};
 
 /// How many times a claim is decided again after the bucket moved under
 /// it, before the name counts as contested and is refused.
@@ -147,30 +148,16 @@ pub fn record_key(folded: &str) -> String {
 
 /// A registration waiting for the cluster to confirm its name.
 pub(crate) struct Claim {
-    pub name: String,
-    pub folded: String,
-    pub addr: SocketAddr,
-    pub answers: Answers,
-    pub key: PublicKey,
+    pub who: Newcomer,
     record_key: String,
     tries: u8,
 }
 
 impl Claim {
-    pub(crate) fn new(
-        name: String,
-        folded: String,
-        addr: SocketAddr,
-        answers: Answers,
-        key: PublicKey,
-    ) -> Self {
+    pub(crate) fn new(who: Newcomer) -> Self {
         Claim {
-            record_key: record_key(&folded),
-            name,
-            folded,
-            addr,
-            answers,
-            key,
+            record_key: record_key(&who.folded),
+            who,
             tries: 0,
         }
     }
@@ -434,21 +421,21 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         };
         let unix = cluster.unix(now);
         if let Some((_, record)) = cluster.records.get(&claim.record_key) {
-            let same_name = fold_name(&record.name) == claim.folded;
+            let same_name = fold_name(&record.name) == claim.who.folded;
             // One key may take its own name back from anywhere, but not a
             // look-alike spelling of it, as with a registry alone.
-            let blocks = held_against(record, claim.key, unix)
-                || (!same_name && record.key == claim.key && held(record, unix));
+            let blocks = held_against(record, claim.who.key, unix)
+                || (!same_name && record.key == claim.who.key && held(record, unix));
             if blocks {
                 let (code, why) = if same_name {
                     let why = match record.state {
                         RecordState::Online { .. } => format!(
                             "the name {:?} is taken by a peer that is online",
-                            claim.name
+                            claim.who.name
                         ),
                         RecordState::Left { until, .. } => format!(
                             "the name {:?} is kept for the key of the peer that had it, for another {}s",
-                            claim.name,
+                            claim.who.name,
                             until.saturating_sub(unix)
                         ),
                     };
@@ -456,7 +443,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 } else {
                     (ErrorCode::NameConfusable, format!(
                         "the name {:?} looks like the name of a peer that is online or left recently; choose one that reads differently",
-                        claim.name
+                        claim.who.name
                     ))
                 };
                 return self.reject(conn, code, why);
@@ -470,7 +457,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             return;
         };
         claim.tries += 1;
-        let record = cluster.online(&claim.name, claim.key, claim.addr, None);
+        let record = cluster.online(&claim.who.name, claim.who.key, claim.who.addr, None);
         cluster.write(claim.record_key.clone(), Some(record), Purpose::Claim(conn));
         self.conns
             .insert(conn, LinkState::Claiming(Box::new(claim)));
@@ -540,7 +527,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                         Some(LinkState::Claiming(claim)) => self.reject(
                             conn,
                             ErrorCode::Unavailable,
-                            format!("the name {:?} is contested; try again", claim.name),
+                            format!("the name {:?} is contested; try again", claim.who.name),
                         ),
                         Some(other) => {
                             self.conns.insert(conn, other);
@@ -588,20 +575,13 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 return;
             }
         };
-        let Claim {
-            name,
-            folded,
-            addr,
-            answers,
-            key,
-            ..
-        } = *claim;
+        let who = claim.who;
         // Another session of this key took the name here meanwhile (two
         // claims raced): this one replaces it, as on a registry alone.
-        if let Some(&old) = self.names.get(&folded) {
-            return self.reclaim(conn, old, name, addr, answers, now);
+        if let Some(&old) = self.names.get(&who.folded) {
+            return self.reclaim(conn, old, who, now);
         }
-        self.admit_claimed(conn, name, folded, (addr, answers), key, now);
+        self.admit_claimed(conn, who, now);
     }
 
     /// Marks the record at `revision` left, unless it has moved on.

@@ -428,7 +428,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     fn who(&self, conn: C) -> (String, &str) {
         match self.conns.get(&conn) {
             Some(LinkState::Registering(pending)) => (pending.addr.to_string(), ""),
-            Some(LinkState::Claiming(claim)) => (claim.addr.to_string(), &claim.name),
+            Some(LinkState::Claiming(claim)) => (claim.who.addr.to_string(), &claim.who.name),
             Some(LinkState::Registered(s)) => (s.addr.to_string(), &s.name),
             None if self.relays.has(conn) => ("relay connection".into(), ""),
             None => ("unknown".into(), ""),

@@ -23,6 +23,17 @@ use crate::{
     millis, reversal, Action, Answers, LinkState, Listed, Registry, Session, Timer, PART_ENTRIES,
 };
 
+/// A registration about to be admitted: its name as registered and
+/// folded, where others dial it (`addr`), what it said it answers, and
+/// its key.
+pub(crate) struct Newcomer {
+    pub name: String,
+    pub folded: String,
+    pub addr: SocketAddr,
+    pub answers: Answers,
+    pub key: PublicKey,
+}
+
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     pub(crate) fn on_register_frame(
         &mut self,
@@ -84,7 +95,14 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let folded = fold_name(&name);
         if let Some(&holder) = self.names.get(&folded) {
             if self.session(holder).is_some_and(|s| s.key == key) {
-                return self.reclaim(conn, holder, name, addr, answers, now);
+                let who = Newcomer {
+                    name,
+                    folded,
+                    addr,
+                    answers,
+                    key,
+                };
+                return self.reclaim(conn, holder, who, now);
             }
             return self.reject(
                 conn,
@@ -93,7 +111,13 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             );
         }
         if self.is_clustered() {
-            let claim = Claim::new(name, folded, addr, answers, key);
+            let claim = Claim::new(Newcomer {
+                name,
+                folded,
+                addr,
+                answers,
+                key,
+            });
             return self.claim(conn, claim, now);
         }
         // Expired reservations go at the end of the turn; until then their
@@ -136,7 +160,17 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         if self.reserved.remove(&folded).is_none() {
             self.lookalikes.hold(look);
         }
-        self.admit(conn, name, folded, (addr, answers), key, now);
+        self.admit(
+            conn,
+            Newcomer {
+                name,
+                folded,
+                addr,
+                answers,
+                key,
+            },
+            now,
+        );
     }
 
     /// Refuses `conn` (`registry_full`) if the registry holds its most
@@ -159,20 +193,13 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// the new session takes over at once, without a leave, and the others
     /// hear of it only if the address or the name's spelling changed. The
     /// old session is told it was replaced, in case it is still alive.
-    pub(crate) fn reclaim(
-        &mut self,
-        conn: C,
-        old: C,
-        name: String,
-        addr: SocketAddr,
-        answers: Answers,
-        now: Instant,
-    ) {
+    pub(crate) fn reclaim(&mut self, conn: C, old: C, who: Newcomer, now: Instant) {
         let Some(LinkState::Registered(previous)) = self.conns.remove(&old) else {
             return;
         };
         self.unlist(previous.order);
         self.names.remove(&previous.folded);
+        let (name, addr) = (&who.name, who.addr);
         let notice = FromRegistry::error(
             ErrorCode::Replaced,
             format!("a newer session of this key registered {name:?} from {addr}"),
@@ -183,7 +210,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             .push_back(Action::Close(old, "replaced by a new session".into()));
         // A new spelling of the name is news too: views apply it by the
         // folded name and then show the new one.
-        if previous.addr != addr || previous.name != name {
+        if previous.addr != addr || previous.name != *name {
             self.announce(Change::Moved {
                 name: name.clone(),
                 addr: addr.to_string(),
@@ -191,27 +218,24 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             });
         }
         tracing::info!(%name, %addr, old_addr = %previous.addr, "reclaimed its name");
-        self.admit(
-            conn,
-            name,
-            previous.folded,
-            (addr, answers),
-            previous.key,
-            now,
-        );
+        let who = Newcomer {
+            folded: previous.folded,
+            key: previous.key,
+            ..who
+        };
+        self.admit(conn, who, now);
     }
 
-    /// `addr` is where others dial the peer; `answers`, what it said it
-    /// answers.
-    pub(crate) fn admit(
-        &mut self,
-        conn: C,
-        name: String,
-        folded: String,
-        (addr, answers): (SocketAddr, Answers),
-        key: PublicKey,
-        now: Instant,
-    ) {
+    /// The newcomer becomes a session: it gets its welcome and a place in
+    /// the registration order.
+    pub(crate) fn admit(&mut self, conn: C, who: Newcomer, now: Instant) {
+        let Newcomer {
+            name,
+            folded,
+            addr,
+            answers,
+            key,
+        } = who;
         self.owners_changed = true;
         let welcome = |more| FromRegistry::Welcome {
             version: PROTOCOL_VERSION,

@@ -4,15 +4,14 @@
 
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use peerchat_core::codec;
-use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{fold_name, Change, ErrorCode, LeftReason, PeerEntry};
 
 use super::{entry_of_record, record_key, NameRecord, RecordState};
-use crate::{encode_entry, Answers, LinkState, Listed, Registry, PART_ENTRIES};
+use crate::registration::Newcomer;
+use crate::{encode_entry, LinkState, Listed, Registry, PART_ENTRIES};
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// A record changed in the bucket (or a write told us it had): the
@@ -211,16 +210,9 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
 
     /// A claimed registration becomes a session. A peer that was listed
     /// from another registry moves here rather than joining again.
-    pub(super) fn admit_claimed(
-        &mut self,
-        conn: C,
-        name: String,
-        folded: String,
-        (addr, answers): (SocketAddr, Answers),
-        key: PublicKey,
-        now: Instant,
-    ) {
-        let record_key = record_key(&folded);
+    pub(super) fn admit_claimed(&mut self, conn: C, who: Newcomer, now: Instant) {
+        let (name, addr, key) = (&who.name, who.addr, who.key);
+        let record_key = record_key(&who.folded);
         let listed = self
             .cluster
             .as_mut()
@@ -231,8 +223,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             entry
         });
         match before {
-            Some(before) if before.key == key && fold_name(&before.name) == folded => {
-                if before.addr != addr.to_string() || before.name != name {
+            Some(before) if before.key == key && fold_name(&before.name) == who.folded => {
+                if before.addr != addr.to_string() || before.name != *name {
                     self.announce(Change::Moved {
                         name: name.clone(),
                         addr: addr.to_string(),
@@ -257,7 +249,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 tracing::info!(%name, %addr, %key, "joined");
             }
         }
-        self.admit(conn, name, folded, (addr, answers), key, now);
+        self.admit(conn, who, now);
     }
 
     /// The peer of a local session registered at another registry: the
