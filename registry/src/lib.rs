@@ -375,7 +375,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     }
 
     pub fn on_frame(&mut self, conn: C, body: &[u8], now: Instant) {
-        let hold_answer = self.answer_may_wait(now);
         match self.conns.get_mut(&conn) {
             None => self.relay_frame(conn, body, now),
             Some(LinkState::Registering(pending)) => {
@@ -390,18 +389,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             Some(LinkState::Registered(session)) => {
                 session.last_seen = now;
                 match codec::decode::<ToRegistry>(body) {
-                    Ok(ToRegistry::Heartbeat {}) => {
-                        // One answer held per session: more heartbeats than
-                        // one per window are not a peer's, and are answered
-                        // at once rather than piled up.
-                        if hold_answer && !session.answer_held {
-                            session.answer_held = true;
-                            self.unanswered.push(conn);
-                        } else {
-                            self.actions
-                                .push_back(Action::Send(conn, self.heartbeat_reply.clone()));
-                        }
-                    }
+                    Ok(ToRegistry::Heartbeat {}) => self.on_heartbeat(conn, now),
                     Ok(ToRegistry::Leave {}) => {
                         self.remove(conn, LeftReason::Quit, now);
                         self.actions.push_back(Action::Close(conn, "left".into()));
@@ -738,11 +726,23 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         (margin / 2).min(self.config.heartbeat)
     }
 
-    /// Whether a heartbeat now may wait for the update being held: it
-    /// goes out within the allowance.
-    fn answer_may_wait(&self, now: Instant) -> bool {
-        self.held_since
-            .is_some_and(|since| since + self.window.delay <= now + self.answer_allowance())
+    /// A heartbeat is answered now, or, if the update being held goes
+    /// out within the allowance, by that update. One answer is held per
+    /// session: more heartbeats than one per window are not a peer's, and
+    /// are answered at once rather than piled up.
+    fn on_heartbeat(&mut self, conn: C, now: Instant) {
+        let may_wait = self
+            .held_since
+            .is_some_and(|since| since + self.window.delay <= now + self.answer_allowance());
+        if let Some(LinkState::Registered(session)) = self.conns.get_mut(&conn) {
+            if may_wait && !session.answer_held {
+                session.answer_held = true;
+                self.unanswered.push(conn);
+                return;
+            }
+        }
+        self.actions
+            .push_back(Action::Send(conn, self.heartbeat_reply.clone()));
     }
 
     /// Answers the held heartbeats: with a heartbeat those the update
