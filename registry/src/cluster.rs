@@ -263,6 +263,11 @@ impl<C: Copy + Eq + Hash + Debug> Cluster<C> {
         true
     }
 
+    /// Whether any write, a claim or another, is in flight for `key`.
+    fn writing(&self, key: &str) -> bool {
+        self.flying.contains(key) || self.claiming.contains_key(key)
+    }
+
     /// A write ended: its key is free for the next.
     fn landed(&mut self, key: &str, purpose: &Purpose<C>) {
         match purpose {
@@ -616,7 +621,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let Some(cluster) = self.cluster.as_mut() else {
             return;
         };
-        if cluster.flying.contains(key) || cluster.claiming.contains_key(key) {
+        if cluster.writing(key) {
             return;
         }
         if let Some(&conn) = cluster.local.get(key) {

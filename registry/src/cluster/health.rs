@@ -33,20 +33,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         let Some(cluster) = self.cluster.as_ref() else {
             return;
         };
-        let claiming: HashSet<&String> = cluster
-            .writes
-            .values()
-            .filter(|(_, _, p)| matches!(p, Purpose::Claim(_)))
-            .map(|(key, _, _)| key)
-            .collect();
         let stale: Vec<(String, u64)> = cluster
             .records
             .iter()
             .filter(|(key, (_, r))| {
-                cluster.is_ours(r)
-                    && !cluster.local.contains_key(*key)
-                    && !claiming.contains(key)
-                    && !cluster.flying.contains(*key)
+                cluster.is_ours(r) && !cluster.local.contains_key(*key) && !cluster.writing(key)
             })
             .map(|(key, (revision, _))| (key.clone(), *revision))
             .collect();
