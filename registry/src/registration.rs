@@ -149,13 +149,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         if self.refused_as_full(conn) {
             return;
         }
-        self.announce(Change::Joined {
-            name: name.clone(),
-            addr: addr.to_string(),
-            key,
-        });
-        self.stats.joins += 1;
-        tracing::info!(%name, %addr, %key, "joined");
+        self.announce_join(&name, addr, key);
         // Only now: an owner turned away (a full registry) keeps its name.
         if self.reserved.remove(&folded).is_none() {
             self.lookalikes.hold(look);
@@ -171,6 +165,17 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             },
             now,
         );
+    }
+
+    /// A new peer joins the directory: everyone hears it, and it counts.
+    pub(crate) fn announce_join(&mut self, name: &str, addr: SocketAddr, key: PublicKey) {
+        self.announce(Change::Joined {
+            name: name.into(),
+            addr: addr.to_string(),
+            key,
+        });
+        self.stats.joins += 1;
+        tracing::info!(%name, %addr, %key, "joined");
     }
 
     /// Refuses `conn` (`registry_full`) if the registry holds its most

@@ -240,13 +240,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                         reason: LeftReason::Disconnected.as_str().into(),
                     });
                 }
-                self.announce(Change::Joined {
-                    name: name.clone(),
-                    addr: addr.to_string(),
-                    key,
-                });
-                self.stats.joins += 1;
-                tracing::info!(%name, %addr, %key, "joined");
+                self.announce_join(name, addr, key);
             }
         }
         self.admit(conn, who, now);
