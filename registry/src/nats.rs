@@ -329,7 +329,7 @@ async fn watch_names(names: Store, sink: Sink) {
         let mut watch = match names.watch_all_from_revision(last + 1).await {
             Ok(watch) => watch,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot follow the names bucket");
+                tracing::info!(error = %e, "cannot follow the names bucket; trying again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -338,7 +338,7 @@ async fn watch_names(names: Store, sink: Sink) {
             let entry = match tokio::time::timeout(FEED_CHECK, watch.next()).await {
                 Ok(Some(Ok(entry))) => entry,
                 Ok(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "names feed broke");
+                    tracing::info!(error = %e, "names feed broke; following it again from where it stopped");
                     break;
                 }
                 Ok(None) => break,
