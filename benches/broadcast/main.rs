@@ -14,8 +14,9 @@
 //!    rate is changes received, summed over the listeners, per second.
 //! 3. `peer_latency/N`, `peer_latency_acking/N`, `peer_pipelined/N`: one real
 //!    `peer --json` sends to N fake receivers owned by this bench (each
-//!    registers with the registry, accepts the peer's link, acks every
-//!    chat). Latency: one stdin line, clock stopped when all N have the chat;
+//!    registers with the registry, accepts the peer's link, and acks the
+//!    chats of each read with one ack for the last, as a peer does).
+//!    Latency: one stdin line, clock stopped when all N have the chat;
 //!    `peer_latency` holds the acks until the clock stops (so that the one
 //!    receiving thread does what the floor's reader does while timed),
 //!    `peer_latency_acking` sends them as the chats arrive. Pipelined: `K`

@@ -248,6 +248,7 @@ impl Receivers {
                         );
                         let r = *receiver;
                         let before = self.chats[r] >= self.target[r];
+                        let mut last = None;
                         while let Some(body) = dec.next_frame().expect("valid framing") {
                             let id = match self.shapes.chat_id(&body) {
                                 Some(id) if *hello => id,
@@ -261,6 +262,11 @@ impl Receivers {
                                 },
                             };
                             self.chats[r] += 1;
+                            last = Some(id);
+                        }
+                        // As the peer does: one ack for the chats read
+                        // together, carrying the last one's id.
+                        if let Some(id) = last {
                             acks.extend_from_slice(
                                 &codec::encode_frame(&LinkMsg::Ack { id }).unwrap(),
                             );
@@ -269,8 +275,8 @@ impl Receivers {
                             reached += 1;
                         }
                     }
-                    // Acks go out as the chats arrive, one Noise message and
-                    // one write per read, unless this round holds them until
+                    // Acks go out as the chats arrive, one Noise message, one
+                    // ack and one write per read, unless this round holds them until
                     // the clock stops.
                     flush_link(stream, channel, acks, out, open, self.hold_acks);
                     if !*open {

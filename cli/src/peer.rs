@@ -40,13 +40,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::{LinkId, Output};
-use peerchat_core::protocol::{fold_name, normalize_name, Change, ErrorCode, PeerEntry};
+use peerchat_core::protocol::{
+    self, fold_name, normalize_name, Change, ErrorCode, LinkMsg, PeerEntry,
+};
 
 use crate::command::Command;
 use crate::disk::{DiskOp, DiskReply};
 use crate::journal::{Party, Query, Record, Saved};
 use crate::trust;
-use actions::{Actions, Held, Reversal, Rng, TimerKey};
+use actions::{Actions, Held, Latest, Reversal, Rng, TimerKey};
 use dial_backs::DialBacks;
 use directory::Directory;
 use event::{Code, Reason};
@@ -360,6 +362,9 @@ impl Peer {
         while let Some(held) = self.actions.ready() {
             match held {
                 Held::Output(action) => self.actions.push(action),
+                Held::Ack(link, id) => self
+                    .actions
+                    .send(link, protocol::frame(&LinkMsg::Ack { id })),
                 Held::Release(id) => self.outbox.release(id, &mut self.actions),
             }
         }
@@ -669,7 +674,7 @@ impl Peer {
                     sent_at,
                 };
                 return self.outbox.send(
-                    vec![target],
+                    vec![target.as_to()],
                     chat,
                     now,
                     &self.directory,
@@ -752,6 +757,8 @@ impl Peer {
                     name: known.name.clone(),
                 },
                 folded,
+                listed: true,
+                mismatch: known.mismatch,
             });
         }
         let key = self.directory.pinned(&folded)?;
@@ -759,6 +766,8 @@ impl Peer {
         Some(outbox::Target {
             folded,
             party: Party { key, name },
+            listed: false,
+            mismatch: false,
         })
     }
 

@@ -2,7 +2,7 @@
 //! timers, the records and what waits for them to be written, and the one
 //! random stream.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -49,6 +49,12 @@ pub(super) struct Actions {
     /// What must not happen before a batch is written, in order, each with
     /// the batch it waits for.
     pub(super) held: VecDeque<(u64, Held)>,
+    /// Items ever taken off the front of `held`: a position in it plus
+    /// this is where an item stays while it waits.
+    held_taken: u64,
+    /// Where this turn's item of each [`Latest`] waits in `held`, by that
+    /// count.
+    turn_latest: HashMap<Latest, u64>,
     /// The registry, whose relay carries links that cannot go direct.
     registry: SocketAddr,
     /// Whether we may ask a peer we cannot dial to dial us back (4.8).
@@ -72,8 +78,19 @@ pub(super) enum Reversal {
 /// back likewise, see [`HostOutput::Show`]).
 pub(super) enum Held {
     Output(Action),
-    /// The message is recorded: it may go out.
+    /// `ack` on the link, for this id and every chat before it.
+    Ack(LinkId, u64),
+    /// The messages up to this id are recorded: they may go out.
     Release(u64),
+}
+
+/// Held items of which a turn needs only its latest, since it covers the
+/// ones before it: a turn's chats on one link are acknowledged by one
+/// `ack`, a turn's messages released by one [`Held::Release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Latest {
+    Ack(LinkId),
+    Release,
 }
 
 impl Actions {
@@ -97,6 +114,8 @@ impl Actions {
             batch: 1,
             durable: 0,
             held: VecDeque::new(),
+            held_taken: 0,
+            turn_latest: HashMap::new(),
             registry,
             reversal: Reversal::Off,
         }
@@ -138,9 +157,31 @@ impl Actions {
         unix_ms(wall + self.now.saturating_duration_since(at))
     }
 
-    /// Sent once what was recorded so far is written.
-    pub(super) fn send_recorded(&mut self, link: LinkId, frame: Bytes) {
-        self.hold(Held::Output(Output::Send(link, frame)));
+    /// Acknowledges chat `id` on `link` once what was recorded so far is
+    /// written. A link's chats come in order, and an `ack` covers the
+    /// chats before it (PROTOCOL.md 5.2).
+    pub(super) fn ack_recorded(&mut self, link: LinkId, id: u64) {
+        self.hold_latest(Latest::Ack(link), Held::Ack(link, id));
+    }
+
+    /// Holds `held` in the place of this turn's item of `latest`, if one
+    /// still waits.
+    pub(super) fn hold_latest(&mut self, latest: Latest, held: Held) {
+        let waiting = self
+            .turn_latest
+            .get(&latest)
+            .and_then(|at| at.checked_sub(self.held_taken))
+            .and_then(|at| self.held.get_mut(usize::try_from(at).ok()?));
+        match waiting {
+            Some((_, item)) => *item = held,
+            // The first of the turn, or the one before has gone out
+            // already (a batch written in the middle of the turn).
+            None => {
+                let at = self.held_taken + self.held.len() as u64;
+                self.turn_latest.insert(latest, at);
+                self.hold(held);
+            }
+        }
     }
 
     pub(super) fn hold(&mut self, held: Held) {
@@ -163,6 +204,7 @@ impl Actions {
     /// Ends the turn's batch, if anything was recorded. What was held this
     /// turn with nothing recorded waits on nothing new.
     pub(super) fn seal(&mut self) {
+        self.turn_latest.clear();
         if !self.persistent {
             self.durable = self.batch;
         } else if !std::mem::take(&mut self.recorded) {
@@ -183,6 +225,7 @@ impl Actions {
     pub(super) fn ready(&mut self) -> Option<Held> {
         match self.held.front() {
             Some((waits_for, _)) if *waits_for <= self.durable => {
+                self.held_taken += 1;
                 self.held.pop_front().map(|(_, held)| held)
             }
             _ => None,

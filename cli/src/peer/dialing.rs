@@ -115,6 +115,11 @@ impl Dialing {
         self.conn.filter(|_| self.up)
     }
 
+    /// A link is up or being opened, or a redial waits.
+    pub(super) fn under_way(&self) -> bool {
+        self.conn.is_some() || self.retry.is_some()
+    }
+
     /// How the link goes (or is being opened), while there is one.
     pub(super) fn path(&self) -> Option<Path> {
         self.conn.and(self.path)
@@ -130,7 +135,7 @@ impl Dialing {
         timer: Timer,
         actions: &mut Actions,
     ) -> Option<LinkId> {
-        if self.conn.is_some() || self.retry.is_some() {
+        if self.under_way() {
             return None;
         }
         let mut path = match self.fallback {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{fold_name, ErrorCode, PeerEntry};
 
-use super::outbox::Target;
-use super::{pin_text, Actions, Code, Config, HostOutput, Party, Pin, Reason, Timer};
+use super::outbox::To;
+use super::{pin_text, Actions, Code, Config, HostOutput, Pin, Reason, Timer};
 
 pub(super) struct Known {
     pub(super) name: String,
@@ -87,15 +87,15 @@ impl Directory {
     }
 
     /// Everyone listed, as targets of a message to all, sorted by name.
-    pub(super) fn targets(&self) -> Vec<Target> {
+    pub(super) fn targets(&self) -> Vec<To<'_>> {
         self.known
             .iter()
-            .map(|(folded, k)| Target {
-                folded: folded.clone(),
-                party: Party {
-                    key: k.key,
-                    name: k.name.clone(),
-                },
+            .map(|(folded, k)| To {
+                folded,
+                key: k.key,
+                name: &k.name,
+                listed: true,
+                mismatch: k.mismatch,
             })
             .collect()
     }

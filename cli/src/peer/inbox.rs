@@ -466,7 +466,7 @@ impl Inbox {
                 sent_at,
             });
         }
-        actions.send_recorded(conn, protocol::frame(&LinkMsg::Ack { id }));
+        actions.ack_recorded(conn, id);
     }
 
     /// Another key holds `folded`'s name now: its links close.

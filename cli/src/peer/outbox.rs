@@ -11,7 +11,8 @@
 //! With a store, every message is recorded before it goes out: it waits
 //! for its record to be written (its [`Held::Release`](super::Held)), and
 //! a queue holds messages in id order, so the released ones are always its
-//! front. Outcomes are recorded in the turn they are reported in.
+//! front, and the next one released is the first of the others. Outcomes
+//! are recorded in the turn they are reported in.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -26,8 +27,8 @@ use peerchat_core::wire::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 use super::dialing::{Dialing, Path, Route, Targets};
 use super::directory::Directory;
 use super::{
-    Actions, Code, Config, Event, Held, OutboxLimits, Party, Reason, Record, Rng, Timer, TimerKey,
-    Waiting,
+    Actions, Code, Config, Event, Held, Latest, OutboxLimits, Party, Reason, Record, Rng, Timer,
+    TimerKey, Waiting,
 };
 use crate::journal;
 
@@ -39,10 +40,45 @@ pub(super) struct Draft {
     pub(super) sent_at: u64,
 }
 
-/// Whom a message is for: the name (folded) and the key it must reach.
+/// Whom a message is for: the name (folded) and the key it must reach,
+/// and whether the directory lists it now (with a key other than the one
+/// pinned for it: `mismatch`).
 pub(super) struct Target {
     pub(super) folded: String,
     pub(super) party: Party,
+    pub(super) listed: bool,
+    pub(super) mismatch: bool,
+}
+
+impl Target {
+    pub(super) fn as_to(&self) -> To<'_> {
+        To {
+            folded: &self.folded,
+            key: self.party.key,
+            name: &self.party.name,
+            listed: self.listed,
+            mismatch: self.mismatch,
+        }
+    }
+}
+
+/// A [`Target`] borrowed, from it or from the directory: a message to
+/// everyone copies no name it need not keep.
+pub(super) struct To<'a> {
+    pub(super) folded: &'a str,
+    pub(super) key: PublicKey,
+    pub(super) name: &'a str,
+    pub(super) listed: bool,
+    pub(super) mismatch: bool,
+}
+
+impl To<'_> {
+    fn party(&self) -> Party {
+        Party {
+            key: self.key,
+            name: self.name.to_string(),
+        }
+    }
 }
 
 struct Outgoing {
@@ -53,8 +89,6 @@ struct Outgoing {
     sent_at: u64,
     /// Given up as `expired` if not acknowledged by then.
     deadline: Instant,
-    /// Its record is written: it may be sent.
-    released: bool,
 }
 
 pub(super) struct OutLink {
@@ -62,7 +96,13 @@ pub(super) struct OutLink {
     party: Party,
     /// Our link to the target, and its redials.
     dialing: Dialing,
+    /// In id order.
     queue: VecDeque<Outgoing>,
+    /// The first this many of the queue have their record written: they
+    /// may be sent.
+    released: usize,
+    /// Listed in [`Outbox::unreleased`].
+    awaits_release: bool,
     /// Text bytes in the queue.
     bytes: usize,
     /// The deadline of the front of the queue.
@@ -87,6 +127,8 @@ impl OutLink {
             party,
             dialing: Dialing::default(),
             queue: VecDeque::new(),
+            released: 0,
+            awaits_release: false,
             bytes: 0,
             deadline: None,
         }
@@ -96,6 +138,34 @@ impl OutLink {
     fn disarm(&mut self, actions: &mut Actions) {
         self.dialing.stop(actions);
         actions.cancel(self.deadline.take());
+    }
+
+    /// Dials the target if messages wait for it, it is listed and nothing
+    /// is under way: returns the link dialed.
+    fn ensure_dialed(
+        &mut self,
+        folded: &str,
+        dir: &Directory,
+        actions: &mut Actions,
+    ) -> Option<LinkId> {
+        if self.queue.is_empty() || self.dialing.under_way() {
+            return None;
+        }
+        let known = dir.get(folded).filter(|k| !k.mismatch)?;
+        let route = Route {
+            name: &known.name,
+            addr: known.addr,
+            unreachable: known.reachable == Some(false),
+        };
+        let timer = Timer::LinkRetry(folded.to_string());
+        self.dialing.dial(&route, timer, actions)
+    }
+
+    fn pop_front(&mut self) -> Option<Outgoing> {
+        let out = self.queue.pop_front()?;
+        self.released = self.released.saturating_sub(1);
+        self.bytes -= out.text_len;
+        Some(out)
     }
 
     /// Arms the deadline of the front of the queue, if none is armed.
@@ -115,8 +185,8 @@ pub(super) struct Outbox {
     conns: HashMap<LinkId, String>,
     /// Per message: how many targets have no outcome yet.
     open: HashMap<u64, usize>,
-    /// Per message not released yet: its targets (folded).
-    unreleased: HashMap<u64, Vec<String>>,
+    /// Targets (folded) with messages whose record is not written yet.
+    unreleased: Vec<String>,
     /// Messages and text bytes in all queues.
     total: usize,
     total_bytes: usize,
@@ -143,7 +213,7 @@ impl Outbox {
             links: HashMap::new(),
             conns: HashMap::new(),
             open: HashMap::new(),
-            unreleased: HashMap::new(),
+            unreleased: Vec::new(),
             total: 0,
             total_bytes: 0,
             next_id: next_id.max(1),
@@ -165,18 +235,24 @@ impl Outbox {
             outbox.next_id = outbox.next_id.max(message.id + 1);
             for party in message.targets {
                 let folded = fold_name(&party.name);
-                outbox.enqueue(
-                    &folded,
-                    party,
+                let to = To {
+                    folded: &folded,
+                    key: party.key,
+                    name: &party.name,
+                    listed: false,
+                    mismatch: false,
+                };
+                let link = outbox.enqueue(
+                    &to,
                     Outgoing {
                         id: message.id,
                         frame: frame.clone(),
                         text_len: message.text.len(),
                         sent_at: message.sent_at,
                         deadline,
-                        released: true,
                     },
                 );
+                link.released += 1;
             }
         }
         outbox
@@ -195,15 +271,19 @@ impl Outbox {
         self.total
     }
 
-    fn enqueue(&mut self, folded: &str, party: Party, out: Outgoing) {
+    /// Queues `out` for `to`, whose link it returns.
+    fn enqueue(&mut self, to: &To, out: Outgoing) -> &mut OutLink {
         self.total += 1;
         self.total_bytes += out.text_len;
-        let link = self
-            .links
-            .entry(folded.to_string())
-            .or_insert_with(|| OutLink::new(party));
+        if !self.links.contains_key(to.folded) {
+            self.links
+                .insert(to.folded.to_string(), OutLink::new(to.party()));
+        }
+        let link = self.links.get_mut(to.folded).expect("inserted above");
         link.bytes += out.text_len;
+        debug_assert!(link.queue.back().is_none_or(|last| last.id < out.id));
         link.queue.push_back(out);
+        link
     }
 
     /// The target of our link `conn` and how it is dialed.
@@ -232,7 +312,7 @@ impl Outbox {
 
     /// Why a message of `text_len` bytes cannot be queued for `targets`, if
     /// it cannot.
-    fn over_limits(&self, targets: &[Target], text_len: usize) -> Option<String> {
+    fn over_limits(&self, targets: &[To], text_len: usize) -> Option<String> {
         let limits = &self.limits;
         if self.total + targets.len() > limits.total
             || self.total_bytes + targets.len() * text_len > limits.total_bytes
@@ -243,7 +323,7 @@ impl Outbox {
             ));
         }
         targets.iter().find_map(|t| {
-            let link = self.links.get(&t.folded)?;
+            let link = self.links.get(t.folded)?;
             let full = link.queue.len() + 1 > limits.per_target
                 || link.bytes + text_len > limits.per_target_bytes;
             full.then(|| {
@@ -251,7 +331,7 @@ impl Outbox {
                     "{} messages ({} bytes) already wait for {}; at most {} ({} bytes) fit",
                     link.queue.len(),
                     link.bytes,
-                    t.party.name,
+                    t.name,
                     limits.per_target,
                     limits.per_target_bytes
                 )
@@ -264,7 +344,7 @@ impl Outbox {
     /// else when it is). Returns the id, or `None` if it was refused.
     pub(super) fn send(
         &mut self,
-        targets: Vec<Target>,
+        targets: Vec<To>,
         draft: Draft,
         now: Instant,
         dir: &Directory,
@@ -292,107 +372,97 @@ impl Outbox {
                 text: draft.text,
                 direct: draft.direct,
                 sent_at: draft.sent_at,
-                targets: targets.iter().map(|t| t.party.clone()).collect(),
+                targets: targets.iter().map(To::party).collect(),
             }));
         }
-        let to = targets.iter().map(|t| t.party.name.clone()).collect();
+        let to = targets.iter().map(|t| t.name.to_string()).collect();
         actions.emit(Event::Sent { id, to });
         let mut open = 0;
-        let mut waiting_for = Vec::new();
-        for Target { folded, party } in targets {
-            let refused = dir.get(&folded).is_some_and(|k| k.mismatch)
-                || dir.pinned(&folded).is_some_and(|k| k != party.key);
+        for to in targets {
+            let folded = to.folded;
+            let refused = to.mismatch || dir.pinned(folded).is_some_and(|k| k != to.key);
             if refused {
                 let reason = Reason::Code(ErrorCode::KeyMismatch);
-                self.record_failure(id, party.key, &reason, actions);
-                actions.undelivered(id, party.name, &reason);
+                self.record_failure(id, to.key, &reason, actions);
+                actions.undelivered(id, to.name.to_string(), &reason);
                 continue;
             }
             if self
                 .links
-                .get(&folded)
-                .is_some_and(|l| l.party.key != party.key)
+                .get(folded)
+                .is_some_and(|l| l.party.key != to.key)
             {
                 // What still waits was for a key the name no longer has.
-                self.fail_queued(&folded, &Reason::KeyChanged, actions);
-                if let Some(link) = self.links.get_mut(&folded) {
-                    link.party = party.clone();
+                self.fail_queued(folded, &Reason::KeyChanged, actions);
+                if let Some(link) = self.links.get_mut(folded) {
+                    link.party = to.party();
                 }
             }
-            let name = party.name.clone();
-            self.enqueue(
-                &folded,
-                party,
+            let deadline = now + self.ttl;
+            let link = self.enqueue(
+                &to,
                 Outgoing {
                     id,
                     frame: frame.clone(),
                     text_len,
                     sent_at: draft.sent_at,
-                    deadline: now + self.ttl,
-                    released: false,
+                    deadline,
                 },
             );
-            open += 1;
-            if let Some(link) = self.links.get_mut(&folded) {
-                link.arm_deadline(&folded, actions);
+            link.arm_deadline(folded, actions);
+            let dialed = link.ensure_dialed(folded, dir, actions);
+            let first_unreleased = !std::mem::replace(&mut link.awaits_release, true);
+            if let Some(conn) = dialed {
+                self.conns.insert(conn, folded.to_string());
             }
-            if dir.contains(&folded) {
-                self.ensure_link(&folded, dir, actions);
-            } else {
+            if !to.listed {
                 actions.emit(Event::Queued {
                     id,
-                    to: name,
+                    to: to.name.to_string(),
                     reason: Reason::Offline.to_string(),
                 });
             }
-            waiting_for.push(folded);
+            open += 1;
+            if first_unreleased {
+                self.unreleased.push(folded.to_string());
+            }
         }
         if open == 0 {
             actions.record(Record::Settled { id });
         } else {
             self.open.insert(id, open);
-            self.unreleased.insert(id, waiting_for);
-            actions.hold(Held::Release(id));
+            actions.hold_latest(Latest::Release, Held::Release(id));
         }
         Some(id)
     }
 
-    /// The record of message `id` is written: it goes out on the links
-    /// that are up, and on the others once they are.
-    pub(super) fn release(&mut self, id: u64, actions: &mut Actions) {
-        for folded in self.unreleased.remove(&id).unwrap_or_default() {
+    /// The records of the messages up to `through` are written: they go
+    /// out on the links that are up, and on the others once they are.
+    pub(super) fn release(&mut self, through: u64, actions: &mut Actions) {
+        for folded in std::mem::take(&mut self.unreleased) {
             let Some(link) = self.links.get_mut(&folded) else {
                 continue;
             };
-            // Unreleased messages are the newest: look from the back.
-            let Some(out) = link.queue.iter_mut().rev().find(|o| o.id == id) else {
-                continue;
-            };
-            out.released = true;
-            if let Some(conn) = link.dialing.up() {
-                actions.send(conn, out.frame.clone());
+            let up = link.dialing.up();
+            while let Some(out) = link.queue.get(link.released).filter(|o| o.id <= through) {
+                link.released += 1;
+                if let Some(conn) = up {
+                    actions.send(conn, out.frame.clone());
+                }
+            }
+            link.awaits_release = link.released < link.queue.len();
+            if link.awaits_release {
+                self.unreleased.push(folded);
             }
         }
     }
 
     /// Dials `folded` if messages wait for it and nothing is under way.
     pub(super) fn ensure_link(&mut self, folded: &str, dir: &Directory, actions: &mut Actions) {
-        let Some(known) = dir.get(folded).filter(|k| !k.mismatch) else {
-            return;
-        };
         let Some(link) = self.links.get_mut(folded) else {
             return;
         };
-        if link.queue.is_empty() {
-            return;
-        }
-        let route = Route {
-            name: &known.name,
-            addr: known.addr,
-            unreachable: known.reachable == Some(false),
-        };
-        let timer = Timer::LinkRetry(folded.to_string());
-        if let Some(conn) = link.dialing.dial(&route, timer, actions) {
+        if let Some(conn) = link.ensure_dialed(folded, dir, actions) {
             self.conns.insert(conn, folded.to_string());
         }
     }
@@ -491,7 +561,7 @@ impl Outbox {
         actions.send(conn, protocol::frame(hello));
         if let Some(link) = self.links.get_mut(&target) {
             link.dialing.set_up();
-            for out in link.queue.iter().take_while(|o| o.released) {
+            for out in link.queue.iter().take(link.released) {
                 actions.send(conn, out.frame.clone());
             }
         }
@@ -533,17 +603,18 @@ impl Outbox {
             return;
         };
         let mut delivered = Vec::new();
-        while link.queue.front().is_some_and(|o| o.id <= id && o.released) {
-            if let Some(out) = link.queue.pop_front() {
-                link.bytes -= out.text_len;
-                delivered.push(out);
-            }
+        while link.released > 0 && link.queue.front().is_some_and(|o| o.id <= id) {
+            delivered.extend(link.pop_front());
         }
         let Some(last) = delivered.last().map(|o| o.id) else {
             return; // A second ack for a resent message.
         };
-        actions.cancel(link.deadline.take());
-        link.arm_deadline(target, actions);
+        // The deadline armed, that of a message now delivered, stays while
+        // others wait: when it fires, it is armed again for the next in
+        // line (see `on_deadline`), which saves a timer per ack.
+        if link.queue.is_empty() {
+            actions.cancel(link.deadline.take());
+        }
         link.dialing.progressed();
         let party = link.party.clone();
         actions.record(Record::Acked {
@@ -634,10 +705,7 @@ impl Outbox {
         link.deadline = None;
         let mut overdue = Vec::new();
         while link.queue.front().is_some_and(|o| o.deadline <= now) {
-            if let Some(out) = link.queue.pop_front() {
-                link.bytes -= out.text_len;
-                overdue.push(out);
-            }
+            overdue.extend(link.pop_front());
         }
         link.arm_deadline(target, actions);
         let party = link.party.clone();
@@ -668,6 +736,7 @@ impl Outbox {
             return;
         };
         let queue = std::mem::take(&mut link.queue);
+        link.released = 0;
         link.bytes = 0;
         actions.cancel(link.deadline.take());
         let party = link.party.clone();

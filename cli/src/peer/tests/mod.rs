@@ -588,6 +588,16 @@ impl Sim {
         self.raw_in(c, &body);
     }
 
+    /// Several frames on `c` read in one turn.
+    fn links_in(&mut self, c: Conn, msgs: &[LinkMsg]) {
+        for msg in msgs {
+            assert!(!self.gone.contains(&c), "{c} is closed");
+            let body = codec::encode(msg).unwrap();
+            self.peer.handle_frame(c, &body, self.now);
+        }
+        self.apply();
+    }
+
     fn raw_in(&mut self, c: Conn, body: &[u8]) {
         assert!(!self.gone.contains(&c), "{c} is closed");
         self.peer.handle_frame(c, body, self.now);

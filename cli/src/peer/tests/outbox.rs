@@ -297,6 +297,30 @@ fn the_outbox_ttl_turns_an_unacked_message_into_expired() {
 }
 
 #[test]
+fn a_message_behind_an_acked_one_expires_at_its_own_deadline() {
+    let mut config = config();
+    config.outbox_ttl = Duration::from_secs(30);
+    let mut sim = Sim::with(config, Trust::default());
+    sim.start();
+    sim.registry_says(&welcome(&["bob"], false));
+    sim.take_all();
+    sim.msg("bob", "one");
+    sim.advance(Duration::from_secs(10));
+    sim.msg("bob", "two");
+    let b = sim.link_conn("bob");
+    sim.take_all();
+    sim.link_in(b, &LinkMsg::Ack { id: 1 });
+    assert_eq!(sim.take_events(), vec![delivered(1, "bob")]);
+    // Past the first message's deadline: the second still has 10 s.
+    sim.advance(Duration::from_secs(20));
+    assert!(sim.take_events().is_empty());
+    sim.advance(Duration::from_secs(10) - ms(1));
+    assert!(sim.take_events().is_empty());
+    sim.advance(ms(1));
+    assert_eq!(sim.take_events(), vec![undelivered(2, "bob", "expired")]);
+}
+
+#[test]
 fn a_message_to_someone_met_before_but_away_is_queued() {
     let mut sim = Sim::trusting(pinning("bob", key_of("bob")));
     sim.start();

@@ -236,3 +236,43 @@ fn history_and_search_are_asked_of_the_host() {
     });
     assert_eq!(errors_with_code(&sim.take_events(), "unknown_peer"), 1);
 }
+
+#[test]
+fn the_messages_of_a_turn_go_out_in_order_once_their_records_are_written() {
+    let mut sim = online_holding(&["bob", "carol"]);
+    sim.say("first");
+    sim.commit();
+    let (b, c) = (sim.link_conn("bob"), sim.link_conn("carol"));
+    sim.take_all();
+    for command in [
+        Command::Broadcast("a".into()),
+        Command::Direct {
+            to: "bob".into(),
+            text: "b".into(),
+        },
+        Command::Broadcast("c".into()),
+    ] {
+        sim.peer.command(command, sim.now, wall());
+    }
+    sim.apply();
+    sim.say("d");
+    assert!(sim.take_link(b).is_empty(), "nothing before the records");
+    sim.commit();
+    assert_eq!(
+        sim.take_link(b),
+        vec![
+            chat(2, "a", false),
+            chat(3, "b", true),
+            chat(4, "c", false),
+            chat(5, "d", false)
+        ]
+    );
+    assert_eq!(
+        sim.take_link(c),
+        vec![
+            chat(2, "a", false),
+            chat(4, "c", false),
+            chat(5, "d", false)
+        ]
+    );
+}
