@@ -14,10 +14,10 @@
 //! front, and the next one released is the first of the others. Outcomes
 //! are recorded in the turn they are reported in.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{vec_deque, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::LinkId;
@@ -439,16 +439,22 @@ impl Outbox {
     /// The records of the messages up to `through` are written: they go
     /// out on the links that are up, and on the others once they are.
     pub(super) fn release(&mut self, through: u64, actions: &mut Actions) {
+        let mut last_run = None;
         for folded in std::mem::take(&mut self.unreleased) {
             let Some(link) = self.links.get_mut(&folded) else {
                 continue;
             };
-            let up = link.dialing.up();
-            while let Some(out) = link.queue.get(link.released).filter(|o| o.id <= through) {
+            let first = link.released;
+            while link
+                .queue
+                .get(link.released)
+                .is_some_and(|o| o.id <= through)
+            {
                 link.released += 1;
-                if let Some(conn) = up {
-                    actions.send(conn, out.frame.clone());
-                }
+            }
+            if let Some(conn) = link.dialing.up().filter(|_| link.released > first) {
+                let run = link.queue.range(first..link.released);
+                actions.send(conn, joined(run, &mut last_run));
             }
             link.awaits_release = link.released < link.queue.len();
             if link.awaits_release {
@@ -819,6 +825,27 @@ impl Outbox {
             }
         }
     }
+}
+
+/// The frames of `run` in one buffer, for one write to the link: the
+/// buffer made for the run before if that run had the same messages, as
+/// every link has for a turn's messages to everyone.
+fn joined(run: vec_deque::Iter<Outgoing>, last: &mut Option<(Vec<u64>, Bytes)>) -> Bytes {
+    if let (1, Some(only)) = (run.len(), run.clone().next()) {
+        return only.frame.clone();
+    }
+    if let Some((ids, frames)) = last {
+        if ids.iter().eq(run.clone().map(|o| &o.id)) {
+            return frames.clone();
+        }
+    }
+    let mut frames = BytesMut::with_capacity(run.clone().map(|o| o.frame.len()).sum());
+    for out in run.clone() {
+        frames.extend_from_slice(&out.frame);
+    }
+    let frames = frames.freeze();
+    *last = Some((run.map(|o| o.id).collect(), frames.clone()));
+    frames
 }
 
 fn chat_frame(id: u64, text: String, direct: bool, sent_at: u64) -> Bytes {

@@ -33,7 +33,7 @@ use peerchat_core::machine::{Machine, Role};
 use peerchat_core::protocol::{
     Change, FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
-use peerchat_core::wire::{FrameDecoder, DEFAULT_MAX_FRAME};
+use peerchat_core::wire::{FrameDecoder, DEFAULT_MAX_FRAME, PREFIX_LEN};
 
 use super::*;
 
@@ -220,6 +220,22 @@ fn message(from: &str, text: &str, direct: bool, id: u64) -> Event {
 }
 
 /// The body of a full frame, checking that a send is exactly one frame.
+/// The whole frames of one send, each with its length prefix: a send
+/// may carry several (a link's messages released together).
+fn split_frames(mut frames: Bytes) -> Vec<Bytes> {
+    let mut split = Vec::new();
+    while !frames.is_empty() {
+        assert!(frames.len() >= PREFIX_LEN, "a send ends in a whole frame");
+        let len = u32::from_be_bytes([frames[0], frames[1], frames[2], frames[3]]) as usize;
+        assert!(
+            frames.len() >= PREFIX_LEN + len,
+            "a send ends in a whole frame"
+        );
+        split.push(frames.split_to(PREFIX_LEN + len));
+    }
+    split
+}
+
 fn body_of(frame: &[u8]) -> Bytes {
     let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
     dec.push(frame);
@@ -419,15 +435,18 @@ impl Sim {
                             DialMode::Pending => self.pending.push((link, dial)),
                         }
                     }
-                    Output::Send(c, frame) => {
-                        let body = body_of(&frame);
-                        if self.registry_answers
-                            && self.dialed.contains(&(c, Dial::Registry))
-                            && codec::decode::<ToRegistry>(&body) == Ok(ToRegistry::Heartbeat {})
-                        {
-                            answer_heartbeat = Some(c);
+                    Output::Send(c, frames) => {
+                        for frame in split_frames(frames) {
+                            let body = body_of(&frame);
+                            if self.registry_answers
+                                && self.dialed.contains(&(c, Dial::Registry))
+                                && codec::decode::<ToRegistry>(&body)
+                                    == Ok(ToRegistry::Heartbeat {})
+                            {
+                                answer_heartbeat = Some(c);
+                            }
+                            self.frames.entry(c).or_default().push((self.now, frame));
                         }
-                        self.frames.entry(c).or_default().push((self.now, frame));
                     }
                     Output::Close(c, reason) => {
                         if self.gone.insert(c) {
