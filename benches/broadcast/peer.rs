@@ -275,9 +275,9 @@ impl Receivers {
                             reached += 1;
                         }
                     }
-                    // Acks go out as the chats arrive, one Noise message, one
-                    // ack and one write per read, unless this round holds them until
-                    // the clock stops.
+                    // Acks go out as the chats arrive, one ack, one Noise
+                    // message and one write per read, unless this round
+                    // holds them until the clock stops.
                     flush_link(stream, channel, acks, out, open, self.hold_acks);
                     if !*open {
                         let _ = self.poll.registry().deregister(stream);

@@ -219,7 +219,6 @@ fn message(from: &str, text: &str, direct: bool, id: u64) -> Event {
     }
 }
 
-/// The body of a full frame, checking that a send is exactly one frame.
 /// The whole frames of one send, each with its length prefix: a send
 /// may carry several (a link's messages released together).
 fn split_frames(mut frames: Bytes) -> Vec<Bytes> {
@@ -236,6 +235,7 @@ fn split_frames(mut frames: Bytes) -> Vec<Bytes> {
     split
 }
 
+/// The body of a full frame, checking that it is exactly one frame.
 fn body_of(frame: &[u8]) -> Bytes {
     let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
     dec.push(frame);
@@ -243,7 +243,7 @@ fn body_of(frame: &[u8]) -> Bytes {
         .next_frame()
         .expect("the peer sends valid frames")
         .expect("the peer sends whole frames");
-    assert_eq!(dec.buffered(), 0, "one frame per send");
+    assert_eq!(dec.buffered(), 0, "one frame");
     body
 }
 
