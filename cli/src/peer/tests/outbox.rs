@@ -271,8 +271,9 @@ fn a_target_never_reached_and_back_with_another_key_fails_as_key_changed() {
     );
 }
 
-#[test]
-fn the_outbox_ttl_turns_an_unacked_message_into_expired() {
+/// With an outbox TTL of 30 s: "one" (id 1) and, `apart` later, "two"
+/// (id 2) sent to bob, whose link is returned.
+fn two_messages_to_bob(apart: Duration) -> (Sim, Conn) {
     let mut config = config();
     config.outbox_ttl = Duration::from_secs(30);
     let mut sim = Sim::with(config, Trust::default());
@@ -280,10 +281,16 @@ fn the_outbox_ttl_turns_an_unacked_message_into_expired() {
     sim.registry_says(&welcome(&["bob"], false));
     sim.take_all();
     sim.msg("bob", "one");
-    sim.advance(Duration::from_secs(1));
+    sim.advance(apart);
     sim.msg("bob", "two");
     let b = sim.link_conn("bob");
     sim.take_all();
+    (sim, b)
+}
+
+#[test]
+fn the_outbox_ttl_turns_an_unacked_message_into_expired() {
+    let (mut sim, b) = two_messages_to_bob(Duration::from_secs(1));
     sim.advance(Duration::from_secs(29) - ms(1));
     assert!(sim.take_events().is_empty());
     sim.advance(ms(1));
@@ -298,17 +305,7 @@ fn the_outbox_ttl_turns_an_unacked_message_into_expired() {
 
 #[test]
 fn a_message_behind_an_acked_one_expires_at_its_own_deadline() {
-    let mut config = config();
-    config.outbox_ttl = Duration::from_secs(30);
-    let mut sim = Sim::with(config, Trust::default());
-    sim.start();
-    sim.registry_says(&welcome(&["bob"], false));
-    sim.take_all();
-    sim.msg("bob", "one");
-    sim.advance(Duration::from_secs(10));
-    sim.msg("bob", "two");
-    let b = sim.link_conn("bob");
-    sim.take_all();
+    let (mut sim, b) = two_messages_to_bob(Duration::from_secs(10));
     sim.link_in(b, &LinkMsg::Ack { id: 1 });
     assert_eq!(sim.take_events(), vec![delivered(1, "bob")]);
     // Past the first message's deadline: the second still has 10 s.
