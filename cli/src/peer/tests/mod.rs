@@ -31,11 +31,12 @@ use peerchat_core::codec;
 use peerchat_core::event_loop::CloseReason;
 use peerchat_core::machine::{Machine, Role};
 use peerchat_core::protocol::{
-    Change, FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
+    Change, ErrorCode, FromRegistry, LinkMsg, PeerEntry, ToRegistry, PROTOCOL_VERSION,
 };
 use peerchat_core::wire::{FrameDecoder, DEFAULT_MAX_FRAME, PREFIX_LEN};
 
 use super::*;
+use crate::command::Command;
 
 type Conn = LinkId;
 
