@@ -91,17 +91,16 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 )
             }
         };
-        let addr = SocketAddr::new(ip.to_canonical(), port);
-        let folded = fold_name(&name);
-        if let Some(&holder) = self.names.get(&folded) {
+        let who = Newcomer {
+            folded: fold_name(&name),
+            name,
+            addr: SocketAddr::new(ip.to_canonical(), port),
+            answers,
+            key,
+        };
+        let name = &who.name;
+        if let Some(&holder) = self.names.get(&who.folded) {
             if self.session(holder).is_some_and(|s| s.key == key) {
-                let who = Newcomer {
-                    name,
-                    folded,
-                    addr,
-                    answers,
-                    key,
-                };
                 return self.reclaim(conn, holder, who, now);
             }
             return self.reject(
@@ -111,19 +110,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             );
         }
         if self.is_clustered() {
-            let claim = Claim::new(Newcomer {
-                name,
-                folded,
-                addr,
-                answers,
-                key,
-            });
-            return self.claim(conn, claim, now);
+            return self.claim(conn, Claim::new(who), now);
         }
         // Expired reservations go at the end of the turn; until then their
         // deadline says they no longer count.
         let held_for_another = |r: &&Reservation| r.key != key && r.until > now;
-        if let Some(r) = self.reserved.get(&folded).filter(held_for_another) {
+        if let Some(r) = self.reserved.get(&who.folded).filter(held_for_another) {
             let secs = r.until.saturating_duration_since(now).as_secs() + 1;
             return self.reject(
                 conn,
@@ -135,8 +127,8 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
         // A reservation that ran out this turn must not keep its look.
         self.expire_reservations(now);
-        let held_itself = self.reserved.contains_key(&folded);
-        let look = self.lookalikes.look(&folded);
+        let held_itself = self.reserved.contains_key(&who.folded);
+        let look = self.lookalikes.look(&who.folded);
         if self.lookalikes.taken_by_another(look, held_itself) {
             return self.reject(
                 conn,
@@ -149,22 +141,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         if self.refused_as_full(conn) {
             return;
         }
-        self.announce_join(&name, addr, key);
+        self.announce_join(&who.name, who.addr, key);
         // Only now: an owner turned away (a full registry) keeps its name.
-        if self.reserved.remove(&folded).is_none() {
+        if self.reserved.remove(&who.folded).is_none() {
             self.lookalikes.hold(look);
         }
-        self.admit(
-            conn,
-            Newcomer {
-                name,
-                folded,
-                addr,
-                answers,
-                key,
-            },
-            now,
-        );
+        self.admit(conn, who, now);
     }
 
     /// A new peer joins the directory: everyone hears it, and it counts.
