@@ -49,12 +49,11 @@ const LONE_PUSHES: u32 = 3;
 pub(crate) struct Window {
     /// How long changes are held now: zero when the registry is not busy.
     pub(crate) delay: Duration,
-    /// Changes made, pushes of changes, and the changes those pushes
-    /// carried, since the start; and all three when the load was last
-    /// judged.
+    /// Changes made and pushes of changes since the start, and the
+    /// changes pushes carried (those made up to the last push,
+    /// `changes_at_push`): all three when the load was last judged.
     changes: u64,
     pushes: u64,
-    carried: u64,
     mark: (u64, u64, u64),
     /// Load reported since it was last judged: busy time and time.
     busy_for: Duration,
@@ -75,7 +74,6 @@ impl Window {
             delay: Duration::ZERO,
             changes: 0,
             pushes: 0,
-            carried: 0,
             mark: (0, 0, 0),
             busy_for: Duration::ZERO,
             reported_for: Duration::ZERO,
@@ -95,7 +93,6 @@ impl Window {
     pub(crate) fn pushed(&mut self) {
         self.pushes += 1;
         let changes = self.changes - std::mem::replace(&mut self.changes_at_push, self.changes);
-        self.carried += changes;
         if self.delay.is_zero() || changes > 1 {
             self.lone_pushes = 0;
         } else {
@@ -117,8 +114,8 @@ impl Window {
             std::mem::take(&mut self.busy_for).as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
         let changes = self.changes - self.mark.0;
         let pushes = self.pushes - self.mark.1;
-        let carried = self.carried - self.mark.2;
-        self.mark = (self.changes, self.pushes, self.carried);
+        let carried = self.changes_at_push - self.mark.2;
+        self.mark = (self.changes, self.pushes, self.changes_at_push);
         self.backoff = self.backoff.saturating_sub(1);
         // Whatever the load: a window whose pushes carry one change each
         // only delays it.
