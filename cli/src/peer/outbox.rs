@@ -567,8 +567,9 @@ impl Outbox {
         actions.send(conn, protocol::frame(hello));
         if let Some(link) = self.links.get_mut(&target) {
             link.dialing.set_up();
-            for out in link.queue.iter().take(link.released) {
-                actions.send(conn, out.frame.clone());
+            if link.released > 0 {
+                let waiting = link.queue.range(..link.released);
+                actions.send(conn, joined(waiting, &mut None));
             }
         }
     }
@@ -828,7 +829,7 @@ impl Outbox {
 }
 
 /// The frames of `run` in one buffer, for one write to the link: the
-/// buffer made for the run before if that run had the same messages, as
+/// buffer made for the `last` run if that run had the same messages, as
 /// every link has for a turn's messages to everyone.
 fn joined(run: vec_deque::Iter<Outgoing>, last: &mut Option<(Vec<u64>, Bytes)>) -> Bytes {
     if let (1, Some(only)) = (run.len(), run.clone().next()) {
