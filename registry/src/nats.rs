@@ -30,14 +30,14 @@ pub const REGISTRIES_BUCKET: &str = "peerchat_registries";
 
 /// How long one JetStream request may take: a claim waits for at most
 /// two of them (a write, then a read after a conflict) within its 2 s.
+/// Every request, not only writes: a feed made while a NATS server is
+/// gone can be placed on it and never answered, and is better tried
+/// again at once than after the client's default of 10 s.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(900);
 
 /// How long the names feed may be quiet before the bucket is asked
 /// whether it missed something.
 const FEED_CHECK: Duration = Duration::from_secs(3);
-
-/// How long making or finding a bucket may take.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Writes in flight at once: enough to re-assert thousands of peers after
 /// a partition quickly, without flooding the servers.
@@ -136,6 +136,7 @@ async fn serve(
         .max_reconnects(None)
         // A frozen server is noticed in seconds, not the default minutes.
         .ping_interval(Duration::from_secs(2))
+        .request_timeout(Some(REQUEST_TIMEOUT))
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((attempts as u64 * 100).min(2000))
         })
@@ -229,11 +230,10 @@ async fn open_bucket(js: &Context, config: Bucket, sink: &Sink) -> Store {
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     };
-    // Making a replicated stream takes longer than a write.
-    let mut slow = js.clone();
-    slow.set_timeout(OPEN_TIMEOUT);
     loop {
-        let opened = match slow.get_or_create_stream(stream.clone()).await {
+        // A request that times out while the stream is being made is
+        // answered by the next: the stream is there by then.
+        let opened = match js.get_or_create_stream(stream.clone()).await {
             Ok(_) => js
                 .get_key_value(config.name)
                 .await
@@ -278,28 +278,43 @@ async fn heartbeat(registries: Store, id: String, every: Duration) {
 /// stalled (its server froze, its consumer was lost) and is made again.
 async fn watch_registries(registries: Store, every: Duration, sink: Sink) {
     let stalled = (every * 5).max(Duration::from_secs(2));
+    // Said once per outage: a feed that cannot be made is tried every
+    // few seconds for as long as it lasts.
+    let mut failing = false;
+    fn fail(failing: &mut bool, why: String) {
+        if !std::mem::replace(failing, true) {
+            tracing::info!(%why, "registry heartbeats feed lost; making it again until it flows");
+        }
+    }
     loop {
         match registries.watch_all().await {
             Ok(mut watch) => loop {
                 match tokio::time::timeout(stalled, watch.next()).await {
-                    Ok(Some(Ok(entry))) if entry.operation == Operation::Put => {
-                        sink.send(ClusterEvent::Alive {
-                            registry: entry.key,
-                        })
+                    Ok(Some(Ok(entry))) => {
+                        if std::mem::take(&mut failing) {
+                            tracing::info!("registry heartbeats feed flows again");
+                        }
+                        if entry.operation == Operation::Put {
+                            sink.send(ClusterEvent::Alive {
+                                registry: entry.key,
+                            })
+                        }
                     }
-                    Ok(Some(Ok(_))) => {}
                     Ok(Some(Err(e))) => {
-                        tracing::debug!(error = %e, "registry heartbeats feed broke");
+                        fail(&mut failing, e.to_string());
                         break;
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        fail(&mut failing, "the feed ended".into());
+                        break;
+                    }
                     Err(_) => {
-                        tracing::debug!("registry heartbeats feed stalled; making it again");
+                        fail(&mut failing, format!("no heartbeat in {stalled:?}"));
                         break;
                     }
                 }
             },
-            Err(e) => tracing::debug!(error = %e, "cannot follow registry heartbeats"),
+            Err(e) => fail(&mut failing, e.to_string()),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -312,8 +327,8 @@ async fn watch_registries(registries: Store, every: Duration, sink: Sink) {
 async fn watch_names(names: Store, sink: Sink) {
     let mut last = 0u64;
     loop {
-        let head = match names.status().await {
-            Ok(status) => status.info.state.last_sequence,
+        let head = match head_of(&names).await {
+            Ok(head) => head,
             Err(e) => {
                 sink.send(ClusterEvent::Down {
                     reason: format!("cannot read the names bucket: {e}"),
@@ -341,13 +356,16 @@ async fn watch_names(names: Store, sink: Sink) {
                     tracing::info!(error = %e, "names feed broke; following it again from where it stopped");
                     break;
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    tracing::info!("names feed ended; following it again from where it stopped");
+                    break;
+                }
                 // Quiet: fine if the bucket is too; if it has moved on
                 // without us, the feed has stalled and is made again.
-                Err(_) => match names.status().await {
-                    Ok(status) if status.info.state.last_sequence > last => {
+                Err(_) => match head_of(&names).await {
+                    Ok(head) if head > last => {
                         tracing::info!(
-                            behind = status.info.state.last_sequence - last,
+                            behind = head - last,
                             "names feed stalled; following it again from where it stopped"
                         );
                         break;
@@ -362,6 +380,11 @@ async fn watch_names(names: Store, sink: Sink) {
                     }
                 },
             };
+            // A feed the client made again before it delivered anything
+            // starts over from the bucket's first record.
+            if entry.revision <= last {
+                continue;
+            }
             last = entry.revision;
             let record = match entry.operation {
                 Operation::Put => decode(&entry.key, &entry.value),
@@ -378,6 +401,16 @@ async fn watch_names(names: Store, sink: Sink) {
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The revision of the bucket's latest record, asked of the server:
+/// `Store::status` only returns what the client read when it opened the
+/// bucket, which would make every feed look caught up for ever.
+async fn head_of(bucket: &Store) -> Result<u64, String> {
+    match bucket.stream.get_info().await {
+        Ok(info) => Ok(info.state.last_sequence),
+        Err(e) => Err(e.to_string()),
     }
 }
 
