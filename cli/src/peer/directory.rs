@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{fold_name, ErrorCode, PeerEntry};
 
+use super::dialing::ByName;
 use super::outbox::To;
 use super::{pin_text, Actions, Code, Config, HostOutput, Pin, Reason, Timer};
 
@@ -54,7 +55,7 @@ pub(super) struct Directory {
     known: BTreeMap<String, Known>,
     /// Keys pinned per peer (folded name): those of `known_peers`, then
     /// each key a peer first proves.
-    pins: HashMap<String, PublicKey>,
+    pins: ByName<PublicKey>,
     stale_grace: Duration,
     known_peers: String,
 }
@@ -64,7 +65,7 @@ impl Directory {
         Directory {
             me: fold_name(config.name.trim()),
             known: BTreeMap::new(),
-            pins,
+            pins: pins.into_iter().collect(),
             stale_grace: config.stale_grace,
             known_peers: config.known_peers.clone(),
         }

@@ -24,7 +24,7 @@ use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, ErrorCode, LinkMsg};
 use peerchat_core::wire::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 
-use super::dialing::{Dialing, Path, Route, Targets};
+use super::dialing::{ByName, Dialing, Path, Route, Targets};
 use super::directory::Directory;
 use super::{
     Actions, Code, Config, Event, Held, Latest, OutboxLimits, Party, Reason, Record, Rng, Timer,
@@ -180,7 +180,7 @@ impl OutLink {
 
 pub(super) struct Outbox {
     /// By target (folded name).
-    links: HashMap<String, OutLink>,
+    links: ByName<OutLink>,
     /// Every link we dialed, to whom, until it closes or we let it go.
     conns: HashMap<LinkId, String>,
     /// Per message: how many targets have no outcome yet.
@@ -210,7 +210,7 @@ impl Outbox {
         wall: u64,
     ) -> Self {
         let mut outbox = Outbox {
-            links: HashMap::new(),
+            links: ByName::default(),
             conns: HashMap::new(),
             open: HashMap::new(),
             unreleased: Vec::new(),

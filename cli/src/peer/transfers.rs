@@ -26,7 +26,7 @@ use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, LinkMsg};
 
-use super::dialing::{Dialing, Route, Targets};
+use super::dialing::{ByName, Dialing, Route, Targets};
 use super::directory::Directory;
 use super::event::{Direction, Event};
 use super::outbox::Target;
@@ -242,7 +242,7 @@ pub(super) struct Transfers {
     ended: HashMap<(PublicKey, u64), Option<FileCode>>,
     ended_order: VecDeque<(PublicKey, u64)>,
     /// Our file links, by target (folded name).
-    links: HashMap<String, Dialing>,
+    links: ByName<Dialing>,
     conns: HashMap<LinkId, String>,
     config: FilesConfig,
     backoff_min: Duration,
@@ -273,7 +273,7 @@ impl Transfers {
             by_id: HashMap::new(),
             ended: HashMap::new(),
             ended_order: VecDeque::new(),
-            links: HashMap::new(),
+            links: ByName::default(),
             conns: HashMap::new(),
             config,
             backoff_min,
