@@ -365,14 +365,14 @@ impl Dialing {
     }
 }
 
-/// What the outbox and the transfers room each keep: per target (folded
-/// name) something with a [`Dialing`], and which link is whose. The
-/// registry's answers about reversals and probes reach both the same way.
 /// By the folded name of a peer: looked up several times for every
 /// recipient of every message, so hashed with foldhash (seeded per
 /// process, hashbrown's default) rather than std's slower SipHash.
 pub(super) type ByName<V> = foldhash::HashMap<String, V>;
 
+/// What the outbox and the transfers room each keep: per target (folded
+/// name) something with a [`Dialing`], and which link is whose. The
+/// registry's answers about reversals and probes reach both the same way.
 pub(super) struct Targets<'a, L> {
     pub links: &'a mut ByName<L>,
     pub conns: &'a mut HashMap<LinkId, String>,
