@@ -139,3 +139,34 @@ fn the_metrics_follow_joins_refusals_and_leaves() {
         Some(0.0)
     );
 }
+
+/// A client that sends its request a byte at a time, each byte in time
+/// for the read before it not to time out, is cut off once its whole
+/// request has taken the client timeout (5 s): it does not hold the
+/// metrics thread, and the scrapes behind it, for as long as it likes.
+#[test]
+fn a_client_that_trickles_its_request_is_cut_off_and_scrapes_go_on() {
+    let reg = Registry::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&reg);
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(addr).unwrap();
+    let trickle = std::thread::spawn(move || {
+        // 30 s of trickling if nobody cuts it off; the request never ends.
+        for byte in b"GET /metrics HTTP/1.1\r\nX: ".iter().cycle().take(60) {
+            if slow.write_all(&[*byte]).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        false
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let scraped = scrape(addr);
+    assert_eq!(value(&scraped, "peerchat_registry_peers", &[]), Some(0.0));
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "the scrape waited {:?} behind the slow client",
+        started.elapsed()
+    );
+    assert!(trickle.join().unwrap(), "the slow client was never cut off");
+}

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use peerchat_core::LoopStats;
 use prometheus_client::encoding::text::encode;
@@ -25,7 +25,8 @@ use crate::{RelayStats, Stats};
 
 /// A request longer than this (headers included) is refused.
 const MAX_REQUEST: usize = 8 * 1024;
-/// How long a client may take to send its request or take the answer.
+/// How long a client may take to send its request and take the answer,
+/// in all: the thread answers one client at a time.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Labels = Vec<(String, String)>;
@@ -299,13 +300,37 @@ pub fn serve(addr: SocketAddr, registry: MetricRegistry) -> io::Result<SocketAdd
     Ok(local)
 }
 
+/// What is left of the time a client has, or an error once it is over.
+fn time_left(deadline: Instant) -> io::Result<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|left| !left.is_zero())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "the client took too long"))
+}
+
+/// `write_all`, within the client's time: a client that takes the answer
+/// a byte at a time is cut off when its time is over, not after each
+/// write's own timeout.
+fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.set_write_timeout(Some(time_left(deadline)?))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// One request, one answer, then the connection closes.
 fn answer(mut stream: TcpStream, registry: &MetricRegistry) -> io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
     let mut request = Vec::new();
     let mut chunk = [0u8; 1024];
     let (status, content_type, body) = loop {
+        stream.set_read_timeout(Some(time_left(deadline)?))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             return Ok(());
@@ -330,9 +355,8 @@ fn answer(mut stream: TcpStream, registry: &MetricRegistry) -> io::Result<()> {
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    stream.flush()?;
+    write_by(&mut stream, head.as_bytes(), deadline)?;
+    write_by(&mut stream, body.as_bytes(), deadline)?;
     // What the client sent past the request is read and dropped before the
     // close: closing with it unread would reset the connection, and the
     // client could lose the answer.
