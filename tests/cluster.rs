@@ -48,12 +48,17 @@ impl NatsNode {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut answer = String::new();
-        stream
+        let mut answer = Vec::new();
+        if stream
             .write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
-            .and_then(|()| stream.read_to_string(&mut answer))
-            .is_ok()
-            && answer.split(' ').nth(1) == Some("200")
+            .and_then(|()| stream.read_to_end(&mut answer))
+            .is_err()
+        {
+            return false;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut headers);
+        response.parse(&answer).is_ok() && response.code == Some(200)
     }
 
     fn signal(&self, signal: i32) {
