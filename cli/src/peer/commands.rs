@@ -96,7 +96,7 @@ impl Peer {
                 self.actions.emit(status);
             }
             Command::SendFile { to, path } => match self.target(&to) {
-                Some(target) if self.directory.contains(&target.folded) => {
+                Some(target) if target.listed => {
                     self.transfers
                         .send(target, path.into(), &mut self.rng, &mut self.actions);
                 }
