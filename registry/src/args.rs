@@ -81,10 +81,11 @@ pub struct Args {
     /// too slow; at least 64 KiB, so that a welcome fits.
     #[arg(long, value_name = "BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(65_536..))]
     pub max_queue: usize,
-    /// The longest the registry holds joins and leaves to send them
-    /// together when it is busy (one frame per peer per window, instead of
-    /// one per change). Idle, it sends at once.
-    #[arg(long, value_name = "DUR", default_value = "400ms", value_parser = parse_duration)]
+    /// The longest a busy registry takes to send a join or leave to every
+    /// peer: its update window, over which it spreads one update per peer
+    /// with every change that peer has not seen, instead of one per
+    /// change. Idle, it sends at once.
+    #[arg(long, value_name = "DUR", default_value = "700ms", value_parser = parse_duration)]
     pub max_update_delay: Duration,
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
     /// e.g. 127.0.0.1:9100. Off by default.

@@ -46,6 +46,7 @@ pub use cluster::{
 pub use owners::Owner;
 use owners::Reservation;
 use probe::Probes;
+use push::{ChangeLog, Sweep};
 use relay::Relays;
 pub use relay::{RelayConfig, RelayStats, RELAY_WINDOW};
 use window::Window;
@@ -81,8 +82,8 @@ pub struct Config {
     pub unregistered_max_frame: usize,
     /// How long a name stays reserved for its key after its peer left.
     pub name_grace: Duration,
-    /// The longest changes are held to go out together (see
-    /// [`Registry::set_load`]).
+    /// The longest a busy registry takes to send a change to every
+    /// session (see [`Registry::set_load`]).
     pub max_update_delay: Duration,
     pub relay: RelayConfig,
     /// Dial each peer back to learn whether others can (4.7).
@@ -99,7 +100,7 @@ impl Default for Config {
             register_timeout: Duration::from_secs(5),
             unregistered_max_frame: 4096,
             name_grace: Duration::from_secs(600),
-            max_update_delay: Duration::from_millis(400),
+            max_update_delay: Duration::from_millis(700),
             relay: RelayConfig::default(),
             probe: true,
         }
@@ -116,7 +117,7 @@ enum Timer<C> {
     RegisterDeadline(C),
     /// Check whether the peer on this connection has been silent too long.
     Liveness(C),
-    /// The held changes are due: a turn ends, and pushes them.
+    /// The next sessions of a sweep are due: a turn ends, and sends them.
     Flush,
     /// This relay invitation must have been answered by now.
     RelayInvitation(u64),
@@ -171,8 +172,9 @@ pub(crate) struct Session {
     reachable: Option<bool>,
     /// Its recent requests to be dialed back.
     reversals: reversal::Budget,
-    /// Its last heartbeat waits for the update being held to answer it
-    /// (it is in `unanswered`).
+    /// How far into the change log it has been sent (its welcome counts).
+    seen: u64,
+    /// Its last heartbeat waits for its next update to answer it.
     answer_held: bool,
 }
 
@@ -233,26 +235,25 @@ pub struct Registry<C> {
     /// A welcome used `parts` since the last [`Registry::release_caches`].
     parts_used: bool,
     next_order: u64,
-    /// Changes not yet pushed: this turn's, or, under load, those of the
-    /// current window.
-    pending: Vec<Change>,
-    /// When the first of `pending` was made, while they are held.
-    held_since: Option<Instant>,
-    /// How long changes are held, and what it is chosen from.
+    /// The changes some session has not been sent yet.
+    log: ChangeLog,
+    /// The pass over the sessions that sends them, while one is under way.
+    sweep: Option<Sweep>,
+    /// Every session has seen the log this far (its end at the last
+    /// sweep's first visit).
+    swept: u64,
+    /// How long a sweep takes under load, and what it is chosen from.
     window: Window,
     /// When the flush timer was armed for.
     flush_at: Option<Instant>,
-    /// Sessions admitted this turn → how many of `pending` their welcome
-    /// snapshot already reflects. Everyone else gets all of `pending`.
-    fresh: HashMap<C, usize>,
     actions: VecDeque<Action<C>>,
     /// Register deadlines and liveness checks. A timer of a connection that
     /// is gone, or has moved on, finds its state changed and does nothing.
     timers: TimerWheel<Timer<C>>,
     heartbeat_reply: Bytes,
-    /// Sessions whose heartbeat waits for the update being held to answer
-    /// it (or for a heartbeat, if that update will not reach them); at
-    /// most one each.
+    /// Sessions whose heartbeat waits for their next update to answer it
+    /// (or for the end of the sweep, if none comes); at most once each,
+    /// and some may have been answered since.
     unanswered: Vec<C>,
     stats: Stats,
     /// Some name changed owner or state since [`Registry::take_owners_changed`].
@@ -282,11 +283,11 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             parts: BTreeMap::new(),
             parts_used: false,
             next_order: 0,
-            pending: Vec::new(),
-            held_since: None,
+            log: ChangeLog::default(),
+            sweep: None,
+            swept: 0,
             window: Window::new(),
             flush_at: None,
-            fresh: HashMap::new(),
             actions: VecDeque::new(),
             heartbeat_reply: protocol::frame(&FromRegistry::Heartbeat {}),
             unanswered: Vec::new(),
@@ -389,7 +390,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             Some(LinkState::Registered(session)) => {
                 session.last_seen = now;
                 match codec::decode::<ToRegistry>(body) {
-                    Ok(ToRegistry::Heartbeat {}) => self.on_heartbeat(conn, now),
+                    Ok(ToRegistry::Heartbeat {}) => self.on_heartbeat(conn),
                     Ok(ToRegistry::Leave {}) => {
                         self.remove(conn, LeftReason::Quit, now);
                         self.actions.push_back(Action::Close(conn, "left".into()));
@@ -429,14 +430,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         tracing::warn!(%addr, %name, %reason, "closing a peer that broke the protocol");
         self.remove(conn, LeftReason::Protocol, now);
         self.send_error(conn, ErrorCode::Protocol, reason);
-    }
-
-    /// A change to the directory, for everyone (see `send_batched`).
-    fn announce(&mut self, change: Change) {
-        if !is_probe_news(&change) {
-            self.window.changed();
-        }
-        self.pending.push(change);
     }
 
     /// Takes a peer out of the registration order; its part changes.
@@ -614,7 +607,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 ),
                 _ => {}
             },
-            // Nothing to do here: the turn it ends pushes what is due.
+            // Nothing to do here: the turn it ends sends what is due.
             Timer::Flush => {}
             Timer::RelayInvitation(id) => self.relay_invitation_due(id),
             Timer::RelayRate(conn) => self.relay_rate_due(conn, now),
@@ -642,123 +635,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         }
     }
 
-    /// End of a loop turn: push the changes that are due, encoded once per
-    /// distinct starting point (one for everyone who was already online).
-    /// Under load they are held until the window since the first of them
-    /// has passed (a timer ends a turn then), or until they fill a frame.
-    pub fn send_batched(&mut self, now: Instant) {
-        self.expire_reservations(now);
-        if self.pending.is_empty() {
-            self.fresh.clear();
-            return;
-        }
-        let since = *self.held_since.get_or_insert(now);
-        let due = since + self.window.delay;
-        if due.saturating_duration_since(now) > self.answer_allowance() {
-            self.answer_heartbeats(|_| true);
-        }
-        // A window ends early once it fills an update frame: a push then
-        // queues at most one frame for a listener beyond what a single
-        // turn's changes would, so a window never makes a reader that
-        // keeps up look slow under a small --max-queue.
-        if now < due && self.pending.len() < CHUNK {
-            // Again when the window changed since it was armed.
-            if self.flush_at != Some(due) {
-                self.timers.arm(due, Timer::Flush);
-                self.flush_at = Some(due);
-            }
-            return;
-        }
-        self.held_since = None;
-        self.flush_at = None;
-        self.window.pushed();
-        let fresh = std::mem::take(&mut self.fresh);
-        let pending = std::mem::take(&mut self.pending);
-        let any_probe_news = pending.iter().any(is_probe_news);
-        // Probe news alone skips the peers outside relays; anything else
-        // reaches every session, and answers its heartbeat, except one
-        // admitted this turn whose welcome already holds all of it.
-        let answered = pending.iter().any(|change| !is_probe_news(change));
-        self.answer_heartbeats(|conn| !answered || fresh.contains_key(conn));
-        let mut encoded: HashMap<(usize, bool), Vec<Bytes>> = HashMap::new();
-        // Our own sessions only: in a cluster most of the directory is
-        // other registries' peers.
-        for conn in self.names.values() {
-            let start = if fresh.is_empty() {
-                0
-            } else {
-                fresh.get(conn).copied().unwrap_or(0)
-            };
-            // Probe results go only to peers that take part in relays
-            // (4.7): the others would get an update that changes nothing
-            // for them after every join.
-            let without_probes = any_probe_news
-                && !matches!(self.conns.get(conn), Some(LinkState::Registered(s)) if s.answers.relay);
-            let frames = encoded.entry((start, without_probes)).or_insert_with(|| {
-                let changes: Vec<Change> = pending[start..]
-                    .iter()
-                    .filter(|change| !(without_probes && is_probe_news(change)))
-                    .cloned()
-                    .collect();
-                changes
-                    .chunks(CHUNK)
-                    .map(|changes| {
-                        protocol::frame(&FromRegistry::Update {
-                            changes: changes.to_vec(),
-                        })
-                    })
-                    .collect()
-            });
-            for frame in frames.iter() {
-                self.actions.push_back(Action::Send(*conn, frame.clone()));
-            }
-        }
-    }
-
-    /// How long a heartbeat's answer may wait for the update being held
-    /// (4.5). Under load every listener gets an update per window anyway,
-    /// and a heartbeat answered on its own is one more write per peer per
-    /// heartbeat. Answered within `heartbeat`, a peer hears from the
-    /// registry before its next heartbeat; and within half the margin to
-    /// `timeout`, so that a late answer never looks like a lost registry.
-    fn answer_allowance(&self) -> Duration {
-        let margin = self.config.timeout.saturating_sub(self.config.heartbeat);
-        (margin / 2).min(self.config.heartbeat)
-    }
-
-    /// A heartbeat is answered now, or, if the update being held goes
-    /// out within the allowance, by that update. One answer is held per
-    /// session: more heartbeats than one per window are not a peer's, and
-    /// are answered at once rather than piled up.
-    fn on_heartbeat(&mut self, conn: C, now: Instant) {
-        let may_wait = self
-            .held_since
-            .is_some_and(|since| since + self.window.delay <= now + self.answer_allowance());
-        if let Some(LinkState::Registered(session)) = self.conns.get_mut(&conn) {
-            if may_wait && !session.answer_held {
-                session.answer_held = true;
-                self.unanswered.push(conn);
-                return;
-            }
-        }
-        self.actions
-            .push_back(Action::Send(conn, self.heartbeat_reply.clone()));
-    }
-
-    /// Answers the held heartbeats: with a heartbeat those the update
-    /// going out does not answer (`needs_heartbeat`), the others by it.
-    fn answer_heartbeats(&mut self, needs_heartbeat: impl Fn(&C) -> bool) {
-        for conn in self.unanswered.drain(..) {
-            if let Some(LinkState::Registered(session)) = self.conns.get_mut(&conn) {
-                session.answer_held = false;
-                if needs_heartbeat(&conn) {
-                    self.actions
-                        .push_back(Action::Send(conn, self.heartbeat_reply.clone()));
-                }
-            }
-        }
-    }
-
     /// Tells every registered peer the registry is going away and closes
     /// every connection.
     pub fn shutdown(&mut self, reason: &str) {
@@ -778,10 +654,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.names.clear();
         self.order.clear();
         self.parts.clear();
-        self.pending.clear();
-        self.held_since = None;
-        self.flush_at = None;
-        self.fresh.clear();
+        self.forget_changes();
     }
 }
 
@@ -823,6 +696,7 @@ mod lookalikes;
 mod machine;
 mod owners;
 mod probe;
+mod push;
 mod registration;
 mod relay;
 mod reversal;

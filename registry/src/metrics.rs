@@ -38,7 +38,7 @@ pub struct Snapshot {
     pub connections: usize,
     pub reserved: usize,
     pub queued_bytes: usize,
-    /// How long changes are held now (`Registry::update_delay`).
+    /// The update window now (`Registry::update_delay`).
     pub update_delay: Duration,
     pub loop_stats: LoopStats,
     pub stats: Stats,
@@ -135,7 +135,7 @@ impl Metrics {
         }
         registry.register(
             "update_delay_seconds",
-            "How long joins and leaves are held to go out together (0: at once)",
+            "How long a change takes to reach every peer at most, a busy registry's update window (0: at once)",
             m.update_delay.clone(),
         );
         for (name, help, counter) in [

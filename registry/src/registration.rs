@@ -260,7 +260,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.next_order += 1;
         self.order.insert(order, Listed::Local(conn));
         self.parts.remove(&(order / PART_ENTRIES));
-        self.fresh.insert(conn, self.pending.len());
         self.names.insert(folded.clone(), conn);
         self.conns.insert(
             conn,
@@ -274,6 +273,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 answers,
                 reachable: None,
                 reversals: reversal::Budget::new(now),
+                seen: self.log.end(),
                 answer_held: false,
             })),
         );

@@ -1,25 +1,28 @@
-//! How long a busy registry holds joins and leaves so that one update
-//! frame per listener carries many of them (see [`Registry::set_load`]).
+//! How long a busy registry's update window is: the time it takes to
+//! sweep its sessions with the changes they have not seen (`push.rs`), so
+//! that one update frame per session carries many of them (see
+//! [`Registry::set_load`]).
 //!
-//! Each push costs a write to every listener, and one frame carries a whole
-//! window's changes, so a busy registry holds them, but only while that
-//! bundles several changes: changes that come one at a time (a client that
-//! waits for each to arrive before the next) gain nothing from a window and
-//! would only wait. So a busy registry with no window tries one sized to
-//! bundle a few changes at their recent rate; while a push carries two or
-//! more changes it doubles the window, up to `max_update_delay`; when not,
-//! it drops the window and tries again only after a backoff that doubles.
-//! An idle registry halves the window, to none.
+//! Each sweep costs a write to every session, and one frame carries all a
+//! session missed since its last, so a busy registry spreads a sweep over
+//! a window, but only while that bundles several changes: changes that
+//! come one at a time (a client that waits for each to arrive before the
+//! next) gain nothing from a window and would only wait. So a busy
+//! registry with no window tries one sized to bundle a few changes at
+//! their recent rate; while a sweep carries two or more changes (those
+//! made since the last one began) it doubles the window, up to
+//! `max_update_delay`; when not, it drops the window and tries again only
+//! after a backoff that doubles. An idle registry halves the window, to
+//! none.
 //!
 //! Changes are counted, not the loop turns that made them: a saturated
-//! loop makes many changes in each of its long turns, and pushing every
-//! turn then costs a write per listener per turn, which keeps it
+//! loop makes many changes in each of its long turns, and sweeping every
+//! turn then costs a write per session per turn, which keeps it
 //! saturated. Reachability news (4.7) is not counted: it follows each
 //! join, so a client joining one at a time would look like two changes.
 //!
-//! The load is judged over at least one window: a held window's work is
-//! all in its push, so a load report shorter than the window sees either
-//! the push (busy) or the wait (idle), and the window would swing.
+//! The load is judged over at least one window, so that a report that
+//! falls on a quiet stretch of it does not swing the window.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -47,9 +50,9 @@ const LONE_PUSHES: u32 = 3;
 
 #[derive(Debug)]
 pub(crate) struct Window {
-    /// How long changes are held now: zero when the registry is not busy.
+    /// How long a sweep takes now: zero when the registry is not busy.
     pub(crate) delay: Duration,
-    /// Changes made and pushes of changes since the start, and the
+    /// Changes made and pushes (sweeps begun) since the start, and the
     /// changes pushes carried (those made up to the last push,
     /// `changes_at_push`): all three when the load was last judged.
     changes: u64,
@@ -89,7 +92,7 @@ impl Window {
         self.changes += 1;
     }
 
-    /// The held changes went out.
+    /// A sweep began, carrying the changes made since the last began.
     pub(crate) fn pushed(&mut self) {
         self.pushes += 1;
         let changes = self.changes - std::mem::replace(&mut self.changes_at_push, self.changes);
@@ -154,14 +157,15 @@ impl Window {
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// How busy the loop was (the share of one core it used) over the
-    /// `elapsed` since the last call: the window changes are held for
-    /// follows it (see the module documentation).
+    /// `elapsed` since the last call: the update window follows it (see
+    /// the module documentation).
     pub fn set_load(&mut self, busy: f64, elapsed: Duration) {
         let max = self.config.max_update_delay;
         self.window.set_load(busy, elapsed, max);
     }
 
-    /// How long changes are held now.
+    /// The update window now: how long a sweep of the sessions takes (see
+    /// `push.rs`), and so the longest a change takes to reach everyone.
     pub fn update_delay(&self) -> Duration {
         self.window.delay
     }

@@ -152,15 +152,16 @@ fn reset_fin_and_close_during_a_big_snapshot_each_yield_one_left() {
             .count()
     };
     // Wait (bounded) for every name that surely registered to leave, and
-    // for every quick one that joined, then a little longer: duplicates
-    // would come later, if at all.
+    // for every quick one that joined, then longer than a busy registry's
+    // update window (700 ms by default) and the sweep after it: a quick
+    // one's join, and duplicates, would come by then, if at all.
     case.watcher.wait_until(Duration::from_secs(5), |c| {
         names.iter().all(|n| {
             let may_never_join = n.starts_with("quick") && joins(c, n) == 0;
             lefts(c, n) >= 1 || may_never_join
         })
     });
-    thread::sleep(Duration::from_millis(500));
+    thread::sleep(Duration::from_millis(1500));
     let seen = case.watcher.changes();
     for name in &names {
         let mine: Vec<&Change> = seen.iter().filter(|c| change_name(c) == name).collect();

@@ -151,10 +151,12 @@ proptest! {
                 }
             };
             deliver(&mut sim);
-            // Changes held for the window arrive when it has passed (and
-            // the time that takes may bring evictions, held in turn).
+            // A sweep spread over the window has reached everyone once it
+            // has passed (and the time that takes may bring evictions,
+            // swept in turn).
+            let everything_sent = |sim: &Sim| sim.reg.sweep.is_none() && sim.reg.log.end() == sim.reg.swept;
             for _ in 0..20 {
-                if sim.reg.held_since.is_none() {
+                if everything_sent(&sim) {
                     break;
                 }
                 let wait = sim.reg.update_delay();
@@ -162,7 +164,7 @@ proptest! {
                 sim.flush();
                 deliver(&mut sim);
             }
-            prop_assert!(sim.reg.held_since.is_none(), "held past the window");
+            prop_assert!(everything_sent(&sim), "not everyone was sent everything within the window");
             let table = sim.reg.directory();
             prop_assert_eq!(
                 sim.reg.lookalikes.len(),
@@ -249,9 +251,10 @@ fn busy_with_churn(sim: &mut Sim) {
         sim.advance(Duration::from_millis(250));
         sim.reg.set_load(0.95, Duration::from_millis(250));
     }
-    // What the last window holds goes out.
+    // The last sweep, and the one after it for the changes made during
+    // it, reach everyone.
     let window = sim.reg.update_delay();
-    sim.advance(window + Duration::from_millis(10));
+    sim.advance(window * 2 + Duration::from_millis(20));
     for c in 1..next {
         sim.take(c);
     }
@@ -313,23 +316,26 @@ fn under_load_a_window_of_changes_goes_out_as_one_frame_in_order() {
 }
 
 #[test]
-fn a_window_goes_out_early_once_it_fills_an_update_frame() {
+fn a_sweep_ends_early_once_the_changes_for_it_fill_an_update_frame() {
     let mut sim = listeners();
     busy_with_churn(&mut sim);
     assert_eq!(sim.reg.update_delay(), config().max_update_delay);
-    // One join per turn, within a fraction of the window: held until the
-    // frame is full, then pushed at once, whatever is left of the window.
+    // One join per turn, within a fraction of the window: the first
+    // starts a sweep, whose first session's turn has not come when the
+    // joins fill a frame; then everyone's turn comes at once.
     for k in 0..CHUNK {
         let conn = 1_000 + k as Conn;
         sim.register(conn, &format!("fill{k}"), 4000);
         sim.take(conn);
         if k + 1 < CHUNK {
-            assert!(sim.take(1).is_empty(), "held at {k}");
+            assert!(sim.take(1).is_empty(), "not alice's turn at {k}");
         }
     }
-    let frames = updates(&sim.take(1));
-    assert_eq!(frames.len(), 1, "one full frame");
-    assert_eq!(frames[0].len(), CHUNK);
+    for c in [1, 5] {
+        let frames = updates(&sim.take(c));
+        assert_eq!(frames.len(), 1, "one full frame");
+        assert_eq!(frames[0].len(), CHUNK);
+    }
 }
 
 #[test]
@@ -350,9 +356,126 @@ fn a_held_update_answers_the_heartbeats_of_its_window() {
     assert_eq!(sim.take(1), [FromRegistry::Heartbeat {}]);
 }
 
+/// When each session first hears of a change made now: simulated time
+/// runs a tick at a time for `span`.
+fn first_updates(sim: &mut Sim, sessions: &[Conn], span: Duration) -> HashMap<Conn, Duration> {
+    let start = sim.now;
+    let mut heard = HashMap::new();
+    while sim.now - start <= span {
+        sim.advance(Duration::from_millis(10));
+        for &c in sessions {
+            let got = updates(&sim.take(c));
+            assert!(got.len() <= 1, "one update per session per window");
+            if !got.is_empty() {
+                assert!(heard.insert(c, sim.now - start).is_none(), "{c} twice");
+            }
+        }
+    }
+    heard
+}
+
+#[test]
+fn a_busy_registry_spreads_each_sweep_over_its_window() {
+    let mut sim = listeners();
+    busy_with_churn(&mut sim);
+    let window = sim.reg.update_delay();
+    assert_eq!(window, config().max_update_delay);
+    // In registration order: the five listeners, then the churn's.
+    let sessions: Vec<Conn> = (1..=5).chain(100..136).collect();
+    sim.register(6, "frank", 4000);
+    let heard = first_updates(&mut sim, &sessions, window * 2);
+    assert_eq!(heard.len(), sessions.len(), "everyone hears of frank");
+    let tick = Duration::from_millis(10);
+    let times: Vec<Duration> = sessions.iter().map(|c| heard[c]).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in registration order: {times:?}"
+    );
+    assert!(times[0] <= tick * 2, "the first at once: {:?}", times[0]);
+    let last = *times.last().unwrap();
+    assert!(
+        last <= window + tick,
+        "everyone within the window: {last:?}"
+    );
+    assert!(
+        last >= window / 2,
+        "spread over the window, not at once: {last:?}"
+    );
+}
+
+#[test]
+fn a_change_made_during_a_sweep_reaches_the_sessions_it_passed_in_the_next() {
+    let mut sim = listeners();
+    busy_with_churn(&mut sim);
+    let window = sim.reg.update_delay();
+    let sessions: Vec<Conn> = (1..=5).chain(100..136).collect();
+    sim.register(6, "frank", 4000);
+    // Halfway through the sweep, gina joins.
+    let first = first_updates(&mut sim, &sessions, window / 2);
+    sim.register(7, "gina", 4000);
+    let mut got: HashMap<Conn, Vec<Vec<Change>>> = HashMap::new();
+    for &c in first.keys() {
+        got.insert(c, vec![vec![]]);
+    }
+    let start = sim.now;
+    while sim.now - start <= window * 2 {
+        sim.advance(Duration::from_millis(10));
+        for &c in &sessions {
+            for frame in updates(&sim.take(c)) {
+                got.entry(c).or_default().push(frame);
+            }
+        }
+    }
+    let joined = |frames: &[Vec<Change>]| -> Vec<String> {
+        frames
+            .iter()
+            .flatten()
+            .filter_map(|change| match change {
+                Change::Joined { name, .. } => Some(name.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    for &c in &sessions {
+        let frames = &got[&c];
+        if first.contains_key(&c) {
+            // Passed before gina: frank came then, gina in the next sweep.
+            assert_eq!(joined(frames), ["gina"], "session {c}");
+        } else {
+            // Not reached yet: both in one update.
+            assert_eq!(frames.len(), 1, "session {c}");
+            assert_eq!(joined(frames), ["frank", "gina"], "session {c}");
+        }
+    }
+    assert!(!first.is_empty() && first.len() < sessions.len());
+    assert!(sim.reg.sweep.is_none(), "both sweeps are over");
+}
+
+#[test]
+fn a_heartbeat_that_comes_after_its_sessions_turn_is_answered_when_the_sweep_ends() {
+    let mut sim = listeners();
+    busy_with_churn(&mut sim);
+    let window = sim.reg.update_delay();
+    sim.register(6, "frank", 4000);
+    sim.take(6);
+    // Alice is first in the order: her update comes at once.
+    sim.advance(Duration::from_millis(20));
+    assert_eq!(updates(&sim.take(1)).len(), 1);
+    sim.send(1, &ToRegistry::Heartbeat {});
+    sim.flush();
+    assert!(
+        sim.take(1).is_empty(),
+        "the sweep is still on: the answer waits"
+    );
+    // Nothing more changes: the sweep's end answers it.
+    sim.advance(window);
+    assert_eq!(sim.take(1), [FromRegistry::Heartbeat {}]);
+    assert!(sim.reg.sweep.is_none());
+}
+
 #[test]
 fn a_heartbeat_is_not_kept_waiting_past_half_the_margin_to_the_timeout() {
-    // 100 ms of margin: the 400 ms window is too long to wait for.
+    // 100 ms of margin: the window is too long to wait for.
     let mut sim = Sim::new(Config {
         heartbeat: Duration::from_secs(20),
         timeout: Duration::from_millis(20_200),

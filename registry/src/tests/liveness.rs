@@ -133,6 +133,9 @@ fn under_load_updates_answer_heartbeats_and_no_peer_hears_nothing_for_long() {
         heartbeat,
         timeout: Duration::from_secs(3),
         max_peers: 1000,
+        // A session waits at most two windows for its update, within the
+        // second an answer may take here.
+        max_update_delay: Duration::from_millis(400),
         ..config()
     });
     sim.register(1, "alice", 4001);
