@@ -90,7 +90,6 @@ impl ChangeLog {
 }
 
 /// A pass over the sessions in progress.
-#[derive(Debug)]
 pub(crate) struct Sweep {
     started: Instant,
     /// The log's end when it sent its first session anything: once it is
