@@ -154,7 +154,8 @@ proptest! {
             // A sweep spread over the window has reached everyone once it
             // has passed (and the time that takes may bring evictions,
             // swept in turn).
-            let everything_sent = |sim: &Sim| sim.reg.sweep.is_none() && sim.reg.log.end() == sim.reg.swept;
+            let everything_sent =
+                |sim: &Sim| sim.reg.sweep.is_none() && sim.reg.log.end() == sim.reg.swept;
             for _ in 0..20 {
                 if everything_sent(&sim) {
                     break;
