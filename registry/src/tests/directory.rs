@@ -239,15 +239,17 @@ fn an_idle_registry_sends_each_change_at_once() {
     assert_eq!(updates(&sim.take(1)).len(), 1, "at the end of the turn");
 }
 
+/// The connections of the newcomers [`busy_with_churn`] registers.
+const CHURN: std::ops::Range<Conn> = 100..136;
+
 /// A busy registry, changes coming several per window: the window grows
-/// to its bound. Connections from 100 on are the newcomers.
+/// to its bound. The newcomers are [`CHURN`].
 fn busy_with_churn(sim: &mut Sim) {
-    let mut next: Conn = 100;
+    let mut newcomers = CHURN;
     for _ in 0..12 {
         // Three joins at once, then the time of a load report.
-        for _ in 0..3 {
-            sim.register(next, &format!("churn{next}"), 4000);
-            next += 1;
+        for c in newcomers.by_ref().take(3) {
+            sim.register(c, &format!("churn{c}"), 4000);
         }
         sim.advance(Duration::from_millis(250));
         sim.reg.set_load(0.95, Duration::from_millis(250));
@@ -256,15 +258,22 @@ fn busy_with_churn(sim: &mut Sim) {
     // it, reach everyone.
     let window = sim.reg.update_delay();
     sim.advance(window * 2 + Duration::from_millis(20));
-    for c in 1..next {
+    for c in (1..=5).chain(CHURN) {
         sim.take(c);
     }
 }
 
-#[test]
-fn under_load_a_window_of_changes_goes_out_as_one_frame_in_order() {
+/// [`listeners`], busy with churn; and every session, in registration
+/// order.
+fn busy_listeners() -> (Sim, Vec<Conn>) {
     let mut sim = listeners();
     busy_with_churn(&mut sim);
+    (sim, (1..=5).chain(CHURN).collect())
+}
+
+#[test]
+fn under_load_a_window_of_changes_goes_out_as_one_frame_in_order() {
+    let (mut sim, _) = busy_listeners();
     let window = sim.reg.update_delay();
     assert_eq!(window, config().max_update_delay, "it grows to the bound");
     // In one window: joins, bob leaves and comes back from elsewhere,
@@ -318,8 +327,7 @@ fn under_load_a_window_of_changes_goes_out_as_one_frame_in_order() {
 
 #[test]
 fn a_sweep_ends_early_once_the_changes_for_it_fill_an_update_frame() {
-    let mut sim = listeners();
-    busy_with_churn(&mut sim);
+    let (mut sim, _) = busy_listeners();
     assert_eq!(sim.reg.update_delay(), config().max_update_delay);
     // One join per turn, within a fraction of the window: the first
     // starts a sweep, whose first session's turn has not come when the
@@ -341,8 +349,7 @@ fn a_sweep_ends_early_once_the_changes_for_it_fill_an_update_frame() {
 
 #[test]
 fn a_held_update_answers_the_heartbeats_of_its_window() {
-    let mut sim = listeners();
-    busy_with_churn(&mut sim);
+    let (mut sim, _) = busy_listeners();
     let window = sim.reg.update_delay();
     sim.register(6, "frank", 4000);
     sim.take(6);
@@ -377,12 +384,9 @@ fn first_updates(sim: &mut Sim, sessions: &[Conn], span: Duration) -> HashMap<Co
 
 #[test]
 fn a_busy_registry_spreads_each_sweep_over_its_window() {
-    let mut sim = listeners();
-    busy_with_churn(&mut sim);
+    let (mut sim, sessions) = busy_listeners();
     let window = sim.reg.update_delay();
     assert_eq!(window, config().max_update_delay);
-    // In registration order: the five listeners, then the churn's.
-    let sessions: Vec<Conn> = (1..=5).chain(100..136).collect();
     sim.register(6, "frank", 4000);
     let heard = first_updates(&mut sim, &sessions, window * 2);
     assert_eq!(heard.len(), sessions.len(), "everyone hears of frank");
@@ -406,18 +410,13 @@ fn a_busy_registry_spreads_each_sweep_over_its_window() {
 
 #[test]
 fn a_change_made_during_a_sweep_reaches_the_sessions_it_passed_in_the_next() {
-    let mut sim = listeners();
-    busy_with_churn(&mut sim);
+    let (mut sim, sessions) = busy_listeners();
     let window = sim.reg.update_delay();
-    let sessions: Vec<Conn> = (1..=5).chain(100..136).collect();
     sim.register(6, "frank", 4000);
     // Halfway through the sweep, gina joins.
     let first = first_updates(&mut sim, &sessions, window / 2);
     sim.register(7, "gina", 4000);
     let mut got: HashMap<Conn, Vec<Vec<Change>>> = HashMap::new();
-    for &c in first.keys() {
-        got.insert(c, vec![vec![]]);
-    }
     let start = sim.now;
     while sim.now - start <= window * 2 {
         sim.advance(Duration::from_millis(10));
@@ -438,7 +437,7 @@ fn a_change_made_during_a_sweep_reaches_the_sessions_it_passed_in_the_next() {
             .collect()
     };
     for &c in &sessions {
-        let frames = &got[&c];
+        let frames = got.get(&c).map_or(&[][..], Vec::as_slice);
         if first.contains_key(&c) {
             // Passed before gina: frank came then, gina in the next sweep.
             assert_eq!(joined(frames), ["gina"], "session {c}");
@@ -454,8 +453,7 @@ fn a_change_made_during_a_sweep_reaches_the_sessions_it_passed_in_the_next() {
 
 #[test]
 fn a_heartbeat_that_comes_after_its_sessions_turn_is_answered_when_the_sweep_ends() {
-    let mut sim = listeners();
-    busy_with_churn(&mut sim);
+    let (mut sim, _) = busy_listeners();
     let window = sim.reg.update_delay();
     sim.register(6, "frank", 4000);
     sim.take(6);
@@ -494,8 +492,7 @@ fn a_heartbeat_is_not_kept_waiting_past_half_the_margin_to_the_timeout() {
 
 #[test]
 fn a_saturated_loop_keeps_its_window() {
-    let mut sim = listeners();
-    busy_with_churn(&mut sim);
+    let (mut sim, _) = busy_listeners();
     let max = config().max_update_delay;
     assert_eq!(sim.reg.update_delay(), max);
     let mut next: Conn = 500;
