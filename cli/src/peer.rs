@@ -58,6 +58,12 @@ use session::{Heard, Session};
 pub use transfers::FilesConfig;
 use transfers::Transfers;
 
+/// By the folded name of a peer: looked up several times for every
+/// recipient of every message (the outbox's and the file links, the
+/// pinned keys), so hashed with foldhash (seeded per process, hashbrown's
+/// default) rather than std's slower SipHash.
+type ByName<V> = foldhash::HashMap<String, V>;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The name to register as; the registry's welcome may spell it

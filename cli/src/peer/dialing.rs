@@ -23,7 +23,7 @@ use peerchat_core::machine::{LinkId, Output, Role};
 use peerchat_core::protocol::{self, ErrorCode, FromRegistry, ToRegistry, PROTOCOL_VERSION};
 
 use super::actions::Reversal;
-use super::{Actions, Rng, Timer, TimerKey};
+use super::{Actions, ByName, Rng, Timer, TimerKey};
 
 /// How long the peer's own session inside a relay has to come up, from
 /// `relay_ready`: a direct dial's handshake has the loop's deadline, a
@@ -364,11 +364,6 @@ impl Dialing {
         self.close(actions)
     }
 }
-
-/// By the folded name of a peer: looked up several times for every
-/// recipient of every message, so hashed with foldhash (seeded per
-/// process, hashbrown's default) rather than std's slower SipHash.
-pub(super) type ByName<V> = foldhash::HashMap<String, V>;
 
 /// What the outbox and the transfers room each keep: per target (folded
 /// name) something with a [`Dialing`], and which link is whose. The

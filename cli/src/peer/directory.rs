@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{fold_name, ErrorCode, PeerEntry};
 
-use super::dialing::ByName;
 use super::outbox::To;
-use super::{pin_text, Actions, Code, Config, HostOutput, Pin, Reason, Timer};
+use super::{pin_text, Actions, ByName, Code, Config, HostOutput, Pin, Reason, Timer};
 
 pub(super) struct Known {
     pub(super) name: String,

@@ -24,11 +24,11 @@ use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, ErrorCode, LinkMsg};
 use peerchat_core::wire::{DEFAULT_MAX_FRAME, PREFIX_LEN};
 
-use super::dialing::{ByName, Dialing, Path, Route, Targets};
+use super::dialing::{Dialing, Path, Route, Targets};
 use super::directory::Directory;
 use super::{
-    Actions, Code, Config, Event, Held, Latest, OutboxLimits, Party, Reason, Record, Rng, Timer,
-    TimerKey, Waiting,
+    Actions, ByName, Code, Config, Event, Held, Latest, OutboxLimits, Party, Reason, Record, Rng,
+    Timer, TimerKey, Waiting,
 };
 use crate::journal;
 

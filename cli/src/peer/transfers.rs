@@ -26,11 +26,11 @@ use peerchat_core::identity::PublicKey;
 use peerchat_core::machine::LinkId;
 use peerchat_core::protocol::{self, fold_name, LinkMsg};
 
-use super::dialing::{ByName, Dialing, Route, Targets};
+use super::dialing::{Dialing, Route, Targets};
 use super::directory::Directory;
 use super::event::{Direction, Event};
 use super::outbox::Target;
-use super::{Actions, HostOutput, Party, Record, Rng, Timer, TimerKey};
+use super::{Actions, ByName, HostOutput, Party, Record, Rng, Timer, TimerKey};
 use crate::disk::{DiskOp, DiskReply, FileCode};
 use crate::journal;
 
