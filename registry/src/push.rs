@@ -119,28 +119,25 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         // A sweep that ends with changes made during it is followed at
         // once by the next, for the sessions it passed before them.
         for _ in 0..2 {
-            if self.sweep.is_none() {
-                if self.log.end() == self.swept {
-                    return;
-                }
-                self.sweep = Some(Sweep {
+            let sweep = match self.sweep.take() {
+                Some(sweep) => sweep,
+                None if self.log.end() == self.swept => return,
+                None => Sweep {
                     started: now,
                     floor: None,
                     passed: None,
                     visited: 0,
-                });
-            }
-            if !self.continue_sweep(now) {
+                },
+            };
+            if let Some(unfinished) = self.continue_sweep(sweep, now) {
+                self.sweep = Some(unfinished);
                 return;
             }
         }
     }
 
-    /// Visits the sessions due by `now`; true once the sweep is over.
-    fn continue_sweep(&mut self, now: Instant) -> bool {
-        let Some(mut sweep) = self.sweep.take() else {
-            return true;
-        };
+    /// Visits the sessions due by `now`; the sweep back unless it is over.
+    fn continue_sweep(&mut self, mut sweep: Sweep, now: Instant) -> Option<Sweep> {
         let delay = self.window.delay;
         // A sweep finishes early once the changes made since its first
         // visit (or, before it, since the last sweep's) fill a frame, so
@@ -188,7 +185,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.swept = sweep.floor.unwrap_or(self.log.end());
             self.log.forget_before(self.swept);
             self.settle_held_answers();
-            return true;
+            return None;
         }
         sweep.passed = passed;
         // Visited by `visited / sessions` of the window: the next one is
@@ -199,8 +196,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             self.timers.arm(next, Timer::Flush);
             self.flush_at = Some(next);
         }
-        self.sweep = Some(sweep);
-        false
+        Some(sweep)
     }
 
     /// Sends a session every change it has not seen; answers its held
