@@ -30,6 +30,8 @@ use crate::wire::{FrameDecoder, FrameError, PREFIX_LEN};
 const MAX_IOVECS: usize = 64;
 /// What sealing adds to each Noise message: its length and its tag.
 const SEAL_OVERHEAD: usize = secure::LEN_PREFIX + secure::TAG_LEN;
+/// Frames this large are sealed on their own rather than gathered.
+const GATHER_BELOW: usize = 4096;
 /// The gathering buffer shrinks back after a burst larger than this.
 const SEAL_BUF_KEEP: usize = 256 * 1024;
 
@@ -268,19 +270,29 @@ impl Transport {
             return Ok(());
         }
         let plain_len: usize = self.plain.iter().map(Bytes::len).sum();
-        let mut sealed =
-            Vec::with_capacity(plain_len + (plain_len / secure::MAX_PLAINTEXT + 1) * SEAL_OVERHEAD);
-        if self.plain.len() == 1 {
-            channel.seal(&self.plain[0], &mut sealed)?;
-        } else {
+        // Each large frame is a message or more, and so is each run of
+        // small ones between them.
+        let messages = 2 * (plain_len / GATHER_BELOW + plain_len / secure::MAX_PLAINTEXT + 1);
+        let mut sealed = Vec::with_capacity(plain_len + messages * SEAL_OVERHEAD);
+        // Small frames share a Noise message, gathered first: a message costs
+        // a tag and a key expansion. A large frame is sealed where it lies
+        // (a welcome's parts are about 18 KB each): copying it into the
+        // gathering buffer would cost more than the message it saves.
+        let frames = self.plain.make_contiguous();
+        let small = |a: &Bytes, b: &Bytes| a.len() < GATHER_BELOW && b.len() < GATHER_BELOW;
+        for run in frames.chunk_by(small) {
+            if let [frame] = run {
+                channel.seal(frame, &mut sealed)?;
+                continue;
+            }
             buf.clear();
-            for frame in &self.plain {
+            for frame in run {
                 buf.extend_from_slice(frame);
             }
             channel.seal(buf, &mut sealed)?;
-            if buf.capacity() > SEAL_BUF_KEEP {
-                *buf = Vec::new();
-            }
+        }
+        if buf.capacity() > SEAL_BUF_KEEP {
+            *buf = Vec::new();
         }
         self.plain.clear();
         self.queued = self.queued - plain_len + sealed.len();

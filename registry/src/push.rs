@@ -21,14 +21,15 @@ use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use peerchat_core::protocol::{self, Change, FromRegistry};
+use peerchat_core::codec;
+use peerchat_core::protocol::{Change, FromRegistry};
 
 use crate::{is_probe_news, Action, LinkState, Listed, Registry, Timer, CHUNK, TIMER_TICK};
 
 /// The changes some session may not have been sent yet.
 #[derive(Default)]
 pub(crate) struct ChangeLog {
-    changes: VecDeque<Change>,
+    changes: VecDeque<Logged>,
     /// The position of `changes[0]`, counted from the registry's start.
     first: u64,
     /// Update frames carrying the changes from a position to the end, by
@@ -45,8 +46,13 @@ impl ChangeLog {
         self.first + self.changes.len() as u64
     }
 
-    fn push(&mut self, change: Change) {
-        self.changes.push_back(change);
+    fn push(&mut self, change: &Change) {
+        self.changes.push_back(Logged {
+            encoded: codec::encode(change)
+                .map(Bytes::from)
+                .unwrap_or_else(|e| panic!("cannot encode {change:?}: {e}")),
+            probe_news: is_probe_news(change),
+        });
         self.frames.clear();
     }
 
@@ -66,18 +72,20 @@ impl ChangeLog {
         self.frames
             .entry((position, without_probes))
             .or_insert_with(|| {
-                let changes: Vec<Change> = changes
+                let changes: Vec<&[u8]> = changes
                     .iter()
                     .skip(skip)
-                    .filter(|change| !(without_probes && is_probe_news(change)))
-                    .cloned()
+                    .filter(|change| !(without_probes && change.probe_news))
+                    .map(|change| &change.encoded[..])
                     .collect();
+                let head = FromRegistry::Update {
+                    changes: Vec::new(),
+                };
                 changes
                     .chunks(CHUNK)
                     .map(|changes| {
-                        protocol::frame(&FromRegistry::Update {
-                            changes: changes.to_vec(),
-                        })
+                        codec::encode_frame_with_items(&head, changes)
+                            .unwrap_or_else(|e| panic!("cannot encode an update: {e}"))
                     })
                     .collect()
             })
@@ -87,6 +95,14 @@ impl ChangeLog {
         let end = self.end();
         self.forget_before(end);
     }
+}
+
+/// A change as every update carries it: encoded once, when it is made,
+/// since a busy registry sends it in a frame of its own to each slice of a
+/// sweep (the frames are rebuilt whenever the log grows).
+struct Logged {
+    encoded: Bytes,
+    probe_news: bool,
 }
 
 /// A pass over the sessions in progress.
@@ -108,7 +124,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         if !is_probe_news(&change) {
             self.window.changed();
         }
-        self.log.push(change);
+        self.log.push(&change);
     }
 
     /// End of a loop turn: sends the sessions whose turn has come what

@@ -258,3 +258,36 @@ fn a_blocked_writer_keeps_the_rest_queued_in_order() {
     expected.extend_from_slice(&encode_frame(b"ghij"));
     assert_eq!(writer.0, expected);
 }
+
+#[test]
+fn small_frames_share_a_message_and_large_ones_are_sealed_alone_in_order() {
+    let (mut dialer, mut acceptor, _, _) = secured_pair(128 * 1024);
+    let sizes = [3, 40, GATHER_BELOW, 5, secure::MAX_PLAINTEXT + 100, 7];
+    let sent: Vec<Bytes> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| encode_frame(&vec![i as u8; len]))
+        .collect();
+    for frame in &sent {
+        dialer.send(frame.clone());
+    }
+    let bytes = wire(&mut dialer);
+    // The two first frames together, the large one, the small one after
+    // it, the one over a message's limit in two, the last small one.
+    let mut messages = 0;
+    let mut rest = &bytes[..];
+    while let [high, low, after @ ..] = rest {
+        rest = &after[usize::from(u16::from_be_bytes([*high, *low]))..];
+        messages += 1;
+    }
+    assert_eq!(messages, 6);
+    let plain: usize = sent.iter().map(Bytes::len).sum();
+    assert_eq!(bytes.len(), plain + messages * SEAL_OVERHEAD);
+    take_all(&mut acceptor, &bytes, &mut secure::scratch());
+    let bodies: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| vec![i as u8; len])
+        .collect();
+    assert_eq!(frames(&mut acceptor), bodies);
+}
