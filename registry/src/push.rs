@@ -97,9 +97,10 @@ impl ChangeLog {
     }
 }
 
-/// A change as every update carries it: encoded once, when it is made,
-/// since a busy registry sends it in a frame of its own to each slice of a
-/// sweep (the frames are rebuilt whenever the log grows).
+/// A change as updates carry it, encoded once when it is made: under churn
+/// every change empties the frame cache, so nearly every slice of a sweep
+/// builds its frame again, and copying encoded changes costs a fraction
+/// of encoding them anew.
 struct Logged {
     encoded: Bytes,
     probe_news: bool,
