@@ -23,12 +23,15 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use snow::{HandshakeState, TransportState};
+use snow::HandshakeState;
+use zeroize::Zeroize;
 
 use crate::identity::{Identity, PublicKey};
 use crate::wire::{FrameDecoder, DEFAULT_MAX_FRAME};
 
 mod cipher;
+
+use cipher::AesGcm;
 
 pub const NOISE_PATTERN: &str = "Noise_XX_25519_AESGCM_BLAKE2s";
 /// Bytes of the length before each Noise message.
@@ -91,8 +94,47 @@ pub struct Received {
 
 enum State {
     Handshake(Box<HandshakeState>),
-    Transport(Box<TransportState>),
+    Transport(Box<Session>),
     Failed,
+}
+
+/// A session after its handshake: a key and a message counter each way,
+/// and the key the other side proved. Noise's transport messages are
+/// sealed here rather than through snow's transport state, whose API takes
+/// the plaintext and an output buffer apart: each message was zeroed, then
+/// copied over, then encrypted. Here the plaintext is copied once into the
+/// output and encrypted where it lies. The AEAD and its nonces are
+/// cipher.rs's, the same that snow uses during the handshake, and the keys
+/// are the handshake's split, taken from snow.
+struct Session {
+    sending: Direction,
+    receiving: Direction,
+    remote: PublicKey,
+}
+
+struct Direction {
+    cipher: AesGcm,
+    /// The counter of the next message: Noise's nonce.
+    next: u64,
+}
+
+impl Direction {
+    fn new(key: &[u8; 32]) -> Self {
+        Direction {
+            cipher: AesGcm::new(key),
+            next: 0,
+        }
+    }
+
+    /// The nonce of the next message. Noise reserves 2^64 - 1, and a
+    /// counter that wrapped would reuse nonces: the session ends before.
+    fn take_nonce(&mut self) -> Option<u64> {
+        if self.next == u64::MAX {
+            return None;
+        }
+        self.next += 1;
+        Some(self.next - 1)
+    }
 }
 
 /// One side of one Noise session.
@@ -152,9 +194,7 @@ impl SecureChannel {
     /// The other side's static key, proven by the completed handshake.
     pub fn remote_key(&self) -> Option<PublicKey> {
         match &self.state {
-            State::Transport(transport) => transport
-                .get_remote_static()
-                .and_then(PublicKey::from_slice),
+            State::Transport(session) => Some(session.remote),
             _ => None,
         }
     }
@@ -259,18 +299,19 @@ impl SecureChannel {
     /// Encrypts `plain` (of any length) into as many transport messages as
     /// it needs, appended to `out` with their length prefixes.
     pub fn seal(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), SecureError> {
-        let State::Transport(transport) = &mut self.state else {
+        let State::Transport(session) = &mut self.state else {
             return Err(SecureError::NotEstablished);
         };
+        let sending = &mut session.sending;
         for chunk in plain.chunks(MAX_PLAINTEXT) {
+            let nonce = sending
+                .take_nonce()
+                .ok_or_else(|| SecureError::Encrypt("the session's nonces are used up".into()))?;
+            out.extend_from_slice(&((chunk.len() + TAG_LEN) as u16).to_be_bytes());
             let start = out.len();
-            let len = chunk.len() + TAG_LEN;
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-            out.resize(start + LEN_PREFIX + len, 0);
-            let written = transport
-                .write_message(chunk, &mut out[start + LEN_PREFIX..])
-                .map_err(|e| SecureError::Encrypt(e.to_string()))?;
-            debug_assert_eq!(written, len);
+            out.extend_from_slice(chunk);
+            let tag = sending.cipher.seal_in_place(nonce, &[], &mut out[start..]);
+            out.extend_from_slice(tag.as_ref());
         }
         Ok(())
     }
@@ -319,25 +360,41 @@ impl SecureChannel {
                     self.state = State::Handshake(hs);
                     return Ok(false);
                 }
-                if hs
-                    .get_remote_static()
-                    .and_then(PublicKey::from_slice)
-                    .is_none()
-                {
+                let Some(remote) = hs.get_remote_static().and_then(PublicKey::from_slice) else {
                     return Err(SecureError::Handshake("no remote static key".into()));
-                }
-                let transport = hs
-                    .into_transport_mode()
-                    .map_err(|e| SecureError::Handshake(e.to_string()))?;
-                self.state = State::Transport(Box::new(transport));
+                };
+                // The dialer sends with the split's first key (Noise's
+                // Split(): the initiator's), the listener with the second.
+                let (mut first, mut second) = hs.dangerously_get_raw_split();
+                let (sending, receiving) = if hs.is_initiator() {
+                    (&first, &second)
+                } else {
+                    (&second, &first)
+                };
+                self.state = State::Transport(Box::new(Session {
+                    sending: Direction::new(sending),
+                    receiving: Direction::new(receiving),
+                    remote,
+                }));
+                first.zeroize();
+                second.zeroize();
                 Ok(true)
             }
-            State::Transport(mut transport) => {
-                let n = transport
-                    .read_message(message, scratch)
+            State::Transport(mut session) => {
+                let Some(body_len) = message.len().checked_sub(TAG_LEN) else {
+                    return Err(SecureError::TooShort(message.len()));
+                };
+                let (body, tag) = message.split_at(body_len);
+                let opened = &mut scratch[..body_len];
+                opened.copy_from_slice(body);
+                let receiving = &mut session.receiving;
+                let nonce = receiving.take_nonce().ok_or(SecureError::Decrypt)?;
+                receiving
+                    .cipher
+                    .open_in_place(nonce, &[], opened, tag)
                     .map_err(|_| SecureError::Decrypt)?;
-                self.state = State::Transport(transport);
-                plain(&scratch[..n]);
+                self.state = State::Transport(session);
+                plain(opened);
                 Ok(false)
             }
             State::Failed => Err(SecureError::NotEstablished),
@@ -646,11 +703,112 @@ mod tests {
         );
     }
 
+    /// Splits sealed bytes into the Noise messages they hold.
+    fn messages(mut wire: &[u8]) -> Vec<&[u8]> {
+        let mut messages = Vec::new();
+        while let [high, low, rest @ ..] = wire {
+            let (message, after) = rest.split_at(usize::from(u16::from_be_bytes([*high, *low])));
+            messages.push(message);
+            wire = after;
+        }
+        messages
+    }
+
+    /// Our session against snow's own transport state on the other end,
+    /// in both roles: the same keys, each in the right direction, and the
+    /// same nonces, message after message.
+    #[test]
+    fn transport_messages_are_those_of_snows_own_transport_state() {
+        let (ours, theirs) = (Identity::generate(), Identity::generate());
+        for we_dial in [true, false] {
+            let snow_side = builder()
+                .local_private_key(theirs.private())
+                .and_then(|b| b.prologue(PROLOGUE));
+            let mut scratch = scratch();
+            let mut nothing = |_: &[u8]| panic!("no plaintext during a handshake");
+            let mut buf = [0u8; 1024];
+            let (mut channel, mut hs) = if we_dial {
+                let mut first = Vec::new();
+                let channel = SecureChannel::initiator(&ours, PROLOGUE, &mut first);
+                let mut hs = snow_side.and_then(|b| b.build_responder()).unwrap();
+                hs.read_message(&first[LEN_PREFIX..], &mut buf).unwrap();
+                (channel, hs)
+            } else {
+                let mut hs = snow_side.and_then(|b| b.build_initiator()).unwrap();
+                let mut first = Vec::new();
+                write_handshake(&mut hs, &mut first).unwrap();
+                let mut channel = SecureChannel::responder(&ours, PROLOGUE);
+                let mut reply = Vec::new();
+                channel
+                    .receive(&first, &mut scratch, &mut reply, &mut nothing)
+                    .unwrap();
+                hs.read_message(&reply[LEN_PREFIX..], &mut buf).unwrap();
+                (channel, hs)
+            };
+            while !hs.is_handshake_finished() {
+                let mut to_us = Vec::new();
+                write_handshake(&mut hs, &mut to_us).unwrap();
+                let mut reply = Vec::new();
+                channel
+                    .receive(&to_us, &mut scratch, &mut reply, &mut nothing)
+                    .unwrap();
+                if !reply.is_empty() {
+                    hs.read_message(&reply[LEN_PREFIX..], &mut buf).unwrap();
+                }
+            }
+            assert!(channel.is_established(), "we dial: {we_dial}");
+            assert_eq!(channel.remote_key(), Some(theirs.public()));
+            let mut snow = hs.into_transport_mode().unwrap();
+            let mut plain = vec![0u8; MAX_MESSAGE];
+            for len in [0, 1, 1000, MAX_PLAINTEXT, 2 * MAX_PLAINTEXT + 7] {
+                let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+                let mut wire = Vec::new();
+                channel.seal(&sent, &mut wire).unwrap();
+                let mut received = Vec::new();
+                for message in messages(&wire) {
+                    let n = snow.read_message(message, &mut plain).unwrap();
+                    received.extend_from_slice(&plain[..n]);
+                }
+                assert_eq!(received, sent, "{len} bytes to snow, we dial: {we_dial}");
+
+                let mut wire = Vec::new();
+                for chunk in sent
+                    .chunks(MAX_PLAINTEXT)
+                    .chain((len == 0).then_some(&[][..]))
+                {
+                    let mut message = vec![0u8; chunk.len() + TAG_LEN];
+                    snow.write_message(chunk, &mut message).unwrap();
+                    wire.extend_from_slice(&(message.len() as u16).to_be_bytes());
+                    wire.extend_from_slice(&message);
+                }
+                assert_eq!(
+                    open(&mut channel, &wire).unwrap(),
+                    sent,
+                    "{len} bytes from snow"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_session_ends_before_its_nonces_wrap() {
+        let mut direction = Direction::new(&[9; 32]);
+        direction.next = u64::MAX - 2;
+        assert_eq!(direction.take_nonce(), Some(u64::MAX - 2));
+        assert_eq!(direction.take_nonce(), Some(u64::MAX - 1));
+        assert_eq!(
+            direction.take_nonce(),
+            None,
+            "2^64 - 1 is Noise's, never a message's"
+        );
+        assert_eq!(direction.take_nonce(), None);
+    }
+
     #[test]
     fn an_established_session_stays_small() {
         // Every idle connection of a registry holds one.
-        let transport = std::mem::size_of::<TransportState>();
-        assert!(transport <= 256, "TransportState is {transport} bytes");
+        let session = std::mem::size_of::<Session>();
+        assert!(session <= 128, "a session is {session} bytes");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! snow's RustCrypto cipher does; the expansion is a small fixed cost per
 //! message (measured in the `secure` bench) against a kilobyte per idle
 //! connection. Only the glue is ours: the AEAD is ring's, the rest of the
-//! suite is snow's default resolver.
+//! suite is snow's default resolver. Snow seals the handshake's payloads
+//! with it; the session seals its transport messages with it directly
+//! (`Session` in secure.rs).
 
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use snow::params::{CipherChoice, DHChoice, HashChoice};
@@ -55,8 +57,34 @@ impl Drop for AesGcm {
 }
 
 impl AesGcm {
+    pub(super) fn new(key: &[u8; KEY_LEN]) -> Self {
+        AesGcm { key: *key }
+    }
+
     fn expanded(&self) -> LessSafeKey {
         LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.key).expect("the key is 32 bytes"))
+    }
+
+    /// Encrypts `body` where it lies and returns its tag.
+    pub(super) fn seal_in_place(&self, counter: u64, authtext: &[u8], body: &mut [u8]) -> Tag {
+        self.expanded()
+            .seal_in_place_separate_tag(nonce(counter), Aad::from(authtext), body)
+            .expect("a Noise message is far below AES-GCM's length limit")
+    }
+
+    /// Decrypts `body` where it lies if `tag` proves it, else zeroes it.
+    pub(super) fn open_in_place(
+        &self,
+        counter: u64,
+        authtext: &[u8],
+        body: &mut [u8],
+        tag: &[u8],
+    ) -> Result<(), snow::Error> {
+        let tag = Tag::try_from(tag).map_err(|_| snow::Error::Decrypt)?;
+        self.expanded()
+            .open_in_place_separate_tag(nonce(counter), Aad::from(authtext), tag, body, 0..)
+            .map(|_| ())
+            .map_err(|_| snow::Error::Decrypt)
     }
 }
 
@@ -79,10 +107,7 @@ impl Cipher for AesGcm {
     fn encrypt(&self, counter: u64, authtext: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
         let (body, rest) = out.split_at_mut(plaintext.len());
         body.copy_from_slice(plaintext);
-        let tag = self
-            .expanded()
-            .seal_in_place_separate_tag(nonce(counter), Aad::from(authtext), body)
-            .expect("a Noise message is far below AES-GCM's length limit");
+        let tag = self.seal_in_place(counter, authtext, body);
         rest[..TAG_LEN].copy_from_slice(tag.as_ref());
         plaintext.len() + TAG_LEN
     }
@@ -98,13 +123,9 @@ impl Cipher for AesGcm {
             return Err(snow::Error::Decrypt);
         };
         let (body, tag) = ciphertext.split_at(body_len);
-        let tag = Tag::try_from(tag).map_err(|_| snow::Error::Decrypt)?;
         let plain = &mut out[..body_len];
         plain.copy_from_slice(body);
-        // ring zeroes what it decrypted when the tag does not match.
-        self.expanded()
-            .open_in_place_separate_tag(nonce(counter), Aad::from(authtext), tag, plain, 0..)
-            .map_err(|_| snow::Error::Decrypt)?;
+        self.open_in_place(counter, authtext, plain, tag)?;
         Ok(body_len)
     }
 }
