@@ -395,6 +395,25 @@ pub fn frame<T: Serialize + fmt::Debug>(msg: &T) -> Bytes {
     }
 }
 
+/// Encodes a value that [`frame_with_items`] will carry, once for many
+/// frames; like [`frame`], a failure is a bug.
+pub fn item<T: Serialize + fmt::Debug>(value: &T) -> Bytes {
+    match codec::encode(value) {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(e) => panic!("cannot encode {value:?}: {e}"),
+    }
+}
+
+/// Encodes a message as a shareable frame whose last field, an empty array
+/// in `msg`, holds `items` made by [`item`] (see
+/// `codec::encode_frame_with_items`); like [`frame`], a failure is a bug.
+pub fn frame_with_items<T: Serialize + fmt::Debug, I: AsRef<[u8]>>(msg: &T, items: &[I]) -> Bytes {
+    match codec::encode_frame_with_items(msg, items) {
+        Ok(bytes) => bytes,
+        Err(e) => panic!("cannot encode {msg:?} with {} items: {e}", items.len()),
+    }
+}
+
 /// How many changes an encoded `update` body carries, read from its array
 /// header without decoding them; `None` for any other message. Written by
 /// hand for load tools, which count deliveries at rates where decoding

@@ -449,14 +449,12 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             let part = first / PART_ENTRIES;
             from = (part + 1) * PART_ENTRIES;
             if !self.parts.contains_key(&part) {
-                let entries = self.encoded_entries(part * PART_ENTRIES..from);
-                let entries: Vec<&[u8]> = entries.iter().map(|e| &e[..]).collect();
                 let head = FromRegistry::Snapshot {
                     more: true,
                     peers: Vec::new(),
                 };
-                let frame = codec::encode_frame_with_items(&head, &entries)
-                    .unwrap_or_else(|e| panic!("cannot encode a snapshot part: {e}"));
+                let entries = self.encoded_entries(part * PART_ENTRIES..from);
+                let frame = protocol::frame_with_items(&head, &entries);
                 self.parts.insert(part, frame);
             }
             frames.push(self.parts[&part].clone());
@@ -469,7 +467,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.order
             .range(orders)
             .filter_map(|(_, listed)| match listed {
-                Listed::Local(c) => self.session(*c).map(|s| encode_entry(&entry_of(s))),
+                Listed::Local(c) => self.session(*c).map(|s| protocol::item(&entry_of(s))),
                 Listed::Remote(encoded) => Some(encoded.clone()),
             })
             .collect()
@@ -656,14 +654,6 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
         self.parts.clear();
         self.forget_changes();
     }
-}
-
-/// A directory entry as snapshots carry it, encoded once per change of
-/// the peer's listing.
-pub(crate) fn encode_entry(entry: &PeerEntry) -> Bytes {
-    codec::encode(entry)
-        .map(Bytes::from)
-        .unwrap_or_else(|e| panic!("cannot encode a peer entry: {e}"))
 }
 
 pub(crate) fn entry_of(s: &Session) -> PeerEntry {

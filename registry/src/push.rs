@@ -21,8 +21,7 @@ use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use peerchat_core::codec;
-use peerchat_core::protocol::{Change, FromRegistry};
+use peerchat_core::protocol::{self, Change, FromRegistry};
 
 use crate::{is_probe_news, Action, LinkState, Listed, Registry, Timer, CHUNK, TIMER_TICK};
 
@@ -46,13 +45,8 @@ impl ChangeLog {
         self.first + self.changes.len() as u64
     }
 
-    fn push(&mut self, change: &Change) {
-        self.changes.push_back(Logged {
-            encoded: codec::encode(change)
-                .map(Bytes::from)
-                .unwrap_or_else(|e| panic!("cannot encode {change:?}: {e}")),
-            probe_news: is_probe_news(change),
-        });
+    fn push(&mut self, change: Logged) {
+        self.changes.push_back(change);
         self.frames.clear();
     }
 
@@ -72,21 +66,18 @@ impl ChangeLog {
         self.frames
             .entry((position, without_probes))
             .or_insert_with(|| {
-                let changes: Vec<&[u8]> = changes
+                let changes: Vec<&Bytes> = changes
                     .iter()
                     .skip(skip)
                     .filter(|change| !(without_probes && change.probe_news))
-                    .map(|change| &change.encoded[..])
+                    .map(|change| &change.encoded)
                     .collect();
                 let head = FromRegistry::Update {
                     changes: Vec::new(),
                 };
                 changes
                     .chunks(CHUNK)
-                    .map(|changes| {
-                        codec::encode_frame_with_items(&head, changes)
-                            .unwrap_or_else(|e| panic!("cannot encode an update: {e}"))
-                    })
+                    .map(|changes| protocol::frame_with_items(&head, changes))
                     .collect()
             })
     }
@@ -122,10 +113,14 @@ pub(crate) struct Sweep {
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// A change to the directory, for everyone.
     pub(crate) fn announce(&mut self, change: Change) {
-        if !is_probe_news(&change) {
+        let probe_news = is_probe_news(&change);
+        if !probe_news {
             self.window.changed();
         }
-        self.log.push(&change);
+        self.log.push(Logged {
+            encoded: protocol::item(&change),
+            probe_news,
+        });
     }
 
     /// End of a loop turn: sends the sessions whose turn has come what

@@ -10,7 +10,6 @@ use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use peerchat_core::codec;
 use peerchat_core::identity::PublicKey;
 use peerchat_core::protocol::{
     self, decode_first, fold_name, normalize_name, Change, ErrorCode, FirstFrameError,
@@ -235,12 +234,10 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
             peers: Vec::new(),
         };
         let frames = if self.order.len() as u64 <= PART_ENTRIES {
-            let entries = self.encoded_entries(..);
-            let entries: Vec<&[u8]> = entries.iter().map(|e| &e[..]).collect();
-            match codec::encode_frame_with_items(&welcome(false), &entries) {
-                Ok(frame) => vec![frame],
-                Err(e) => panic!("cannot encode a welcome: {e}"),
-            }
+            vec![protocol::frame_with_items(
+                &welcome(false),
+                &self.encoded_entries(..),
+            )]
         } else {
             // The parts are shared: only the welcome's head and the closing
             // empty part are this newcomer's own.

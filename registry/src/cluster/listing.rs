@@ -7,11 +7,11 @@ use std::hash::Hash;
 use std::time::Instant;
 
 use peerchat_core::codec;
-use peerchat_core::protocol::{fold_name, Change, ErrorCode, LeftReason, PeerEntry};
+use peerchat_core::protocol::{self, fold_name, Change, ErrorCode, LeftReason, PeerEntry};
 
 use super::{entry_of_record, record_key, NameRecord, RecordState};
 use crate::registration::Newcomer;
-use crate::{encode_entry, LinkState, Listed, Registry, PART_ENTRIES};
+use crate::{LinkState, Listed, Registry, PART_ENTRIES};
 
 impl<C: Copy + Eq + Hash + Debug> Registry<C> {
     /// A record changed in the bucket (or a write told us it had): the
@@ -156,7 +156,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                     self.next_order += 1;
                     order
                 });
-                let entry = encode_entry(&after);
+                let entry = protocol::item(&after);
                 self.order.insert(order, Listed::Remote(entry));
                 self.parts.remove(&(order / PART_ENTRIES));
                 if let Some(cluster) = self.cluster.as_mut() {
@@ -186,7 +186,7 @@ impl<C: Copy + Eq + Hash + Debug> Registry<C> {
                 }
                 let order = self.next_order;
                 self.next_order += 1;
-                let entry = encode_entry(&after);
+                let entry = protocol::item(&after);
                 self.announce(Change::Joined {
                     name: after.name.clone(),
                     addr: after.addr.clone(),
