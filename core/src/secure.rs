@@ -31,7 +31,7 @@ use crate::wire::{FrameDecoder, DEFAULT_MAX_FRAME};
 
 mod cipher;
 
-use cipher::AesGcm;
+use cipher::{AesGcm, KEY_LEN};
 
 pub const NOISE_PATTERN: &str = "Noise_XX_25519_AESGCM_BLAKE2s";
 /// Bytes of the length before each Noise message.
@@ -119,7 +119,7 @@ struct Direction {
 }
 
 impl Direction {
-    fn new(key: &[u8; 32]) -> Self {
+    fn new(key: &[u8; KEY_LEN]) -> Self {
         Direction {
             cipher: AesGcm::new(key),
             next: 0,
@@ -400,6 +400,19 @@ impl SecureChannel {
             State::Failed => Err(SecureError::NotEstablished),
         }
     }
+}
+
+/// Splits sealed bytes into the Noise messages they hold: for tests that
+/// look at how frames were sealed.
+#[cfg(test)]
+pub(crate) fn messages(mut wire: &[u8]) -> Vec<&[u8]> {
+    let mut messages = Vec::new();
+    while let [high, low, rest @ ..] = wire {
+        let (message, after) = rest.split_at(usize::from(u16::from_be_bytes([*high, *low])));
+        messages.push(message);
+        wire = after;
+    }
+    messages
 }
 
 fn write_handshake(hs: &mut HandshakeState, out: &mut Vec<u8>) -> Result<(), SecureError> {
@@ -701,17 +714,6 @@ mod tests {
             hs.read_message(&reply[LEN_PREFIX..], &mut buf).is_err(),
             "the transcripts differ, so the responder's proof fails"
         );
-    }
-
-    /// Splits sealed bytes into the Noise messages they hold.
-    fn messages(mut wire: &[u8]) -> Vec<&[u8]> {
-        let mut messages = Vec::new();
-        while let [high, low, rest @ ..] = wire {
-            let (message, after) = rest.split_at(usize::from(u16::from_be_bytes([*high, *low])));
-            messages.push(message);
-            wire = after;
-        }
-        messages
     }
 
     /// Our session against snow's own transport state on the other end,

@@ -270,9 +270,9 @@ impl Transport {
             return Ok(());
         }
         let plain_len: usize = self.plain.iter().map(Bytes::len).sum();
-        // Each large frame is a message or more, and so is each run of
-        // small ones between them.
-        let messages = 2 * (plain_len / GATHER_BELOW + plain_len / secure::MAX_PLAINTEXT + 1);
+        // A run of frames sealed together is at most one message more than
+        // its bytes fill, and there are no more runs than frames.
+        let messages = self.plain.len() + plain_len / secure::MAX_PLAINTEXT;
         let mut sealed = Vec::with_capacity(plain_len + messages * SEAL_OVERHEAD);
         // Small frames share a Noise message, gathered first: a message costs
         // a tag and a key expansion. A large frame is sealed where it lies

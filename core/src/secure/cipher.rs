@@ -18,7 +18,7 @@ use snow::resolvers::{CryptoResolver, DefaultResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
 use zeroize::Zeroize;
 
-const KEY_LEN: usize = 32;
+pub(super) const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 
 /// snow's default resolver, with AES-GCM taken from [`AesGcm`].

@@ -274,12 +274,7 @@ fn small_frames_share_a_message_and_large_ones_are_sealed_alone_in_order() {
     let bytes = wire(&mut dialer);
     // The two first frames together, the large one, the small one after
     // it, the one over a message's limit in two, the last small one.
-    let mut messages = 0;
-    let mut rest = &bytes[..];
-    while let [high, low, after @ ..] = rest {
-        rest = &after[usize::from(u16::from_be_bytes([*high, *low]))..];
-        messages += 1;
-    }
+    let messages = secure::messages(&bytes).len();
     assert_eq!(messages, 6);
     let plain: usize = sent.iter().map(Bytes::len).sum();
     assert_eq!(bytes.len(), plain + messages * SEAL_OVERHEAD);
